@@ -1,0 +1,47 @@
+"""pytest-benchmark suite for LoRA linear: ``pytest benchmarks/ --benchmark-only``.
+
+Same providers and shapes as ``fastpeft-bench --ops lora_linear``; pytest-benchmark
+times providers one after another (the CLI interleaves them), and groups the table by
+mode so the providers of one mode sit side by side. Saved-for-backward bytes go to
+``extra_info``.
+"""
+
+import pytest
+import torch
+
+from fastpeft.bench import lora_linear
+from fastpeft.bench.timing import saved_bytes
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+SHAPE = (lora_linear.CUDA_SHAPES if DEVICE.type == "cuda" else lora_linear.CPU_SHAPES)[0]
+PROVIDERS = ["fastpeft", "reference", "peft", "base"]
+
+
+@pytest.fixture(scope="module")
+def case():
+    return lora_linear.build(SHAPE, DTYPE, DEVICE)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("mode", ["forward", "full"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_lora_linear(benchmark, case, provider, mode):
+    if provider not in case.providers:
+        pytest.skip(f"{provider} is not installed")
+    f, (x,) = case.providers[provider], case.make_inputs()
+    dy = torch.randn(SHAPE.tokens, SHAPE.d_out, dtype=DTYPE, device=DEVICE)
+    benchmark.group = f"lora_linear {mode} {SHAPE}"
+    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: f(x), exclude=case.params)
+
+    def step():
+        y = f(x)
+        if mode == "full":
+            y.backward(dy)
+        _sync()
+
+    benchmark.pedantic(step, rounds=20, warmup_rounds=3)

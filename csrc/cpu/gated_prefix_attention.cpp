@@ -1,0 +1,507 @@
+// Gated prefix attention (LLaMA-Adapter zero-init attention), CPU: the ops
+// fastpeft::gated_prefix_attention and gated_prefix_attention_backward.
+//
+//   q (B, H, M, D)   k, v (B, Hkv, N, D)   pk, pv (PB, Hkv, P, D), PB in {1, B}
+//   g (H) = tanh(gate) or gate;  head h reads kv head h / G, G = H / Hkv
+//   S = scale q k^T + mask (M, N),  Sp = scale q pk^T (M, P)
+//   out = softmax(S) v + g softmax(Sp) pv = O_s + g O_p
+//
+// Forward (flash attention, two softmaxes): per (b, h, block of kBlockM queries), the
+// prompt softmax first (its P keys in one block), then an online softmax over blocks of
+// kBlockN keys up to the causal limit, skipping blocks the key padding mask hides
+// entirely. Saved for backward: out and lse, prompt_lse (B, H, M) fp32, natural log
+// (lse = +inf for a row with no visible key, so its recomputed probabilities are 0).
+//
+// Backward, with dO = dL/dout, P = exp(S - lse), Pp = exp(Sp - lse_p):
+//   out = P v + g Pp pv  =>  dv = P^T dO,  dP = dO v^T,  dpv = g Pp^T dO,  dPp = g dO pv^T,
+//                            dg = sum over rows of D_p,  D_p = rowsum(dO ⊙ O_p).
+//   Softmax rows s = softmax(x) have dx = s ⊙ (ds - <ds, s>), and
+//   <dP, P>   = rowsum(dO ⊙ P v)  = rowsum(dO ⊙ out) - g D_p =: D_s,
+//   <dPp, Pp> = g rowsum(dO ⊙ O_p) = g D_p, so
+//   dS = P ⊙ (dP - D_s),  dSp = g Pp ⊙ (dO pv^T - D_p),
+//   dq = scale (dS k + dSp pk),  dk = scale dS^T q,  dpk = scale dSp^T q.
+// O_p is recomputed (P is small), P block by block from lse: nothing O(M N) is stored.
+// Grouped-query heads sum into their kv head, a batch-shared prefix (PB = 1) over b, and
+// d gate = dg (1 - tanh^2(gate)) with gate_tanh, summed over heads for a (1,) gate.
+//
+// fp16/bf16 inputs are converted to fp32 once, up front (O((M + N) D), negligible next
+// to the O(M N D) work); fp32 and fp64 tensors are read in place.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/gated_prefix_attention_kernels.h"
+#include "cpu/simd.h"
+
+namespace fastpeft::cpu::gpa {
+namespace {
+
+#ifndef GPA_BM
+#define GPA_BM 64
+#define GPA_BN 64
+#endif
+constexpr int64_t kBlockM = GPA_BM;  // queries per block: 8 fp32 vectors (the leading dim)
+constexpr int64_t kBlockN = GPA_BN;  // keys per block
+constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
+
+// Key padding status of each (b, key block): kept, mixed or masked entirely.
+enum : uint8_t { kKept = 0, kMixed = 1, kMasked = 2 };
+
+template <typename T>
+struct Problem {
+  int64_t B, H, Hkv, G, M, N, D, P, PB, Dp, nkb;
+  bool causal;
+  T scale, scale2;  // scale2 = scale * log2(e), folded into the packed queries
+  const T *q, *k, *v, *pk, *pv;
+  const bool* keep = nullptr;        // key_padding_mask (B, N), or null
+  std::vector<uint8_t> kb_state;     // (B, nkb) when keep
+  std::vector<T> g;                  // per head, after tanh
+
+  const T* q_at(const T* base, int64_t b, int64_t h, int64_t i0) const {
+    return base + ((b * H + h) * M + i0) * D;
+  }
+  const T* kv_at(const T* base, int64_t b, int64_t h) const { return base + (b * Hkv + h / G) * N * D; }
+  const T* prefix_at(const T* base, int64_t b, int64_t h) const {
+    return base + ((PB == 1 ? 0 : b) * Hkv + h / G) * P * D;
+  }
+  // Query rows [i0, i0 + rows) see keys [0, end): bottom-right causal j <= i + N - M.
+  int64_t kv_end(int64_t i0, int64_t rows) const {
+    return causal ? std::clamp<int64_t>(i0 + rows + N - M, 0, N) : N;
+  }
+  bool skip(int64_t b, int64_t j0) const { return keep && kb_state[b * nkb + j0 / kBlockN] == kMasked; }
+};
+
+// Scores of masked (query, key) pairs in the block S^T (nb keys from j0, queries from i0)
+// become -inf. Only diagonal blocks and mixed padding blocks have any.
+template <typename T>
+void mask_block(const Problem<T>& pr, int64_t b, T* S, int64_t ld, int64_t j0, int64_t nb,
+                int64_t i0, int64_t rows) {
+  const int64_t off = pr.N - pr.M;
+  const bool causal_cut = pr.causal && j0 + nb - 1 > i0 + off;
+  const bool pad = pr.keep && pr.kb_state[b * pr.nkb + j0 / kBlockN] == kMixed;
+  if (!causal_cut && !pad) return;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < nb; ++j) {
+    T* row = S + j * ld;
+    if (pad && !pr.keep[b * pr.N + j0 + j]) {
+      std::fill(row, row + rows, ninf);
+    } else if (causal_cut) {  // query i sees key j iff i >= j - off
+      std::fill(row, row + std::clamp<int64_t>(j0 + j - off - i0, 0, rows), ninf);
+    }
+  }
+}
+
+// Runs body(task, scratch) for tasks [0, n) on the intra-op threads, handed out one at a
+// time from a shared counter: causal blocks differ in cost, so static splits imbalance.
+template <typename Scratch, typename Make, typename Body>
+void run_tasks(int64_t n, const Make& make_scratch, const Body& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    Scratch w = make_scratch();
+    for (int64_t t; (t = next.fetch_add(1)) < n;) body(t, w);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: one (b, h, query block). Blocks are query-minor with leading dim kBlockM:
+// qt = scale2 q^T (D, .), s = S^T (max(kBlockN, P), .), o = O_s^T and op = O_p^T (D, .).
+template <typename T>
+struct FwdScratch {
+  std::vector<T> qt, s, o, op, m, l, mp, lp;
+};
+
+template <typename T>
+void forward_block(const Problem<T>& pr, int64_t b, int64_t h, int64_t qb, T* out,
+                   float* lse, float* plse, FwdScratch<T>& w) {
+  constexpr int64_t L = VecT<T>::lanes, ld = kBlockM;
+  const int64_t D = pr.D, P = pr.P, i0 = qb * kBlockM;
+  const int64_t rows = std::min(kBlockM, pr.M - i0), cols = round_up(rows, L);
+  const T* q = pr.q_at(pr.q, b, h, i0);
+  const T *k = pr.kv_at(pr.k, b, h), *v = pr.kv_at(pr.v, b, h);
+  const T *pk = pr.prefix_at(pr.pk, b, h), *pv = pr.prefix_at(pr.pv, b, h);
+  T *qt = w.qt.data(), *s = w.s.data(), *o = w.o.data(), *op = w.op.data();
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t i = 0; i < rows; ++i) qt[d * ld + i] = q[i * D + d] * pr.scale2;
+    std::fill(qt + d * ld + rows, qt + d * ld + cols, T(0));
+  }
+  const T ninf = -std::numeric_limits<T>::infinity();
+  // Prompt: Sp^T = pk qt (P, cols), its softmax, O_p^T = pv^T Pp^T (D, cols).
+  std::fill(w.mp.begin(), w.mp.end(), ninf);
+  std::fill(w.lp.begin(), w.lp.end(), T(0));
+  mm<false>(pk, D, 1, P, qt, ld, cols, s, ld, D);
+  softmax_online(s, ld, P, cols, w.mp.data(), w.lp.data(), op, ld, /*D=*/0);
+  mm<false>(pv, 1, D, D, s, ld, cols, op, ld, P);
+  // Sequence: online softmax over the visible key blocks, O_s^T += V^T P^T.
+  std::fill(w.m.begin(), w.m.end(), ninf);
+  std::fill(w.l.begin(), w.l.end(), T(0));
+  std::fill(o, o + D * ld, T(0));
+  const int64_t end = pr.kv_end(i0, rows);
+  for (int64_t j0 = 0; j0 < end; j0 += kBlockN) {
+    if (pr.skip(b, j0)) continue;
+    const int64_t nb = std::min(kBlockN, end - j0);
+    mm<false>(k + j0 * D, D, 1, nb, qt, ld, cols, s, ld, D);
+    mask_block(pr, b, s, ld, j0, nb, i0, rows);
+    softmax_online(s, ld, nb, cols, w.m.data(), w.l.data(), o, ld, D);
+    mm<true>(v + j0 * D, 1, D, D, s, ld, cols, o, ld, nb);
+  }
+  const T g = pr.g[h];
+  for (int64_t i = 0; i < rows; ++i) {
+    const T l = w.l[i], lp = w.lp[i];
+    const T inv_l = l > 0 ? T(1) / l : T(0), g_lp = lp > 0 ? g / lp : T(0);
+    lse[i] = l > 0 ? static_cast<float>((w.m[i] + std::log2(l)) * kLn2)
+                   : std::numeric_limits<float>::infinity();
+    plse[i] = lp > 0 ? static_cast<float>((w.mp[i] + std::log2(lp)) * kLn2)
+                     : -std::numeric_limits<float>::infinity();
+    T* dst = out + i * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = o[d * ld + i] * inv_l + op[d * ld + i] * g_lp;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: one (b, h, query block), accumulating into its task's dk, dv (N, Dp),
+// dpk, dpv (P, Dp) and dg; writes the block's dq. qt = scale2 q^T, dot = dO^T (D, .);
+// qn = q, don = dO (cols, Dp) row-major, zero-padded, as GEMM right-hand sides.
+template <typename T>
+struct BwdScratch {
+  std::vector<T> qt, dot, qn, don, s, dp, op, dqt, lse2, plse2, ds, dpr, m, l;
+};
+
+template <typename T>
+struct BwdIO {
+  const T *dout, *out;
+  const float *lse, *plse;
+  T* dq;
+};
+
+// The saved lse are fp32; the fp64 path recomputes them (one extra S^T product per
+// block) so that its gradients are exact to fp64 rounding rather than to fp32's.
+template <typename T>
+void recompute_lse2(const Problem<T>& pr, int64_t b, int64_t i0, int64_t rows, int64_t cols,
+                    const T* k, const T* pk, BwdScratch<T>& w) {
+  constexpr int64_t ld = kBlockM;
+  const int64_t D = pr.D;
+  T *qt = w.qt.data(), *s = w.s.data(), *m = w.m.data(), *l = w.l.data();
+  const auto lse2_of = [&](T* dst, T none) {
+    for (int64_t i = 0; i < rows; ++i) dst[i] = l[i] > 0 ? m[i] + std::log2(l[i]) : none;
+  };
+  const T inf = std::numeric_limits<T>::infinity();
+  std::fill(m, m + ld, -inf), std::fill(l, l + ld, T(0));
+  mm<false>(pk, D, 1, pr.P, qt, ld, cols, s, ld, D);
+  softmax_online(s, ld, pr.P, cols, m, l, s, ld, /*D=*/0);
+  lse2_of(w.plse2.data(), -inf);
+  std::fill(m, m + ld, -inf), std::fill(l, l + ld, T(0));
+  const int64_t end = pr.kv_end(i0, rows);
+  for (int64_t j0 = 0; j0 < end; j0 += kBlockN) {
+    if (pr.skip(b, j0)) continue;
+    const int64_t nb = std::min(kBlockN, end - j0);
+    mm<false>(k + j0 * D, D, 1, nb, qt, ld, cols, s, ld, D);
+    mask_block(pr, b, s, ld, j0, nb, i0, rows);
+    softmax_online(s, ld, nb, cols, m, l, s, ld, /*D=*/0);
+  }
+  lse2_of(w.lse2.data(), inf);
+}
+
+template <typename T>
+void backward_block(const Problem<T>& pr, const BwdIO<T>& io, int64_t b, int64_t h,
+                    int64_t qb, T* dk, T* dv, T* dpk, T* dpv, double& dg, BwdScratch<T>& w) {
+  constexpr int64_t L = VecT<T>::lanes, ld = kBlockM;
+  const int64_t D = pr.D, Dp = pr.Dp, P = pr.P, i0 = qb * kBlockM;
+  const int64_t rows = std::min(kBlockM, pr.M - i0), cols = round_up(rows, L);
+  const T *q = pr.q_at(pr.q, b, h, i0), *dO = pr.q_at(io.dout, b, h, i0);
+  const T* out = pr.q_at(io.out, b, h, i0);
+  const int64_t row0 = (b * pr.H + h) * pr.M + i0;  // into lse, prompt_lse
+  const T *k = pr.kv_at(pr.k, b, h), *v = pr.kv_at(pr.v, b, h);
+  const T *pk = pr.prefix_at(pr.pk, b, h), *pv = pr.prefix_at(pr.pv, b, h);
+  T *qt = w.qt.data(), *dot = w.dot.data(), *qn = w.qn.data(), *don = w.don.data();
+  T *s = w.s.data(), *dp = w.dp.data(), *op = w.op.data(), *dqt = w.dqt.data();
+  T *ds = w.ds.data(), *dpr = w.dpr.data();
+  const T inf = std::numeric_limits<T>::infinity(), g = pr.g[h];
+  std::fill(qn, qn + cols * Dp, T(0));
+  std::fill(don, don + cols * Dp, T(0));
+  for (int64_t i = 0; i < cols; ++i) {
+    const bool in = i < rows;
+    T dsum = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const T qv = in ? q[i * D + d] : T(0), gv = in ? dO[i * D + d] : T(0);
+      qt[d * ld + i] = qv * pr.scale2, dot[d * ld + i] = gv;
+      qn[i * Dp + d] = qv, don[i * Dp + d] = gv;
+      if (in) dsum += gv * out[i * D + d];
+    }
+    w.lse2[i] = in ? T(io.lse[row0 + i]) * T(kLog2e) : inf;  // +inf: P = 0 on padding
+    w.plse2[i] = in ? T(io.plse[row0 + i]) * T(kLog2e) : inf;
+    ds[i] = dsum;  // rowsum(dO ⊙ out), D_s once D_p is known
+  }
+  if constexpr (std::is_same_v<T, double>) recompute_lse2(pr, b, i0, rows, cols, k, pk, w);
+  // Prompt: Pp^T (P, cols), O_p^T = pv^T Pp^T (D, cols), D_p, D_s = rowsum(dO ⊙ out) - g D_p.
+  mm<false>(pk, D, 1, P, qt, ld, cols, s, ld, D);
+  softmax_recompute(s, ld, P, cols, w.plse2.data());
+  mm<false>(pv, 1, D, D, s, ld, cols, op, ld, P);
+  colsum_product(dot, op, ld, D, cols, dpr);
+  for (int64_t i = 0; i < cols; ++i) ds[i] -= g * dpr[i];
+  for (int64_t i = 0; i < rows; ++i) dg += dpr[i];
+  // dSp^T = g Pp^T ⊙ (pv dO^T - D_p);  dpv += (g Pp^T) dO;  dpk += dSp^T q;  dq^T = pk^T dSp^T.
+  mm<false>(pv, D, 1, P, dot, ld, cols, dp, ld, D);
+  softmax_grad(s, dp, ld, P, cols, dpr, g);
+  for (int64_t e = 0; e < P * ld; ++e) s[e] *= g;
+  mm<true>(s, ld, 1, P, don, Dp, Dp, dpv, Dp, cols);
+  mm<true>(dp, ld, 1, P, qn, Dp, Dp, dpk, Dp, cols);
+  mm<false>(pk, 1, D, D, dp, ld, cols, dqt, ld, P);
+  // Sequence, per visible key block: P^T, dP^T = V dO^T, dS^T, then the three products.
+  const int64_t end = pr.kv_end(i0, rows);
+  for (int64_t j0 = 0; j0 < end; j0 += kBlockN) {
+    if (pr.skip(b, j0)) continue;
+    const int64_t nb = std::min(kBlockN, end - j0);
+    mm<false>(k + j0 * D, D, 1, nb, qt, ld, cols, s, ld, D);
+    mask_block(pr, b, s, ld, j0, nb, i0, rows);
+    softmax_recompute(s, ld, nb, cols, w.lse2.data());
+    mm<false>(v + j0 * D, D, 1, nb, dot, ld, cols, dp, ld, D);
+    softmax_grad(s, dp, ld, nb, cols, ds, T(1));
+    mm<true>(s, ld, 1, nb, don, Dp, Dp, dv + j0 * Dp, Dp, cols);   // dv += P^T dO
+    mm<true>(dp, ld, 1, nb, qn, Dp, Dp, dk + j0 * Dp, Dp, cols);   // dk += dS^T q
+    mm<true>(k + j0 * D, 1, D, D, dp, ld, cols, dqt, ld, nb);      // dq^T += k^T dS^T
+  }
+  T* dq = io.dq + row0 * D;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < D; ++d) dq[i * D + d] = dqt[d * ld + i] * pr.scale;
+}
+
+// ---------------------------------------------------------------------------------------
+// Op glue: checks, conversion to the accumulation type, the problem description.
+
+void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& gate,
+                  const std::optional<at::Tensor>& kpm) {
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              op, ": q must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, H, M, D), got shape ", q.sizes());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  const std::pair<const at::Tensor*, const char*> named[] = {
+      {&q, "q"}, {&k, "k"}, {&v, "v"}, {&pk, "prefix_k"}, {&pv, "prefix_v"}, {&gate, "gate"}};
+  for (const auto& [t, name] : named) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->scalar_type() == dt, op, ": ", name, " must have dtype ", dt,
+                " (the dtype of q), got ", t->scalar_type());
+  }
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(3) == D, op,
+              ": k must have shape (", B, ", Hkv, N, ", D, "), got ", k.sizes());
+  const int64_t Hkv = k.size(1);
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": the query heads H=", H,
+              " must be a multiple of the kv heads of k, got k of shape ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k ", k.sizes(), ", got ",
+              v.sizes());
+  TORCH_CHECK(pk.dim() == 4 && (pk.size(0) == 1 || pk.size(0) == B) && pk.size(1) == Hkv &&
+                  pk.size(3) == D,
+              op, ": prefix_k must have shape (1 or ", B, ", ", Hkv, ", P, ", D, "), got ",
+              pk.sizes());
+  TORCH_CHECK(pv.sizes() == pk.sizes(), op, ": prefix_v must have the shape of prefix_k ",
+              pk.sizes(), ", got ", pv.sizes());
+  TORCH_CHECK(gate.dim() == 1 && (gate.size(0) == H || gate.size(0) == 1), op,
+              ": gate must have shape (", H, ",) or (1,), got ", gate.sizes());
+  if (kpm.has_value() && kpm->defined()) {
+    TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->device().is_cpu(), op,
+                ": key_padding_mask must be a bool CPU tensor, got ", kpm->scalar_type(), " on ",
+                kpm->device());
+    TORCH_CHECK(kpm->dim() == 2 && kpm->size(0) == B && kpm->size(1) == k.size(2), op,
+                ": key_padding_mask must have shape (", B, ", ", k.size(2), "), got ", kpm->sizes());
+  }
+}
+
+at::ScalarType acc_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+// The tensor in the accumulation type, contiguous (no copy for fp32/fp64 contiguous input).
+at::Tensor to_acc(const at::Tensor& t) { return t.to(acc_type(t)).contiguous(); }
+
+// Fills pr from tensors already in the accumulation type (kept alive by the caller).
+template <typename T>
+void describe(Problem<T>& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& gate,
+              const at::Tensor& kpm, bool causal, double scale, bool gate_tanh) {
+  pr.B = q.size(0), pr.H = q.size(1), pr.M = q.size(2), pr.D = q.size(3);
+  pr.Hkv = k.size(1), pr.N = k.size(2), pr.PB = pk.size(0), pr.P = pk.size(2);
+  pr.G = pr.H / pr.Hkv, pr.Dp = round_up(pr.D, VecT<T>::lanes), pr.nkb = div_up(pr.N, kBlockN);
+  pr.causal = causal;
+  pr.scale = static_cast<T>(scale), pr.scale2 = static_cast<T>(scale * kLog2e);
+  pr.q = q.const_data_ptr<T>(), pr.k = k.const_data_ptr<T>(), pr.v = v.const_data_ptr<T>();
+  pr.pk = pk.const_data_ptr<T>(), pr.pv = pv.const_data_ptr<T>();
+  const T* gp = gate.const_data_ptr<T>();
+  pr.g.resize(pr.H);
+  for (int64_t h = 0; h < pr.H; ++h) {
+    const T x = gp[gate.numel() == 1 ? 0 : h];
+    pr.g[h] = gate_tanh ? std::tanh(x) : x;
+  }
+  if (kpm.defined()) {
+    pr.keep = kpm.const_data_ptr<bool>();
+    pr.kb_state.assign(pr.B * pr.nkb, kKept);
+    for (int64_t b = 0; b < pr.B; ++b)
+      for (int64_t kb = 0; kb < pr.nkb; ++kb) {
+        const bool* first = pr.keep + b * pr.N + kb * kBlockN;
+        const int64_t n = std::min(kBlockN, pr.N - kb * kBlockN);
+        const int64_t kept = std::count(first, first + n, true);
+        pr.kb_state[b * pr.nkb + kb] = kept == n ? kKept : kept == 0 ? kMasked : kMixed;
+      }
+  }
+}
+
+at::Tensor mask_of(const std::optional<at::Tensor>& kpm) {
+  return kpm.has_value() && kpm->defined() ? kpm->contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prefix_attention_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& pk_in, const at::Tensor& pv_in, const at::Tensor& gate_in,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+    bool gate_tanh) {
+  constexpr const char* op = "fastpeft::gated_prefix_attention";
+  check_inputs(op, q_in, k_in, v_in, pk_in, pv_in, gate_in, key_padding_mask);
+  const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in), pk = to_acc(pk_in),
+                   pv = to_acc(pv_in), gate = to_acc(gate_in), kpm = mask_of(key_padding_mask);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty(q.sizes().slice(0, 3), f32), plse = at::empty_like(lse);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), op, [&] {
+    using T = scalar_t;
+    Problem<T> pr;
+    describe(pr, q, k, v, pk, pv, gate, kpm, causal, scale, gate_tanh);
+    const int64_t nqb = div_up(pr.M, kBlockM), D = pr.D, rows_s = std::max(kBlockN, pr.P);
+    auto make = [&] {
+      FwdScratch<T> w;
+      for (auto* b : {&w.qt, &w.o, &w.op}) b->resize(D * kBlockM);
+      w.s.resize(rows_s * kBlockM);
+      for (auto* b : {&w.m, &w.l, &w.mp, &w.lp}) b->resize(kBlockM);
+      return w;
+    };
+    // Tasks head-major (K, V of a head stay in cache), the longest causal block first.
+    run_tasks<FwdScratch<T>>(pr.B * pr.H * nqb, make, [&](int64_t t, FwdScratch<T>& w) {
+      const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb, row0 = bh * pr.M + qb * kBlockM;
+      forward_block(pr, bh / pr.H, bh % pr.H, qb, out.mutable_data_ptr<T>() + row0 * D,
+                    lse.mutable_data_ptr<float>() + row0, plse.mutable_data_ptr<float>() + row0, w);
+    });
+  });
+  return {out.to(q_in.scalar_type()), lse, plse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_prefix_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& pk_in, const at::Tensor& pv_in,
+    const at::Tensor& gate_in, const std::optional<at::Tensor>& key_padding_mask,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& plse_in, bool causal,
+    double scale, bool gate_tanh) {
+  constexpr const char* op = "fastpeft::gated_prefix_attention_backward";
+  check_inputs(op, q_in, k_in, v_in, pk_in, pv_in, gate_in, key_padding_mask);
+  for (const auto& [t, name] : {std::pair{&grad_out_in, "grad_out"}, std::pair{&out_in, "out"}})
+    TORCH_CHECK(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() &&
+                    t->device().is_cpu(),
+                op, ": ", name, " must be a CPU tensor of shape ", q_in.sizes(), " and dtype ",
+                q_in.scalar_type(), ", got ", t->sizes(), " ", t->scalar_type());
+  for (const auto& [t, name] : {std::pair{&lse_in, "lse"}, std::pair{&plse_in, "prompt_lse"}})
+    TORCH_CHECK(t->sizes() == q_in.sizes().slice(0, 3) && t->scalar_type() == at::kFloat &&
+                    t->device().is_cpu(),
+                op, ": ", name, " must be a float32 CPU tensor of shape ",
+                q_in.sizes().slice(0, 3), ", got ", t->sizes(), " ", t->scalar_type());
+  const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in), pk = to_acc(pk_in),
+                   pv = to_acc(pv_in), gate = to_acc(gate_in), kpm = mask_of(key_padding_mask),
+                   dout = to_acc(grad_out_in), out = to_acc(out_in), lse = lse_in.contiguous(),
+                   plse = plse_in.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty_like(dk), dpk = at::empty(pk.sizes(), pk.options());
+  at::Tensor dpv = at::empty_like(dpk), dgate = at::empty(gate.sizes(), gate.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), op, [&] {
+    using T = scalar_t;
+    Problem<T> pr;
+    describe(pr, q, k, v, pk, pv, gate, kpm, causal, scale, gate_tanh);
+    const int64_t B = pr.B, Hkv = pr.Hkv, G = pr.G, N = pr.N, P = pr.P, D = pr.D, Dp = pr.Dp;
+    const int64_t nqb = div_up(pr.M, kBlockM), rows_s = std::max(kBlockN, P);
+    // Task = (b, kv head, chunk): the G query heads of a kv head and every C-th query block
+    // (strided, so that causal chunks cost the same). A task owns its dq blocks outright
+    // and accumulates dk, dv, dpk, dpv, dg in its own fp32 partials, summed over chunks
+    // below; C > 1 only when B * Hkv is too small to occupy the threads.
+    const int64_t threads = at::get_num_threads();
+    const int64_t C = B * Hkv >= 2 * threads ? 1 : std::clamp<int64_t>(div_up(2 * threads, std::max<int64_t>(B * Hkv, 1)), 1, std::max<int64_t>(nqb, 1));
+    const int64_t tasks = B * Hkv * C;
+    std::vector<T> dk_p(tasks * N * Dp, T(0)), dv_p(dk_p.size(), T(0));
+    std::vector<T> dpk_p(tasks * P * Dp, T(0)), dpv_p(dpk_p.size(), T(0));
+    std::vector<double> dg_p(tasks * G, 0.0);
+    const BwdIO<T> io{dout.const_data_ptr<T>(), out.const_data_ptr<T>(),
+                      lse.const_data_ptr<float>(), plse.const_data_ptr<float>(),
+                      dq.mutable_data_ptr<T>()};
+    auto make = [&] {
+      BwdScratch<T> w;
+      for (auto* b : {&w.qt, &w.dot, &w.op, &w.dqt}) b->resize(D * kBlockM);
+      for (auto* b : {&w.qn, &w.don}) b->resize(kBlockM * Dp);
+      for (auto* b : {&w.s, &w.dp}) b->resize(rows_s * kBlockM);
+      for (auto* b : {&w.lse2, &w.plse2, &w.ds, &w.dpr, &w.m, &w.l}) b->resize(kBlockM);
+      return w;
+    };
+    run_tasks<BwdScratch<T>>(tasks, make, [&](int64_t t, BwdScratch<T>& w) {
+      const int64_t bk = t / C, c = t % C, b = bk / Hkv, hk = bk % Hkv;
+      for (int64_t gi = 0; gi < G; ++gi)
+        for (int64_t qb = c; qb < nqb; qb += C)
+          backward_block(pr, io, b, hk * G + gi, qb, dk_p.data() + t * N * Dp,
+                         dv_p.data() + t * N * Dp, dpk_p.data() + t * P * Dp,
+                         dpv_p.data() + t * P * Dp, dg_p[t * G + gi], w);
+    });
+    // Reductions: dk = scale sum_c, dv = sum_c per (b, kv head); the prefix also over b
+    // when PB = 1.
+    T *dk_o = dk.mutable_data_ptr<T>(), *dv_o = dv.mutable_data_ptr<T>();
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bk = begin; bk < end; ++bk)
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t d = 0; d < D; ++d) {
+            T sk = 0, sv = 0;
+            for (int64_t c = 0; c < C; ++c) {
+              const int64_t e = ((bk * C + c) * N + j) * Dp + d;
+              sk += dk_p[e], sv += dv_p[e];
+            }
+            dk_o[(bk * N + j) * D + d] = sk * pr.scale, dv_o[(bk * N + j) * D + d] = sv;
+          }
+    });
+    T *dpk_o = dpk.mutable_data_ptr<T>(), *dpv_o = dpv.mutable_data_ptr<T>();
+    for (int64_t pb = 0; pb < pr.PB; ++pb)
+      for (int64_t hk = 0; hk < Hkv; ++hk)
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t d = 0; d < D; ++d) {
+            T sk = 0, sv = 0;
+            for (int64_t b = (pr.PB == 1 ? 0 : pb); b < (pr.PB == 1 ? B : pb + 1); ++b)
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t e = (((b * Hkv + hk) * C + c) * P + p) * Dp + d;
+                sk += dpk_p[e], sv += dpv_p[e];
+              }
+            const int64_t o = ((pb * Hkv + hk) * P + p) * D + d;
+            dpk_o[o] = sk * pr.scale, dpv_o[o] = sv;
+          }
+    // dg[h] = sum_{b, m} D_p; chain rule through tanh; a (1,) gate sums over heads.
+    std::vector<double> dgh(pr.H, 0.0);
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t gi = 0; gi < G; ++gi) dgh[(t / C) % Hkv * G + gi] += dg_p[t * G + gi];
+    const T* gp = gate.const_data_ptr<T>();
+    T* dg_o = dgate.mutable_data_ptr<T>();
+    std::fill(dg_o, dg_o + gate.numel(), T(0));
+    for (int64_t h = 0; h < pr.H; ++h) {
+      const int64_t gi = gate.numel() == 1 ? 0 : h;
+      const double th = std::tanh(static_cast<double>(gp[gi]));
+      dg_o[gi] += static_cast<T>(gate_tanh ? dgh[h] * (1.0 - th * th) : dgh[h]);
+    }
+  });
+  const auto dt = q_in.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt), dpk.to(dt), dpv.to(dt), dgate.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("gated_prefix_attention", &gated_prefix_attention_cpu);
+  m.impl("gated_prefix_attention_backward", &gated_prefix_attention_backward_cpu);
+}
+
+}  // namespace fastpeft::cpu::gpa

@@ -1,0 +1,392 @@
+// The rank-R kernels of LoRA linear on CPU (the op glue is in lora_linear.cpp).
+//
+// All three are register-blocked micro-kernels on 32-byte vectors (simd.h) with fp32
+// accumulation (fp64 for double), multi-versioned for AVX2/FMA, called on disjoint
+// work ranges from at::parallel_for. Shapes: x (T, K), A (R, K), B (N, R), dy (T, N).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "cpu/philox.h"
+#include "cpu/simd.h"
+
+namespace fastpeft::cpu {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+FASTPEFT_INLINE float to_acc(float v) { return v; }
+FASTPEFT_INLINE double to_acc(double v) { return v; }
+FASTPEFT_INLINE float to_acc(c10::Half v) { return static_cast<float>(v); }
+FASTPEFT_INLINE float to_acc(c10::BFloat16 v) {  // a shift, written out so it vectorises
+  const uint32_t bits = uint32_t{v.x} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// dst[0 : n] = src[0 : n] in acc_t, times keep if kDropout; dst[n : n_pad] = 0. keep holds
+// c = 1/(1-p) for kept elements (float kernels) or 1 (double kernels, which multiply by
+// the double c here so that the scale is not rounded to float).
+template <typename scalar_t, typename acc_t, bool kDropout>
+FASTPEFT_INLINE void load_dropped(const scalar_t* __restrict src, int64_t n, int64_t n_pad,
+                                  const float* __restrict keep, acc_t keep_scale,
+                                  acc_t* __restrict dst) {
+  if constexpr (!kDropout) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) dst[k] = to_acc(src[k]);
+  } else if constexpr (std::is_same_v<acc_t, float>) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) dst[k] = to_acc(src[k]) * keep[k];
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) dst[k] = to_acc(src[k]) * (keep[k] * keep_scale);
+  }
+  for (int64_t k = n; k < n_pad; ++k) dst[k] = acc_t(0);
+}
+
+// dst[0 : n] = v[0 : n] in scalar_t, n <= lanes. A whole vector of the accumulation type
+// is one store; the rest go through a stack copy (a plain copy loop here would become
+// memcpy or rep movs, both slow at this size).
+template <typename scalar_t, typename acc_t, typename V = typename VecT<acc_t>::type>
+FASTPEFT_INLINE void store_vec(scalar_t* __restrict dst, V v, int64_t n) {
+  constexpr int L = VecT<acc_t>::lanes;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (n == L) return vstore(dst, v);
+  }
+  acc_t tmp[L];
+  vstore(tmp, v);
+  for (int64_t l = 0; l < n; ++l) dst[l] = static_cast<scalar_t>(tmp[l]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: xa = xd @ A^T (T, R), xd = c * m ⊙ x, and y_lora = b + s * xa @ B^T (T, N).
+// Parallel over tiles of kFwdRows rows. A tile of xd is built in a per-thread buffer xs
+// (kFwdRows, K); xa's tile takes rank-1 updates over k, acc[i][:] += xs[i][k] * At[k][:],
+// with At = A^T packed (K, Rp), Rp = R rounded up to whole vectors (R is vectorised);
+// then y's tile, still hot in registers' reach, takes rank-1 updates over r,
+// acc[i][n] += s * xa[i][r] * Bt[r][n] with Bt = B^T packed (Rp, N) (N is vectorised).
+constexpr int kFwdRows = 6;
+
+template <int NV, typename acc_t>
+FASTPEFT_INLINE void lora_down_tile(const acc_t* __restrict xs, int64_t K,
+                                    const acc_t* __restrict At, int64_t Rp,
+                                    acc_t* __restrict out /* (kFwdRows, ldo) */, int64_t ldo) {
+  using V = typename VecT<acc_t>::type;
+  constexpr int L = VecT<acc_t>::lanes;
+  V acc[kFwdRows][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < kFwdRows; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V a[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) a[v] = vload(At + k * Rp + v * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < kFwdRows; ++i) {
+      const V xb = vbroadcast(xs[i * K + k]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] += xb * a[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kFwdRows; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) vstore(out + i * ldo + v * L, acc[i][v]);
+}
+
+template <int NV, typename scalar_t, typename acc_t>
+FASTPEFT_INLINE void lora_up_tile(const acc_t* __restrict sxa, int64_t Rp,
+                                  const acc_t* __restrict Bt /* (Rp, 2 * lanes) panel */,
+                                  const acc_t* __restrict bias, scalar_t* __restrict y,
+                                  int64_t N, int64_t rows, int64_t cols) {
+  using V = typename VecT<acc_t>::type;
+  constexpr int L = VecT<acc_t>::lanes;
+  V acc[kFwdRows][NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {
+    const V b = vload(bias + v * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < kFwdRows; ++i) acc[i][v] = b;
+  }
+  for (int64_t r = 0; r < Rp; ++r) {
+    V b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = vload(Bt + (r * 2 + v) * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < kFwdRows; ++i) {
+      const V xb = vbroadcast(sxa[i * Rp + r]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] += xb * b[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kFwdRows; ++i) {
+    if (i >= rows) break;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      store_vec<scalar_t, acc_t>(y + i * N + v * L, acc[i][v], std::min<int64_t>(L, cols - v * L));
+  }
+}
+
+// At (K, Rp), Bt and bias (Np) are packed in acc_t and zero-padded by the caller, Bt as
+// panels of 2 * lanes columns of B^T, panel p = Bt[p * Rp * 2 * lanes :] (Rp, 2 * lanes),
+// so that a tile of y reads its B^T slice contiguously. xs is per-thread scratch of
+// kFwdRows * (K + Rp); xa and y are written, not accumulated.
+template <typename scalar_t, bool kDropout, typename acc_t = typename AccOf<scalar_t>::type>
+FASTPEFT_MULTIVERSION void lora_fwd_kernel(
+    const scalar_t* __restrict x, const acc_t* __restrict At, const acc_t* __restrict Bt,
+    const acc_t* __restrict bias, scalar_t* __restrict xa, scalar_t* __restrict y, int64_t T,
+    int64_t K, int64_t R, int64_t N, acc_t s, int64_t tile_begin, int64_t tile_end,
+    uint64_t seed, uint32_t threshold, acc_t keep_scale, acc_t* __restrict xs,
+    float* __restrict keep) {
+  constexpr int L = VecT<acc_t>::lanes;
+  const int64_t Rp = round_up(R, L), Np = round_up(N, L), groups = div_up(K, 4);
+  const float keep_on = std::is_same_v<acc_t, float> ? static_cast<float>(keep_scale) : 1.0f;
+  acc_t* sxa = xs + kFwdRows * K;  // (kFwdRows, Rp)  xa, then s * xa, of the tile
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t t0 = tile * kFwdRows, rows = std::min<int64_t>(kFwdRows, T - t0);
+    if constexpr (kDropout)
+      dropout_keep_rows(seed, static_cast<uint64_t>(t0 * groups), groups, rows, groups,
+                        threshold, keep_on, keep, 4 * groups);
+    for (int64_t i = 0; i < kFwdRows; ++i) {
+      if (i >= rows) {  // rows past T: zeros, results dropped
+        std::fill(xs + i * K, xs + (i + 1) * K, acc_t(0));
+        continue;
+      }
+      load_dropped<scalar_t, acc_t, kDropout>(x + (t0 + i) * K, K, K, keep + i * 4 * groups,
+                                              keep_scale, xs + i * K);
+    }
+    for (int64_t r0 = 0; r0 < Rp; r0 += 2 * L) {
+      if (r0 + 2 * L <= Rp)
+        lora_down_tile<2>(xs, K, At + r0, Rp, sxa + r0, Rp);
+      else
+        lora_down_tile<1>(xs, K, At + r0, Rp, sxa + r0, Rp);
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t r = 0; r < R; ++r) xa[(t0 + i) * R + r] = static_cast<scalar_t>(sxa[i * Rp + r]);
+    for (int64_t e = 0; e < kFwdRows * Rp; ++e) sxa[e] *= s;
+    for (int64_t n0 = 0; n0 < Np; n0 += 2 * L) {
+      scalar_t* y_tile = y + t0 * N + n0;
+      const acc_t* panel = Bt + (n0 / (2 * L)) * Rp * 2 * L;
+      if (n0 + 2 * L <= Np)
+        lora_up_tile<2>(sxa, Rp, panel, bias + n0, y_tile, N, rows, N - n0);
+      else
+        lora_up_tile<1>(sxa, Rp, panel, bias + n0, y_tile, N, rows, N - n0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, one pass over dy: dyB = dy @ B (T, R) and dB = s * dy^T @ xa (N, R). Parallel
+// over blocks of NB columns of N: a thread owns dB[block, :] (accumulated in dB_acc) and
+// adds its block's share of dyB into its own partial (T, Rp), summed by the caller.
+// Per row tile and column n, with R vectorised:
+//   dyB[i][:] += dy[i][n] * B[n][:]        dB[n][:] += dy[i][n] * s * xa[i][:]
+// so one broadcast of dy[i][n] feeds both products.
+constexpr int kDyRows = 4;
+
+template <int NV, typename acc_t>
+FASTPEFT_INLINE void lora_dy_tile(const acc_t* __restrict dys, int64_t ldd, int64_t nb,
+                                  const acc_t* __restrict Bp, int64_t Rp,
+                                  const acc_t* __restrict sxa, acc_t* __restrict dB_acc,
+                                  acc_t* __restrict out /* (kDyRows, NV * lanes) */) {
+  using V = typename VecT<acc_t>::type;
+  constexpr int L = VecT<acc_t>::lanes;
+  V acc[kDyRows][NV], xr[kDyRows][NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < kDyRows; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{}, xr[i][v] = vload(sxa + i * Rp + v * L);
+  for (int64_t n = 0; n < nb; ++n) {
+    V b[NV], g[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      b[v] = vload(Bp + n * Rp + v * L), g[v] = vload(dB_acc + n * Rp + v * L);
+#pragma GCC unroll 4
+    for (int i = 0; i < kDyRows; ++i) {
+      const V d = vbroadcast(dys[i * ldd + n]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] += d * b[v], g[v] += d * xr[i][v];
+    }
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) vstore(dB_acc + n * Rp + v * L, g[v]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < kDyRows; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) vstore(out + (i * NV + v) * L, acc[i][v]);
+}
+
+// Rows [t_begin, t_end) of dy against column blocks [block_begin, block_end). dB_acc is
+// (N, Rp) in acc_t, persistent across calls; dyB_part is this thread's (t_end - t_begin,
+// Rp) partial of dyB[t_begin : t_end].
+template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+FASTPEFT_MULTIVERSION void lora_dy_kernel(
+    const scalar_t* __restrict dy, const scalar_t* __restrict B, const scalar_t* __restrict xa,
+    acc_t* __restrict dB_acc, acc_t* __restrict dyB_part, int64_t t_begin, int64_t t_end,
+    int64_t N, int64_t R, int64_t NB, int64_t block_begin, int64_t block_end, acc_t s,
+    acc_t* __restrict work) {
+  constexpr int L = VecT<acc_t>::lanes;
+  const int64_t Rp = round_up(R, L);
+  acc_t* Bp = work;                    // (NB, Rp)       B[block, :] zero-padded
+  acc_t* dys = Bp + NB * Rp;           // (kDyRows, NB)  dy rows of the tile
+  acc_t* sxa = dys + kDyRows * NB;     // (kDyRows, Rp)  s * xa rows of the tile
+  acc_t out[kDyRows * 2 * L];
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    const int64_t n0 = block * NB, nb = std::min(NB, N - n0);
+    for (int64_t n = 0; n < nb; ++n)
+      load_dropped<scalar_t, acc_t, false>(B + (n0 + n) * R, R, Rp, nullptr, 1, Bp + n * Rp);
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kDyRows) {
+      const int64_t rows = std::min<int64_t>(kDyRows, t_end - t0);
+      for (int64_t i = 0; i < kDyRows; ++i) {
+        if (i >= rows) {  // rows past the end: zeros, results dropped
+          std::fill(dys + i * NB, dys + i * NB + nb, acc_t(0));
+          std::fill(sxa + i * Rp, sxa + (i + 1) * Rp, acc_t(0));
+          continue;
+        }
+        load_dropped<scalar_t, acc_t, false>(dy + (t0 + i) * N + n0, nb, nb, nullptr, 1,
+                                             dys + i * NB);
+        for (int64_t r = 0; r < Rp; ++r)
+          sxa[i * Rp + r] = r < R ? s * to_acc(xa[(t0 + i) * R + r]) : acc_t(0);
+      }
+      for (int64_t r0 = 0; r0 < Rp;) {
+        const int nv = r0 + 2 * L <= Rp ? 2 : 1;
+        if (nv == 2)
+          lora_dy_tile<2>(dys, NB, nb, Bp + r0, Rp, sxa + r0, dB_acc + n0 * Rp + r0, out);
+        else
+          lora_dy_tile<1>(dys, NB, nb, Bp + r0, Rp, sxa + r0, dB_acc + n0 * Rp + r0, out);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t l = 0; l < nv * L; ++l)
+            dyB_part[(t0 - t_begin + i) * Rp + r0 + l] += out[i * nv * L + l];
+        r0 += nv * L;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, fused: dx_lora = c * m ⊙ (s * dyB @ A) (T, K) and dA = s * dyB^T @ xd (R, K).
+// Parallel over blocks of KB columns of K: a thread owns dA[:, block] (accumulated in an
+// L1-sized buffer, no cross-thread reduction) and streams every row of x / dyB / dx
+// through it, kBwdRows rows at a time. Per row tile and vector of columns j, for r < R:
+//   dxacc[i][j] += sdyB[i][r] * A[r][j]      dAacc[r][j] += sdyB[i][r] * xd[i][j]
+// so one load of A[r][j] and one load/store of dAacc[r][j] serve kBwdRows rows.
+constexpr int kBwdRows = 4;
+
+template <bool kDropout, bool kDx, typename scalar_t, typename acc_t>
+FASTPEFT_INLINE void lora_bwd_tile(const acc_t* __restrict xs, const acc_t* __restrict sdyb,
+                                   const acc_t* __restrict Ab, const float* __restrict keep,
+                                   acc_t keep_scale, int64_t R, int64_t KBp,
+                                   acc_t* __restrict dA_acc, scalar_t* __restrict dx,
+                                   int64_t K, int64_t rows, int64_t kb) {
+  using V = typename VecT<acc_t>::type;
+  constexpr int L = VecT<acc_t>::lanes;
+  for (int64_t j = 0; j < KBp; j += L) {
+    V xv[kBwdRows], dxa[kBwdRows];
+#pragma GCC unroll 4
+    for (int i = 0; i < kBwdRows; ++i) xv[i] = vload(xs + i * KBp + j), dxa[i] = V{};
+    for (int64_t r = 0; r < R; ++r) {
+      // two partial sums for dA halve the FMA latency chain between its load and store
+      V g[2] = {vload(dA_acc + r * KBp + j), V{}};
+      V a;
+      if constexpr (kDx) a = vload(Ab + r * KBp + j);
+#pragma GCC unroll 4
+      for (int i = 0; i < kBwdRows; ++i) {
+        const V b = vbroadcast(sdyb[i * R + r]);
+        if constexpr (kDx) dxa[i] += b * a;
+        g[i % 2] += b * xv[i];
+      }
+      vstore(dA_acc + r * KBp + j, g[0] + g[1]);
+    }
+    if constexpr (kDx) {
+#pragma GCC unroll 4
+      for (int i = 0; i < kBwdRows; ++i) {
+        if (i >= rows) break;
+        V d = dxa[i];
+        if constexpr (kDropout) {
+          if constexpr (std::is_same_v<acc_t, float>) {
+            d *= vload(keep + i * KBp + j);
+          } else {  // 4 floats widened to 4 doubles
+            typedef float f32x4 __attribute__((vector_size(16)));
+            f32x4 m;
+            std::memcpy(&m, keep + i * KBp + j, sizeof(m));
+            d *= __builtin_convertvector(m, V) * keep_scale;
+          }
+        }
+        store_vec<scalar_t, acc_t>(dx + i * K + j, d, std::min<int64_t>(L, kb - j));
+      }
+    }
+  }
+}
+
+// dyB is (T, R) in acc_t (from lora_dy_kernel); dx (if kDx) and dA are written, not
+// accumulated.
+template <typename scalar_t, bool kDropout, bool kDx,
+          typename acc_t = typename AccOf<scalar_t>::type>
+FASTPEFT_MULTIVERSION void lora_bwd_kernel(
+    const scalar_t* __restrict x, const scalar_t* __restrict A, const acc_t* __restrict dyB,
+    scalar_t* __restrict dx, scalar_t* __restrict dA, int64_t T, int64_t K, int64_t R,
+    int64_t KB, int64_t block_begin, int64_t block_end, acc_t s, uint64_t seed,
+    uint32_t threshold, acc_t keep_scale, acc_t* __restrict work, float* __restrict keep) {
+  constexpr int L = VecT<acc_t>::lanes;
+  const int64_t groups = div_up(K, 4);
+  const float keep_on = std::is_same_v<acc_t, float> ? static_cast<float>(keep_scale) : 1.0f;
+  const int64_t KBmax = round_up(KB, L);
+  acc_t* Ab = work;                      // (R, KBp)         A[:, block]
+  acc_t* dA_acc = Ab + R * KBmax;        // (R, KBp)         dA[:, block]
+  acc_t* xs = dA_acc + R * KBmax;        // (kBwdRows, KBp)  xd rows of the tile
+  acc_t* sdyb = xs + kBwdRows * KBmax;   // (kBwdRows, R)    s * dyB rows of the tile
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    const int64_t k0 = block * KB, kb = std::min(KB, K - k0), KBp = round_up(kb, L);
+    for (int64_t r = 0; r < R; ++r) {
+      load_dropped<scalar_t, acc_t, false>(A + r * K + k0, kb, KBp, nullptr, 1, Ab + r * KBp);
+      std::fill(dA_acc + r * KBp, dA_acc + (r + 1) * KBp, acc_t(0));
+    }
+    for (int64_t t0 = 0; t0 < T; t0 += kBwdRows) {
+      const int64_t rows = std::min<int64_t>(kBwdRows, T - t0);
+      // x rows are KB-wide strips K apart, which the hardware prefetcher does not
+      // anticipate: fetch the next tile's strips while this one computes.
+      for (int64_t t = t0 + kBwdRows; t < std::min(T, t0 + 2 * kBwdRows); ++t)
+        for (int64_t j = 0; j < kb; j += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+          __builtin_prefetch(x + t * K + k0 + j);
+      if constexpr (kDropout)
+        dropout_keep_rows(seed, static_cast<uint64_t>(t0 * groups + k0 / 4), groups, rows,
+                          div_up(kb, 4), threshold, keep_on, keep, KBp);
+      for (int64_t i = 0; i < kBwdRows; ++i) {
+        if (i >= rows) {  // rows past T contribute nothing to dA
+          std::fill(sdyb + i * R, sdyb + (i + 1) * R, acc_t(0));
+          std::fill(xs + i * KBp, xs + (i + 1) * KBp, acc_t(0));
+          continue;
+        }
+        const int64_t t = t0 + i;
+        for (int64_t r = 0; r < R; ++r) sdyb[i * R + r] = s * dyB[t * R + r];
+        load_dropped<scalar_t, acc_t, kDropout>(x + t * K + k0, kb, KBp, keep + i * KBp,
+                                                keep_scale, xs + i * KBp);
+      }
+      lora_bwd_tile<kDropout, kDx>(xs, sdyb, Ab, keep, keep_scale, R, KBp, dA_acc,
+                                   kDx ? dx + t0 * K + k0 : dx, K, rows, kb);
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < kb; ++j)
+        dA[r * K + k0 + j] = static_cast<scalar_t>(dA_acc[r * KBp + j]);
+  }
+}
+
+// Columns per backward block: the A and dA blocks (2 x R x KB x 4 bytes) stay in L1.
+inline int64_t bwd_block_cols(int64_t R) {
+  return std::clamp<int64_t>((2048 / std::max<int64_t>(R, 1)) / 16 * 16, 16, 256);
+}
+
+}  // namespace fastpeft::cpu

@@ -1,0 +1,26 @@
+"""fastpeft: fused CPU (C++) and GPU (Triton) kernels for parameter-efficient fine-tuning.
+
+Importing registers the ``torch.ops.fastpeft`` operators and loads the compiled CPU
+kernels when they were built (a single ``RuntimeWarning`` says so when they were not);
+it changes no other global state.
+"""
+
+from . import _backend
+from ._backend import use_backend
+from .ops import _library, gated_prefix_attention, lora_linear  # schemas before _C loads
+
+_backend.load_native()
+_backend.index_kernels(list(_library.SCHEMAS))
+
+from .nn import AdaptionPrompt, LoRALinear  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptionPrompt",
+    "LoRALinear",
+    "__version__",
+    "gated_prefix_attention",
+    "lora_linear",
+    "use_backend",
+]

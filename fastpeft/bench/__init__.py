@@ -1,0 +1,1 @@
+"""The benchmark harness behind ``fastpeft-bench`` (see ``python -m fastpeft.bench -h``)."""

@@ -1,0 +1,56 @@
+"""Runs one benchmark case: every provider, every mode, timed side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .timing import Timing, saved_bytes, time_interleaved
+
+MODES = ("forward", "backward", "full")
+
+
+@dataclass
+class Case:
+    """Providers of one op at one shape. Each provider maps the tensors from
+    ``make_inputs()`` to one output tensor; ``floor`` names the provider that costs what
+    the layer would cost without any adapter (ratios are reported against it)."""
+
+    providers: Mapping[str, Callable[..., torch.Tensor]]
+    make_inputs: Callable[[], tuple[torch.Tensor, ...]]
+    floor: str
+    params: list[torch.Tensor] = field(default_factory=list)  # not counted as saved bytes
+
+
+@dataclass(frozen=True)
+class Result:
+    provider: str
+    mode: str
+    timing: Timing
+    saved_bytes: int
+
+
+def run_case(case: Case, device: torch.device, modes: tuple[str, ...] = MODES,
+             runs: int = 20, warmup: int = 3) -> list[Result]:
+    inputs = case.make_inputs()
+    dy = torch.randn_like(case.providers[case.floor](*inputs))
+    saved = {name: saved_bytes(lambda f=f: f(*inputs), exclude=case.params)
+             for name, f in case.providers.items()}
+    results = []
+    for mode in modes:
+        fns = {}
+        for name, f in case.providers.items():
+            if mode == "forward":
+                fns[name] = lambda f=f: f(*inputs)
+            elif mode == "full":
+                fns[name] = lambda f=f: f(*inputs).backward(dy)
+            else:  # backward alone: replay the backward of one retained graph
+                y = f(*inputs)
+                fns[name] = lambda y=y: y.backward(dy, retain_graph=True)
+        timings = time_interleaved(fns, device, warmup=warmup, runs=runs)
+        results += [Result(n, mode, timings[n], saved[n]) for n in case.providers]
+        for t in inputs:
+            t.grad = None
+    return results

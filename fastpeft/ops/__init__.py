@@ -1,0 +1,8 @@
+"""Registered operators: schemas (``_library``), then one module per op that adds fake
+and autograd implementations and the public function."""
+
+from . import _library  # noqa: F401  (defines the schemas first)
+from .gated_prefix_attention import gated_prefix_attention
+from .lora_linear import lora_linear
+
+__all__ = ["gated_prefix_attention", "lora_linear"]

@@ -1,0 +1,50 @@
+"""The ``fastpeft`` operator namespace: every op schema is declared here.
+
+Each fused op exists as two registered operators with one schema:
+
+* ``fastpeft::<op>`` / ``fastpeft::<op>_backward`` — the native kernels; the CPU
+  implementation is C++ registered by ``fastpeft._C`` (``TORCH_LIBRARY_IMPL``);
+* ``fastpeft::<op>_triton`` / ``fastpeft::<op>_backward_triton`` — the Triton kernels,
+  declared with ``torch.library.triton_op`` in ``fastpeft/triton/`` (schema inferred from
+  the same signature) so that ``torch.compile`` sees through them.
+
+Forward ops return the output plus the small tensors the backward needs; autograd
+and fake implementations are registered on both variants by ``fastpeft/ops/<op>.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+lib = torch.library.Library("fastpeft", "DEF")
+
+SCHEMAS = {
+    # y (T, out) and xa = dropout(x) @ lora_A.T (T, r), saved for backward
+    "lora_linear": (
+        "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+        "float scaling, float dropout_p, Tensor? seed) -> (Tensor, Tensor)"
+    ),
+    # (dx or an empty tensor when not compute_dx, d lora_A, d lora_B)
+    "lora_linear_backward": (
+        "lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, "
+        "Tensor lora_B, Tensor xa, float scaling, float dropout_p, Tensor? seed, "
+        "bool compute_dx) -> (Tensor, Tensor, Tensor)"
+    ),
+    # out (B, H, M, D); lse, prompt_lse (B, H, M) fp32 log-sum-exps of the two softmaxes
+    # (lse = +inf for a row with no visible sequence key, so its probabilities are 0)
+    "gated_prefix_attention": (
+        "gated_prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
+        "Tensor prefix_v, Tensor gate, Tensor? key_padding_mask, bool causal, float scale, "
+        "bool gate_tanh) -> (Tensor, Tensor, Tensor)"
+    ),
+    # (dq, dk, dv, dprefix_k, dprefix_v, dgate)
+    "gated_prefix_attention_backward": (
+        "gated_prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+        "Tensor prefix_k, Tensor prefix_v, Tensor gate, Tensor? key_padding_mask, "
+        "Tensor out, Tensor lse, Tensor prompt_lse, bool causal, float scale, "
+        "bool gate_tanh) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+}
+
+for _schema in SCHEMAS.values():
+    lib.define(_schema)

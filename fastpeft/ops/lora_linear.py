@@ -1,0 +1,143 @@
+"""``fastpeft.lora_linear``: a linear layer plus its LoRA branch, fused.
+
+    y = x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T
+
+Forward saves ``x`` and ``xa = dropout(x) @ lora_A.T`` (T, r) only; the dropout mask is
+regenerated from a seed in backward (see :mod:`fastpeft.reference` for the mask).
+
+Backward (dy = dL/dy, T rows; keep = mask / (1 - p)):
+    dyB      = dy @ lora_B                                   (T, r)
+    d lora_B = scaling * dy.T @ xa                           (out, r)
+    d lora_A = scaling * dyB.T @ (keep * x)                  (r, in)
+    dx       = dy @ weight + scaling * keep * (dyB @ lora_A) (T, in)
+    d weight = dy.T @ x,  d bias = dy.sum(0)    (only when they require grad)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend, reference
+from ._checks import check_float_input, check_scalar, check_tensor
+
+__all__ = ["lora_linear"]
+
+
+@torch.library.register_fake("fastpeft::lora_linear")
+def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.register_fake("fastpeft::lora_linear_backward")
+def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p,
+                               seed, compute_dx):
+    dx = torch.empty_like(x) if compute_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.mark_non_differentiable(output[1])
+
+
+def _autograd_backward(backward_op):
+    def backward(ctx, grad_y: Tensor, _grad_xa: Tensor | None):
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_y = grad_y.contiguous()
+        dx, d_a, d_b = backward_op(
+            grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, need_x
+        )
+        # The frozen base is the common case; a trainable base gets the plain formulas.
+        d_w = grad_y.t().mm(x) if need_w else None
+        d_bias = grad_y.sum(0) if need_b else None
+        return dx if need_x else None, d_w, d_bias, d_a, d_b, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    "fastpeft::lora_linear",
+    _autograd_backward(torch.ops.fastpeft.lora_linear_backward.default),
+    setup_context=_setup_context,
+)
+
+if _backend.TRITON_AVAILABLE:
+    from ..triton import lora_linear as _triton_lora_linear  # registers the triton ops
+
+    torch.library.register_autograd(
+        "fastpeft::lora_linear_triton",
+        _autograd_backward(torch.ops.fastpeft.lora_linear_backward_triton.default),
+        setup_context=_setup_context,
+    )
+    del _triton_lora_linear
+
+
+def check_lora_args(x, weight, bias, lora_A, lora_B) -> None:
+    """Shape/dtype/device checks shared by ``lora_linear`` and ``int8_lora_linear``."""
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x: expected last dimension {in_features} (weight is {tuple(weight.shape)} = "
+            f"(out, in)), got shape {tuple(x.shape)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, shape=(out_features,), like=x)
+    check_tensor("lora_A", lora_A, shape=(None, in_features), like=x)
+    rank = lora_A.shape[0]
+    if rank < 1:
+        raise ValueError(f"lora_A: expected rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
+    check_tensor("lora_B", lora_B, shape=(out_features, rank), like=x)
+
+
+def draw_seed(device: torch.device) -> Tensor:
+    """A fresh dropout seed from torch's generator for ``device`` (so ``torch.manual_seed``
+    makes runs reproducible); kept on the device so no kernel waits on the host."""
+    return torch.randint(-(2**62), 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """``x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``, fused.
+
+    Args:
+        x: ``(..., in)`` activations, fp32 / fp16 / bf16 (fp64 for gradcheck).
+        weight: ``(out, in)`` frozen base weight, same dtype and device as ``x``.
+        bias: ``(out,)`` or ``None``.
+        lora_A: ``(r, in)``; lora_B: ``(out, r)``.
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
+        dropout_p: dropout probability on the LoRA branch input, ``0 <= p < 1``.
+        training: dropout applies only when true.
+
+    Returns:
+        ``(..., out)``. Gradients flow to ``x``, ``lora_A``, ``lora_B`` (and to ``weight``,
+        ``bias`` when they require grad).
+    """
+    check_float_input("x", x)
+    check_tensor("weight", weight, ndim=2, like=x)
+    check_lora_args(x, weight, bias, lora_A, lora_B)
+    scaling = check_scalar("scaling", scaling)
+    dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
+    p = dropout_p if training else 0.0
+    seed = draw_seed(x.device) if p > 0.0 else None
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    op = _backend.resolve("lora_linear", x.device)
+    if op is None:
+        y = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scaling, p, True, seed)
+    else:
+        y, _ = op(x2, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
+                  scaling, p, seed)
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,170 @@
+"""Unfused PyTorch references of every fastpeft op.
+
+These are the test oracle and the benchmark baseline. They are written for clarity,
+compute in the dtype of their inputs as the layers people use today do (PEFT's
+``lora_B(lora_A(dropout(x))) * scaling``), and use nothing but ``torch`` ops.
+
+Dropout masks
+-------------
+The fused kernels never store a dropout mask: they regenerate it from a seed. The
+mask is a pure function of ``(seed, row, col)`` so every backend draws the same one
+and this module can reproduce it exactly (:func:`dropout_keep_mask`):
+
+* ``x`` is viewed as ``(T, K)`` (leading dims flattened);
+* element ``(t, k)`` uses the counter ``c = t * ceil(K / 4) + k // 4`` (64 bit) and lane
+  ``k % 4`` of ``Philox4x32-10(counter=(c_lo, c_hi, 0, 0), key=(seed_lo, seed_hi))``,
+  so one Philox call serves four neighbouring elements;
+* the element is kept when that 32-bit word is ``>= floor(p * 2**32)``; kept values are
+  scaled by ``1 / (1 - p)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["dropout_keep_mask", "dropout_threshold", "lora_linear", "philox4x32"]
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32-bit words of ``a * b`` for a 32-bit constant ``a`` and int64 ``b < 2**32``.
+
+    The 64-bit product would overflow int64, so ``a`` is split into 16-bit halves:
+    ``a * b = (a_hi * b) << 16 + a_lo * b`` with both partial products below 2**48.
+    """
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    v, u = a_hi * b, a_lo * b
+    lo = (((v & 0xFFFF) << 16) + u) & _MASK32
+    hi = ((v + (u >> 16)) >> 16) & _MASK32
+    return hi, lo
+
+
+def philox4x32(counter: Tensor, seed: int, rounds: int = 10) -> tuple[Tensor, ...]:
+    """Philox4x32 (Salmon et al., SC'11) of the 64-bit ``counter`` and ``seed``.
+
+    ``counter`` is an int64 tensor of non-negative values; returns four int64 tensors
+    holding uint32 words, the same words Triton's ``tl.random.philox`` produces for
+    ``c0, c1 = counter_lo, counter_hi`` and ``c2 = c3 = 0``.
+    """
+    c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    seed &= (1 << 64) - 1
+    k0, k1 = seed & _MASK32, seed >> 32
+    for _ in range(rounds):
+        hi0, lo0 = _mul_hi_lo(_PHILOX_M0, c0)
+        hi1, lo1 = _mul_hi_lo(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold under which an element is dropped: ``floor(p * 2**32)``."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p: expected 0 <= p < 1, got {p}")
+    return min(int(math.floor(p * 2.0**32)), _MASK32)
+
+
+def dropout_keep_mask(
+    seed: int | Tensor, rows: int, cols: int, p: float, device: torch.device | str = "cpu"
+) -> Tensor:
+    """The ``(rows, cols)`` bool keep-mask the fused kernels draw for ``seed`` (see module doc)."""
+    if isinstance(seed, Tensor):
+        seed = int(seed.reshape(-1)[0].item())
+    groups = (cols + 3) // 4
+    t = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
+    k = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
+    words = torch.stack(philox4x32(t * groups + k // 4, seed), dim=-1)
+    word = torch.gather(words, -1, (k % 4).expand(rows, cols)[..., None]).squeeze(-1)
+    return word >= dropout_threshold(p)
+
+
+def _lora_dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None) -> Tensor:
+    if not training or p == 0.0:
+        return x
+    if seed is None:  # the dropout a PEFT layer applies: a fresh mask, stored for backward
+        return F.dropout(x, p, training=True)
+    keep = dropout_keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p, x.device)
+    return x * keep.reshape(x.shape).to(x.dtype) / (1.0 - p)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | Tensor | None = None,
+) -> Tensor:
+    """``y = x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``.
+
+    x: (..., in), weight: (out, in), bias: (out,) or None, lora_A: (r, in),
+    lora_B: (out, r). With ``seed`` the dropout mask is the fused kernels' Philox mask;
+    without it, ``torch.nn.functional.dropout``'s.
+    """
+    base = F.linear(x, weight, bias)
+    x_lora = _lora_dropout(x, dropout_p, training, seed)
+    return base + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
+
+
+def gated_prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    gate: Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    gate_tanh: bool = False,
+    key_padding_mask: Tensor | None = None,
+    upcast: bool = True,
+) -> Tensor:
+    """LLaMA-Adapter's zero-init attention: two separate softmaxes, the prompt one gated.
+
+    ``out = softmax(q k^T * scale + mask) v + g[h] * softmax(q prefix_k^T * scale) prefix_v``
+    with ``g = tanh(gate)`` or ``gate``. q: (B, H, M, D); k, v: (B, Hkv, N, D);
+    prefix_k, prefix_v: (B or 1, Hkv, P, D); gate: (H,) or (1,). Causal masking is
+    bottom-right aligned (query i sees keys j <= i + N - M); ``key_padding_mask`` (B, N)
+    is True for keys to keep. Rows with no visible key get 0 from the sequence part.
+    Scores and softmaxes are computed in fp32 (as PEFT does), the result is in q's dtype;
+    ``upcast=False`` computes everything in q's dtype instead (the tests use it to measure
+    what plain PyTorch loses in a low-precision dtype).
+    """
+    b, h, m, d = q.shape
+    n, h_kv = k.shape[2], k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    group = h // h_kv
+    work = torch.float32 if upcast and q.dtype != torch.float64 else q.dtype
+    qf = q.to(work)
+
+    def expand(t: Tensor) -> Tensor:  # (B', Hkv, L, D) -> (B', H, L, D) for grouped queries
+        return t.to(work).repeat_interleave(group, dim=1)
+
+    scores = qf @ expand(k).transpose(-1, -2) * scale  # (B, H, M, N)
+    visible = torch.ones(m, n, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.ones_like(visible).tril(n - m)
+    visible = visible.expand(b, 1, m, n)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # empty rows: 0, not NaN
+    seq = probs @ expand(v)
+
+    prompt_probs = torch.softmax(qf @ expand(prefix_k).transpose(-1, -2) * scale, dim=-1)
+    prompt = prompt_probs @ expand(prefix_v)
+    g = torch.tanh(gate.to(work)) if gate_tanh else gate.to(work)
+    g = g.reshape(1, -1, 1, 1)  # (1, H or 1, 1, 1)
+    return (seq + g * prompt).to(q.dtype)

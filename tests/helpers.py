@@ -1,0 +1,56 @@
+"""Shared test helpers: backend parametrisation and dtype-aware comparisons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def backend_params() -> list:
+    """The fused backends this machine can run, each with the device its tensors live on."""
+    cpu = pytest.param(
+        ("cpu", "cpu"), id="cpu",
+        marks=pytest.mark.skipif(not _backend.native_available(), reason="fastpeft._C not built"),
+    )
+    triton_device = "cuda" if HAS_CUDA else "cpu"
+    triton_ok = _backend.TRITON_AVAILABLE and (HAS_CUDA or _backend.TRITON_INTERPRET)
+    triton = pytest.param(
+        ("triton", triton_device), id=f"triton-{triton_device}",
+        marks=pytest.mark.skipif(not triton_ok, reason="triton (or its interpreter) unavailable"),
+    )
+    return [cpu, triton]
+
+
+def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+    """fp32 and fp16 everywhere; bf16 where the arithmetic is real (not the interpreter)."""
+    dtypes = [torch.float32, torch.float16]
+    if backend == "cpu" or device == "cuda":
+        dtypes.append(torch.bfloat16)
+    return dtypes
+
+
+def forced(backend: str):
+    return fastpeft.use_backend(backend)
+
+
+def assert_close_to_ref(name: str, out: torch.Tensor, ref64: torch.Tensor,
+                        ref_lowp: torch.Tensor) -> None:
+    """flash-attention's rule: the fused result's error against a float64 reference must be
+    within 2x PyTorch's own error in the same dtype, plus a small dtype-scaled atol."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert out.dtype == ref_lowp.dtype, f"{name}: dtype {out.dtype} != {ref_lowp.dtype}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    eps = torch.finfo(ref_lowp.dtype).eps
+    scale = ref64.abs().max().item() + 1e-6
+    err = (out.double() - ref64).abs().max().item()
+    ref_err = (ref_lowp.double() - ref64).abs().max().item()
+    bound = 2 * ref_err + 4 * eps * scale
+    assert err <= bound, (
+        f"{name}: max |fused - ref64| = {err:.3e} > bound {bound:.3e} "
+        f"(torch {ref_lowp.dtype} error {ref_err:.3e}, max |ref| {scale:.3e})"
+    )

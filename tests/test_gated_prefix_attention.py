@@ -1,0 +1,209 @@
+"""fastpeft.gated_prefix_attention / AdaptionPrompt against the unfused reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_to_ref, backend_params, dtypes_for, forced
+from torch import nn
+
+import fastpeft
+from fastpeft import reference
+
+
+def make_inputs(b=2, h=4, h_kv=2, m=9, n=9, d=16, p=3, pb=1, gate="per_head", dtype=torch.float32,
+                device="cpu", qk_scale=1.0):
+    def t(*shape, s=1.0):
+        return (torch.randn(*shape, dtype=torch.float64) * s).to(dtype).to(device).requires_grad_()
+
+    q = t(b, h, m, d, s=qk_scale)
+    k = t(b, h_kv, n, d, s=qk_scale)
+    v = t(b, h_kv, n, d)
+    pk, pv = t(pb, h_kv, p, d, s=qk_scale), t(pb, h_kv, p, d)
+    g = t(h if gate == "per_head" else 1, s=0.7)  # non-zero: the prompt path must count
+    return q, k, v, pk, pv, g
+
+
+CASES = {
+    "causal": {},
+    "full": {"causal": False},
+    "m_lt_n": {"m": 5, "n": 13},
+    "decode_m1": {"m": 1, "n": 11},
+    "gqa_6_1": {"h": 6, "h_kv": 1},
+    "p1_scalar_gate": {"p": 1, "gate": "scalar"},
+    "per_batch_prefix": {"pb": 2},
+    "tanh": {"gate_tanh": True},
+    "padding": {"padding": True},
+    "scale": {"scale": 0.3, "d": 32},
+}
+
+
+def _split(case):
+    call = {k: case[k] for k in ("causal", "gate_tanh", "scale") if k in case}
+    shape = {k: v for k, v in case.items() if k not in ("causal", "gate_tanh", "scale", "padding")}
+    return shape, call
+
+
+def _padding_mask(b, n, device):
+    """Batch 0 keeps all keys; batch 1 drops its first 4, so with causal alignment its
+    first rows see no sequence key at all (they must give 0 from that part, not NaN)."""
+    mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    mask[1, :4] = False
+    return mask
+
+
+def _grads(out, inputs):
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    return torch.autograd.grad(out, inputs, dy.to(out.dtype).to(out.device))
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference(backend_device, case):
+    backend, device = backend_device
+    shape, call = _split(CASES[case])
+    for dtype in dtypes_for(backend, device):
+        inputs = make_inputs(dtype=dtype, device=device, **shape)
+        if CASES[case].get("padding"):
+            call["key_padding_mask"] = _padding_mask(inputs[0].shape[0], inputs[1].shape[2], device)
+        with forced(backend):
+            out = fastpeft.gated_prefix_attention(*inputs, **call)
+        got = (out, *_grads(out, inputs))
+        refs = {}
+        for name, dt, upcast in (("64", torch.float64, True), ("lowp", dtype, False)):
+            copies = [i.detach().to(dt).requires_grad_() for i in inputs]
+            r = reference.gated_prefix_attention(*copies, upcast=upcast, **call)
+            refs[name] = (r, *_grads(r, copies))
+        for name, g, r64, rlow in zip(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v", "dgate"],
+                                      got, refs["64"], refs["lowp"]):
+            assert_close_to_ref(f"{name} [{dtype}]", g, r64, rlow)
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+def test_fp16_large_logits_do_not_overflow(backend_device):
+    backend, device = backend_device
+    inputs = make_inputs(dtype=torch.float16, device=device, qk_scale=6.0)  # |q.k| ~ 600
+    with forced(backend):
+        out = fastpeft.gated_prefix_attention(*inputs)
+    grads = _grads(out, inputs)
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    ref = reference.gated_prefix_attention(*[i.detach().double() for i in inputs])
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+def test_log_sum_exps(backend_device):
+    backend, device = backend_device
+    q, k, v, pk, pv, g = (t.detach() for t in make_inputs(device=device, m=5, n=9))
+    mask = _padding_mask(2, 9, device)
+    op = torch.ops.fastpeft.gated_prefix_attention if backend == "cpu" else (
+        torch.ops.fastpeft.gated_prefix_attention_triton)
+    _, lse, prompt_lse = op(q, k, v, pk, pv, g, mask, True, 0.25, False)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25
+    visible = torch.ones(5, 9, dtype=torch.bool).tril(4) & mask[:, None, None, :]
+    want = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), -1)
+    want = torch.where(visible.any(-1), want, float("inf"))  # no visible key: +inf
+    torch.testing.assert_close(lse, want)
+    pscores = q @ pk.repeat_interleave(2, 1).transpose(-1, -2) * 0.25
+    torch.testing.assert_close(prompt_lse, torch.logsumexp(pscores, -1))
+
+
+def _op_args(device, dtype=torch.float32, padding=True):
+    q, k, v, pk, pv, g = make_inputs(device=device, dtype=dtype, m=5, n=7)
+    mask = _padding_mask(2, 7, device) if padding else None
+    return q, k, v, pk, pv, g, mask, True, 0.25, True
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+def test_opcheck(backend_device):
+    backend, device = backend_device
+    op = torch.ops.fastpeft.gated_prefix_attention if backend == "cpu" else (
+        torch.ops.fastpeft.gated_prefix_attention_triton)
+    torch.library.opcheck(op, _op_args(device))
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+def test_gradcheck_float64(backend_device):
+    backend, device = backend_device
+    op = torch.ops.fastpeft.gated_prefix_attention if backend == "cpu" else (
+        torch.ops.fastpeft.gated_prefix_attention_triton)
+    q, k, v, pk, pv, g, mask, causal, scale, tanh = _op_args(device, torch.float64)
+
+    def f(*tensors):
+        return op(*tensors, mask, causal, scale, tanh)[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v, pk, pv, g))
+
+
+# --- the module -----------------------------------------------------------------------
+
+
+def _attention_layer(hidden=32, heads=4, kv_heads=2):
+    d = hidden // heads
+    return nn.Linear(hidden, kv_heads * d, bias=False), nn.Linear(hidden, kv_heads * d, bias=False)
+
+
+def test_adaption_prompt_starts_as_plain_attention():
+    k_proj, v_proj = _attention_layer()
+    adapter = fastpeft.AdaptionPrompt(32, 4, 2, adapter_len=5, gate="per_head", gate_tanh=True)
+    assert adapter.gate.shape == (4,) and torch.equal(adapter.gate, torch.zeros(4))
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    out = adapter(q, k, v, k_proj, v_proj)
+    plain = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                           is_causal=True)
+    torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-5)
+    # the gate gets a gradient at zero, so training can open it
+    out.square().sum().backward()
+    assert adapter.gate.grad is not None and adapter.gate.grad.abs().sum() > 0
+    assert adapter.prompt.grad is not None
+
+
+def test_adaption_prompt_scalar_gate_and_compile():
+    torch._dynamo.reset()
+    k_proj, v_proj = _attention_layer()
+    adapter = fastpeft.AdaptionPrompt(32, 4, 2, adapter_len=3, gate="scalar")
+    nn.init.constant_(adapter.gate, 0.5)
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    compiled = torch.compile(lambda *a: adapter(*a, k_proj, v_proj), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), adapter(q, k, v, k_proj, v_proj))
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+def _good():
+    q, k, v, pk, pv, g = (t.detach() for t in make_inputs())
+    return dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, gate=g)
+
+
+BAD = [
+    ("q", torch.randn(2, 4, 9), ValueError, r"q: expected a 4-D"),
+    ("k", torch.randn(2, 2, 9, 8), ValueError, r"k: expected shape \(2, \*, \*, 16\)"),
+    ("k", torch.randn(2, 3, 9, 16), ValueError, r"multiple of the key/value heads"),
+    ("v", torch.randn(2, 2, 8, 16), ValueError, r"v: expected shape \(2, 2, 9, 16\)"),
+    ("prefix_k", torch.randn(3, 2, 3, 16), ValueError, r"prefix_k: expected a leading dim"),
+    ("prefix_k", torch.randn(1, 2, 3, 8), ValueError, r"prefix_k: expected shape"),
+    ("prefix_v", torch.randn(1, 2, 4, 16), ValueError, r"prefix_v: expected shape \(1, 2, 3, 16\)"),
+    ("gate", torch.zeros(3), ValueError, r"gate: expected shape \(4,\)"),
+    ("gate", torch.zeros(4, dtype=torch.float64), TypeError, r"gate: expected dtype"),
+    ("key_padding_mask", torch.ones(2, 8, dtype=torch.bool), ValueError, r"key_padding_mask"),
+    ("key_padding_mask", torch.ones(2, 9), TypeError, r"key_padding_mask: expected dtype torch.bool"),
+    ("scale", float("inf"), ValueError, r"scale: expected"),
+]
+
+
+@pytest.mark.parametrize(("arg", "value", "exc", "match"), BAD,
+                         ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_names_the_argument(arg, value, exc, match):
+    kwargs = _good()
+    kwargs[arg] = value
+    with pytest.raises(exc, match=match):
+        fastpeft.gated_prefix_attention(**kwargs)
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        fastpeft.AdaptionPrompt(32, 4, 3)
+    with pytest.raises(ValueError, match="gate: expected"):
+        fastpeft.AdaptionPrompt(32, 4, 2, gate="per_layer")

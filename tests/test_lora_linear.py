@@ -1,0 +1,289 @@
+"""fastpeft.lora_linear / LoRALinear against the unfused reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import HAS_CUDA, assert_close_to_ref, backend_params, dtypes_for, forced
+from torch import nn
+
+import fastpeft
+from fastpeft import reference
+from fastpeft.ops.lora_linear import draw_seed
+
+# (leading dims of x, in, out, r): the odd shape, a 3-D input, rank 1, rank > in/4
+SHAPES = [((5,), 123, 77, 3), ((2, 3), 64, 40, 16), ((7,), 33, 65, 1), ((4,), 20, 24, 8)]
+
+
+def make_inputs(lead, d_in, d_out, r, dtype, device, bias=True, grad_base=False):
+    def t(*shape, scale=1.0, grad=True):
+        v = (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(device)
+        return v.requires_grad_(grad)
+
+    x = t(*lead, d_in)
+    w = t(d_out, d_in, scale=d_in**-0.5, grad=grad_base)
+    b = t(d_out, grad=grad_base) if bias else None
+    a = t(r, d_in, scale=d_in**-0.5)
+    bb = t(d_out, r, scale=r**-0.5)
+    return x, w, b, a, bb
+
+
+def grads(out, inputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype).to(out.device)
+    return torch.autograd.grad(out, [i for i in inputs if i is not None and i.requires_grad], dy)
+
+
+def run_reference(inputs, scaling, p, seed, dtype):
+    """The reference in float64 (the truth) and in the test dtype (torch's own error)."""
+    outs = {}
+    for name, dt in (("ref64", torch.float64), ("lowp", dtype)):
+        copies = [None if i is None else i.detach().to(dt).requires_grad_(i.requires_grad)
+                  for i in inputs]
+        y = reference.lora_linear(*copies, scaling, p, True, seed)
+        outs[name] = (y, grads(y, copies))
+    return outs
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], *s[1:]))))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_matches_reference(backend_device, shape, bias, dropout_p):
+    backend, device = backend_device
+    lead, d_in, d_out, r = shape
+    for dtype in dtypes_for(backend, device):
+        inputs = make_inputs(lead, d_in, d_out, r, dtype, device, bias=bias)
+        scaling = 16 / math.sqrt(r)
+        torch.manual_seed(123)
+        with forced(backend):
+            y = fastpeft.lora_linear(*inputs, scaling, dropout_p)
+        torch.manual_seed(123)
+        seed = draw_seed(torch.device(device)) if dropout_p else None
+        fused_grads = grads(y, inputs)
+        ref = run_reference(inputs, scaling, dropout_p, seed, dtype)
+        names = ["y", "dx", "dA", "dB"]
+        for name, out, r64, rlow in zip(
+            names, (y, *fused_grads), (ref["ref64"][0], *ref["ref64"][1]),
+            (ref["lowp"][0], *ref["lowp"][1]),
+        ):
+            assert_close_to_ref(f"{name} [{dtype}]", out, r64, rlow)
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+def test_trainable_base_gets_gradients(backend_device):
+    backend, device = backend_device
+    inputs = make_inputs((6,), 32, 48, 4, torch.float32, device, grad_base=True)
+    with forced(backend):
+        y = fastpeft.lora_linear(*inputs, 0.5)
+    got = grads(y, inputs)
+    ref = run_reference(inputs, 0.5, 0.0, None, torch.float32)
+    assert len(got) == 5  # x, weight, bias, A, B
+    for name, g, r64, rlow in zip(["dx", "dW", "db", "dA", "dB"], got, ref["ref64"][1],
+                                  ref["lowp"][1]):
+        assert_close_to_ref(name, g, r64, rlow)
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+def test_dropout_mask_is_regenerated_exactly(backend_device):
+    """With weight = 0, A = B = I and x = 1 the output is keep/(1-p) itself, and with
+    dy = 1 so is dx: backward must regenerate forward's mask bit for bit."""
+    backend, device = backend_device
+    t, d, p = 48, 64, 0.3
+    x = torch.ones(t, d, device=device, requires_grad=True)
+    eye = torch.eye(d, device=device)
+    a = eye.clone().requires_grad_()
+    b = eye.clone().requires_grad_()
+    torch.manual_seed(7)
+    with forced(backend):
+        y = fastpeft.lora_linear(x, torch.zeros(d, d, device=device), None, a, b, 1.0, p)
+    y.sum().backward()
+    keep = y.detach() != 0
+    torch.testing.assert_close(y.detach(), keep.float() / (1 - p))
+    torch.testing.assert_close(x.grad, y.detach())
+    torch.manual_seed(7)
+    seed = draw_seed(torch.device(device))
+    assert torch.equal(keep.cpu(), reference.dropout_keep_mask(seed, t, d, p))
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel())
+    # eval mode: no dropout at all
+    with forced(backend):
+        y_eval = fastpeft.lora_linear(x, torch.zeros(d, d, device=device), None, a, b, 1.0, p,
+                                      training=False)
+    torch.testing.assert_close(y_eval, torch.ones_like(y_eval))
+
+
+def test_reference_philox_known_answer():
+    """Random123's published Philox4x32-10 answer for counter 0, key 0."""
+    words = reference.philox4x32(torch.zeros(1, dtype=torch.int64), 0)
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+def test_empty_batch(backend_device):
+    backend, device = backend_device
+    x, w, b, a, bb = make_inputs((0,), 16, 8, 4, torch.float32, device)
+    with forced(backend):
+        y = fastpeft.lora_linear(x, w, b, a, bb, 2.0, 0.1)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16)
+    assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(bb.grad, torch.zeros_like(bb))
+
+
+def _op_args(device, dtype=torch.float32, p=0.2):
+    x, w, b, a, bb = make_inputs((6,), 24, 20, 4, dtype, device)
+    seed = torch.tensor([1234], dtype=torch.int64, device=device) if p else None
+    return (x, w, b, a, bb, 1.5, p, seed)
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck(backend_device, p):
+    backend, device = backend_device
+    op = torch.ops.fastpeft.lora_linear if backend == "cpu" else torch.ops.fastpeft.lora_linear_triton
+    torch.library.opcheck(op, _op_args(device, p=p))
+
+
+@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_float64(backend_device, p):
+    """The backward formulas, dropout included, against finite differences (fixed seed)."""
+    backend, device = backend_device
+    x, w, b, a, bb, s, p, seed = _op_args(device, torch.float64, p)
+    op = torch.ops.fastpeft.lora_linear if backend == "cpu" else torch.ops.fastpeft.lora_linear_triton
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+
+    def f(x, w, b, a, bb):
+        return op(x, w, b, a, bb, s, p, seed)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b, a, bb))
+
+
+# --- the module -----------------------------------------------------------------------
+
+
+def test_module_starts_as_base_and_shares_weight():
+    base = nn.Linear(40, 24)
+    layer = fastpeft.LoRALinear(base, r=8, lora_alpha=16, lora_dropout=0.1)
+    assert layer.base_layer is base and layer.weight is base.weight
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert layer.scaling == 2.0
+    assert torch.equal(layer.lora_B.weight, torch.zeros(24, 8))
+    x = torch.randn(3, 5, 40)
+    layer.eval()
+    torch.testing.assert_close(layer(x), base(x))
+    keys = set(layer.state_dict())
+    assert {"lora_A.weight", "lora_B.weight", "base_layer.weight", "base_layer.bias"} == keys
+    assert fastpeft.LoRALinear(nn.Linear(4, 4), r=4, lora_alpha=8, use_rslora=True).scaling == 4.0
+
+
+def test_module_device_dtype_kwargs():
+    layer = fastpeft.LoRALinear(nn.Linear(8, 8), r=2, dtype=torch.float64)
+    assert layer.lora_A.weight.dtype == torch.float64
+    assert layer.base_layer.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_unmerge_round_trip(dtype):
+    base = nn.Linear(48, 32).to(dtype)
+    w0 = base.weight.detach().clone()
+    layer = fastpeft.LoRALinear(base, r=4, lora_alpha=8).eval()
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(6, 48, dtype=dtype)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(layer(x), y, **tol)
+    layer.unmerge()
+    eps = torch.finfo(dtype).eps
+    assert (base.weight - w0).abs().max() <= 2 * eps * w0.abs().max() + 1e-7
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_module_compiles_fullgraph():
+    """One graph, no breaks; with inductor's eager-compatible RNG the compiled training
+    step (dropout on) reproduces eager's output and gradients."""
+    torch._dynamo.reset()
+    layer = fastpeft.LoRALinear(nn.Linear(32, 24), r=4, lora_alpha=8, lora_dropout=0.1)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+
+    def step(module):
+        torch.manual_seed(3)
+        x.grad = None
+        layer.zero_grad()
+        y = module(x)
+        y.square().sum().backward()
+        return y.detach(), x.grad.clone(), layer.lora_A.weight.grad.clone()
+
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = step(torch.compile(layer, fullgraph=True))
+    eager = step(layer)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e)
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+def _good():
+    return dict(x=torch.randn(3, 10), weight=torch.randn(6, 10), bias=torch.randn(6),
+                lora_A=torch.randn(2, 10), lora_B=torch.randn(6, 2), scaling=1.0)
+
+
+BAD = [
+    ("x", torch.randn(3, 9), ValueError, r"x: expected last dimension 10"),
+    ("x", torch.randint(0, 3, (3, 10)), TypeError, r"x: expected dtype float32"),
+    ("x", [1.0, 2.0], TypeError, r"x: expected a torch.Tensor"),
+    ("weight", torch.randn(6, 10, 1), ValueError, r"weight: expected a 2-D"),
+    ("weight", torch.randn(6, 10, dtype=torch.float64), TypeError, r"weight: expected dtype"),
+    ("bias", torch.randn(5), ValueError, r"bias: expected shape \(6\)"),
+    ("lora_A", torch.randn(2, 11), ValueError, r"lora_A: expected shape \(\*, 10\)"),
+    ("lora_A", torch.randn(0, 10), ValueError, r"lora_A: expected rank"),
+    ("lora_B", torch.randn(6, 3), ValueError, r"lora_B: expected shape \(6, 2\)"),
+    ("lora_B", torch.randn(7, 2), ValueError, r"lora_B: expected shape \(6, 2\)"),
+    ("lora_B", torch.randn(6, 2).half(), TypeError, r"lora_B: expected dtype"),
+    ("scaling", float("nan"), ValueError, r"scaling: expected"),
+    ("scaling", "2", TypeError, r"scaling: expected a float"),
+    ("dropout_p", 1.0, ValueError, r"dropout_p: expected a value in \[0.0, 1.0\)"),
+    ("dropout_p", -0.1, ValueError, r"dropout_p"),
+]
+
+
+@pytest.mark.parametrize(("arg", "value", "exc", "match"), BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_names_the_argument(arg, value, exc, match):
+    kwargs = _good()
+    kwargs[arg] = value
+    with pytest.raises(exc, match=match):
+        fastpeft.lora_linear(**kwargs)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU for a second device")
+def test_mixed_devices_refused():
+    kwargs = _good()
+    kwargs["lora_A"] = kwargs["lora_A"].cuda()
+    with pytest.raises(ValueError, match="lora_A: expected a tensor on cpu"):
+        fastpeft.lora_linear(**kwargs)
+
+
+def test_mixed_devices_refused_meta():
+    """A second device without a GPU: the meta device."""
+    kwargs = _good()
+    kwargs["lora_B"] = kwargs["lora_B"].to("meta")
+    with pytest.raises(ValueError, match="lora_B: expected a tensor on cpu"):
+        fastpeft.lora_linear(**kwargs)
+
+
+def test_module_bad_arguments():
+    with pytest.raises(TypeError, match="base: expected an nn.Linear"):
+        fastpeft.LoRALinear(nn.Conv1d(2, 2, 1), r=2)
+    with pytest.raises(ValueError, match="r: expected a positive int"):
+        fastpeft.LoRALinear(nn.Linear(2, 2), r=0)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        fastpeft.LoRALinear(nn.Linear(2, 2), r=1, lora_dropout=1.5)
