@@ -11,14 +11,16 @@ from fastpeft import _backend
 HAS_CUDA = torch.cuda.is_available()
 
 
-def backend_params() -> list:
-    """The fused backends this machine can run, each with the device its tensors live on."""
+def backend_params(op: str) -> list:
+    """The fused backends of ``op`` this machine can run, each with its tensors' device;
+    a backend whose kernels were not built (or not installed) is skipped, with the reason."""
+    cpu_ok = (op, "cpu") in _backend._kernels
     cpu = pytest.param(
         ("cpu", "cpu"), id="cpu",
-        marks=pytest.mark.skipif(not _backend.native_available(), reason="fastpeft._C not built"),
+        marks=pytest.mark.skipif(not cpu_ok, reason=f"fastpeft._C has no {op} kernel (not built)"),
     )
     triton_device = "cuda" if HAS_CUDA else "cpu"
-    triton_ok = _backend.TRITON_AVAILABLE and (HAS_CUDA or _backend.TRITON_INTERPRET)
+    triton_ok = (op, "triton") in _backend._kernels and (HAS_CUDA or _backend.TRITON_INTERPRET)
     triton = pytest.param(
         ("triton", triton_device), id=f"triton-{triton_device}",
         marks=pytest.mark.skipif(not triton_ok, reason="triton (or its interpreter) unavailable"),

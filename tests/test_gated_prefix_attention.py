@@ -58,7 +58,7 @@ def _grads(out, inputs):
     return torch.autograd.grad(out, inputs, dy.to(out.dtype).to(out.device))
 
 
-@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_matches_reference(backend_device, case):
     backend, device = backend_device
@@ -80,7 +80,7 @@ def test_matches_reference(backend_device, case):
             assert_close_to_ref(f"{name} [{dtype}]", g, r64, rlow)
 
 
-@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
 def test_fp16_large_logits_do_not_overflow(backend_device):
     backend, device = backend_device
     inputs = make_inputs(dtype=torch.float16, device=device, qk_scale=6.0)  # |q.k| ~ 600
@@ -92,7 +92,7 @@ def test_fp16_large_logits_do_not_overflow(backend_device):
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
 def test_log_sum_exps(backend_device):
     backend, device = backend_device
     q, k, v, pk, pv, g = (t.detach() for t in make_inputs(device=device, m=5, n=9))
@@ -115,7 +115,7 @@ def _op_args(device, dtype=torch.float32, padding=True):
     return q, k, v, pk, pv, g, mask, True, 0.25, True
 
 
-@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
 def test_opcheck(backend_device):
     backend, device = backend_device
     op = torch.ops.fastpeft.gated_prefix_attention if backend == "cpu" else (
@@ -123,7 +123,7 @@ def test_opcheck(backend_device):
     torch.library.opcheck(op, _op_args(device))
 
 
-@pytest.mark.parametrize("backend_device", backend_params())
+@pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
 def test_gradcheck_float64(backend_device):
     backend, device = backend_device
     op = torch.ops.fastpeft.gated_prefix_attention if backend == "cpu" else (

@@ -62,7 +62,7 @@ uint64_t read_seed(const char* op, double p, const std::optional<at::Tensor>& se
   TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device().is_cpu(),
               op, ": seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(),
               " of shape ", seed->sizes(), " on ", seed->device());
-  return static_cast<uint64_t>(seed->contiguous().data_ptr<int64_t>()[0]);
+  return static_cast<uint64_t>(seed->item<int64_t>());
 }
 
 void check_dtype(const char* op, const at::Tensor& x) {
@@ -93,7 +93,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N,
                 ",), got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device().is_cpu(), op,
-                ": bias must be a CPU tensor of dtype ", x.scalar_type());
+                ": bias must be a CPU tensor of dtype ", x.scalar_type(), ", got ",
+                bias->scalar_type(), " on ", bias->device());
+    TORCH_CHECK(bias->is_contiguous(), op, ": bias must be contiguous");
   }
   const uint64_t seed_v = read_seed(op, dropout_p, seed);
   const bool dropout = dropout_p > 0.0;

@@ -15,30 +15,21 @@ fp32 operands use tl.dot's "ieee" precision unless torch's float32 matmul precis
 allows TF32 (``torch.set_float32_matmul_precision("high")``), as torch.mm does.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
-from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
+from ._common import allow_tf32 as _allow_tf32
+from ._common import cfgs as _cfgs
+from ._common import register_opaque
+from ._common import size_bucket as _t_bucket
+from ._common import skip_launch as _skip_launch
+from ._common import tuned as _tuned
 from ._dropout import dropout_keep_mask
 
 __all__ = ["lora_linear_backward_triton", "lora_linear_triton"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _cfgs(interpreted: dict, gpu: list[tuple[dict, int, int]]) -> list[triton.Config]:
-    """One small config under the interpreter (fast CPU tests, no tuning); a handful of
-    Hopper configs (meta, num_warps, num_stages) on a GPU."""
-    if _INTERPRET:
-        return [triton.Config(interpreted)]
-    return [triton.Config(m, num_warps=w, num_stages=s) for m, w, s in gpu]
-
 
 def _mnk(bm: int, bn: int, bk: int) -> dict:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
@@ -78,10 +69,6 @@ _DA_CONFIGS = _cfgs(
         ({"BLOCK_T": 64, "BLOCK_K": 128}, 8, 3),
     ],
 )
-
-
-def _tuned(configs: list[triton.Config], key: list[str]):
-    return lambda fn: triton.autotune(configs=configs, key=key)(fn)
 
 
 @triton.jit
@@ -258,34 +245,6 @@ def lora_dA_kernel(dyb_ptr, x_ptr, da_ptr, seed_ptr, T, K, R, T_BUCKET, threshol
 # ---------------------------------------------------------------------------------------
 
 
-def _skip_launch(t: Tensor) -> bool:
-    """Under the interpreter wrap_triton returns the kernel itself, which cannot run on
-    fake tensors; skip the launches there so this function still serves as the op's fake
-    (on a GPU, wrap_triton's traceable wrapper handles fake and traced tensors)."""
-    return _INTERPRET and is_fake(t)
-
-
-def _allow_tf32(dtype: torch.dtype) -> bool:
-    """tl.dot precision flag: "ieee" for fp64, and for fp32 unless torch's own fp32 matmuls
-    may use TF32; fp16/bf16 operands ignore it (passed as True, Triton's default)."""
-    if dtype == torch.float64:
-        return False
-    return dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
-
-
-def _t_bucket(T) -> int:
-    """Power of two >= T (16 .. 65536): the eager autotune key for the row count, so
-    variable sequence lengths reuse a tuned config instead of re-tuning for every T.
-    A symbolic T (torch.compile, dynamic shapes) is passed through: Inductor tunes user
-    kernels itself, and comparing it here would only add shape guards."""
-    if isinstance(T, torch.SymInt):
-        return T
-    b = 16
-    while b < T and b < 65536:
-        b *= 2
-    return b
-
-
 def _block_r(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
@@ -365,14 +324,5 @@ def lora_linear_backward_triton(grad_y: Tensor, x: Tensor, weight: Tensor, lora_
     return dx, d_a, d_b
 
 
-def _keep_opaque(mode, op, types, args, kwargs):
-    return mode.__torch_dispatch__(op, types, args, kwargs)
-
-
-if _INTERPRET:
-    # triton_op decomposes into its kernel launches under AOTDispatcher (torch.compile,
-    # opcheck), but interpreted kernels cannot be captured in a graph (wrap_triton hands
-    # them back unwrapped). Keep the ops opaque there instead: the graph calls the eager
-    # op, which runs the interpreter, and the fake path is this module's own function.
-    for _op in (lora_linear_triton, lora_linear_backward_triton):
-        _op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+# Under the interpreter, keep the ops opaque to AOTDispatcher (see register_opaque).
+register_opaque(lora_linear_triton, lora_linear_backward_triton)
