@@ -128,12 +128,18 @@ def test_gradcheck_float64(backend_device):
     backend, device = backend_device
     op = torch.ops.fastpeft.gated_prefix_attention if backend == "cpu" else (
         torch.ops.fastpeft.gated_prefix_attention_triton)
-    q, k, v, pk, pv, g, mask, causal, scale, tanh = _op_args(device, torch.float64)
+    # every input element costs two op calls: tiny shapes (still GQA, a mask, tanh)
+    q, k, v, pk, pv, g = make_inputs(b=2, h=2, h_kv=1, m=3, n=4, d=16, p=2,
+                                     dtype=torch.float64, device=device)
+    mask = torch.tensor([[True] * 4, [False, True, True, True]], device=device)
 
     def f(*tensors):
-        return op(*tensors, mask, causal, scale, tanh)[0]
+        return op(*tensors, mask, True, 0.25, True)[0]
 
-    assert torch.autograd.gradcheck(f, (q, k, v, pk, pv, g))
+    # The interpreter runs each launch in Python: check random directional derivatives
+    # (fast_mode) there, every element on compiled kernels.
+    fast = backend == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(f, (q, k, v, pk, pv, g), fast_mode=fast)
 
 
 # --- the module -----------------------------------------------------------------------

@@ -20,7 +20,9 @@
 //   <dPp, Pp> = g rowsum(dO ⊙ O_p) = g D_p, so
 //   dS = P ⊙ (dP - D_s),  dSp = g Pp ⊙ (dO pv^T - D_p),
 //   dq = scale (dS k + dSp pk),  dk = scale dS^T q,  dpk = scale dSp^T q.
-// O_p is recomputed (P is small), P block by block from lse: nothing O(M N) is stored.
+// P is recomputed block by block from lse (re-derived in fp64 for fp64 inputs, since the
+// saved lse is fp32); Pp from scratch, normalised, with D_p taken as sum_p Pp dPp / g, so
+// that the prompt softmax gradient sums to 0 to rounding. Nothing O(M N) is stored.
 // Grouped-query heads sum into their kv head, a batch-shared prefix (PB = 1) over b, and
 // d gate = dg (1 - tanh^2(gate)) with gate_tanh, summed over heads for a (1,) gate.
 //
@@ -43,60 +45,7 @@
 namespace fastpeft::cpu::gpa {
 namespace {
 
-#ifndef GPA_BM
-#define GPA_BM 64
-#define GPA_BN 64
-#endif
-constexpr int64_t kBlockM = GPA_BM;  // queries per block: 8 fp32 vectors (the leading dim)
-constexpr int64_t kBlockN = GPA_BN;  // keys per block
 constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
-
-// Key padding status of each (b, key block): kept, mixed or masked entirely.
-enum : uint8_t { kKept = 0, kMixed = 1, kMasked = 2 };
-
-template <typename T>
-struct Problem {
-  int64_t B, H, Hkv, G, M, N, D, P, PB, Dp, nkb;
-  bool causal;
-  T scale, scale2;  // scale2 = scale * log2(e), folded into the packed queries
-  const T *q, *k, *v, *pk, *pv;
-  const bool* keep = nullptr;        // key_padding_mask (B, N), or null
-  std::vector<uint8_t> kb_state;     // (B, nkb) when keep
-  std::vector<T> g;                  // per head, after tanh
-
-  const T* q_at(const T* base, int64_t b, int64_t h, int64_t i0) const {
-    return base + ((b * H + h) * M + i0) * D;
-  }
-  const T* kv_at(const T* base, int64_t b, int64_t h) const { return base + (b * Hkv + h / G) * N * D; }
-  const T* prefix_at(const T* base, int64_t b, int64_t h) const {
-    return base + ((PB == 1 ? 0 : b) * Hkv + h / G) * P * D;
-  }
-  // Query rows [i0, i0 + rows) see keys [0, end): bottom-right causal j <= i + N - M.
-  int64_t kv_end(int64_t i0, int64_t rows) const {
-    return causal ? std::clamp<int64_t>(i0 + rows + N - M, 0, N) : N;
-  }
-  bool skip(int64_t b, int64_t j0) const { return keep && kb_state[b * nkb + j0 / kBlockN] == kMasked; }
-};
-
-// Scores of masked (query, key) pairs in the block S^T (nb keys from j0, queries from i0)
-// become -inf. Only diagonal blocks and mixed padding blocks have any.
-template <typename T>
-void mask_block(const Problem<T>& pr, int64_t b, T* S, int64_t ld, int64_t j0, int64_t nb,
-                int64_t i0, int64_t rows) {
-  const int64_t off = pr.N - pr.M;
-  const bool causal_cut = pr.causal && j0 + nb - 1 > i0 + off;
-  const bool pad = pr.keep && pr.kb_state[b * pr.nkb + j0 / kBlockN] == kMixed;
-  if (!causal_cut && !pad) return;
-  const T ninf = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < nb; ++j) {
-    T* row = S + j * ld;
-    if (pad && !pr.keep[b * pr.N + j0 + j]) {
-      std::fill(row, row + rows, ninf);
-    } else if (causal_cut) {  // query i sees key j iff i >= j - off
-      std::fill(row, row + std::clamp<int64_t>(j0 + j - off - i0, 0, rows), ninf);
-    }
-  }
-}
 
 // Runs body(task, scratch) for tasks [0, n) on the intra-op threads, handed out one at a
 // time from a shared counter: causal blocks differ in cost, so static splits imbalance.
@@ -115,7 +64,7 @@ void run_tasks(int64_t n, const Make& make_scratch, const Body& body) {
 // qt = scale2 q^T (D, .), s = S^T (max(kBlockN, P), .), o = O_s^T and op = O_p^T (D, .).
 template <typename T>
 struct FwdScratch {
-  std::vector<T> qt, s, o, op, m, l, mp, lp;
+  std::vector<T> qt, s, o, op, m, l, mp, lp, alpha;
 };
 
 template <typename T>
@@ -128,85 +77,72 @@ void forward_block(const Problem<T>& pr, int64_t b, int64_t h, int64_t qb, T* ou
   const T *k = pr.kv_at(pr.k, b, h), *v = pr.kv_at(pr.v, b, h);
   const T *pk = pr.prefix_at(pr.pk, b, h), *pv = pr.prefix_at(pr.pv, b, h);
   T *qt = w.qt.data(), *s = w.s.data(), *o = w.o.data(), *op = w.op.data();
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t i = 0; i < rows; ++i) qt[d * ld + i] = q[i * D + d] * pr.scale2;
-    std::fill(qt + d * ld + rows, qt + d * ld + cols, T(0));
-  }
-  const T ninf = -std::numeric_limits<T>::infinity();
-  // Prompt: Sp^T = pk qt (P, cols), its softmax, O_p^T = pv^T Pp^T (D, cols).
-  std::fill(w.mp.begin(), w.mp.end(), ninf);
-  std::fill(w.lp.begin(), w.lp.end(), T(0));
-  mm<false>(pk, D, 1, P, qt, ld, cols, s, ld, D);
-  softmax_online(s, ld, P, cols, w.mp.data(), w.lp.data(), op, ld, /*D=*/0);
-  mm<false>(pv, 1, D, D, s, ld, cols, op, ld, P);
-  // Sequence: online softmax over the visible key blocks, O_s^T += V^T P^T.
-  std::fill(w.m.begin(), w.m.end(), ninf);
+  transpose_scaled(q, D, rows, D, pr.scale2, qt, ld);
+  for (int64_t d = 0; d < D; ++d) std::fill(qt + d * ld + rows, qt + d * ld + cols, T(0));
+  // Prompt: its softmax, then O_p^T = pv^T Pp^T (D, cols), normalised below.
+  prompt_softmax(pr, pk, qt, cols, s, w.mp.data(), w.lp.data(), w.alpha.data());
+  mm<0>(pv, 1, D, D, s, ld, cols, op, ld, P);
+  // Sequence: online softmax over the visible key blocks, O_s^T = O_s^T alpha + V^T P^T.
+  std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<T>::infinity());
   std::fill(w.l.begin(), w.l.end(), T(0));
   std::fill(o, o + D * ld, T(0));
   const int64_t end = pr.kv_end(i0, rows);
   for (int64_t j0 = 0; j0 < end; j0 += kBlockN) {
     if (pr.skip(b, j0)) continue;
     const int64_t nb = std::min(kBlockN, end - j0);
-    mm<false>(k + j0 * D, D, 1, nb, qt, ld, cols, s, ld, D);
-    mask_block(pr, b, s, ld, j0, nb, i0, rows);
-    softmax_online(s, ld, nb, cols, w.m.data(), w.l.data(), o, ld, D);
-    mm<true>(v + j0 * D, 1, D, D, s, ld, cols, o, ld, nb);
+    seq_scores(pr, b, k, j0, nb, qt, i0, rows, cols, s);
+    softmax_online(s, ld, nb, cols, w.m.data(), w.l.data(), w.alpha.data());
+    mm<2>(v + j0 * D, 1, D, D, s, ld, cols, o, ld, nb, w.alpha.data());
   }
-  const T g = pr.g[h];
-  for (int64_t i = 0; i < rows; ++i) {
-    const T l = w.l[i], lp = w.lp[i];
-    const T inv_l = l > 0 ? T(1) / l : T(0), g_lp = lp > 0 ? g / lp : T(0);
-    lse[i] = l > 0 ? static_cast<float>((w.m[i] + std::log2(l)) * kLn2)
-                   : std::numeric_limits<float>::infinity();
-    plse[i] = lp > 0 ? static_cast<float>((w.mp[i] + std::log2(lp)) * kLn2)
-                     : -std::numeric_limits<float>::infinity();
-    T* dst = out + i * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = o[d * ld + i] * inv_l + op[d * ld + i] * g_lp;
+  // out = O_s / l + g O_p / l_p, through the query-minor block and one transpose.
+  T *l = w.l.data(), *lp = w.lp.data();
+  for (int64_t i = 0; i < cols; ++i) {
+    if (i < rows) {
+      lse[i] = l[i] > 0 ? static_cast<float>((w.m[i] + std::log2(l[i])) * kLn2)
+                        : std::numeric_limits<float>::infinity();
+      plse[i] = lp[i] > 0 ? static_cast<float>((w.mp[i] + std::log2(lp[i])) * kLn2)
+                          : -std::numeric_limits<float>::infinity();
+    }
+    l[i] = l[i] > 0 ? T(1) / l[i] : T(0), lp[i] = lp[i] > 0 ? pr.g[h] / lp[i] : T(0);
   }
+  combine_outputs(o, op, ld, D, cols, l, lp);
+  transpose_scaled(o, ld, D, rows, T(1), out, D);
 }
 
 // ---------------------------------------------------------------------------------------
 // Backward: one (b, h, query block), accumulating into its task's dk, dv (N, Dp),
 // dpk, dpv (P, Dp) and dg; writes the block's dq. qt = scale2 q^T, dot = dO^T (D, .);
-// qn = q, don = dO (cols, Dp) row-major, zero-padded, as GEMM right-hand sides.
+// qn = scale q, don = dO (cols, Dp) row-major, zero-padded, as GEMM right-hand sides
+// (qn carries the scale of dk = scale dS^T q and dpk).
 template <typename T>
 struct BwdScratch {
-  std::vector<T> qt, dot, qn, don, s, dp, op, dqt, lse2, plse2, ds, dpr, m, l;
+  std::vector<T> qt, dot, qn, don, s, dp, dqt, lse2, ds, dpr, m, l, alpha;
 };
 
 template <typename T>
 struct BwdIO {
   const T *dout, *out;
-  const float *lse, *plse;
+  const float* lse;
   T* dq;
 };
 
-// The saved lse are fp32; the fp64 path recomputes them (one extra S^T product per
-// block) so that its gradients are exact to fp64 rounding rather than to fp32's.
+// The saved lse is fp32; the fp64 path recomputes it (one extra S^T product per block) so
+// that its gradients are exact to fp64 rounding rather than to fp32's.
 template <typename T>
 void recompute_lse2(const Problem<T>& pr, int64_t b, int64_t i0, int64_t rows, int64_t cols,
-                    const T* k, const T* pk, BwdScratch<T>& w) {
-  constexpr int64_t ld = kBlockM;
-  const int64_t D = pr.D;
-  T *qt = w.qt.data(), *s = w.s.data(), *m = w.m.data(), *l = w.l.data();
-  const auto lse2_of = [&](T* dst, T none) {
-    for (int64_t i = 0; i < rows; ++i) dst[i] = l[i] > 0 ? m[i] + std::log2(l[i]) : none;
-  };
-  const T inf = std::numeric_limits<T>::infinity();
-  std::fill(m, m + ld, -inf), std::fill(l, l + ld, T(0));
-  mm<false>(pk, D, 1, pr.P, qt, ld, cols, s, ld, D);
-  softmax_online(s, ld, pr.P, cols, m, l, s, ld, /*D=*/0);
-  lse2_of(w.plse2.data(), -inf);
-  std::fill(m, m + ld, -inf), std::fill(l, l + ld, T(0));
+                    const T* k, BwdScratch<T>& w) {
+  T *s = w.s.data(), *m = w.m.data(), *l = w.l.data();
+  std::fill(m, m + kBlockM, -std::numeric_limits<T>::infinity());
+  std::fill(l, l + kBlockM, T(0));
   const int64_t end = pr.kv_end(i0, rows);
   for (int64_t j0 = 0; j0 < end; j0 += kBlockN) {
     if (pr.skip(b, j0)) continue;
     const int64_t nb = std::min(kBlockN, end - j0);
-    mm<false>(k + j0 * D, D, 1, nb, qt, ld, cols, s, ld, D);
-    mask_block(pr, b, s, ld, j0, nb, i0, rows);
-    softmax_online(s, ld, nb, cols, m, l, s, ld, /*D=*/0);
+    seq_scores(pr, b, k, j0, nb, w.qt.data(), i0, rows, cols, s);
+    softmax_online(s, kBlockM, nb, cols, m, l, w.alpha.data());
   }
-  lse2_of(w.lse2.data(), inf);
+  for (int64_t i = 0; i < rows; ++i)
+    w.lse2[i] = l[i] > 0 ? m[i] + std::log2(l[i]) : std::numeric_limits<T>::infinity();
 }
 
 template <typename T>
@@ -217,60 +153,65 @@ void backward_block(const Problem<T>& pr, const BwdIO<T>& io, int64_t b, int64_t
   const int64_t rows = std::min(kBlockM, pr.M - i0), cols = round_up(rows, L);
   const T *q = pr.q_at(pr.q, b, h, i0), *dO = pr.q_at(io.dout, b, h, i0);
   const T* out = pr.q_at(io.out, b, h, i0);
-  const int64_t row0 = (b * pr.H + h) * pr.M + i0;  // into lse, prompt_lse
+  const int64_t row0 = (b * pr.H + h) * pr.M + i0;  // row of lse, dq
   const T *k = pr.kv_at(pr.k, b, h), *v = pr.kv_at(pr.v, b, h);
   const T *pk = pr.prefix_at(pr.pk, b, h), *pv = pr.prefix_at(pr.pv, b, h);
   T *qt = w.qt.data(), *dot = w.dot.data(), *qn = w.qn.data(), *don = w.don.data();
-  T *s = w.s.data(), *dp = w.dp.data(), *op = w.op.data(), *dqt = w.dqt.data();
+  T *s = w.s.data(), *dp = w.dp.data(), *dqt = w.dqt.data();
   T *ds = w.ds.data(), *dpr = w.dpr.data();
   const T inf = std::numeric_limits<T>::infinity(), g = pr.g[h];
+  transpose_scaled(q, D, rows, D, pr.scale2, qt, ld);
+  transpose_scaled(dO, D, rows, D, T(1), dot, ld);
+  for (int64_t d = 0; d < D; ++d) {
+    std::fill(qt + d * ld + rows, qt + d * ld + cols, T(0));
+    std::fill(dot + d * ld + rows, dot + d * ld + cols, T(0));
+  }
   std::fill(qn, qn + cols * Dp, T(0));
   std::fill(don, don + cols * Dp, T(0));
   for (int64_t i = 0; i < cols; ++i) {
-    const bool in = i < rows;
     T dsum = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      const T qv = in ? q[i * D + d] : T(0), gv = in ? dO[i * D + d] : T(0);
-      qt[d * ld + i] = qv * pr.scale2, dot[d * ld + i] = gv;
-      qn[i * Dp + d] = qv, don[i * Dp + d] = gv;
-      if (in) dsum += gv * out[i * D + d];
+    if (i < rows) {
+      for (int64_t d = 0; d < D; ++d) qn[i * Dp + d] = q[i * D + d] * pr.scale;
+      std::copy(dO + i * D, dO + (i + 1) * D, don + i * Dp);
+#pragma omp simd reduction(+ : dsum)
+      for (int64_t d = 0; d < D; ++d) dsum += dO[i * D + d] * out[i * D + d];
     }
-    w.lse2[i] = in ? T(io.lse[row0 + i]) * T(kLog2e) : inf;  // +inf: P = 0 on padding
-    w.plse2[i] = in ? T(io.plse[row0 + i]) * T(kLog2e) : inf;
+    w.lse2[i] = i < rows ? T(io.lse[row0 + i]) * T(kLog2e) : inf;  // +inf: P = 0 on padding
     ds[i] = dsum;  // rowsum(dO ⊙ out), D_s once D_p is known
   }
-  if constexpr (std::is_same_v<T, double>) recompute_lse2(pr, b, i0, rows, cols, k, pk, w);
-  // Prompt: Pp^T (P, cols), O_p^T = pv^T Pp^T (D, cols), D_p, D_s = rowsum(dO ⊙ out) - g D_p.
-  mm<false>(pk, D, 1, P, qt, ld, cols, s, ld, D);
-  softmax_recompute(s, ld, P, cols, w.plse2.data());
-  mm<false>(pv, 1, D, D, s, ld, cols, op, ld, P);
-  colsum_product(dot, op, ld, D, cols, dpr);
+  if constexpr (std::is_same_v<T, double>) recompute_lse2(pr, b, i0, rows, cols, k, w);
+  // Prompt: Pp^T (P, cols) recomputed and normalised from scratch (not from prompt_lse), so
+  // that sum_p dSp = 0 holds to rounding (and P = 1 gives exactly Pp = 1, dSp = 0).
+  // dPp^T / g = pv dO^T,  D_p = sum_p Pp dPp / g = rowsum(dO ⊙ O_p),
+  // D_s = rowsum(dO ⊙ out) - g D_p.
+  T* l = w.l.data();
+  prompt_softmax(pr, pk, qt, cols, s, w.m.data(), l, w.alpha.data());
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t i = 0; i < cols; ++i) s[p * ld + i] /= l[i];  // l >= 1 (P >= 1)
+  mm<0>(pv, D, 1, P, dot, ld, cols, dp, ld, D);
+  colsum_product(s, dp, ld, P, cols, dpr);
   for (int64_t i = 0; i < cols; ++i) ds[i] -= g * dpr[i];
   for (int64_t i = 0; i < rows; ++i) dg += dpr[i];
   // dSp^T = g Pp^T ⊙ (pv dO^T - D_p);  dpv += (g Pp^T) dO;  dpk += dSp^T q;  dq^T = pk^T dSp^T.
-  mm<false>(pv, D, 1, P, dot, ld, cols, dp, ld, D);
   softmax_grad(s, dp, ld, P, cols, dpr, g);
   for (int64_t e = 0; e < P * ld; ++e) s[e] *= g;
-  mm<true>(s, ld, 1, P, don, Dp, Dp, dpv, Dp, cols);
-  mm<true>(dp, ld, 1, P, qn, Dp, Dp, dpk, Dp, cols);
-  mm<false>(pk, 1, D, D, dp, ld, cols, dqt, ld, P);
+  mm<1>(s, ld, 1, P, don, Dp, Dp, dpv, Dp, cols);
+  mm<1>(dp, ld, 1, P, qn, Dp, Dp, dpk, Dp, cols);
+  mm<0>(pk, 1, D, D, dp, ld, cols, dqt, ld, P);
   // Sequence, per visible key block: P^T, dP^T = V dO^T, dS^T, then the three products.
   const int64_t end = pr.kv_end(i0, rows);
   for (int64_t j0 = 0; j0 < end; j0 += kBlockN) {
     if (pr.skip(b, j0)) continue;
     const int64_t nb = std::min(kBlockN, end - j0);
-    mm<false>(k + j0 * D, D, 1, nb, qt, ld, cols, s, ld, D);
-    mask_block(pr, b, s, ld, j0, nb, i0, rows);
+    seq_scores(pr, b, k, j0, nb, qt, i0, rows, cols, s);
     softmax_recompute(s, ld, nb, cols, w.lse2.data());
-    mm<false>(v + j0 * D, D, 1, nb, dot, ld, cols, dp, ld, D);
+    mm<0>(v + j0 * D, D, 1, nb, dot, ld, cols, dp, ld, D);
     softmax_grad(s, dp, ld, nb, cols, ds, T(1));
-    mm<true>(s, ld, 1, nb, don, Dp, Dp, dv + j0 * Dp, Dp, cols);   // dv += P^T dO
-    mm<true>(dp, ld, 1, nb, qn, Dp, Dp, dk + j0 * Dp, Dp, cols);   // dk += dS^T q
-    mm<true>(k + j0 * D, 1, D, D, dp, ld, cols, dqt, ld, nb);      // dq^T += k^T dS^T
+    mm<1>(s, ld, 1, nb, don, Dp, Dp, dv + j0 * Dp, Dp, cols);   // dv += P^T dO
+    mm<1>(dp, ld, 1, nb, qn, Dp, Dp, dk + j0 * Dp, Dp, cols);   // dk += dS^T q
+    mm<1>(k + j0 * D, 1, D, D, dp, ld, cols, dqt, ld, nb);      // dq^T += k^T dS^T
   }
-  T* dq = io.dq + row0 * D;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t d = 0; d < D; ++d) dq[i * D + d] = dqt[d * ld + i] * pr.scale;
+  transpose_scaled(dqt, ld, D, rows, pr.scale, io.dq + row0 * D, D);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -311,7 +252,8 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
                 ": key_padding_mask must be a bool CPU tensor, got ", kpm->scalar_type(), " on ",
                 kpm->device());
     TORCH_CHECK(kpm->dim() == 2 && kpm->size(0) == B && kpm->size(1) == k.size(2), op,
-                ": key_padding_mask must have shape (", B, ", ", k.size(2), "), got ", kpm->sizes());
+                ": key_padding_mask must have shape (", B, ", ", k.size(2), "), got ",
+                kpm->sizes());
   }
 }
 
@@ -377,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prefix_attention_cpu(
       FwdScratch<T> w;
       for (auto* b : {&w.qt, &w.o, &w.op}) b->resize(D * kBlockM);
       w.s.resize(rows_s * kBlockM);
-      for (auto* b : {&w.m, &w.l, &w.mp, &w.lp}) b->resize(kBlockM);
+      for (auto* b : {&w.m, &w.l, &w.mp, &w.lp, &w.alpha}) b->resize(kBlockM);
       return w;
     };
     // Tasks head-major (K, V of a head stay in cache), the longest causal block first.
@@ -411,8 +353,7 @@ gated_prefix_attention_backward_cpu(
                 q_in.sizes().slice(0, 3), ", got ", t->sizes(), " ", t->scalar_type());
   const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in), pk = to_acc(pk_in),
                    pv = to_acc(pv_in), gate = to_acc(gate_in), kpm = mask_of(key_padding_mask),
-                   dout = to_acc(grad_out_in), out = to_acc(out_in), lse = lse_in.contiguous(),
-                   plse = plse_in.contiguous();
+                   dout = to_acc(grad_out_in), out = to_acc(out_in), lse = lse_in.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty_like(dk), dpk = at::empty(pk.sizes(), pk.options());
   at::Tensor dpv = at::empty_like(dpk), dgate = at::empty(gate.sizes(), gate.options());
@@ -427,59 +368,60 @@ gated_prefix_attention_backward_cpu(
     // and accumulates dk, dv, dpk, dpv, dg in its own fp32 partials, summed over chunks
     // below; C > 1 only when B * Hkv is too small to occupy the threads.
     const int64_t threads = at::get_num_threads();
-    const int64_t C = B * Hkv >= 2 * threads ? 1 : std::clamp<int64_t>(div_up(2 * threads, std::max<int64_t>(B * Hkv, 1)), 1, std::max<int64_t>(nqb, 1));
+    const int64_t C = std::clamp<int64_t>(div_up(2 * threads, std::max<int64_t>(B * Hkv, 1)), 1,
+                                          std::max<int64_t>(nqb, 1));
     const int64_t tasks = B * Hkv * C;
-    std::vector<T> dk_p(tasks * N * Dp, T(0)), dv_p(dk_p.size(), T(0));
+    // One chunk and an unpadded fp32 / fp64 head dim: accumulate straight into dk, dv.
+    const bool direct = C == 1 && D == Dp && q_in.scalar_type() == q.scalar_type();
+    if (direct) dk.zero_(), dv.zero_();
+    std::vector<T> dk_p(direct ? 0 : tasks * N * Dp, T(0)), dv_p(dk_p.size(), T(0));
+    T* dk_acc = direct ? dk.mutable_data_ptr<T>() : dk_p.data();
+    T* dv_acc = direct ? dv.mutable_data_ptr<T>() : dv_p.data();
     std::vector<T> dpk_p(tasks * P * Dp, T(0)), dpv_p(dpk_p.size(), T(0));
     std::vector<double> dg_p(tasks * G, 0.0);
     const BwdIO<T> io{dout.const_data_ptr<T>(), out.const_data_ptr<T>(),
-                      lse.const_data_ptr<float>(), plse.const_data_ptr<float>(),
-                      dq.mutable_data_ptr<T>()};
+                      lse.const_data_ptr<float>(), dq.mutable_data_ptr<T>()};
     auto make = [&] {
       BwdScratch<T> w;
-      for (auto* b : {&w.qt, &w.dot, &w.op, &w.dqt}) b->resize(D * kBlockM);
+      for (auto* b : {&w.qt, &w.dot, &w.dqt}) b->resize(D * kBlockM);
       for (auto* b : {&w.qn, &w.don}) b->resize(kBlockM * Dp);
       for (auto* b : {&w.s, &w.dp}) b->resize(rows_s * kBlockM);
-      for (auto* b : {&w.lse2, &w.plse2, &w.ds, &w.dpr, &w.m, &w.l}) b->resize(kBlockM);
+      for (auto* b : {&w.lse2, &w.ds, &w.dpr, &w.m, &w.l, &w.alpha}) b->resize(kBlockM);
       return w;
     };
     run_tasks<BwdScratch<T>>(tasks, make, [&](int64_t t, BwdScratch<T>& w) {
       const int64_t bk = t / C, c = t % C, b = bk / Hkv, hk = bk % Hkv;
       for (int64_t gi = 0; gi < G; ++gi)
         for (int64_t qb = c; qb < nqb; qb += C)
-          backward_block(pr, io, b, hk * G + gi, qb, dk_p.data() + t * N * Dp,
-                         dv_p.data() + t * N * Dp, dpk_p.data() + t * P * Dp,
+          backward_block(pr, io, b, hk * G + gi, qb, dk_acc + t * N * Dp,
+                         dv_acc + t * N * Dp, dpk_p.data() + t * P * Dp,
                          dpv_p.data() + t * P * Dp, dg_p[t * G + gi], w);
     });
-    // Reductions: dk = scale sum_c, dv = sum_c per (b, kv head); the prefix also over b
-    // when PB = 1.
+    // Reductions over chunks (and over b for a shared prefix, PB = 1).
     T *dk_o = dk.mutable_data_ptr<T>(), *dv_o = dv.mutable_data_ptr<T>();
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, direct ? 0 : B * Hkv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bk = begin; bk < end; ++bk)
-        for (int64_t j = 0; j < N; ++j)
-          for (int64_t d = 0; d < D; ++d) {
-            T sk = 0, sv = 0;
-            for (int64_t c = 0; c < C; ++c) {
-              const int64_t e = ((bk * C + c) * N + j) * Dp + d;
-              sk += dk_p[e], sv += dv_p[e];
-            }
-            dk_o[(bk * N + j) * D + d] = sk * pr.scale, dv_o[(bk * N + j) * D + d] = sv;
-          }
+        for (int64_t j = 0; j < N; ++j) {
+          T *rk = dk_p.data() + (bk * C * N + j) * Dp, *rv = dv_p.data() + (bk * C * N + j) * Dp;
+          for (int64_t c = 1; c < C; ++c)
+            for (int64_t d = 0; d < D; ++d)
+              rk[d] += rk[c * N * Dp + d], rv[d] += rv[c * N * Dp + d];
+          std::copy(rk, rk + D, dk_o + (bk * N + j) * D);
+          std::copy(rv, rv + D, dv_o + (bk * N + j) * D);
+        }
     });
     T *dpk_o = dpk.mutable_data_ptr<T>(), *dpv_o = dpv.mutable_data_ptr<T>();
-    for (int64_t pb = 0; pb < pr.PB; ++pb)
-      for (int64_t hk = 0; hk < Hkv; ++hk)
-        for (int64_t p = 0; p < P; ++p)
-          for (int64_t d = 0; d < D; ++d) {
-            T sk = 0, sv = 0;
-            for (int64_t b = (pr.PB == 1 ? 0 : pb); b < (pr.PB == 1 ? B : pb + 1); ++b)
-              for (int64_t c = 0; c < C; ++c) {
-                const int64_t e = (((b * Hkv + hk) * C + c) * P + p) * Dp + d;
-                sk += dpk_p[e], sv += dpv_p[e];
-              }
-            const int64_t o = ((pb * Hkv + hk) * P + p) * D + d;
-            dpk_o[o] = sk * pr.scale, dpv_o[o] = sv;
-          }
+    const int64_t per_b = pr.PB == 1 ? B : 1;  // batches summed into one prefix entry
+    for (int64_t o = 0; o < pr.PB * Hkv * P * D; ++o) {  // o = ((pb, hk), p, d)
+      const int64_t pbk = o / (P * D), pd = o % (P * D), pb = pbk / Hkv, hk = pbk % Hkv;
+      T sk = 0, sv = 0;
+      for (int64_t b = pb; b < pb + per_b; ++b)
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t e = ((b * Hkv + hk) * C + c) * P * Dp + pd / D * Dp + pd % D;
+          sk += dpk_p[e], sv += dpv_p[e];
+        }
+      dpk_o[o] = sk, dpv_o[o] = sv;
+    }
     // dg[h] = sum_{b, m} D_p; chain rule through tanh; a (1,) gate sums over heads.
     std::vector<double> dgh(pr.H, 0.0);
     for (int64_t t = 0; t < tasks; ++t)

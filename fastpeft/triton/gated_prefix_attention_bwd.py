@@ -4,25 +4,27 @@ Shapes as in :mod:`.gated_prefix_attention`; dO = dL/dout (B, H, M, D). With
 S = q k^T scale (+ mask), Sp = q prefix_k^T scale, and the saved natural-log lse /
 prompt_lse, the probabilities are recomputed tile by tile, never stored:
     P = exp(S - lse)  (0 where masked; lse = +inf makes a whole row 0),  Pp = exp(Sp - lse_p)
-    O_p = Pp prefix_v                                 (recomputed per row, P is small)
+    O_p = softmax(Sp) prefix_v       (the forward's prompt pass replayed per row, P is small)
     delta_p = rowsum(dO * O_p),  delta_s = rowsum(dO * out) - g delta_p = rowsum(dO * O_s)
     dv = P^T dO,                  dS  = P * (dO v^T - delta_s)
     dprefix_v = g Pp^T dO,        dSp = g Pp * (dO prefix_v^T - delta_p)
     dq = scale (dS k + dSp prefix_k),  dk = scale dS^T q,  dprefix_k = scale dSp^T q
     d g[h] = sum_{b, m} delta_p[b, h, m]     (a torch reduction in the launcher)
 Both softmax backward steps use the identity rowsum(dP * P) = rowsum(dO * O_part).
+Precision: P is recomputed from an fp32 lse, so its relative error is ~eps * |lse| (as in
+every FlashAttention backward); fp64 inputs get lse recomputed in fp64 by the launcher.
 
 Three launches (FlashAttention-2 layout: no atomics, every output written once):
   gpa_bwd_preprocess_kernel  grid (cdiv(M, BM), B*H): delta_s, delta_p per row.
   gpa_bwd_dq_kernel          grid (cdiv(M, BM), B*H): dq of a query tile, looping over
                              the sequence keys up to its causal limit, then the prompt keys.
-  gpa_bwd_dkdv_kernel        grid (cdiv(N, BN) + cdiv(P, BLOCK_P), B*Hkv): a program owns
+  gpa_bwd_dkdv_kernel        grid (cdiv(P, BLOCK_P) + cdiv(N, BN), B*Hkv): a program owns
                              one block of keys of one (batch, kv head) and loops over the
                              query tiles of all H/Hkv grouped heads, so grouped heads sum in
-                             registers. Programs past the sequence blocks own a block of
-                             prompt keys instead (same loop, g-scaled, unmasked) and write a
+                             registers. The first programs own a block of prompt keys
+                             instead (same loop, g-scaled, unmasked) and write a
                              (B, Hkv, P, D) partial that the launcher sums over B when the
-                             prefix is batch-shared.
+                             prefix is batch-shared (P is small: no atomics needed either).
 """
 
 import triton
@@ -30,40 +32,94 @@ import triton.language as tl
 
 from ._common import cfgs, tuned
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-
-_PRE_CONFIGS = cfgs({"BLOCK_M": 16}, [({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 2)])
+# preprocess: memory-bound row reductions; dO, out and O_p tiles live at once.
+_PRE_CONFIGS = cfgs({"BLOCK_M": 16}, [({"BLOCK_M": 32}, 4, 2), ({"BLOCK_M": 64}, 8, 2)])
 # dq: a tall query tile that streams narrow key blocks (dq stays in registers).
 _DQ_CONFIGS = cfgs(
     {"BLOCK_M": 16, "BLOCK_N": 16},
     [
-        ({"BLOCK_M": 128, "BLOCK_N": 32}, 4, 3),
+        ({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 3),
         ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
+        ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3),
         ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
+        ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 3),
     ],
 )
-# dk/dv: a wide key block (dk, dv accumulate in registers) that streams narrow query tiles.
+# dk/dv: a wide key block (dk, dv accumulate in registers) that streams narrow query
+# tiles. At D = 128 two fp32 (BLOCK_N, 128) accumulators fill most of the register file
+# (ptxas reports some spills for every config; the autotuner picks the cheapest).
 _DKDV_CONFIGS = cfgs(
     {"BLOCK_M": 16, "BLOCK_N": 16},
     [
-        ({"BLOCK_M": 32, "BLOCK_N": 128}, 4, 3),
+        ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 3),
         ({"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
+        ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3),
         ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 2),
+        ({"BLOCK_M": 16, "BLOCK_N": 128}, 8, 3),
     ],
 )
+
+
+@triton.jit
+def _prompt_scores(q, pk_base, start, P, qk_scale, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """s = q prefix_k[start:start + BLOCK_P]^T * scale * log2(e), (BLOCK_M, BLOCK_P), -inf
+    past the P prompt keys (prompt keys are never masked otherwise)."""
+    cols = start + tl.arange(0, BLOCK_P)
+    dd = tl.arange(0, BLOCK_D)
+    pk = tl.load(pk_base + cols[:, None] * HEAD_DIM + dd[None, :],
+                 mask=(cols < P)[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(pk), input_precision="tf32" if ALLOW_TF32 else "ieee")
+    return tl.where((cols < P)[None, :], s * qk_scale, float("-inf"))
+
+
+@triton.jit
+def prompt_softmax_stats(q, pk_base, P, qk_scale, ACC_TY: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                         ALLOW_TF32: tl.constexpr):
+    """Pass 1 of the prompt softmax: row max m and l_sum = sum_j 2^(s_j - m) (no values)."""
+    m = tl.full((q.shape[0],), float("-inf"), dtype=ACC_TY)
+    l_sum = tl.zeros((q.shape[0],), dtype=ACC_TY)
+    for start in range(0, P, BLOCK_P):  # one tile in practice (P <= BLOCK_P)
+        s = _prompt_scores(q, pk_base, start, P, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_P,
+                           ALLOW_TF32)
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite from the first tile on (P >= 1)
+        l_sum = l_sum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m = m_new
+    return m, l_sum
+
+
+@triton.jit
+def prompt_accumulate(o, q, pk_base, pv_base, m, w, P, qk_scale, HEAD_DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """Pass 2: o += (2^(s - m) * w) prefix_v with a per-row weight w (g / l in the forward,
+    1 / l in the backward preprocess). Accumulating straight into the caller's o keeps one
+    (BLOCK_M, D) accumulator live instead of two (D = 128 would spill). The forward and
+    the preprocess share these two helpers, so the preprocess's O_p is the forward's up to
+    the rounding of w: exp(Sp - prompt_lse) would differ by ~eps * |prompt_lse|, and that
+    difference would reach every dS of the row through delta_s."""
+    dd = tl.arange(0, BLOCK_D)
+    for start in range(0, P, BLOCK_P):
+        s = _prompt_scores(q, pk_base, start, P, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_P,
+                           ALLOW_TF32)
+        p = tl.exp2(s - m[:, None]) * w[:, None]
+        cols = start + tl.arange(0, BLOCK_P)
+        pv = tl.load(pv_base + cols[:, None] * HEAD_DIM + dd[None, :],
+                     mask=(cols < P)[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
+        o = tl.dot(p.to(pv.dtype), pv, o, input_precision="tf32" if ALLOW_TF32 else "ieee")
+    return o
 
 
 @tuned(_PRE_CONFIGS, key=["M_BUCKET", "HEAD_DIM", "BLOCK_P"])
 @triton.jit
-def gpa_bwd_preprocess_kernel(do_ptr, out_ptr, q_ptr, pk_ptr, pv_ptr, g_ptr, plse_ptr, ds_ptr,
-                              dp_ptr, H, HKV, M, P, PB_STRIDE, M_BUCKET, qk_scale,
-                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_P: tl.constexpr, IS_FP64: tl.constexpr,
-                              ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta_p = rowsum(dO * O_p) (O_p recomputed from prompt_lse) and
-    delta_s = rowsum(dO * out) - g * delta_p for BLOCK_M rows of one (batch, head)."""
+def gpa_bwd_preprocess_kernel(do_ptr, out_ptr, q_ptr, pk_ptr, pv_ptr, g_ptr, ds_ptr, dp_ptr, H,
+                              HKV, M, P, PB_STRIDE, M_BUCKET, qk_scale, HEAD_DIM: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                              IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr,
+                              BLOCK_M: tl.constexpr):
+    """delta_p = rowsum(dO * O_p) and delta_s = rowsum(dO * out) - g * delta_p for BLOCK_M
+    rows of one (batch, head); O_p is recomputed as the forward computed it (see
+    prompt_accumulate)."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     hkv = (bh % H) // (H // HKV)
@@ -71,27 +127,21 @@ def gpa_bwd_preprocess_kernel(do_ptr, out_ptr, q_ptr, pk_ptr, pv_ptr, g_ptr, pls
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < HEAD_DIM
-    row_off = (bh * M + rows)[:, None] * HEAD_DIM + dd[None, :]
-    row_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + row_off, mask=row_mask, other=0.0)
-    plse2 = tl.load(plse_ptr + bh * M + rows, mask=row_ok, other=0.0).to(acc_ty) * _LOG2E
+    head = bh * M * HEAD_DIM  # int64 base of this (batch, head); offsets within it int32
+    row_off = rows[:, None] * HEAD_DIM + dd[None, :]
+    row_mask = row_ok[:, None] & (dd < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + head + row_off, mask=row_mask, other=0.0)
+    do = tl.load(do_ptr + head + row_off, mask=row_mask, other=0.0).to(acc_ty)
+    out = tl.load(out_ptr + head + row_off, mask=row_mask, other=0.0).to(acc_ty)
+    do_out = tl.sum(do * out, 1)
     p_base = (b * PB_STRIDE + hkv * P) * HEAD_DIM
-    o_p = tl.zeros((BLOCK_M, BLOCK_D), dtype=acc_ty)
-    for start in range(0, P, BLOCK_P):
-        cols = start + tl.arange(0, BLOCK_P)
-        kv_off = cols[:, None] * HEAD_DIM + dd[None, :]
-        kv_mask = (cols < P)[:, None] & d_ok[None, :]
-        pk = tl.load(pk_ptr + p_base + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(pk), input_precision="tf32" if ALLOW_TF32 else "ieee")
-        s = tl.where((cols < P)[None, :], s * qk_scale, float("-inf"))
-        p = tl.exp2(s - plse2[:, None])
-        pv = tl.load(pv_ptr + p_base + kv_off, mask=kv_mask, other=0.0)
-        o_p = tl.dot(p.to(pv.dtype), pv, o_p, input_precision="tf32" if ALLOW_TF32 else "ieee")
-    do = tl.load(do_ptr + row_off, mask=row_mask, other=0.0).to(acc_ty)
-    out = tl.load(out_ptr + row_off, mask=row_mask, other=0.0).to(acc_ty)
+    m_p, l_p = prompt_softmax_stats(q, pk_ptr + p_base, P, qk_scale, acc_ty, HEAD_DIM,
+                                    BLOCK_D, BLOCK_P, ALLOW_TF32)
+    o_p = prompt_accumulate(tl.zeros((BLOCK_M, BLOCK_D), dtype=acc_ty), q, pk_ptr + p_base,
+                            pv_ptr + p_base, m_p, 1.0 / l_p, P, qk_scale, HEAD_DIM, BLOCK_D,
+                            BLOCK_P, ALLOW_TF32)
     delta_p = tl.sum(do * o_p, 1)
-    delta_s = tl.sum(do * out, 1) - tl.load(g_ptr + bh % H) * delta_p
+    delta_s = do_out - tl.load(g_ptr + bh % H) * delta_p
     tl.store(dp_ptr + bh * M + rows, delta_p, mask=row_ok)
     tl.store(ds_ptr + bh * M + rows, delta_s, mask=row_ok)
 
@@ -110,7 +160,7 @@ def _dq_key_loop(dq, q, do, lse2, delta, G, k_base, v_base, kpm_base, rows, lo, 
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < L
-        kv_off = cols.to(tl.int64)[:, None] * HEAD_DIM + dd[None, :]
+        kv_off = cols[:, None] * HEAD_DIM + dd[None, :]  # in-head: int32
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
@@ -151,13 +201,14 @@ def gpa_bwd_dq_kernel(do_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, g_ptr, kpm_pt
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     dd = tl.arange(0, BLOCK_D)
-    row_off = (bh * M + rows)[:, None] * HEAD_DIM + dd[None, :]
+    head = bh * M * HEAD_DIM  # int64 base of this (batch, head); offsets within it int32
+    row_off = rows[:, None] * HEAD_DIM + dd[None, :]
     row_mask = row_ok[:, None] & (dd < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + row_off, mask=row_mask, other=0.0)
-    do = tl.load(do_ptr + row_off, mask=row_mask, other=0.0)
+    q = tl.load(q_ptr + head + row_off, mask=row_mask, other=0.0)
+    do = tl.load(do_ptr + head + row_off, mask=row_mask, other=0.0)
     # lse = +inf past the last row (and for rows with no visible key): P = 0 there.
     lse2 = tl.load(lse_ptr + bh * M + rows, mask=row_ok, other=float("inf")).to(acc_ty)
-    lse2 = lse2 * _LOG2E
+    lse2 = lse2 * 1.4426950408889634
     delta_s = tl.load(ds_ptr + bh * M + rows, mask=row_ok, other=0.0)
 
     # Same key ranges as the forward: [0, full) unmasked, [full, hi) masked.
@@ -179,13 +230,13 @@ def gpa_bwd_dq_kernel(do_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, g_ptr, kpm_pt
                       HEAD_DIM, BLOCK_D, BLOCK_N, ALLOW_TF32)
 
     plse2 = tl.load(plse_ptr + bh * M + rows, mask=row_ok, other=float("inf")).to(acc_ty)
-    plse2 = plse2 * _LOG2E
+    plse2 = plse2 * 1.4426950408889634
     delta_p = tl.load(dp_ptr + bh * M + rows, mask=row_ok, other=0.0)
     p_base = (b * PB_STRIDE + hkv * P) * HEAD_DIM
     dq = _dq_key_loop(dq, q, do, plse2, delta_p, tl.load(g_ptr + bh % H), pk_ptr + p_base,
                       pv_ptr + p_base, kpm_base, rows, 0, P, P, 0, qk_scale, True, False,
                       False, HEAD_DIM, BLOCK_D, BLOCK_P, ALLOW_TF32)
-    tl.store(dq_ptr + row_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(dq_ptr + head + row_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -202,11 +253,11 @@ def _dkdv_query_loop(dk, dv, k, v, keep_col, cols, G, q_base, do_base, lse_base,
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        off = rows.to(tl.int64)[:, None] * HEAD_DIM + dd[None, :]
+        off = rows[:, None] * HEAD_DIM + dd[None, :]
         msk = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + off, mask=msk, other=0.0)  # (BLOCK_M, BLOCK_D)
         do = tl.load(do_base + off, mask=msk, other=0.0)
-        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision="tf32" if ALLOW_TF32 else "ieee")
         keep = keep_col[:, None]
@@ -231,11 +282,11 @@ def _dkdv_block(k_base, v_base, kpm_base, g_base, q_base, do_base, lse_base, del
                 BLOCK_KEYS: tl.constexpr, ACC_TY: tl.constexpr, ALLOW_TF32: tl.constexpr):
     """dk, dv of the keys [start, start + BLOCK_KEYS) of one key source (L keys), summed
     over the GROUP query heads that share it (their rows, lse, delta are consecutive
-    (M,) / (M, D) slabs from the *_base pointers)."""
+    (M,) / (M, D) slabs from the *_base pointers). exp2 arguments use lse * log2(e)."""
     cols = start + tl.arange(0, BLOCK_KEYS)
     col_ok = cols < L
     dd = tl.arange(0, BLOCK_D)
-    kv_off = cols.to(tl.int64)[:, None] * HEAD_DIM + dd[None, :]
+    kv_off = cols[:, None] * HEAD_DIM + dd[None, :]  # in-head: int32
     kv_mask = col_ok[:, None] & (dd < HEAD_DIM)[None, :]
     k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
     v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
@@ -253,19 +304,21 @@ def _dkdv_block(k_base, v_base, kpm_base, g_base, q_base, do_base, lse_base, del
         m_full = tl.minimum((m_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, M)
     dk = tl.zeros((BLOCK_KEYS, BLOCK_D), dtype=ACC_TY)
     dv = tl.zeros((BLOCK_KEYS, BLOCK_D), dtype=ACC_TY)
-    for gi in range(GROUP):
+    for _ in range(GROUP):  # the *_base pointers step to the next grouped head
         G = 1.0
         if IS_PROMPT:
-            G = tl.load(g_base + gi)
-        row0 = gi * M
-        dk, dv = _dkdv_query_loop(dk, dv, k, v, keep_col, cols, G, q_base + row0 * HEAD_DIM,
-                                  do_base + row0 * HEAD_DIM, lse_base + row0,
-                                  delta_base + row0, m_lo, m_full, M, OFF, qk_scale, True,
-                                  IS_PROMPT, HEAD_DIM, BLOCK_D, BLOCK_M, ALLOW_TF32)
-        dk, dv = _dkdv_query_loop(dk, dv, k, v, keep_col, cols, G, q_base + row0 * HEAD_DIM,
-                                  do_base + row0 * HEAD_DIM, lse_base + row0,
-                                  delta_base + row0, m_full, M, M, OFF, qk_scale, False,
-                                  IS_PROMPT, HEAD_DIM, BLOCK_D, BLOCK_M, ALLOW_TF32)
+            G = tl.load(g_base)
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, keep_col, cols, G, q_base, do_base, lse_base,
+                                  delta_base, m_lo, m_full, M, OFF, qk_scale, True, IS_PROMPT,
+                                  HEAD_DIM, BLOCK_D, BLOCK_M, ALLOW_TF32)
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, keep_col, cols, G, q_base, do_base, lse_base,
+                                  delta_base, m_full, M, M, OFF, qk_scale, False, IS_PROMPT,
+                                  HEAD_DIM, BLOCK_D, BLOCK_M, ALLOW_TF32)
+        q_base += M * HEAD_DIM
+        do_base += M * HEAD_DIM
+        lse_base += M
+        delta_base += M
+        g_base += 1
     tl.store(dk_base + kv_off, (dk * scale).to(dk_base.dtype.element_ty), mask=kv_mask)
     tl.store(dv_base + kv_off, dv.to(dv_base.dtype.element_ty), mask=kv_mask)
 
@@ -279,8 +332,9 @@ def gpa_bwd_dkdv_kernel(do_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, g_ptr, kpm_
                         BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, IS_FP64: tl.constexpr,
                         ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
-    """Program (i, b * Hkv + hkv): i < cdiv(N, BLOCK_N) owns sequence keys
-    [i * BLOCK_N, ...) -> dk, dv; the rest own prompt keys -> the dpk, dpv partials."""
+    """Program (i, b * Hkv + hkv): the first cdiv(P, BLOCK_P) own prompt keys -> the dpk,
+    dpv partials (first: like the early causal key blocks they visit every query row);
+    the rest own sequence keys [(i - cdiv(P, BLOCK_P)) * BLOCK_N, ...) -> dk, dv."""
     pid_n = tl.program_id(0)
     bkv = tl.program_id(1).to(tl.int64)
     b = bkv // HKV
@@ -289,19 +343,19 @@ def gpa_bwd_dkdv_kernel(do_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, g_ptr, kpm_
     GROUP = H // HKV
     first = b * H + hkv * GROUP  # first query head of the group, as a (B*H) row index
     q_base = first * M * HEAD_DIM
-    n_seq = tl.cdiv(N, BLOCK_N)
-    if pid_n < n_seq:
-        kv_base = bkv * N * HEAD_DIM
-        _dkdv_block(k_ptr + kv_base, v_ptr + kv_base, kpm_ptr + b * N, g_ptr,
-                    q_ptr + q_base, do_ptr + q_base, lse_ptr + first * M, ds_ptr + first * M,
-                    dk_ptr + kv_base, dv_ptr + kv_base, pid_n * BLOCK_N, N, M, N - M, GROUP,
-                    qk_scale, scale, False, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M,
-                    BLOCK_N, acc_ty, ALLOW_TF32)
-    else:
+    n_prompt = tl.cdiv(P, BLOCK_P)
+    if pid_n < n_prompt:
         p_base = (b * PB_STRIDE + hkv * P) * HEAD_DIM
         part = bkv * P * HEAD_DIM  # (B, Hkv, P, D) partial of this (batch, kv head)
         _dkdv_block(pk_ptr + p_base, pv_ptr + p_base, kpm_ptr, g_ptr + hkv * GROUP,
                     q_ptr + q_base, do_ptr + q_base, plse_ptr + first * M,
-                    dp_ptr + first * M, dpk_ptr + part, dpv_ptr + part,
-                    (pid_n - n_seq) * BLOCK_P, P, M, 0, GROUP, qk_scale, scale, True, False,
-                    False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_P, acc_ty, ALLOW_TF32)
+                    dp_ptr + first * M, dpk_ptr + part, dpv_ptr + part, pid_n * BLOCK_P, P,
+                    M, 0, GROUP, qk_scale, scale, True, False, False, HEAD_DIM, BLOCK_D,
+                    BLOCK_M, BLOCK_P, acc_ty, ALLOW_TF32)
+    else:
+        kv_base = bkv * N * HEAD_DIM
+        _dkdv_block(k_ptr + kv_base, v_ptr + kv_base, kpm_ptr + b * N, g_ptr,
+                    q_ptr + q_base, do_ptr + q_base, lse_ptr + first * M, ds_ptr + first * M,
+                    dk_ptr + kv_base, dv_ptr + kv_base, (pid_n - n_prompt) * BLOCK_N, N, M,
+                    N - M, GROUP, qk_scale, scale, False, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_D,
+                    BLOCK_M, BLOCK_N, acc_ty, ALLOW_TF32)
