@@ -69,7 +69,7 @@ def dropout_threshold(p: float) -> int:
     """The uint32 threshold under which an element is dropped: ``floor(p * 2**32)``."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p: expected 0 <= p < 1, got {p}")
-    return min(int(math.floor(p * 2.0**32)), _MASK32)
+    return min(math.floor(p * 2.0**32), _MASK32)
 
 
 def dropout_keep_mask(

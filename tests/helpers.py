@@ -16,13 +16,15 @@ def backend_params(op: str) -> list:
     a backend whose kernels were not built (or not installed) is skipped, with the reason."""
     cpu_ok = (op, "cpu") in _backend._kernels
     cpu = pytest.param(
-        ("cpu", "cpu"), id="cpu",
+        ("cpu", "cpu"),
+        id="cpu",
         marks=pytest.mark.skipif(not cpu_ok, reason=f"fastpeft._C has no {op} kernel (not built)"),
     )
     triton_device = "cuda" if HAS_CUDA else "cpu"
     triton_ok = (op, "triton") in _backend._kernels and (HAS_CUDA or _backend.TRITON_INTERPRET)
     triton = pytest.param(
-        ("triton", triton_device), id=f"triton-{triton_device}",
+        ("triton", triton_device),
+        id=f"triton-{triton_device}",
         marks=pytest.mark.skipif(not triton_ok, reason="triton (or its interpreter) unavailable"),
     )
     return [cpu, triton]
@@ -40,8 +42,9 @@ def forced(backend: str):
     return fastpeft.use_backend(backend)
 
 
-def assert_close_to_ref(name: str, out: torch.Tensor, ref64: torch.Tensor,
-                        ref_lowp: torch.Tensor) -> None:
+def assert_close_to_ref(
+    name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor
+) -> None:
     """flash-attention's rule: the fused result's error against a float64 reference must be
     within 2x PyTorch's own error in the same dtype, plus a small dtype-scaled atol."""
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"

@@ -12,8 +12,20 @@ import fastpeft
 from fastpeft import reference
 
 
-def make_inputs(b=2, h=4, h_kv=2, m=9, n=9, d=16, p=3, pb=1, gate="per_head", dtype=torch.float32,
-                device="cpu", qk_scale=1.0):
+def make_inputs(
+    b=2,
+    h=4,
+    h_kv=2,
+    m=9,
+    n=9,
+    d=16,
+    p=3,
+    pb=1,
+    gate="per_head",
+    dtype=torch.float32,
+    device="cpu",
+    qk_scale=1.0,
+):
     def t(*shape, s=1.0):
         return (torch.randn(*shape, dtype=torch.float64) * s).to(dtype).to(device).requires_grad_()
 
@@ -75,8 +87,13 @@ def test_matches_reference(backend_device, case):
             copies = [i.detach().to(dt).requires_grad_() for i in inputs]
             r = reference.gated_prefix_attention(*copies, upcast=upcast, **call)
             refs[name] = (r, *_grads(r, copies))
-        for name, g, r64, rlow in zip(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v", "dgate"],
-                                      got, refs["64"], refs["lowp"]):
+        for name, g, r64, rlow in zip(
+            ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v", "dgate"],
+            got,
+            refs["64"],
+            refs["lowp"],
+            strict=False,
+        ):
             assert_close_to_ref(f"{name} [{dtype}]", g, r64, rlow)
 
 
@@ -97,8 +114,11 @@ def test_log_sum_exps(backend_device):
     backend, device = backend_device
     q, k, v, pk, pv, g = (t.detach() for t in make_inputs(device=device, m=5, n=9))
     mask = _padding_mask(2, 9, device)
-    op = torch.ops.fastpeft.gated_prefix_attention if backend == "cpu" else (
-        torch.ops.fastpeft.gated_prefix_attention_triton)
+    op = (
+        torch.ops.fastpeft.gated_prefix_attention
+        if backend == "cpu"
+        else (torch.ops.fastpeft.gated_prefix_attention_triton)
+    )
     _, lse, prompt_lse = op(q, k, v, pk, pv, g, mask, True, 0.25, False)
     scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25
     visible = torch.ones(5, 9, dtype=torch.bool).tril(4) & mask[:, None, None, :]
@@ -118,19 +138,26 @@ def _op_args(device, dtype=torch.float32, padding=True):
 @pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
 def test_opcheck(backend_device):
     backend, device = backend_device
-    op = torch.ops.fastpeft.gated_prefix_attention if backend == "cpu" else (
-        torch.ops.fastpeft.gated_prefix_attention_triton)
+    op = (
+        torch.ops.fastpeft.gated_prefix_attention
+        if backend == "cpu"
+        else (torch.ops.fastpeft.gated_prefix_attention_triton)
+    )
     torch.library.opcheck(op, _op_args(device))
 
 
 @pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
 def test_gradcheck_float64(backend_device):
     backend, device = backend_device
-    op = torch.ops.fastpeft.gated_prefix_attention if backend == "cpu" else (
-        torch.ops.fastpeft.gated_prefix_attention_triton)
+    op = (
+        torch.ops.fastpeft.gated_prefix_attention
+        if backend == "cpu"
+        else (torch.ops.fastpeft.gated_prefix_attention_triton)
+    )
     # every input element costs two op calls: tiny shapes (still GQA, a mask, tanh)
-    q, k, v, pk, pv, g = make_inputs(b=2, h=2, h_kv=1, m=3, n=4, d=16, p=2,
-                                     dtype=torch.float64, device=device)
+    q, k, v, pk, pv, g = make_inputs(
+        b=2, h=2, h_kv=1, m=3, n=4, d=16, p=2, dtype=torch.float64, device=device
+    )
     mask = torch.tensor([[True] * 4, [False, True, True, True]], device=device)
 
     def f(*tensors):
@@ -156,8 +183,9 @@ def test_adaption_prompt_starts_as_plain_attention():
     assert adapter.gate.shape == (4,) and torch.equal(adapter.gate, torch.zeros(4))
     q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
     out = adapter(q, k, v, k_proj, v_proj)
-    plain = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                           is_causal=True)
+    plain = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
+    )
     torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-5)
     # the gate gets a gradient at zero, so training can open it
     out.square().sum().backward()
@@ -194,13 +222,19 @@ BAD = [
     ("gate", torch.zeros(3), ValueError, r"gate: expected shape \(4,\)"),
     ("gate", torch.zeros(4, dtype=torch.float64), TypeError, r"gate: expected dtype"),
     ("key_padding_mask", torch.ones(2, 8, dtype=torch.bool), ValueError, r"key_padding_mask"),
-    ("key_padding_mask", torch.ones(2, 9), TypeError, r"key_padding_mask: expected dtype torch.bool"),
+    (
+        "key_padding_mask",
+        torch.ones(2, 9),
+        TypeError,
+        r"key_padding_mask: expected dtype torch.bool",
+    ),
     ("scale", float("inf"), ValueError, r"scale: expected"),
 ]
 
 
-@pytest.mark.parametrize(("arg", "value", "exc", "match"), BAD,
-                         ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    ("arg", "value", "exc", "match"), BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)]
+)
 def test_bad_input_names_the_argument(arg, value, exc, match):
     kwargs = _good()
     kwargs[arg] = value

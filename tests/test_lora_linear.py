@@ -40,8 +40,9 @@ def run_reference(inputs, scaling, p, seed, dtype):
     """The reference in float64 (the truth) and in the test dtype (torch's own error)."""
     outs = {}
     for name, dt in (("ref64", torch.float64), ("lowp", dtype)):
-        copies = [None if i is None else i.detach().to(dt).requires_grad_(i.requires_grad)
-                  for i in inputs]
+        copies = [
+            None if i is None else i.detach().to(dt).requires_grad_(i.requires_grad) for i in inputs
+        ]
         y = reference.lora_linear(*copies, scaling, p, True, seed)
         outs[name] = (y, grads(y, copies))
     return outs
@@ -66,8 +67,11 @@ def test_matches_reference(backend_device, shape, bias, dropout_p):
         ref = run_reference(inputs, scaling, dropout_p, seed, dtype)
         names = ["y", "dx", "dA", "dB"]
         for name, out, r64, rlow in zip(
-            names, (y, *fused_grads), (ref["ref64"][0], *ref["ref64"][1]),
+            names,
+            (y, *fused_grads),
+            (ref["ref64"][0], *ref["ref64"][1]),
             (ref["lowp"][0], *ref["lowp"][1]),
+            strict=False,
         ):
             assert_close_to_ref(f"{name} [{dtype}]", out, r64, rlow)
 
@@ -81,8 +85,9 @@ def test_trainable_base_gets_gradients(backend_device):
     got = grads(y, inputs)
     ref = run_reference(inputs, 0.5, 0.0, None, torch.float32)
     assert len(got) == 5  # x, weight, bias, A, B
-    for name, g, r64, rlow in zip(["dx", "dW", "db", "dA", "dB"], got, ref["ref64"][1],
-                                  ref["lowp"][1]):
+    for name, g, r64, rlow in zip(
+        ["dx", "dW", "db", "dA", "dB"], got, ref["ref64"][1], ref["lowp"][1], strict=False
+    ):
         assert_close_to_ref(name, g, r64, rlow)
 
 
@@ -110,8 +115,9 @@ def test_dropout_mask_is_regenerated_exactly(backend_device):
     assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel())
     # eval mode: no dropout at all
     with forced(backend):
-        y_eval = fastpeft.lora_linear(x, torch.zeros(d, d, device=device), None, a, b, 1.0, p,
-                                      training=False)
+        y_eval = fastpeft.lora_linear(
+            x, torch.zeros(d, d, device=device), None, a, b, 1.0, p, training=False
+        )
     torch.testing.assert_close(y_eval, torch.ones_like(y_eval))
 
 
@@ -143,7 +149,11 @@ def _op_args(device, dtype=torch.float32, p=0.2, shape=((6,), 24, 20, 4)):
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_opcheck(backend_device, p):
     backend, device = backend_device
-    op = torch.ops.fastpeft.lora_linear if backend == "cpu" else torch.ops.fastpeft.lora_linear_triton
+    op = (
+        torch.ops.fastpeft.lora_linear
+        if backend == "cpu"
+        else torch.ops.fastpeft.lora_linear_triton
+    )
     torch.library.opcheck(op, _op_args(device, p=p))
 
 
@@ -154,7 +164,11 @@ def test_gradcheck_float64(backend_device, p):
     backend, device = backend_device
     # every input element costs two op calls: keep it tiny for the Triton interpreter
     x, w, b, a, bb, s, p, seed = _op_args(device, torch.float64, p, ((3,), 12, 8, 2))
-    op = torch.ops.fastpeft.lora_linear if backend == "cpu" else torch.ops.fastpeft.lora_linear_triton
+    op = (
+        torch.ops.fastpeft.lora_linear
+        if backend == "cpu"
+        else torch.ops.fastpeft.lora_linear_triton
+    )
     w.requires_grad_(True)
     b.requires_grad_(True)
 
@@ -226,7 +240,7 @@ def test_module_compiles_fullgraph():
     with torch._inductor.config.patch(fallback_random=True):
         compiled = step(torch.compile(layer, fullgraph=True))
     eager = step(layer)
-    for c, e in zip(compiled, eager):
+    for c, e in zip(compiled, eager, strict=False):
         torch.testing.assert_close(c, e)
 
 
@@ -234,8 +248,14 @@ def test_module_compiles_fullgraph():
 
 
 def _good():
-    return dict(x=torch.randn(3, 10), weight=torch.randn(6, 10), bias=torch.randn(6),
-                lora_A=torch.randn(2, 10), lora_B=torch.randn(6, 2), scaling=1.0)
+    return dict(
+        x=torch.randn(3, 10),
+        weight=torch.randn(6, 10),
+        bias=torch.randn(6),
+        lora_A=torch.randn(2, 10),
+        lora_B=torch.randn(6, 2),
+        scaling=1.0,
+    )
 
 
 BAD = [
@@ -257,7 +277,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("arg", "value", "exc", "match"), BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    ("arg", "value", "exc", "match"), BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)]
+)
 def test_bad_input_names_the_argument(arg, value, exc, match):
     kwargs = _good()
     kwargs[arg] = value
@@ -282,9 +304,9 @@ def test_mixed_devices_refused_meta():
 
 
 def test_module_bad_arguments():
-    with pytest.raises(TypeError, match="base: expected an nn.Linear"):
+    with pytest.raises(TypeError, match=r"base: expected an nn.Linear"):
         fastpeft.LoRALinear(nn.Conv1d(2, 2, 1), r=2)
     with pytest.raises(ValueError, match="r: expected a positive int"):
         fastpeft.LoRALinear(nn.Linear(2, 2), r=0)
-    with pytest.raises(ValueError, match="lora_dropout"):
+    with pytest.raises(ValueError, match=r"lora_dropout"):
         fastpeft.LoRALinear(nn.Linear(2, 2), r=1, lora_dropout=1.5)

@@ -29,7 +29,9 @@ def check_tensor(
         ndim = len(shape)
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
-    if shape is not None and any(e is not None and e != s for e, s in zip(shape, t.shape)):
+    if shape is not None and any(
+        e is not None and e != s for e, s in zip(shape, t.shape, strict=False)
+    ):
         want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
         raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
     want_dtype = dtype if dtype is not None else (like.dtype if like is not None else None)
@@ -52,8 +54,14 @@ def check_float_input(name: str, t: object) -> Tensor:
     return t
 
 
-def check_scalar(name: str, value: object, *, lo: float | None = None, hi: float | None = None,
-                 hi_inclusive: bool = True) -> float:
+def check_scalar(
+    name: str,
+    value: object,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    hi_inclusive: bool = True,
+) -> float:
     """A finite Python number within ``[lo, hi]`` (or ``[lo, hi)``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")

@@ -72,7 +72,7 @@ _register_autograd("gated_prefix_attention", "gated_prefix_attention_backward")
 def _check_args(q, k, v, prefix_k, prefix_v, gate, key_padding_mask) -> None:
     check_float_input("q", q)
     check_tensor("q", q, ndim=4)
-    b, h, m, d = q.shape
+    b, h, _m, d = q.shape
     check_tensor("k", k, shape=(b, None, None, d), like=q)
     h_kv, n = k.shape[1], k.shape[2]
     if h_kv < 1 or h % h_kv != 0:
