@@ -43,10 +43,11 @@ def forced(backend: str):
 
 
 def assert_close_to_ref(
-    name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor
+    name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor, atol_eps: float = 4.0
 ) -> None:
     """flash-attention's rule: the fused result's error against a float64 reference must be
-    within 2x PyTorch's own error in the same dtype, plus a small dtype-scaled atol."""
+    within 2x PyTorch's own error in the same dtype, plus ``atol_eps`` ulps of the largest
+    reference value (kernels that reduce over long rows may need a few more)."""
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     assert out.dtype == ref_lowp.dtype, f"{name}: dtype {out.dtype} != {ref_lowp.dtype}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
@@ -54,7 +55,7 @@ def assert_close_to_ref(
     scale = ref64.abs().max().item() + 1e-6
     err = (out.double() - ref64).abs().max().item()
     ref_err = (ref_lowp.double() - ref64).abs().max().item()
-    bound = 2 * ref_err + 4 * eps * scale
+    bound = 2 * ref_err + atol_eps * eps * scale
     assert err <= bound, (
         f"{name}: max |fused - ref64| = {err:.3e} > bound {bound:.3e} "
         f"(torch {ref_lowp.dtype} error {ref_err:.3e}, max |ref| {scale:.3e})"

@@ -48,6 +48,8 @@ CASES = {
     "tanh": {"gate_tanh": True},
     "padding": {"padding": True},
     "scale": {"scale": 0.3, "d": 32},
+    "d80_odd_lengths": {"d": 80, "m": 13, "n": 21, "h": 2, "h_kv": 1},
+    "d128": {"d": 128, "m": 6, "n": 6, "h": 2, "h_kv": 2, "b": 1},
 }
 
 
@@ -94,7 +96,10 @@ def test_matches_reference(backend_device, case):
             refs["lowp"],
             strict=False,
         ):
-            assert_close_to_ref(f"{name} [{dtype}]", g, r64, rlow)
+            # fp32 rounding of the blocked kernels grows with the head dim: 4 ulps up to
+            # D = 32, scaled beyond (D = 128: dk measured at 2e-6 of max |dk|)
+            ulps = 4 * max(1, inputs[0].shape[-1] // 32)
+            assert_close_to_ref(f"{name} [{dtype}]", g, r64, rlow, atol_eps=ulps)
 
 
 @pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
