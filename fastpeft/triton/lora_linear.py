@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ..reference import dropout_threshold
 from ._common import allow_tf32 as _allow_tf32
 from ._common import cfgs as _cfgs
 from ._common import register_opaque
@@ -258,7 +259,7 @@ def _dropout_args(dropout_p: float, seed: Tensor | None, like: Tensor):
                          f"{None if seed is None else (seed.dtype, tuple(seed.shape))}")
     if seed.device != like.device:
         raise ValueError(f"seed: expected a tensor on {like.device}, got one on {seed.device}")
-    threshold = min(int(dropout_p * 2.0**32), 0xFFFFFFFF)  # floor for p in [0, 1)
+    threshold = dropout_threshold(dropout_p)
     return True, seed, threshold, 1.0 / (1.0 - dropout_p)
 
 
