@@ -3,8 +3,9 @@
 //   x (T, K)  weight W (N, K)  bias b (N,)  lora_A A (R, K)  lora_B B (N, R)  scaling s
 //   m = keep mask of x (Philox, philox.h),  c = 1 / (1 - p),  xd = c * m ⊙ x
 //
-// Forward:   xa = xd @ A^T                       (T, R)  lora_down_kernel
-//            y  = b + s * xa @ B^T + x @ W^T     (T, N)  two ATen GEMMs into one buffer
+// Forward:   xa = xd @ A^T                       (T, R)  lora_fwd_kernel
+//            y  = b + s * xa @ B^T               (T, N)  lora_fwd_kernel, same pass
+//            y += x @ W^T                                ATen GEMM, beta = 1
 //
 // Backward, with dy = dL/dy (T, N) and dyB = dy @ B (T, R); y depends on A, B and x
 // through xa = xd @ A^T and y += s * xa @ B^T, and xd = c * m ⊙ x:

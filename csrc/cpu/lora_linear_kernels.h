@@ -74,8 +74,9 @@ FASTPEFT_INLINE void store_vec(scalar_t* __restrict dst, V v, int64_t n) {
 // Parallel over tiles of kFwdRows rows. A tile of xd is built in a per-thread buffer xs
 // (kFwdRows, K); xa's tile takes rank-1 updates over k, acc[i][:] += xs[i][k] * At[k][:],
 // with At = A^T packed (K, Rp), Rp = R rounded up to whole vectors (R is vectorised);
-// then y's tile, still hot in registers' reach, takes rank-1 updates over r,
-// acc[i][n] += s * xa[i][r] * Bt[r][n] with Bt = B^T packed (Rp, N) (N is vectorised).
+// then, while the xa tile is at hand, y's tile takes rank-1 updates over r,
+// acc[i][n] += s * xa[i][r] * Bt[r][n] with Bt = B^T packed (Rp, N) (N is vectorised),
+// starting from the bias; y is written once, like the bias copy of a plain addmm.
 constexpr int kFwdRows = 6;
 
 template <int NV, typename acc_t>
@@ -165,7 +166,8 @@ FASTPEFT_MULTIVERSION void lora_fwd_kernel(
         std::fill(xs + i * K, xs + (i + 1) * K, acc_t(0));
         continue;
       }
-      load_dropped<scalar_t, acc_t, kDropout>(x + (t0 + i) * K, K, K, keep + i * 4 * groups,
+      load_dropped<scalar_t, acc_t, kDropout>(x + (t0 + i) * K, K, K,
+                                              kDropout ? keep + i * 4 * groups : nullptr,
                                               keep_scale, xs + i * K);
     }
     for (int64_t r0 = 0; r0 < Rp; r0 += 2 * L) {
