@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from fastpeft.bench import gated_prefix_attention as case_module
+from fastpeft.bench.runner import default_device, default_dtype, shapes_for
 from fastpeft.bench.timing import saved_bytes
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-SHAPE = (case_module.CUDA_SHAPES if DEVICE.type == "cuda" else case_module.CPU_SHAPES)[0]
+DEVICE = default_device()
+DTYPE = default_dtype(DEVICE)
+SHAPE = shapes_for(case_module, DEVICE)[0]
 PROVIDERS = ["fastpeft", "reference", "two_sdpa", "sdpa_causal"]
 
 

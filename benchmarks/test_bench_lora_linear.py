@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from fastpeft.bench import lora_linear
+from fastpeft.bench.runner import default_device, default_dtype, shapes_for
 from fastpeft.bench.timing import saved_bytes
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-SHAPE = (lora_linear.CUDA_SHAPES if DEVICE.type == "cuda" else lora_linear.CPU_SHAPES)[0]
+DEVICE = default_device()
+DTYPE = default_dtype(DEVICE)
+SHAPE = shapes_for(lora_linear, DEVICE)[0]
 PROVIDERS = ["fastpeft", "reference", "peft", "base"]
 
 

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from . import gated_prefix_attention, lora_linear
-from .runner import MODES, run_case
+from .runner import MODES, default_device, default_dtype, run_case, shapes_for
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CASES = {"gated_prefix_attention": gated_prefix_attention, "lora_linear": lora_linear}
@@ -22,7 +22,7 @@ CASES = {"gated_prefix_attention": gated_prefix_attention, "lora_linear": lora_l
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastpeft-bench", description=__doc__.split("\n")[0])
     parser.add_argument("--ops", nargs="+", choices=sorted(CASES), default=sorted(CASES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(default_device()))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["forward", "full"])
@@ -35,14 +35,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"fastpeft-bench on {_device_name(device)}, {dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
     for op in args.ops:
         case = CASES[op]
-        shapes = case.CUDA_SHAPES if device.type == "cuda" else case.CPU_SHAPES
+        shapes = shapes_for(case, device)
         for shape in shapes[:1] if args.quick else shapes:
             bench_case = case.build(shape, dtype, device)
             results = run_case(bench_case, device, tuple(args.modes), runs=args.runs)

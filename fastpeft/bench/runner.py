@@ -12,6 +12,20 @@ from .timing import Timing, saved_bytes, time_interleaved
 MODES = ("forward", "backward", "full")
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (what people train in), fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def shapes_for(case_module, device: torch.device) -> list:
+    """A case module's shape sweep for ``device`` (``CUDA_SHAPES`` or ``CPU_SHAPES``)."""
+    return case_module.CUDA_SHAPES if device.type == "cuda" else case_module.CPU_SHAPES
+
+
 @dataclass
 class Case:
     """Providers of one op at one shape. Each provider maps the tensors from
