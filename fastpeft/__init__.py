@@ -7,7 +7,12 @@ it changes no other global state.
 
 from . import _backend
 from ._backend import use_backend
-from .ops import _library, gated_prefix_attention, lora_linear  # schemas before _C loads
+from .ops import (  # schemas before _C loads
+    _library,
+    bottleneck_adapter,
+    gated_prefix_attention,
+    lora_linear,
+)
 
 _backend.load_native()
 _backend.index_kernels(list(_library.SCHEMAS))
@@ -20,6 +25,7 @@ __all__ = [
     "AdaptionPrompt",
     "LoRALinear",
     "__version__",
+    "bottleneck_adapter",
     "gated_prefix_attention",
     "lora_linear",
     "use_backend",

@@ -26,7 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dropout_keep_mask", "dropout_threshold", "lora_linear", "philox4x32"]
+__all__ = [
+    "ACTIVATIONS",
+    "apply_activation",
+    "bottleneck_adapter",
+    "dropout_keep_mask",
+    "dropout_threshold",
+    "gated_prefix_attention",
+    "lora_linear",
+    "philox4x32",
+]
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
@@ -168,3 +179,46 @@ def gated_prefix_attention(
     g = torch.tanh(gate.to(work)) if gate_tanh else gate.to(work)
     g = g.reshape(1, -1, 1, 1)  # (1, H or 1, 1, 1)
     return (seq + g * prompt).to(q.dtype)
+
+
+def apply_activation(name: str, z: Tensor) -> Tensor:
+    """The bottleneck adapter's nonlinearity: relu, gelu (erf), gelu_tanh or silu."""
+    if name == "relu":
+        return F.relu(z)
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if name == "silu":
+        return F.silu(z)
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
+
+
+def bottleneck_adapter(
+    x: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    *,
+    activation: str = "relu",
+    residual: Tensor | None = None,
+    scaling: float = 1.0,
+    ln_weight: Tensor | None = None,
+    ln_bias: Tensor | None = None,
+    ln_eps: float = 1e-5,
+) -> Tensor:
+    """The bottleneck adapter, unfused:
+
+    ``y = residual + scaling * (act(LN(x) @ down_weight.T + down_bias) @ up_weight.T + up_bias)``
+
+    x: (..., d), down_weight: (m, d), up_weight: (d, m), biases (m,) / (d,) or None.
+    The layer norm applies only when ``ln_weight`` is given; ``residual`` defaults to x.
+    This is the unfused composition (nn.LayerNorm -> nn.Linear -> act -> nn.Linear -> add).
+    """
+    h = x
+    if ln_weight is not None:
+        h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, ln_eps)
+    u = F.linear(apply_activation(activation, F.linear(h, down_weight, down_bias)),
+                 up_weight, up_bias)
+    return (x if residual is None else residual) + scaling * u

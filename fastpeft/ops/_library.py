@@ -44,6 +44,22 @@ SCHEMAS = {
         "Tensor out, Tensor lse, Tensor prompt_lse, bool causal, float scale, "
         "bool gate_tanh) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
+    # y (T, d); mean, rstd (T,) layer-norm statistics of x (empty when ln_weight is None),
+    # float32 (float64 for float64 x). The (T, m) bottleneck is recomputed in backward.
+    "bottleneck_adapter": (
+        "bottleneck_adapter(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
+        "Tensor? up_bias, Tensor? residual, Tensor? ln_weight, Tensor? ln_bias, "
+        "str activation, float scaling, float ln_eps) -> (Tensor, Tensor, Tensor)"
+    ),
+    # (dx, d down_weight, d down_bias (m,), d up_weight, d up_bias (d,), d ln_weight,
+    # d ln_bias); the last two are empty when ln_weight is None. dx includes grad_y when
+    # the residual is x (residual_is_x); otherwise d residual = grad_y needs no kernel.
+    "bottleneck_adapter_backward": (
+        "bottleneck_adapter_backward(Tensor grad_y, Tensor x, Tensor down_weight, "
+        "Tensor? down_bias, Tensor up_weight, Tensor? ln_weight, Tensor? ln_bias, "
+        "Tensor mean, Tensor rstd, str activation, float scaling, bool residual_is_x) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
 }
 
 for _schema in SCHEMAS.values():
