@@ -17,12 +17,21 @@ from .ops import (  # schemas before _C loads
 _backend.load_native()
 _backend.index_kernels(list(_library.SCHEMAS))
 
-from .nn import AdaptionPrompt, LoRALinear  # noqa: E402
+from .nn import (  # noqa: E402
+    ADAPTER_PRESETS,
+    AdapterPreset,
+    AdaptionPrompt,
+    BottleneckAdapter,
+    LoRALinear,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADAPTER_PRESETS",
+    "AdapterPreset",
     "AdaptionPrompt",
+    "BottleneckAdapter",
     "LoRALinear",
     "__version__",
     "bottleneck_adapter",

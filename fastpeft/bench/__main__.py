@@ -12,11 +12,15 @@ import sys
 
 import torch
 
-from . import gated_prefix_attention, lora_linear
+from . import bottleneck_adapter, gated_prefix_attention, lora_linear
 from .runner import MODES, default_device, default_dtype, run_case, shapes_for
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CASES = {"gated_prefix_attention": gated_prefix_attention, "lora_linear": lora_linear}
+CASES = {
+    "bottleneck_adapter": bottleneck_adapter,
+    "gated_prefix_attention": gated_prefix_attention,
+    "lora_linear": lora_linear,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,16 +63,17 @@ def _device_name(device: torch.device) -> str:
 def _print_table(op: str, shape: object, results: list, floor_name: str) -> None:
     print(f"\n{op}  {shape}")
     print(f"  {'mode':<9}{'provider':<13}{'median ms':>10}{'p20':>9}{'p80':>9}"
-          f"{'vs floor':>9}{'saved MB':>10}")
+          f"{'vs floor':>9}{'vs ref':>8}{'saved MB':>10}")
     by_mode: dict[str, dict] = {}
     for r in results:
         by_mode.setdefault(r.mode, {})[r.provider] = r
     for mode, rows in by_mode.items():
-        floor = rows.get(floor_name)
+        floor, ref = rows.get(floor_name), rows.get("reference")
         for name, r in rows.items():
             ratio = f"{r.timing.median_ms / floor.timing.median_ms:.2f}x" if floor else "-"
+            vs_ref = f"{r.timing.median_ms / ref.timing.median_ms:.2f}x" if ref else "-"
             print(f"  {mode:<9}{name:<13}{r.timing.median_ms:>10.3f}{r.timing.p20_ms:>9.3f}"
-                  f"{r.timing.p80_ms:>9.3f}{ratio:>9}{r.saved_bytes / 2**20:>10.2f}")
+                  f"{r.timing.p80_ms:>9.3f}{ratio:>9}{vs_ref:>8}{r.saved_bytes / 2**20:>10.2f}")
 
 
 if __name__ == "__main__":
