@@ -11,7 +11,9 @@ from .ops import (  # schemas before _C loads
     _library,
     bottleneck_adapter,
     gated_prefix_attention,
+    int8_lora_linear,
     lora_linear,
+    quantize_int8,
 )
 
 _backend.load_native()
@@ -22,6 +24,7 @@ from .nn import (  # noqa: E402
     AdapterPreset,
     AdaptionPrompt,
     BottleneckAdapter,
+    Int8LoRALinear,
     LoRALinear,
 )
 
@@ -32,10 +35,13 @@ __all__ = [
     "AdapterPreset",
     "AdaptionPrompt",
     "BottleneckAdapter",
+    "Int8LoRALinear",
     "LoRALinear",
     "__version__",
     "bottleneck_adapter",
     "gated_prefix_attention",
+    "int8_lora_linear",
     "lora_linear",
+    "quantize_int8",
     "use_backend",
 ]

@@ -30,11 +30,14 @@ __all__ = [
     "ACTIVATIONS",
     "apply_activation",
     "bottleneck_adapter",
+    "dequantize_int8",
     "dropout_keep_mask",
     "dropout_threshold",
     "gated_prefix_attention",
+    "int8_lora_linear",
     "lora_linear",
     "philox4x32",
+    "quantize_int8",
 ]
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
@@ -222,3 +225,41 @@ def bottleneck_adapter(
     u = F.linear(apply_activation(activation, F.linear(h, down_weight, down_bias)),
                  up_weight, up_bias)
     return (x if residual is None else residual) + scaling * u
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-row symmetric absmax int8: ``weight ~ qweight * weight_scale[:, None]``.
+
+    ``weight_scale = absmax(row) / 127`` (float32) and ``qweight = round(weight / scale)``,
+    bitsandbytes' row-wise format (``CB``, ``SCB = 127 * weight_scale``). A row of zeros
+    gets scale 0 and zeros.
+    """
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0
+    q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize_int8(qweight: Tensor, weight_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``qweight * weight_scale[:, None]`` computed in float32 (float64 for float64), then
+    cast to ``dtype``."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    return (qweight.to(work) * weight_scale.to(work)[:, None]).to(dtype)
+
+
+def int8_lora_linear(
+    x: Tensor,
+    qweight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | Tensor | None = None,
+) -> Tensor:
+    """:func:`lora_linear` on the dequantised weight (materialised here, never in the
+    fused kernels)."""
+    weight = dequantize_int8(qweight, weight_scale, x.dtype)
+    return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed)

@@ -12,13 +12,14 @@ import sys
 
 import torch
 
-from . import bottleneck_adapter, gated_prefix_attention, lora_linear
+from . import bottleneck_adapter, gated_prefix_attention, int8_lora_linear, lora_linear
 from .runner import MODES, default_device, default_dtype, run_case, shapes_for
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CASES = {
     "bottleneck_adapter": bottleneck_adapter,
     "gated_prefix_attention": gated_prefix_attention,
+    "int8_lora_linear": int8_lora_linear,
     "lora_linear": lora_linear,
 }
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         for shape in shapes[:1] if args.quick else shapes:
             bench_case = case.build(shape, dtype, device)
             results = run_case(bench_case, device, tuple(args.modes), runs=args.runs)
-            _print_table(op, shape, results, bench_case.floor)
+            _print_table(op, shape, results, bench_case.floor, bench_case.weight_bytes)
     return 0
 
 
@@ -60,8 +61,11 @@ def _device_name(device: torch.device) -> str:
     return "CPU"
 
 
-def _print_table(op: str, shape: object, results: list, floor_name: str) -> None:
+def _print_table(op: str, shape: object, results: list, floor_name: str,
+                 weight_bytes: dict[str, int]) -> None:
     print(f"\n{op}  {shape}")
+    if weight_bytes:
+        print("  weights: " + ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in weight_bytes.items()))
     print(f"  {'mode':<9}{'provider':<13}{'median ms':>10}{'p20':>9}{'p80':>9}"
           f"{'vs floor':>9}{'vs ref':>8}{'saved MB':>10}")
     by_mode: dict[str, dict] = {}

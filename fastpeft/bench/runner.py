@@ -36,6 +36,7 @@ class Case:
     make_inputs: Callable[[], tuple[torch.Tensor, ...]]
     floor: str
     params: list[torch.Tensor] = field(default_factory=list)  # not counted as saved bytes
+    weight_bytes: Mapping[str, int] = field(default_factory=dict)  # per provider, if relevant
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from .adaption_prompt import AdaptionPrompt
 from .bottleneck import ADAPTER_PRESETS, AdapterPreset, BottleneckAdapter
+from .int8_lora import Int8LoRALinear
 from .lora import LoRALinear
 
 __all__ = [
@@ -9,5 +10,6 @@ __all__ = [
     "AdapterPreset",
     "AdaptionPrompt",
     "BottleneckAdapter",
+    "Int8LoRALinear",
     "LoRALinear",
 ]

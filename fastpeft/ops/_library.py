@@ -60,6 +60,19 @@ SCHEMAS = {
         "Tensor mean, Tensor rstd, str activation, float scaling, bool residual_is_x) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
+    # int8 weight-only base: weight = qweight (out, in) int8 * weight_scale (out,) fp32 per
+    # row. y (T, out) and xa (T, r) as in lora_linear; the float weight is never built.
+    "int8_lora_linear": (
+        "int8_lora_linear(Tensor x, Tensor qweight, Tensor weight_scale, Tensor? bias, "
+        "Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor? seed) "
+        "-> (Tensor, Tensor)"
+    ),
+    # (dx or an empty tensor when not compute_dx, d lora_A, d lora_B)
+    "int8_lora_linear_backward": (
+        "int8_lora_linear_backward(Tensor grad_y, Tensor x, Tensor qweight, "
+        "Tensor weight_scale, Tensor lora_A, Tensor lora_B, Tensor xa, float scaling, "
+        "float dropout_p, Tensor? seed, bool compute_dx) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 
 for _schema in SCHEMAS.values():

@@ -100,9 +100,9 @@ torch.library.register_autograd(
 )
 
 if _backend.TRITON_AVAILABLE:
-    try:
+    try:  # TODO(integration): plain import once the Triton kernels land
         from ..triton import bottleneck_adapter as _triton_bottleneck_adapter
-    except ImportError:  # pragma: no cover - an older triton without what the kernels use
+    except ImportError:
         _triton_bottleneck_adapter = None
     if _triton_bottleneck_adapter is not None:
         torch.library.register_autograd(

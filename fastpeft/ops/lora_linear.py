@@ -76,12 +76,13 @@ if _backend.TRITON_AVAILABLE:
     del _triton_lora_linear
 
 
-def check_lora_args(x, weight, bias, lora_A, lora_B) -> None:
+def check_lora_args(x, weight, bias, lora_A, lora_B, weight_name: str = "weight") -> None:
     """Shape/dtype/device checks shared by ``lora_linear`` and ``int8_lora_linear``."""
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
         raise ValueError(
-            f"x: expected last dimension {in_features} (weight is {tuple(weight.shape)} = "
+            f"x: expected last dimension {in_features} ({weight_name} is "
+            f"{tuple(weight.shape)} = "
             f"(out, in)), got shape {tuple(x.shape)}"
         )
     if bias is not None:

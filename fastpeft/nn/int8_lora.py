@@ -1,0 +1,220 @@
+"""``Int8LoRALinear``: a frozen int8 weight-only base layer with a trainable LoRA branch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import reference
+from ..ops.int8_lora_linear import int8_lora_linear, quantize_int8
+
+__all__ = ["Int8LoRALinear"]
+
+
+class Int8LoRALinear(nn.Module):
+    """``x @ (qweight * weight_scale[:, None]).T + bias + scaling * lora_B(lora_A(dropout(x)))``.
+
+    The base weight is stored at one byte per parameter (per-output-row symmetric int8,
+    bitsandbytes' row-wise format) and is never dequantised in full: the fused op
+    dequantises tile by tile. ``qweight``, ``weight_scale`` and ``bias`` are buffers (the
+    base is frozen); ``lora_A`` / ``lora_B`` are bias-free ``nn.Linear`` layers with PEFT's
+    names and initialisation, so a fresh layer computes exactly the quantised base.
+
+    Build one with :meth:`from_linear` (quantises an ``nn.Linear``) or :meth:`from_bnb`
+    (reuses a bitsandbytes ``Linear8bitLt``'s int8 weight as is).
+
+    Args:
+        in_features, out_features: the layer's sizes.
+        r: LoRA rank (>= 1).
+        lora_alpha: scaling numerator: ``scaling = lora_alpha / r``, or
+            ``lora_alpha / sqrt(r)`` with ``use_rslora``.
+        lora_dropout: dropout probability on the LoRA branch input.
+        bias: whether the base layer has a bias.
+        device, dtype: of the LoRA weights and the bias (the compute dtype: inputs must
+            have it); ``qweight`` is int8 and ``weight_scale`` float32 on ``device``.
+    """
+
+    qweight: Tensor
+    weight_scale: Tensor
+    bias: Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        lora_alpha: float = 1.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features),
+                            ("r", r)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {lora_dropout}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.lora_dropout = float(lora_dropout)
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device)
+        )
+        self.register_buffer("bias", torch.zeros(out_features, **factory) if bias else None)
+        self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
+        self.merged = False
+        self.reset_parameters()
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int,
+        lora_alpha: float = 1.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> Int8LoRALinear:
+        """Quantise ``linear``'s weight (per-row absmax int8); the LoRA weights and the bias
+        keep ``linear``'s dtype and device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout,
+                    use_rslora, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+        q, scale = quantize_int8(w)
+        with torch.no_grad():
+            layer.qweight.copy_(q)
+            layer.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @classmethod
+    def from_bnb(
+        cls,
+        layer: nn.Module,
+        r: int,
+        lora_alpha: float = 1.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> Int8LoRALinear:
+        """Wrap a quantised bitsandbytes ``Linear8bitLt`` (``has_fp16_weights=False``): its
+        ``CB`` becomes ``qweight`` and ``SCB / 127`` ``weight_scale``, without re-quantising.
+
+        ``dtype`` (the compute dtype of the LoRA weights and bias) defaults to the bnb
+        layer's bias dtype, else ``torch.get_default_dtype()``.
+        """
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:  # pragma: no cover - exercised without bitsandbytes
+            raise ImportError("from_bnb needs bitsandbytes (pip install fastpeft[bnb])") from err
+        if not isinstance(layer, bnb.nn.Linear8bitLt):
+            raise TypeError(
+                f"layer: expected a bitsandbytes.nn.Linear8bitLt, got {type(layer).__name__}"
+            )
+        cb = getattr(layer.weight, "CB", None)
+        scb = getattr(layer.weight, "SCB", None)
+        if layer.weight.dtype != torch.int8 or cb is None or scb is None:
+            raise ValueError(
+                "layer: the Linear8bitLt holds no int8 weight; build it with "
+                "has_fp16_weights=False and move it to its device (which quantises it) first"
+            )
+        bias = layer.bias
+        if dtype is None:
+            dtype = bias.dtype if bias is not None else torch.get_default_dtype()
+        out_features, in_features = cb.shape
+        new = cls(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
+                  bias=bias is not None, device=cb.device, dtype=dtype)
+        with torch.no_grad():
+            new.qweight.copy_(cb)
+            new.weight_scale.copy_(scb.float() / 127.0)
+            if bias is not None:
+                new.bias.copy_(bias)
+        return new
+
+    def reset_parameters(self) -> None:
+        """PEFT's initialisation: A Kaiming-uniform (a = sqrt(5)), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    # --- forward --------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        # merged: the LoRA product is inside qweight already; scaling 0 drops the branch
+        return int8_lora_linear(
+            x, self.qweight, self.weight_scale, self.bias, self.lora_A.weight,
+            self.lora_B.weight, 0.0 if self.merged else self.scaling, self.lora_dropout,
+            self.training,
+        )
+
+    # --- float views and merging ----------------------------------------------------------
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``qweight * weight_scale[:, None]`` as a float ``(out, in)`` tensor (in the LoRA
+        dtype unless ``dtype`` is given): a full-size copy, for export and inspection."""
+        return reference.dequantize_int8(self.qweight, self.weight_scale,
+                                         dtype or self.lora_A.weight.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * lora_B @ lora_A`` (out, in) in float32."""
+        return self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
+
+    @torch.no_grad()
+    def to_linear(self, merge_lora: bool = True) -> nn.Linear:
+        """A float ``nn.Linear`` (LoRA dtype and device) with the dequantised weight, plus
+        the LoRA product unless ``merge_lora`` is false or it was merged already."""
+        w = self.dequantized_weight(torch.float32)
+        if merge_lora and not self.merged:
+            w = w + self.delta_weight()
+        dtype = self.lora_A.weight.dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=w.device, dtype=dtype)
+        linear.weight.copy_(w)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    @torch.no_grad()
+    def merge(self) -> float:
+        """Fold the LoRA product into the int8 weight by re-quantising
+        ``dequant(qweight) + delta``; forward then runs the int8 base alone.
+
+        Returns:
+            The error the re-quantisation adds: ``||W' - (W + delta)|| / ||W + delta||``
+            (Frobenius norms; W' is the new dequantised weight). The merge cannot be undone
+            exactly; keep :meth:`to_linear` or the LoRA weights if you need them.
+        """
+        if self.merged:
+            raise RuntimeError("merge: this Int8LoRALinear is already merged")
+        target = self.dequantized_weight(torch.float32) + self.delta_weight()
+        q, scale = quantize_int8(target)
+        self.qweight.copy_(q)
+        self.weight_scale.copy_(scale)
+        self.merged = True
+        err = reference.dequantize_int8(q, scale, torch.float32) - target
+        return (err.norm() / target.norm().clamp_min(torch.finfo(torch.float32).tiny)).item()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+            f"use_rslora={self.use_rslora}, merged={self.merged}"
+        )

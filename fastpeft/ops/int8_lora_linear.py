@@ -1,0 +1,152 @@
+"""``fastpeft.int8_lora_linear`` / ``quantize_int8``: a weight-only int8 base layer with a
+trainable LoRA branch, fused.
+
+    weight = qweight * weight_scale[:, None]          (never materialised in full)
+    y = x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T
+
+The kernels dequantise tile by tile inside the GEMMs (the per-row scale factors out of
+the reduction: ``y[:, n] = weight_scale[n] * (x @ qweight[n])``), and a small-batch path
+streams the int8 weight once, reading one byte per weight. The LoRA branch, its seeded
+dropout mask and the backward formulas are those of :mod:`fastpeft.ops.lora_linear`,
+with ``dx = dy @ weight`` taken through the dequantised weight; the frozen base gets no
+gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend, reference
+from ._checks import check_float_input, check_scalar, check_tensor
+from .lora_linear import _lora_linear_backward_fake, check_lora_args, draw_seed
+
+__all__ = ["int8_lora_linear", "quantize_int8"]
+
+
+@torch.library.register_fake("fastpeft::int8_lora_linear")
+def _int8_lora_linear_fake(x, qweight, weight_scale, bias, lora_A, lora_B, scaling, dropout_p,
+                           seed):
+    return x.new_empty(x.shape[0], qweight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.register_fake("fastpeft::int8_lora_linear_backward")
+def _int8_lora_linear_backward_fake(grad_y, x, qweight, weight_scale, lora_A, lora_B, xa,
+                                    scaling, dropout_p, seed, compute_dx):
+    return _lora_linear_backward_fake(grad_y, x, None, lora_A, lora_B, xa, scaling, dropout_p,
+                                      seed, compute_dx)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, qweight, weight_scale, _bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, qweight, weight_scale, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_adapter(backward_op):
+    """The int8 backward op behind lora_linear's autograd formula (the quantised weight
+    and its scale are frozen buffers: no gradient)."""
+
+    def backward(ctx, grad_y: Tensor, _grad_xa: Tensor | None):
+        x, qweight, weight_scale, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_y = grad_y.contiguous()
+        dx, d_a, d_b = backward_op(grad_y, x, qweight, weight_scale, lora_A, lora_B, xa,
+                                   ctx.scaling, ctx.dropout_p, seed, need_x)
+        d_bias = grad_y.sum(0) if need_bias else None
+        return dx if need_x else None, None, None, d_bias, d_a, d_b, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    "fastpeft::int8_lora_linear",
+    _backward_adapter(torch.ops.fastpeft.int8_lora_linear_backward.default),
+    setup_context=_setup_context,
+)
+
+if _backend.TRITON_AVAILABLE:
+    try:  # TODO(integration): plain import once the Triton kernels land
+        from ..triton import int8_lora_linear as _triton_int8  # registers the triton ops
+    except ImportError:
+        _triton_int8 = None
+if _backend.TRITON_AVAILABLE and _triton_int8 is not None:
+
+    torch.library.register_autograd(
+        "fastpeft::int8_lora_linear_triton",
+        _backward_adapter(torch.ops.fastpeft.int8_lora_linear_backward_triton.default),
+        setup_context=_setup_context,
+    )
+    del _triton_int8
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Quantise a float weight to per-output-row symmetric int8.
+
+    Args:
+        weight: ``(out, in)`` float weight (any float dtype, any device).
+
+    Returns:
+        ``(qweight, weight_scale)``: ``qweight`` int8 ``(out, in)`` in ``[-127, 127]`` and
+        ``weight_scale`` float32 ``(out,)`` with ``weight ~ qweight * weight_scale[:, None]``;
+        bitsandbytes' row-wise format is ``CB = qweight``, ``SCB = 127 * weight_scale``.
+    """
+    check_float_input("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D tensor, got shape {tuple(weight.shape)}")
+    return reference.quantize_int8(weight)
+
+
+def check_int8_weight(x: Tensor, qweight: Tensor, weight_scale: Tensor) -> None:
+    check_tensor("qweight", qweight, ndim=2, dtype=torch.int8, like=x)
+    check_tensor("weight_scale", weight_scale, shape=(qweight.shape[0],), dtype=torch.float32,
+                 like=x)
+
+
+def int8_lora_linear(
+    x: Tensor,
+    qweight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """``x @ (qweight * weight_scale[:, None]).T + bias + scaling * (dropout(x) @ lora_A.T) @
+    lora_B.T``, fused, with the int8 weight dequantised tile by tile.
+
+    Args:
+        x: ``(..., in)`` activations, fp32 / fp16 / bf16 (fp64 for gradcheck).
+        qweight: ``(out, in)`` int8 frozen weight (from :func:`quantize_int8`).
+        weight_scale: ``(out,)`` float32 per-row scales.
+        bias: ``(out,)`` in x's dtype, or ``None``.
+        lora_A: ``(r, in)``; lora_B: ``(out, r)``, in x's dtype.
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
+        dropout_p: dropout probability on the LoRA branch input, ``0 <= p < 1``.
+        training: dropout applies only when true.
+
+    Returns:
+        ``(..., out)`` in x's dtype. Gradients flow to ``x``, ``bias``, ``lora_A`` and
+        ``lora_B``; the quantised weight is frozen.
+    """
+    check_float_input("x", x)
+    check_int8_weight(x, qweight, weight_scale)
+    check_lora_args(x, qweight, bias, lora_A, lora_B, weight_name="qweight")
+    scaling = check_scalar("scaling", scaling)
+    dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
+    p = dropout_p if training else 0.0
+    seed = draw_seed(x.device) if p > 0.0 else None
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    op = _backend.resolve("int8_lora_linear", x.device)
+    if op is None:
+        y = reference.int8_lora_linear(x2, qweight, weight_scale, bias, lora_A, lora_B, scaling,
+                                       p, True, seed)
+    else:
+        y, _ = op(x2, qweight.contiguous(), weight_scale.contiguous(), bias,
+                  lora_A.contiguous(), lora_B.contiguous(), scaling, p, seed)
+    return y.reshape(*lead, qweight.shape[0])
