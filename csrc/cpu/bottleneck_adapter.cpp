@@ -149,10 +149,14 @@ Blocks make_blocks(int64_t T, int64_t d, int64_t elem_size) {
   return b;
 }
 
-// Runs body(task) for every task on the intra-op threads (one task per thread).
+// Runs body(task) for every task on the intra-op threads (one task per thread). The
+// ATen calls inside run below autograd: at::parallel_for does not carry the caller's
+// dispatch-key state to its OpenMP threads, and without the guard an input that requires
+// grad would send the out= GEMMs of a worker thread through autograd (an error).
 template <typename Body>
 void for_each_task(const Blocks& blocks, const Body& body) {
   at::parallel_for(0, blocks.tasks, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t task = begin; task < end; ++task) body(task);
   });
 }
@@ -276,6 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_cpu(
     const std::optional<at::Tensor>& ln_bias, c10::string_view activation, double scaling,
     double ln_eps) {
   constexpr const char* op = "fastpeft::bottleneck_adapter";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing here is differentiated
   const auto [T, d, m] = check_common(op, x_in, down_weight, down_bias, up_weight, ln_weight,
                                       ln_bias);
   check_optional(op, up_bias, "up_bias", {d}, x_in, "x.shape[1]");
@@ -397,6 +402,7 @@ bottleneck_adapter_backward_cpu(
     const at::Tensor& mean_in, const at::Tensor& rstd_in, c10::string_view activation,
     double scaling, bool residual_is_x) {
   constexpr const char* op = "fastpeft::bottleneck_adapter_backward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [T, d, m] = check_common(op, x_in, down_weight, down_bias, up_weight, ln_weight,
                                       ln_bias);
   check_tensor(op, grad_y, "grad_y", {T, d}, x_in, "the shape of x");
