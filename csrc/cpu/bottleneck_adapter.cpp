@@ -436,8 +436,7 @@ bottleneck_adapter_backward_cpu(
   const auto dtype = x.scalar_type();
   auto total = [&](const at::Tensor& t) { return tasks == 1 ? t[0] : t.sum(0); };
   at::Tensor d_down_weight = total(parts.dWd).to(dtype);
-  at::Tensor d_up_weight = total(parts.dWuT).t().to(dtype, /*non_blocking=*/false, /*copy=*/false,
-                                                     at::MemoryFormat::Contiguous);
+  at::Tensor d_up_weight = total(parts.dWuT).t().contiguous().to(dtype);
   at::Tensor d_down_bias = total(parts.dbd).to(dtype);
   at::Tensor d_up_bias = total(parts.dbu).mul_(scaling).to(dtype);
   at::Tensor d_ln_weight = total(parts.dlnw).to(dtype), d_ln_bias = total(parts.dlnb).to(dtype);

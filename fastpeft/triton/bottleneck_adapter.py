@@ -148,6 +148,17 @@ def _sigmoid(v):
 
 
 @triton.jit
+def _sigmoid_pair(v):
+    """(sigmoid(v), 1 - sigmoid(v)) = (sigmoid(v), sigmoid(-v)), both without cancellation
+    (e = exp(-|v|) <= 1 never overflows)."""
+    e = tl.exp(-tl.abs(v))
+    p = 1.0 / (1.0 + e)  # sigmoid(|v|)
+    q = e * p  # sigmoid(-|v|)
+    pos = v >= 0
+    return tl.where(pos, p, q), tl.where(pos, q, p)
+
+
+@triton.jit
 def _act(z, ACT: tl.constexpr):
     if ACT == 0:
         a = tl.where(z > 0, z, 0.0)
@@ -173,14 +184,14 @@ def _act_and_grad(z, ACT: tl.constexpr):
         g = cdf + z * (0.3989422804014327 * tl.exp(-0.5 * z * z))
     elif ACT == 2:
         zz = z * z
-        sg = _sigmoid(z * (1.5957691216057308 + (1.5957691216057308 * 0.044715) * zz))
+        sg, sm = _sigmoid_pair(z * (1.5957691216057308 + (1.5957691216057308 * 0.044715) * zz))
         a = z * sg
-        g = sg + z * (sg * (1.0 - sg)) * (1.5957691216057308 + (1.5957691216057308 * 3.0
-                                                                   * 0.044715) * zz)
+        g = sg + z * (sg * sm) * (1.5957691216057308 + (1.5957691216057308 * 3.0 * 0.044715)
+                                  * zz)
     else:
-        sg = _sigmoid(z)
+        sg, sm = _sigmoid_pair(z)
         a = z * sg
-        g = sg * (1.0 + z * (1.0 - sg))
+        g = sg * (1.0 + z * sm)
     return a, g
 
 

@@ -1,0 +1,228 @@
+// Fused int8 weight-only LoRA linear, CPU: the ops fastpeft::int8_lora_linear and
+// int8_lora_linear_backward.
+//
+//   x (T, K)  qweight Q (N, K) int8  weight_scale sc (N,) fp32  bias b (N,)
+//   lora_A A (R, K)  lora_B B (N, R)  scaling s
+//   W = Q ⊙ sc[:, None], the frozen base weight, never materialised in full
+//
+// This is lora_linear (see lora_linear.cpp for the LoRA math and its derivation) with W
+// in place of the float weight; the LoRA branch, its Philox dropout mask and seed are
+// lora_linear's own code (lora_parts.cpp), so masks are bit-identical between the ops.
+//
+// Forward:   y, xa = LoRA part:  xa = xd @ A^T,  y = b + s * xa @ B^T
+//            y += x @ W^T,  i.e.  y[t, n] += sc[n] * Σ_k x[t, k] * Q[n, k]
+// Backward:  dx, dA, dB = LoRA part:  dB = s * dy^T @ xa,  dA = s * (dy @ B)^T @ xd,
+//                                     dx = c * m ⊙ (s * (dy @ B) @ A)
+//            dx += dy @ W,  i.e.  dx[t, k] += Σ_n (dy[t, n] * sc[n]) * Q[n, k]
+// W gets no gradient (frozen); d bias = Σ_t dy is taken by the Python layer.
+//
+// The base term has two paths, by the number of rows T:
+// * T <= kDecodeMaxRows (decode): memory-bound, so the kernels of int8_gemm_kernels.h
+//   stream Q once, one byte per weight, widening it in registers, and accumulate onto
+//   the LoRA part's output.
+// * larger T: compute-bound, so ATen's GEMM (MKL) does the arithmetic on tiles of W
+//   dequantised into a per-thread fp32 (fp64) buffer sized for L2; threads take disjoint
+//   tiles of the output columns, and the GEMM nested inside at::parallel_for runs
+//   single-threaded. A tile is dequantised once per use: 1/T of the GEMM's work.
+// fp16 / bf16 inputs are converted to fp32 once, and the result rounded once at the end.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/int8_gemm_kernels.h"
+#include "cpu/lora_linear.h"
+#include "cpu/simd.h"
+
+namespace fastpeft::cpu {
+namespace {
+
+// Up to this many rows the streaming kernels beat dequantise + GEMM (measured on Zen 3,
+// d = 4096: see the benchmark notes in the report of the int8 kernels).
+constexpr int64_t kDecodeMaxRows = 16;
+// Blocked path tiles of W, (rows of W) x (columns of W): 512 KiB of fp32, half of L2,
+// leaving room for the GEMM's packed panels of x / dy.
+constexpr int64_t kFwdTileN = 256, kFwdTileK = 512;  // forward: y[:, n-tile] +=
+constexpr int64_t kBwdTileN = 512, kBwdTileK = 256;  // backward: dx[:, k-tile] +=
+
+void check_int8_weight(const char* op, const at::Tensor& qweight,
+                       const at::Tensor& weight_scale, int64_t K) {
+  TORCH_CHECK(qweight.dim() == 2, op, ": qweight must be 2-D, got shape ", qweight.sizes());
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, op, ": qweight must have dtype torch.int8, got ",
+              qweight.scalar_type());
+  TORCH_CHECK(qweight.device().is_cpu(), op, ": qweight must be a CPU tensor, got ",
+              qweight.device());
+  TORCH_CHECK(qweight.is_contiguous(), op, ": qweight must be contiguous");
+  check_size(op, qweight, "qweight", 1, K, "in_features of x");
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK(weight_scale.dim() == 1 && weight_scale.size(0) == N, op,
+              ": weight_scale must have shape (", N, ",) (out_features of qweight), got ",
+              weight_scale.sizes());
+  TORCH_CHECK(weight_scale.scalar_type() == at::kFloat, op,
+              ": weight_scale must have dtype torch.float32, got ", weight_scale.scalar_type());
+  TORCH_CHECK(weight_scale.device().is_cpu(), op, ": weight_scale must be a CPU tensor, got ",
+              weight_scale.device());
+  TORCH_CHECK(weight_scale.is_contiguous(), op, ": weight_scale must be contiguous");
+}
+
+// The accumulation dtype of x's dtype: float64 for float64, float32 otherwise.
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// y (T, N) += x (T, K) @ W^T, y in x's dtype holding the LoRA part.
+void add_int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                     at::Tensor& y) {
+  const int64_t T = x.size(0), K = x.size(1), N = q.size(0);
+  if (T == 0 || N == 0 || K == 0) return;
+  if (T <= kDecodeMaxRows) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "int8_linear", [&] {
+      using acc_t = I8AccOf<scalar_t>;
+      // x in acc_t, lane-interleaved to match the widened groups of Q (T x K: small here)
+      std::vector<acc_t> xp(static_cast<size_t>(T * K));
+      i8_permute_rows(x.const_data_ptr<scalar_t>(), T, K, xp.data());
+      const int64_t groups = div_up(N, kI8Rows);
+      at::parallel_for(0, groups, work_grain(T * K * kI8Rows), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(static_cast<size_t>(T * kI8Rows * VecT<acc_t>::lanes));
+        i8_linear_decode_kernel<scalar_t, acc_t>(
+            xp.data(), q.const_data_ptr<int8_t>(), scale.const_data_ptr<float>(),
+            y.mutable_data_ptr<scalar_t>(), T, K, N, begin * kI8Rows,
+            std::min(N, end * kI8Rows), acc.data());
+      });
+    });
+    return;
+  }
+  const at::Tensor xc = x.to(acc_type(x)).contiguous();  // no copy for fp32 / fp64
+  at::Tensor yc = y.scalar_type() == acc_type(x) ? y : y.to(acc_type(x));
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "int8_linear", [&] {
+    const int64_t tiles = div_up(N, kFwdTileN);
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> buf(static_cast<size_t>(kFwdTileN * kFwdTileK));
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n0 = tile * kFwdTileN, nt = std::min(kFwdTileN, N - n0);
+        at::Tensor y_tile = yc.narrow(1, n0, nt);  // (T, nt), row stride N: GEMM's ldc
+        for (int64_t k0 = 0; k0 < K; k0 += kFwdTileK) {
+          const int64_t kt = std::min(kFwdTileK, K - k0);
+          i8_dequant_tile<scalar_t>(q.const_data_ptr<int8_t>() + n0 * K + k0, K,
+                                    scale.const_data_ptr<float>() + n0, nt, kt, buf.data());
+          const at::Tensor w = at::from_blob(buf.data(), {nt, kt}, xc.options());
+          y_tile.addmm_(xc.narrow(1, k0, kt), w.t());
+        }
+      }
+    });
+  });
+  if (!yc.is_same(y)) y.copy_(yc);
+}
+
+// dx (T, K) += dy (T, N) @ W, dx in x's dtype holding the LoRA term.
+void add_int8_linear_dx(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& scale,
+                        at::Tensor& dx) {
+  const int64_t T = dy.size(0), N = dy.size(1), K = q.size(1);
+  if (T == 0 || N == 0 || K == 0) return;
+  const auto acc = acc_type(dy);
+  if (T <= kDecodeMaxRows) {
+    // (dy ⊙ sc)^T (N, T): the scale folded into dy, one cache line of it per row n
+    const at::Tensor dyT = (dy.to(acc) * scale.to(acc)).t().contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "int8_dx", [&] {
+      using acc_t = I8AccOf<scalar_t>;
+      const int64_t blocks = i8_dx_blocks<acc_t>(K);
+      at::parallel_for(0, blocks, work_grain(T * N * kI8Cols), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc_buf(static_cast<size_t>(T * kI8Cols));
+        i8_dx_decode_kernel<scalar_t, acc_t>(dyT.const_data_ptr<acc_t>(),
+                                             q.const_data_ptr<int8_t>(),
+                                             dx.mutable_data_ptr<scalar_t>(), T, K, N, begin,
+                                             end, acc_buf.data());
+      });
+    });
+    return;
+  }
+  const at::Tensor dyc = dy.to(acc).contiguous();
+  at::Tensor dxc = dx.scalar_type() == acc ? dx : dx.to(acc);
+  AT_DISPATCH_FLOATING_TYPES(dyc.scalar_type(), "int8_dx", [&] {
+    const int64_t tiles = div_up(K, kBwdTileK);
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> buf(static_cast<size_t>(kBwdTileN * kBwdTileK));
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t k0 = tile * kBwdTileK, kt = std::min(kBwdTileK, K - k0);
+        at::Tensor dx_tile = dxc.narrow(1, k0, kt);  // (T, kt), row stride K
+        for (int64_t n0 = 0; n0 < N; n0 += kBwdTileN) {
+          const int64_t nt = std::min(kBwdTileN, N - n0);
+          i8_dequant_tile<scalar_t>(q.const_data_ptr<int8_t>() + n0 * K + k0, K,
+                                    scale.const_data_ptr<float>() + n0, nt, kt, buf.data());
+          const at::Tensor w = at::from_blob(buf.data(), {nt, kt}, dyc.options());
+          dx_tile.addmm_(dyc.narrow(1, n0, nt), w);
+        }
+      }
+    });
+  });
+  if (!dxc.is_same(dx)) dx.copy_(dxc);
+}
+
+// ---------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> int8_lora_linear_cpu(
+    const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& weight_scale,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "fastpeft::int8_lora_linear";
+  check_dtype(op, x);
+  check_matrix(op, x, "x", x);
+  const int64_t K = x.size(1);
+  check_int8_weight(op, qweight, weight_scale, K);
+  const int64_t N = qweight.size(0);
+  check_matrix(op, lora_A, "lora_A", x);
+  check_matrix(op, lora_B, "lora_B", x);
+  const int64_t R = lora_A.size(0);
+  check_size(op, lora_A, "lora_A", 1, K, "in_features of x");
+  check_size(op, lora_B, "lora_B", 0, N, "out_features of qweight");
+  check_size(op, lora_B, "lora_B", 1, R, "rank of lora_A");
+  check_bias(op, bias, N, x);
+  const uint64_t seed_v = read_seed(op, dropout_p, seed);
+
+  auto [y, xa] = lora_forward_part(x, bias, lora_A, lora_B, scaling, dropout_p, seed_v);
+  add_int8_linear(x, qweight, weight_scale, y);  // onto y = b + s * xa @ B^T
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_lora_linear_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& qweight,
+    const at::Tensor& weight_scale, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& xa, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+    bool compute_dx) {
+  constexpr const char* op = "fastpeft::int8_lora_linear_backward";
+  check_dtype(op, x);
+  check_matrix(op, grad_y, "grad_y", x);
+  check_matrix(op, x, "x", x);
+  const int64_t T = x.size(0), K = x.size(1);
+  check_int8_weight(op, qweight, weight_scale, K);
+  const int64_t N = qweight.size(0);
+  check_matrix(op, lora_A, "lora_A", x);
+  check_matrix(op, lora_B, "lora_B", x);
+  check_matrix(op, xa, "xa", x);
+  const int64_t R = lora_A.size(0);
+  check_size(op, lora_A, "lora_A", 1, K, "in_features of x");
+  check_size(op, lora_B, "lora_B", 0, N, "out_features of qweight");
+  check_size(op, lora_B, "lora_B", 1, R, "rank of lora_A");
+  check_size(op, grad_y, "grad_y", 0, T, "rows of x");
+  check_size(op, grad_y, "grad_y", 1, N, "out_features of qweight");
+  check_size(op, xa, "xa", 0, T, "rows of x");
+  check_size(op, xa, "xa", 1, R, "rank of lora_A");
+  const uint64_t seed_v = read_seed(op, dropout_p, seed);
+
+  auto [dx, dA, dB] = lora_backward_part(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p,
+                                         seed_v, compute_dx);
+  if (compute_dx) add_int8_linear_dx(grad_y, qweight, weight_scale, dx);  // onto the LoRA term
+  return {dx, dA, dB};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("int8_lora_linear", &int8_lora_linear_cpu);
+  m.impl("int8_lora_linear_backward", &int8_lora_linear_backward_cpu);
+}
+
+}  // namespace fastpeft::cpu
