@@ -44,7 +44,8 @@ def build(shape: Int8Shape, dtype: torch.dtype, device: torch.device) -> Case:
                                      shape.dropout, True)
 
     providers = {"fastpeft": fused, "reference": unfused, "base": base}
-    params = [base.weight, base.bias, a, b]
+    # frozen weights and buffers are not activations: keep them out of the saved bytes
+    params = [base.weight, base.bias, a, b, fused.qweight, fused.weight_scale, fused.bias]
     weight_bytes = {
         "fastpeft": fused.qweight.nbytes + fused.weight_scale.nbytes,
         "reference": base.weight.nbytes,

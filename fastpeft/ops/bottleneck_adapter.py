@@ -100,16 +100,13 @@ torch.library.register_autograd(
 )
 
 if _backend.TRITON_AVAILABLE:
-    try:  # TODO(integration): plain import once the Triton kernels land
-        from ..triton import bottleneck_adapter as _triton_bottleneck_adapter
-    except ImportError:
-        _triton_bottleneck_adapter = None
-    if _triton_bottleneck_adapter is not None:
-        torch.library.register_autograd(
-            "fastpeft::bottleneck_adapter_triton",
-            _autograd_backward(torch.ops.fastpeft.bottleneck_adapter_backward_triton.default),
-            setup_context=_setup_context,
-        )
+    from ..triton import bottleneck_adapter as _triton_bottleneck_adapter  # registers the ops
+
+    torch.library.register_autograd(
+        "fastpeft::bottleneck_adapter_triton",
+        _autograd_backward(torch.ops.fastpeft.bottleneck_adapter_backward_triton.default),
+        setup_context=_setup_context,
+    )
     del _triton_bottleneck_adapter
 
 

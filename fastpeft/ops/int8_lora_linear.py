@@ -67,11 +67,7 @@ torch.library.register_autograd(
 )
 
 if _backend.TRITON_AVAILABLE:
-    try:  # TODO(integration): plain import once the Triton kernels land
-        from ..triton import int8_lora_linear as _triton_int8  # registers the triton ops
-    except ImportError:
-        _triton_int8 = None
-if _backend.TRITON_AVAILABLE and _triton_int8 is not None:
+    from ..triton import int8_lora_linear as _triton_int8  # registers the triton ops
 
     torch.library.register_autograd(
         "fastpeft::int8_lora_linear_triton",
