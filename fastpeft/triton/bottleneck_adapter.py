@@ -1,59 +1,61 @@
-"""Triton kernels of ``fastpeft::bottleneck_adapter_triton`` / ``bottleneck_adapter_backward_triton``.
+"""Triton kernels of ``fastpeft::bottleneck_adapter_triton`` and
+``fastpeft::bottleneck_adapter_backward_triton``.
 
 Shapes (2-D, contiguous; the public wrapper flattens leading dims): x, residual, y (T, d);
-Wd = down_weight (m, d), bd (m,); Wu = up_weight (d, m), bu (d,); ln_weight / ln_bias (d,).
-M_PAD = next power of two >= max(m, 16) (tl.dot's minimum), padded columns masked to 0.
+Wd = down_weight (m, d), bd (m,); Wu = up_weight (d, m), bu (d,); ln_w, ln_b (d,).
+M_PAD = next power of two >= max(m, 16) (tl.dot's minimum); padded columns are masked to 0
+(act(0) = 0 for every activation, so they stay 0).
 
     h = LN(x) = xhat * ln_w + ln_b,  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps)
     z = h @ Wd^T + bd                                              (T, m)
     y = (residual or x) + s * (act(z) @ Wu^T + bu)
 
-With the layer norm, z is computed as (xhat * ln_w) @ Wd^T + zb with the (m,) vector
-zb = bd + Wd @ ln_b formed once on the host in the accumulation dtype (mathematically the
-same z; ln_b never goes through the low-precision dot). The same product without zb,
-q = (xhat * ln_w) @ Wd^T, also gives the backward its layer-norm row reductions for free
-(below).
+With the layer norm, z is computed as q + zb, q = (xhat * ln_w) @ Wd^T and the (m,) vector
+zb = bd + Wd @ ln_b formed once on the host in the accumulation dtype (the same z; ln_b
+never goes through the low-precision dot). q also gives the backward its layer-norm row
+reductions for free (below).
 
-Forward, one launch (``bottleneck_fwd_kernel``), a program per BLOCK_T rows, the
-(BLOCK_T, M_PAD) bottleneck kept on chip:
-  1. (LN) mean and M2 of each row in one pass over d: per-chunk mean / M2 merged into the
-     running ones (Chan et al.), stable for rows with a large mean; mean, rstd stored;
-  2. z = sum over d chunks of tl.dot(h_chunk, Wd^T chunk), + zb, a = act(z) in registers;
+Forward, one launch (``_bottleneck_fwd``), a program per BLOCK_T rows, the (BLOCK_T, M_PAD)
+bottleneck kept on chip:
+  1. (LN) mean and M2 of each row in one pass over d: the chunk's own mean / M2 merged into
+     the running ones (Chan et al.), stable for rows with a large mean; mean, rstd stored;
+  2. z = sum over d chunks of tl.dot(h chunk, Wd^T chunk), + zb; a = act(z) in registers;
   3. per d chunk: y = res + s * (a @ Wu^T chunk + bu), stored.
 
-Backward (dy = dL/dy, s = scaling), all from x and the saved mean / rstd:
-    a = act(z), dz = s * (dy @ Wu) * act'(z)                       (T, m)
+Backward (dy = dL/dy, s = scaling), recomputing z from x and the saved mean / rstd:
+    a = act(z),  dz = s * (dy @ Wu) * act'(z)                      (T, m)
     d Wu = s * dy^T @ a,  d bu = s * sum_t dy,  d Wd = dz^T @ h,  d bd = sum_t dz
     dh = dz @ Wd;  LN:  g = dh * ln_w,
         dx = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat))
         d ln_w = sum_t dh * xhat,  d ln_b = sum_t dh
     dx += dy when the residual is x.
-The row reductions need no extra pass over d: with c1 = Wd @ ln_w (m,, host),
-    sum_j g_j = dz . c1   and   sum_j g_j xhat_j = dz . q   (q from the z recompute),
-so ``bottleneck_bwd_rows_kernel`` (a program per BLOCK_T rows) reads x twice and dy once
-(twice when dx += dy):
-  1. one pass over d: q += h_chunk @ Wd^T chunk and da += dy_chunk @ Wu chunk (two
-     (BLOCK_T, M_PAD) accumulators); z = q + zb; a and dz are stored as (T, m) scratch in
-     the input dtype (the weight-gradient dots take them in that dtype anyway), the
-     per-block column sums of dz (fp32) for d bd;
-  2. one pass over d: dh = dz @ Wd chunk, dx chunk from the formula above, stored.
-Weight gradients: programs over (d-column blocks x T splits), T split so that d = 4096,
-T = 16384 still fills an H100; each writes fp32 partials (splits, ...), summed by torch:
-  ``bottleneck_bwd_up_kernel``    d Wu[cols] = dy[:, cols]^T @ a, d bu[cols]
-  ``bottleneck_bwd_down_kernel``  d Wd[:, cols] = dz^T @ h[:, cols]; with LN also
-                                  dh[:, cols] = dz @ Wd[:, cols] (recomputed on chip),
-                                  d ln_w[cols], d ln_b[cols]
-(two kernels rather than one: each keeps one (BLOCK_D, M_PAD) accumulator, and together
-they read dy and x once, as one fused kernel would).
+Three launches:
+  ``_bottleneck_bwd_rows``, a program per BLOCK_T rows:
+    1. one pass over d: q += (xhat * ln_w or x) @ Wd^T and da += dy @ Wu (two
+       (BLOCK_T, M_PAD) accumulators); z = q + zb, a = act(z), dz; a and dz are stored as
+       (T, m) scratch in the input dtype (the weight-gradient dots take them in that dtype,
+       as the unfused composition does), the block's fp32 column sums of dz for d bd;
+    2. the row reductions need no pass over d: with c1 = Wd @ ln_w (m,, host),
+           sum_j g_j = dz . c1   and   sum_j g_j xhat_j = dz . q;
+    3. one pass over d: dh = dz @ Wd chunk, dx chunk from the formula above, stored.
+    x is read twice, dy once (twice when dx += dy).
+  ``_bottleneck_bwd_up``    d Wu[cols] = dy[t, cols]^T @ a[t], d bu[cols] = sum_t dy[t, cols]
+  ``_bottleneck_bwd_down``  G[:, cols] = dz[t]^T @ xhat[t, cols] (x without LN)
+    programs over (d-column blocks x T splits), T split so that d = 4096, T = 16384 still
+    fills an H100; each writes fp32 partials (splits, ...) that torch sums. From G:
+        d Wd = G * ln_w + d_bd (x) ln_b,  d ln_w = sum_k Wd * G,  d ln_b = Wd^T @ d_bd
+    (sum_t dh * xhat = sum_k Wd[k] * (dz^T @ xhat)[k] and sum_t dh = Wd^T @ sum_t dz), so no
+    per-row dh is recomputed for the weight gradients; these (m, d) products are torch ops.
 
 Accumulation is fp32 (fp64 for fp64 inputs); h and act(z) are rounded to the input dtype
-before their dots, as the unfused PyTorch composition does; outputs are stored in the
-input dtype, mean / rstd in fp32 (fp64 for fp64 x). fp32 operands use tl.dot's "ieee"
-precision unless torch's float32 matmul precision allows TF32. Float scalars reach a
-GPU kernel as fp32, so ``scaling`` and ``ln_eps`` are passed as fp32 (hi, lo) pairs whose
-sum, formed in fp64, restores the fp64 value for fp64 inputs.
+before their dots, as in the unfused composition; outputs are stored in the input dtype,
+mean / rstd in fp32 (fp64 for fp64 x). fp32 operands use tl.dot's "ieee" precision unless
+torch's float32 matmul precision allows TF32. A float argument reaches a compiled kernel
+as fp32, so ``scaling`` and ``ln_eps`` are passed as fp32 (hi, lo) pairs whose sum, formed
+in fp64, restores the fp64 value for fp64 inputs.
 """
 
+import functools
 import struct
 
 import torch
@@ -74,77 +76,85 @@ __all__ = ["bottleneck_adapter_backward_triton", "bottleneck_adapter_triton"]
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
 # ---------------------------------------------------------------------------------------
-# Configs. The (BLOCK_T, M_PAD) fp32 bottleneck lives in registers, so the row block
-# shrinks as m grows: one list for M_PAD <= 128, one for M_PAD in {256, 512} (chosen on
-# the host, each its own autotuner over the same kernel).
+# Configs, per kernel, operand class and M_PAD (one autotuner each, built on first use).
+# The (BLOCK_T, M_PAD) fp32 bottleneck and the (BLOCK_D, M_PAD) weight tiles live on chip,
+# so the blocks shrink as m grows. "half": fp16 / bf16 operands (tensor cores); "full":
+# fp32 and fp64 operands (fp32 dots without TF32 run on the FMA units, with operands in
+# registers: small tiles). Compiled for sm_90 with Triton 3.9 (ptxas -v): no register
+# spills for bf16 / fp16 / fp32, except "full" bwd_rows at M_PAD 512 (32 bytes; 12 with
+# TF32); fp64 (gradcheck only) spills in a few configs, and its fwd (32, 32) config at
+# M_PAD 512 needs more shared memory than an H100 has (the autotuner skips it).
 # ---------------------------------------------------------------------------------------
 
+_INTERPRETED = {"BLOCK_T": 16, "BLOCK_D": 32}
 
-def _td(bt: int, bd: int) -> dict:
-    return {"BLOCK_T": bt, "BLOCK_D": bd}
-
-
-_INTERPRETED = _td(16, 32)
-
-_FWD_CONFIGS = {
-    "narrow": _cfgs(_INTERPRETED, [
-        (_td(64, 64), 4, 3),
-        (_td(64, 128), 4, 3),
-        (_td(32, 128), 4, 3),
-        (_td(128, 64), 8, 3),
-        (_td(128, 128), 8, 2),
-    ]),
-    "wide": _cfgs(_INTERPRETED, [
-        (_td(16, 64), 4, 2),
-        (_td(16, 32), 4, 3),
-        (_td(32, 32), 8, 3),
-        (_td(32, 64), 8, 2),
-    ]),
+# (BLOCK_T, BLOCK_D, num_warps, num_stages)
+_CONFIGS = {
+    "fwd": {
+        "half": {
+            64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3),
+                 (128, 128, 8, 2)],
+            128: [(64, 64, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3), (64, 32, 8, 3),
+                  (32, 64, 8, 2)],
+            256: [(32, 64, 4, 3), (32, 32, 8, 3), (32, 64, 8, 2), (64, 32, 8, 3),
+                  (16, 32, 4, 3)],
+            512: [(16, 32, 4, 3), (32, 32, 8, 3), (32, 64, 8, 2), (16, 64, 8, 2),
+                  (16, 32, 8, 3)],
+        },
+        "full": {
+            64: [(32, 32, 8, 2), (64, 16, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+            128: [(32, 32, 8, 2), (64, 16, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2)],
+            256: [(32, 32, 8, 2), (64, 16, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+            512: [(16, 16, 4, 2), (16, 16, 8, 2), (32, 32, 8, 2)],
+        },
+    },
+    # Two (BLOCK_T, M_PAD) accumulators and two weight tiles per d step.
+    "bwd_rows": {
+        "half": {
+            64: [(32, 64, 4, 3), (64, 64, 8, 3), (64, 32, 8, 3), (32, 64, 8, 3),
+                 (16, 64, 4, 3)],
+            128: [(32, 32, 4, 3), (32, 64, 8, 3), (16, 64, 4, 3), (32, 32, 8, 3),
+                  (16, 32, 8, 3)],
+            256: [(16, 32, 8, 3), (32, 32, 8, 3), (16, 16, 8, 3), (16, 64, 8, 2)],
+            512: [(16, 16, 8, 3), (16, 16, 8, 2)],
+        },
+        "full": {
+            64: [(32, 32, 8, 2), (64, 16, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
+            128: [(16, 16, 8, 2), (32, 16, 4, 2)],
+            256: [(16, 16, 8, 2)],
+            512: [(16, 16, 8, 2)],
+        },
+    },
+    # One (BLOCK_D, M_PAD) accumulator, T streamed in BLOCK_T steps.
+    "bwd_up": {
+        "half": {
+            64: [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 2),
+                 (32, 128, 4, 3)],
+            128: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3), (64, 32, 4, 3),
+                  (32, 64, 4, 3)],
+            256: [(32, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3), (32, 32, 8, 2),
+                  (64, 32, 4, 3)],
+            512: [(32, 16, 4, 3), (32, 32, 8, 2), (16, 32, 8, 3)],
+        },
+        "full": {
+            64: [(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
+            128: [(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
+            256: [(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 16, 4, 2)],
+            512: [(32, 32, 8, 2), (32, 16, 4, 2)],
+        },
+    },
 }
-# Backward rows kernel: two (BLOCK_T, M_PAD) accumulators, two B tiles per d step.
-_ROWS_CONFIGS = {
-    "narrow": _cfgs(_INTERPRETED, [
-        (_td(32, 64), 4, 3),
-        (_td(64, 64), 4, 3),
-        (_td(64, 64), 8, 3),
-        (_td(32, 128), 4, 2),
-        (_td(64, 32), 4, 4),
-    ]),
-    "wide": _cfgs(_INTERPRETED, [
-        (_td(16, 32), 4, 2),
-        (_td(16, 32), 8, 2),
-        (_td(16, 64), 8, 2),
-        (_td(32, 32), 8, 2),
-    ]),
+_CONFIGS["bwd_down"] = {
+    "half": {**_CONFIGS["bwd_up"]["half"],
+             256: [(32, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3), (32, 32, 8, 2)]},
+    "full": _CONFIGS["bwd_up"]["full"],
 }
-# Weight gradients: one (BLOCK_D, M_PAD) accumulator, T streamed in BLOCK_T steps.
-_WGRAD_CONFIGS = {
-    "narrow": _cfgs(_INTERPRETED, [
-        (_td(64, 64), 4, 3),
-        (_td(32, 64), 4, 3),
-        (_td(64, 128), 8, 3),
-        (_td(128, 64), 8, 2),
-        (_td(32, 128), 4, 3),
-    ]),
-    "wide": _cfgs(_INTERPRETED, [
-        (_td(32, 16), 4, 3),
-        (_td(32, 32), 8, 2),
-        (_td(64, 16), 4, 2),
-        (_td(16, 32), 8, 3),
-    ]),
-}
+_M_TIERS = (64, 128, 256, 512)
 _KEY = ["T_BUCKET", "D", "M_PAD"]
 
 # ---------------------------------------------------------------------------------------
-# Activations (in the accumulation dtype). gelu_tanh uses 1 + tanh(u) = 2 sigmoid(2u):
-#   gelu_tanh(z) = z * sigmoid(2u),  u = sqrt(2/pi) * (z + 0.044715 z^3),
-# which has no cancellation near 0 and needs no tanh.
+# Activations, in the accumulation dtype
 # ---------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
 
 
 @triton.jit
@@ -159,21 +169,10 @@ def _sigmoid_pair(v):
 
 
 @triton.jit
-def _act(z, ACT: tl.constexpr):
-    if ACT == 0:
-        a = tl.where(z > 0, z, 0.0)
-    elif ACT == 1:
-        a = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACT == 2:
-        a = z * _sigmoid(z * (1.5957691216057308 + (1.5957691216057308 * 0.044715) * z * z))
-    else:
-        a = z * _sigmoid(z)
-    return a
-
-
-@triton.jit
 def _act_and_grad(z, ACT: tl.constexpr):
-    """(act(z), act'(z)); act(0) = 0 for every activation, so padded columns stay 0."""
+    """(act(z), act'(z)); act(0) = 0 for every activation, so padded columns stay 0.
+    gelu_tanh uses 1 + tanh(u) = 2 sigmoid(2u): z * sigmoid(2u), u = sqrt(2/pi) (z + 0.044715
+    z^3), with no tanh and no cancellation near 0."""
     if ACT == 0:
         pos = z > 0
         a = tl.where(pos, z, 0.0)
@@ -257,7 +256,8 @@ def _bottleneck_fwd(x_ptr, wd_ptr, zb_ptr, wu_ptr, bu_ptr, res_ptr, lnw_ptr, y_p
         z = tl.dot(xt, wdt, z, input_precision="tf32" if ALLOW_TF32 else "ieee")
     if HAS_ZB:
         z += tl.load(zb_ptr + mm, mask=m_ok, other=0.0)[None, :]
-    a = _act(z, ACT).to(in_ty)
+    a, _ = _act_and_grad(z, ACT)  # the backward's formula; the unused act' is dropped
+    a = a.to(in_ty)
 
     # 3. y = res + s * (a @ Wu^T + bu), chunk by chunk.
     for d0 in range(0, D, BLOCK_D):
@@ -403,14 +403,12 @@ def _bottleneck_bwd_up(dy_ptr, a_ptr, dwu_ptr, dbu_ptr, T, D, M, T_BUCKET, rows_
 
 
 @triton.jit
-def _bottleneck_bwd_down(x_ptr, dz_ptr, wd_ptr, lnw_ptr, lnb_ptr, mean_ptr, rstd_ptr, dwd_ptr,
-                         dlnw_ptr, dlnb_ptr, T, D, M, T_BUCKET, rows_per_split,
-                         HAS_LN: tl.constexpr, HAS_LNB: tl.constexpr, IS_FP64: tl.constexpr,
+def _bottleneck_bwd_down(x_ptr, dz_ptr, mean_ptr, rstd_ptr, g_ptr, T, D, M, T_BUCKET,
+                         rows_per_split, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr,
                          ALLOW_TF32: tl.constexpr, M_PAD: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Partials of d Wd[:, cols] = dz[t]^T @ h[t, cols] over the rows t of split
-    program_id(1); with LN also dh[t, cols] = dz[t] @ Wd[:, cols] and the partials of
-    d ln_w[cols] = sum_t dh * xhat, d ln_b[cols] = sum_t dh."""
+    """Partials of G[:, cols] = dz[t]^T @ src[t, cols] over the rows t of split
+    program_id(1), src = xhat with the layer norm (see the launcher), else x."""
     acc_ty = tl.float64 if IS_FP64 else tl.float32
     in_ty = x_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -421,49 +419,37 @@ def _bottleneck_bwd_down(x_ptr, dz_ptr, wd_ptr, lnw_ptr, lnb_ptr, mean_ptr, rstd
     mm = tl.arange(0, M_PAD)
     m_ok = mm < M
     tt = tl.arange(0, BLOCK_T)
-    acc = tl.zeros((M_PAD, BLOCK_D), dtype=acc_ty)
-    if HAS_LN:
-        lnw = tl.load(lnw_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
-        if HAS_LNB:
-            lnb = tl.load(lnb_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
-        wdc = tl.load(wd_ptr + mm[:, None] * D + cols[None, :],
-                      mask=m_ok[:, None] & col_ok[None, :], other=0.0)
-        gw = tl.zeros((BLOCK_D,), dtype=acc_ty)
-        gb = tl.zeros((BLOCK_D,), dtype=acc_ty)
+    # Computed transposed, G^T[cols] = src[t, cols]^T @ dz[t] (BLOCK_D, M_PAD), like the
+    # d Wu kernel: the FMA path (fp32 without TF32) spills far less in this orientation.
+    acc = tl.zeros((BLOCK_D, M_PAD), dtype=acc_ty)
     for t0 in range(t_lo, t_hi, BLOCK_T):
         rows = t0 + tt
         row_ok = rows < t_hi
-        dzt = tl.load(dz_ptr + rows.to(tl.int64)[:, None] * M + mm[None, :],
-                      mask=row_ok[:, None] & m_ok[None, :], other=0.0)
-        ht = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        # src^T tile (BLOCK_D, BLOCK_T) from row-major x (T, d).
+        src = tl.load(x_ptr + rows.to(tl.int64)[None, :] * D + cols[:, None],
+                      mask=col_ok[:, None] & row_ok[None, :], other=0.0)
         if HAS_LN:
             mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
-            xhat = (ht.to(acc_ty) - mean[:, None]) * rstd[:, None]  # 0 on rows past T
-            dh = tl.dot(dzt, wdc, input_precision="tf32" if ALLOW_TF32 else "ieee")
-            gw += tl.sum(dh * xhat, axis=0)
-            gb += tl.sum(dh, axis=0)
-            hf = xhat * lnw[None, :]
-            if HAS_LNB:
-                hf += lnb[None, :]  # rows past T get h = ln_b, but their dz is 0
-            ht = hf.to(in_ty)
-        acc = tl.dot(tl.trans(dzt), ht, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
-    out = dwd_ptr + split.to(tl.int64) * M * D
-    tl.store(out + mm[:, None] * D + cols[None, :], acc, mask=m_ok[:, None] & col_ok[None, :])
-    if HAS_LN:
-        tl.store(dlnw_ptr + split.to(tl.int64) * D + cols, gw, mask=col_ok)
-        tl.store(dlnb_ptr + split.to(tl.int64) * D + cols, gb, mask=col_ok)
+            src = ((src.to(acc_ty) - mean[None, :]) * rstd[None, :]).to(in_ty)
+        dzt = tl.load(dz_ptr + rows.to(tl.int64)[:, None] * M + mm[None, :],
+                      mask=row_ok[:, None] & m_ok[None, :], other=0.0)
+        acc = tl.dot(src, dzt, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
+    out = g_ptr + split.to(tl.int64) * M * D
+    tl.store(out + mm[None, :] * D + cols[:, None], acc, mask=col_ok[:, None] & m_ok[None, :])
 
 
-def _autotuned(fn, configs: dict) -> dict:
-    return {tier: _tuned(c, key=_KEY)(fn) for tier, c in configs.items()}
+_KERNEL_FNS = {"fwd": _bottleneck_fwd, "bwd_rows": _bottleneck_bwd_rows,
+               "bwd_up": _bottleneck_bwd_up, "bwd_down": _bottleneck_bwd_down}
 
 
-bottleneck_fwd_kernel = _autotuned(_bottleneck_fwd, _FWD_CONFIGS)
-bottleneck_bwd_rows_kernel = _autotuned(_bottleneck_bwd_rows, _ROWS_CONFIGS)
-bottleneck_bwd_up_kernel = _autotuned(_bottleneck_bwd_up, _WGRAD_CONFIGS)
-bottleneck_bwd_down_kernel = _autotuned(_bottleneck_bwd_down, _WGRAD_CONFIGS)
+@functools.cache
+def tuned_kernel(kind: str, operands: str, tier: int):
+    """The autotuned kernel ``kind`` for an operand class ("half" / "full") and M_PAD tier."""
+    configs = _cfgs(_INTERPRETED, [({"BLOCK_T": bt, "BLOCK_D": bd}, w, st)
+                                   for bt, bd, w, st in _CONFIGS[kind][operands][tier]])
+    return _tuned(configs, key=_KEY)(_KERNEL_FNS[kind])
+
 
 # ---------------------------------------------------------------------------------------
 # Launchers / registered ops
@@ -478,8 +464,11 @@ def _m_pad(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
-def _tier(m_pad: int) -> str:
-    return "narrow" if m_pad <= 128 else "wide"
+def _kernel(kind: str, x: Tensor, m_pad: int):
+    """The autotuned kernel for x's dtype and M_PAD (M_PAD > 512 uses the 512 configs)."""
+    operands = "half" if x.dtype in (torch.float16, torch.bfloat16) else "full"
+    tier = next((t for t in _M_TIERS if m_pad <= t), _M_TIERS[-1])
+    return wrap_triton(tuned_kernel(kind, operands, tier))
 
 
 def _act_code(activation: str) -> int:
@@ -546,7 +535,7 @@ def bottleneck_adapter_triton(x: Tensor, down_weight: Tensor, down_bias: Tensor 
     s_hi, s_lo = _hi_lo(scaling)
     e_hi, e_lo = _hi_lo(ln_eps)
     res = x if residual is None else residual.contiguous()
-    wrap_triton(bottleneck_fwd_kernel[_tier(m_pad)])[
+    _kernel("fwd", x, m_pad)[
         lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)
     ](x, down_weight, x if zb is None else zb, up_weight,
       x if up_bias is None else up_bias.contiguous(), res,
@@ -575,8 +564,6 @@ def bottleneck_adapter_backward_triton(
     act = _act_code(activation)
     dx = torch.empty_like(x)
     if T == 0 or D == 0:  # sums over no rows, or over no columns of dy
-        if D == 0:
-            dx.zero_()
         return (dx, torch.zeros_like(down_weight), x.new_zeros(M), torch.zeros_like(up_weight),
                 x.new_zeros(D), x.new_zeros(d_ln), x.new_zeros(d_ln))
     if _skip_launch(x):
@@ -584,53 +571,58 @@ def bottleneck_adapter_backward_triton(
                 x.new_empty(D), x.new_empty(d_ln), x.new_empty(d_ln))
     acc = _acc_dtype(x.dtype)
     m_pad = _m_pad(M)
-    tier = _tier(m_pad)
     s_hi, s_lo = _hi_lo(scaling)
     tb = _t_bucket(T)
     common = dict(IS_FP64=x.dtype == torch.float64, ALLOW_TF32=_allow_tf32(x.dtype),
                   M_PAD=m_pad)
     zb = _z_bias(down_weight, down_bias, ln_bias if has_ln else None, acc)
     if has_ln:
-        ln_weight = ln_weight.contiguous()
         mean, rstd = mean.contiguous(), rstd.contiguous()
-        c1 = torch.mv(down_weight.to(acc), ln_weight.to(acc))
+        wd_acc, lnw_acc = down_weight.to(acc), ln_weight.to(acc)
+        c1 = torch.mv(wd_acc, lnw_acc)
     else:
-        mean = rstd = c1 = ln_weight = x  # placeholders, never read
+        mean = rstd = c1 = x  # placeholders, never read
 
+    # a, dz (T, m) scratch in the input dtype; dbd partials per 16 rows; dx.
     a_scr = x.new_empty((T, M))
     dz_scr = x.new_empty((T, M))
     dbd_part = x.new_empty((triton.cdiv(T, 16), M), dtype=acc)
-    wrap_triton(bottleneck_bwd_rows_kernel[tier])[
-        lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)
-    ](grad_y, x, down_weight, x if zb is None else zb, up_weight, ln_weight, c1, mean, rstd,
-      a_scr, dz_scr, dbd_part, dx, T, D, M, tb, s_hi, s_lo, HAS_LN=has_ln,
-      HAS_ZB=zb is not None, ADD_DY=bool(residual_is_x), ACT=act, **common)
+    _kernel("bwd_rows", x, m_pad)[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
+        grad_y, x, down_weight, x if zb is None else zb, up_weight,
+        ln_weight.contiguous() if has_ln else x, c1, mean, rstd, a_scr, dz_scr, dbd_part, dx,
+        T, D, M, tb, s_hi, s_lo, HAS_LN=has_ln, HAS_ZB=zb is not None,
+        ADD_DY=bool(residual_is_x), ACT=act, **common)
+    d_bd = dbd_part.sum(0)
 
+    # Weight gradients: per-split partials over T, summed here.
     splits, rows_per_split = _t_splits(T, D, m_pad)
     dwu_part = x.new_empty((splits, D, M), dtype=acc)
     dbu_part = x.new_empty((splits, D), dtype=acc)
-    wrap_triton(bottleneck_bwd_up_kernel[tier])[
-        lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), splits)
-    ](grad_y, a_scr, dwu_part, dbu_part, T, D, M, tb, rows_per_split, **common)
-
-    dwd_part = x.new_empty((splits, M, D), dtype=acc)
-    dlnw_part = x.new_empty((splits, d_ln), dtype=acc)
-    dlnb_part = torch.empty_like(dlnw_part)
-    has_lnb = has_ln and ln_bias is not None
-    wrap_triton(bottleneck_bwd_down_kernel[tier])[
-        lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), splits)
-    ](x, dz_scr, down_weight, ln_weight, ln_bias.contiguous() if has_lnb else x, mean, rstd,
-      dwd_part, dlnw_part if has_ln else x, dlnb_part if has_ln else x, T, D, M, tb,
-      rows_per_split, HAS_LN=has_ln, HAS_LNB=has_lnb, **common)
+    _kernel("bwd_up", x, m_pad)[lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), splits)](
+        grad_y, a_scr, dwu_part, dbu_part, T, D, M, tb, rows_per_split, **common)
+    # G = dz^T @ (xhat or x) (m, d). With h = xhat * ln_w + ln_b and dh = dz @ Wd:
+    #   d Wd = G * ln_w + d_bd (x) ln_b,  d ln_w = sum_k Wd * G,  d ln_b = Wd^T @ d_bd
+    # (sum_t dh * xhat = sum_k Wd[k] * (dz^T @ xhat)[k], sum_t dh = Wd^T @ sum_t dz): no
+    # per-row dh is needed here.
+    g_part = x.new_empty((splits, M, D), dtype=acc)
+    _kernel("bwd_down", x, m_pad)[lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), splits)](
+        x, dz_scr, mean, rstd, g_part, T, D, M, tb, rows_per_split, HAS_LN=has_ln, **common)
+    g = g_part.sum(0)
 
     dt = x.dtype
+    if has_ln:
+        d_down_weight = g * lnw_acc
+        if ln_bias is not None:
+            d_down_weight += torch.outer(d_bd, ln_bias.to(acc))
+        d_ln_weight = (wd_acc * g).sum(0).to(dt)
+        d_ln_bias = torch.mv(wd_acc.t(), d_bd).to(dt)
+    else:
+        d_down_weight = g
+        d_ln_weight, d_ln_bias = x.new_empty(0), x.new_empty(0)
     d_up_weight = (dwu_part.sum(0) * scaling).to(dt)
     d_up_bias = (dbu_part.sum(0) * scaling).to(dt)
-    d_down_weight = dwd_part.sum(0).to(dt)
-    d_down_bias = dbd_part.sum(0).to(dt)
-    d_ln_weight = dlnw_part.sum(0).to(dt)
-    d_ln_bias = dlnb_part.sum(0).to(dt)
-    return dx, d_down_weight, d_down_bias, d_up_weight, d_up_bias, d_ln_weight, d_ln_bias
+    return (dx, d_down_weight.to(dt), d_bd.to(dt), d_up_weight, d_up_bias, d_ln_weight,
+            d_ln_bias)
 
 
 # Under the interpreter, keep the ops opaque to AOTDispatcher (see register_opaque).
