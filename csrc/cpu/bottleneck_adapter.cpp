@@ -16,8 +16,8 @@
 //           d ln_w = sum_t dh ⊙ xhat,  d ln_b = sum_t dh
 //   LN off: dx = dh;   and dx += dy when the residual is x.
 //
-// Structure: both ops run over blocks of `tb` rows sized so that a block's (tb, d) buffers
-// stay in L2, split into one contiguous range of blocks per thread ("task"). Per block,
+// Structure: both ops run over blocks of `tb` rows (~1 MiB of x, see kBlockBytes), split
+// into one contiguous range of blocks per thread ("task"). Per block, while it is in cache,
 // everything (T, d)-sized is touched once from memory: forward reads x (and the residual)
 // and writes y; backward reads x and dy and writes dx. The (tb, m) bottleneck lives only
 // in per-task scratch, so nothing (T, m) is ever stored; the price is recomputing z in
@@ -120,14 +120,14 @@ std::tuple<int64_t, int64_t, int64_t> check_common(
 // ---------------------------------------------------------------------------------------
 // Blocks and tasks.
 
-// Bytes of one (tb, d) buffer in the accumulation type. A block has two to four of them
-// live (x, dy, h, dh), so 256 KiB keeps them within the 1 MiB L2 of the machines this was
-// tuned on while leaving >= 32 rows per block for d <= 2048, enough for MKL to run near
-// its peak on the (tb, d) x (d, m) products.
-#ifndef FASTPEFT_BN_BLOCK_BYTES
-#define FASTPEFT_BN_BLOCK_BYTES (256 * 1024)
-#endif
-constexpr int64_t kBlockBytes = FASTPEFT_BN_BLOCK_BYTES;
+// Rows per block. Each GEMM call has MKL pack its weight operand (m x d, 512 KiB at
+// d = 2048, m = 64) again, so a block needs enough rows to amortise that: one Zen 3 core
+// runs the block products at ~65-80 GFLOP/s with 32 rows and ~85 (its peak, about) from
+// 128 rows on. Hence one (tb, d) buffer of ~1 MiB: 128 rows at d = 2048. A block's two to
+// four such buffers (x, dy, h, dh) then spill from L2 to L3, which costs little next to
+// the products and still reads x and dy from DRAM once. Measured, fp32 T = d = 2048,
+// m = 64, one thread, fwd + bwd: 60 ms with 256 KiB blocks, 55 with 1 MiB, 54 with 2 MiB.
+constexpr int64_t kBlockBytes = int64_t{1} << 20;
 constexpr int64_t kMinRows = 8, kMaxRows = 256;
 
 struct Blocks {
@@ -141,9 +141,11 @@ Blocks make_blocks(int64_t T, int64_t d, int64_t elem_size) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t tb = kBlockBytes / std::max<int64_t>(1, d * elem_size) / kMinRows * kMinRows;
   tb = std::clamp(tb, kMinRows, kMaxRows);
-  // Short inputs: smaller blocks, so that every thread gets some.
-  tb = std::min(tb, round_up(div_up(T, threads), kMinRows));
-  b.tb = std::max<int64_t>(tb, 1);
+  // Then as many blocks as that needs, rounded up to a multiple of the thread count, and
+  // rows spread evenly over them: every thread gets the same number of blocks, of about
+  // the same size (short inputs get smaller blocks, down to kMinRows rows).
+  const int64_t n = round_up(div_up(T, tb), threads);
+  b.tb = std::max<int64_t>(1, round_up(div_up(T, std::max<int64_t>(n, 1)), kMinRows));
   b.n = div_up(T, b.tb);
   b.tasks = std::min(threads, b.n);
   return b;
@@ -164,8 +166,14 @@ void for_each_task(const Blocks& blocks, const Body& body) {
 // ---------------------------------------------------------------------------------------
 // The weights in the accumulation type, converted once per call (no copy for fp32/fp64).
 
+// Each GEMM gets its weight operand contiguous in the layout it multiplies by (row-major
+// (K, N)): MKL packs that operand on every call, and packs a transposed view measurably
+// slower (z = h @ Wd^T: 65 vs 79 GFLOP/s at 32 rows, 83 vs 88 at 128, one Zen 3 core).
 struct Params {
-  at::Tensor Wd, Wu;  // (m, d), (d, m), contiguous
+  at::Tensor WdT;     // (d, m) = Wd^T  z = h @ Wd^T
+  at::Tensor WuT;     // (m, d) = Wu^T  u = a @ Wu^T          (forward)
+  at::Tensor Wu;      // (d, m)         da = s * dy @ Wu      (backward)
+  at::Tensor Wd;      // (m, d)         dh = dz @ Wd          (backward)
   at::Tensor bd;      // (m,) or undefined
   at::Tensor lnw;     // (d,) or undefined (no layer norm)
   at::Tensor lnb;     // (d,) or undefined
@@ -178,9 +186,16 @@ at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
 
 Params make_params(const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
                    const at::Tensor& up_weight, const std::optional<at::Tensor>& ln_weight,
-                   const std::optional<at::Tensor>& ln_bias, at::ScalarType acc) {
-  return {as_acc(down_weight, acc), as_acc(up_weight, acc), as_acc(down_bias, acc),
-          as_acc(ln_weight, acc), as_acc(ln_bias, acc)};
+                   const std::optional<at::Tensor>& ln_bias, at::ScalarType acc, bool backward) {
+  Params p;
+  p.WdT = as_acc(down_weight.t(), acc);
+  if (backward) {
+    p.Wu = as_acc(up_weight, acc), p.Wd = as_acc(down_weight, acc);
+  } else {
+    p.WuT = as_acc(up_weight.t(), acc);
+  }
+  p.bd = as_acc(down_bias, acc), p.lnw = as_acc(ln_weight, acc), p.lnb = as_acc(ln_bias, acc);
+  return p;
 }
 
 template <typename T>
@@ -191,9 +206,9 @@ const T* ptr_or_null(const at::Tensor& t) {
 // z = h @ Wd^T + bd into z (rows, m).
 void down_projection(const at::Tensor& h, const Params& p, at::Tensor& z) {
   if (p.bd.defined())
-    at::addmm_out(z, p.bd, h, p.Wd.t());
+    at::addmm_out(z, p.bd, h, p.WdT);
   else
-    at::mm_out(z, h, p.Wd.t());
+    at::mm_out(z, h, p.WdT);
 }
 
 void activation_(Act act, at::Tensor& z) {
@@ -233,12 +248,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& res, const Params& p,
                   at::Tensor& mean, at::Tensor& rstd) {
   using acc_t = acc_of<scalar_t>;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // x readable in place
-  const int64_t T = x.size(0), d = x.size(1), m = p.Wd.size(0);
+  const int64_t T = x.size(0), d = x.size(1), m = p.WdT.size(1);
   const bool ln = p.lnw.defined();
   const Blocks blocks = make_blocks(T, d, sizeof(acc_t));
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const acc_t s = static_cast<acc_t>(scaling), eps = static_cast<acc_t>(ln_eps);
-  const at::Tensor WuT = p.Wu.t();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* rp = res.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -267,7 +281,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& res, const Params& p,
       at::Tensor z = zs.narrow(0, 0, rows), u = us.narrow(0, 0, rows);
       down_projection(h, p, z);
       activation_(act, z);
-      at::mm_out(u, z, WuT);
+      at::mm_out(u, z, p.WuT);
       finish_forward(u.const_data_ptr<acc_t>(), rp + r0 * d, bup, s, rows, d, yp + r0 * d);
     }
   });
@@ -292,7 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_cpu(
   const at::ScalarType acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = x_in.contiguous();
   const at::Tensor res = given(residual) ? residual->contiguous() : x;
-  const Params p = make_params(down_weight, down_bias, up_weight, ln_weight, ln_bias, acc);
+  const Params p = make_params(down_weight, down_bias, up_weight, ln_weight, ln_bias, acc,
+                               /*backward=*/false);
   // The up bias as a full (d,) vector (zeros when absent): the epilogue has one form.
   const at::Tensor bu = given(up_bias) ? as_acc(*up_bias, acc) : at::zeros({d}, x.options().dtype(acc));
   at::Tensor y = at::empty({T, d}, x.options());
@@ -322,7 +337,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const Params& p,
                    bool residual_is_x, const Blocks& blocks, at::Tensor& dx, Partials& parts) {
   using acc_t = acc_of<scalar_t>;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // x, dy, dx used in place
-  const int64_t T = x.size(0), d = x.size(1), m = p.Wd.size(0);
+  const int64_t T = x.size(0), d = x.size(1), m = p.WdT.size(1);
   const bool ln = p.lnw.defined();
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const double s = scaling;
@@ -418,7 +433,8 @@ bottleneck_adapter_backward_cpu(
 
   const at::Tensor x = x_in.contiguous(), dy = grad_y.contiguous();
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  const Params p = make_params(down_weight, down_bias, up_weight, ln_weight, ln_bias, acc);
+  const Params p = make_params(down_weight, down_bias, up_weight, ln_weight, ln_bias, acc,
+                               /*backward=*/true);
   const auto acc_opts = x.options().dtype(acc);
   const Blocks blocks = make_blocks(T, d, c10::elementSize(acc));
   const int64_t tasks = std::max<int64_t>(blocks.tasks, 1), d_ln = ln ? d : 0;

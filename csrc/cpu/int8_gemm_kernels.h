@@ -27,12 +27,18 @@ template <typename scalar_t>
 using I8AccOf = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Widening int8 in registers. GCC 12 lowers __builtin_convertvector from an int8 vector
-// to a float vector element by element (scalar movsx + cvtsi2ss), so the kernels widen by
-// shifts instead: a group of 4 * lanes bytes of Q is loaded as `lanes` 32-bit lanes, and
-// byte j of every lane is sign-extended by (lane << (24 - 8j)) >> 24 (arithmetic), then
-// converted int32 -> acc_t (exact), e.g. vpslld + vpsrad + vcvtdq2ps with AVX2. Part j of
-// the group is the vector of its columns j, 4 + j, 8 + j, ...: the kernels work in this
-// lane-interleaved column order within a group (kI8Perm) and map back at the edges.
+// to a float vector element by element (scalar movsx + cvtsi2ss), so the kernels widen
+// with shifts and masks instead: a group of 4 * lanes bytes of Q is loaded as `lanes`
+// 32-bit lanes, and part j of the group moves byte j of every lane to the top byte with
+// the rest cleared, (lane << (24 - 8j)) & 0xFF000000: as int32 that is exactly
+// byte * 2^24, which converts to acc_t exactly (8 significant bits). With AVX2 a part is
+// vpslld + vpand + vcvtdq2ps (only the shifts compete with the FMAs for ports; a sign
+// extending shift right would add one more). The factor 2^24 is taken out of the other
+// operand instead (x in the forward, dy in the backward, times kI8Unit = 2^-24: exact, a
+// power of two). Part j holds the group's columns j, 4 + j, 8 + j, ...: the kernels work
+// in this lane-interleaved column order within a group (kI8Perm) and map back at the edges.
+constexpr double kI8Unit = 1.0 / 16777216.0;
+
 template <typename acc_t>
 struct QGroup;
 template <>
@@ -57,13 +63,13 @@ FASTPEFT_INLINE typename QGroup<acc_t>::U load_group(const int8_t* p) {
   return u;
 }
 
-template <int J, typename acc_t, typename V = typename VecT<acc_t>::type>
-FASTPEFT_INLINE V group_part(typename QGroup<acc_t>::U u) {
+// Part j (0..3) of a group, times 2^24. j is a constant wherever the kernels unroll, so
+// the shift takes an immediate count (none for j = 3).
+template <typename acc_t, typename V = typename VecT<acc_t>::type>
+FASTPEFT_INLINE V group_part(typename QGroup<acc_t>::U u, int j) {
   using I = typename QGroup<acc_t>::I;
-  if constexpr (J == 3)
-    return __builtin_convertvector((I)u >> 24, V);
-  else  // the left shift on unsigned lanes, so that it is defined for any byte
-    return __builtin_convertvector((I)(u << (24 - 8 * J)) >> 24, V);
+  if (j == 0) return __builtin_convertvector((I)(u << 24), V);  // no mask needed
+  return __builtin_convertvector((I)((u << (24 - 8 * j)) & 0xFF000000u), V);
 }
 
 // Position in the lane-interleaved order of column c of a group: part c % 4, lane c / 4.
@@ -89,25 +95,12 @@ FASTPEFT_INLINE acc_t hsum(V v) {
 // accumulator kept in `acc` (T, kI8Rows vectors) between chunks, so the chunk of x
 // (T x kI8Chunk) and of Q (kI8Rows x kI8Chunk) stay in L1 while all pairs use them, and
 // Q is read from memory once. x comes lane-interleaved (i8_permute_rows) to match the
-// widened parts of Q. The register tile is TR rows of x by NR rows of Q: TR x vectors and
-// one widened Q vector feed TR * NR accumulators (at most 15 of the 16 ymm registers).
-constexpr int64_t kI8Rows = 8, kI8Chunk = 256;
-
-template <int J, int TR, int NR, typename acc_t, typename V>
-FASTPEFT_INLINE void i8_fwd_part(const acc_t* __restrict x, int64_t K,
-                                 const int8_t* __restrict q, V (&a)[TR][NR]) {
-  constexpr int L = VecT<acc_t>::lanes;
-  V xv[TR];
-#pragma GCC unroll 4
-  for (int i = 0; i < TR; ++i) xv[i] = vload(x + i * K + J * L);
-#pragma GCC unroll 8
-  for (int j = 0; j < NR; ++j) {
-    // the group is reloaded per part (an L1 hit) rather than held in NR registers
-    const V w = group_part<J, acc_t>(load_group<acc_t>(q + j * K));
-#pragma GCC unroll 4
-    for (int i = 0; i < TR; ++i) a[i][j] += xv[i] * w;
-  }
-}
+// widened parts of Q. The register tile is TR rows of x by NR rows of Q, TR * NR <= 12
+// accumulators: a widened vector of Q serves TR rows of x, so up to 8 rows share its
+// conversion; with one row of x, 8 rows of Q give the 8 independent FMA chains that hide
+// the FMA latency.
+constexpr int64_t kI8Rows = 8;
+inline int64_t kI8Chunk = 256;  // TUNING
 
 template <int TR, int NR, typename acc_t, typename V = typename VecT<acc_t>::type>
 FASTPEFT_INLINE void i8_fwd_tile(const acc_t* __restrict x, int64_t K,
@@ -116,17 +109,26 @@ FASTPEFT_INLINE void i8_fwd_tile(const acc_t* __restrict x, int64_t K,
   constexpr int L = VecT<acc_t>::lanes;
   constexpr int64_t G = kI8GroupBytes<acc_t>;
   V a[TR][NR];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int i = 0; i < TR; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) a[i][j] = vload(acc + (i * kI8Rows + j) * L);
   for (int64_t k = 0; k < kc; k += G) {
-    i8_fwd_part<0>(x + k, K, q + k, a);
-    i8_fwd_part<1>(x + k, K, q + k, a);
-    i8_fwd_part<2>(x + k, K, q + k, a);
-    i8_fwd_part<3>(x + k, K, q + k, a);
-  }
 #pragma GCC unroll 4
+    for (int part = 0; part < 4; ++part) {
+      V xv[TR];  // with NR == 1 these fold into the FMAs' memory operands
+#pragma GCC unroll 8
+      for (int i = 0; i < TR; ++i) xv[i] = vload(x + i * K + k + part * L);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) {
+        // the group is reloaded per part (an L1 hit) rather than held in NR registers
+        const V w = group_part<acc_t>(load_group<acc_t>(q + j * K + k), part);
+#pragma GCC unroll 8
+        for (int i = 0; i < TR; ++i) a[i][j] += xv[i] * w;
+      }
+    }
+  }
+#pragma GCC unroll 8
   for (int i = 0; i < TR; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) vstore(acc + (i * kI8Rows + j) * L, a[i][j]);
@@ -143,55 +145,118 @@ FASTPEFT_INLINE void i8_fwd_sweep(const acc_t* __restrict x, int64_t K,
   for (; j < ng; ++j) i8_fwd_tile<TR, 1>(x, K, q + j * K, kc, acc + j * L);
 }
 
-// xp (T, K) = x in acc_t with each whole group of columns lane-interleaved
-// (xp[t, g + kI8Perm(c)] = x[t, g + c]) and the tail columns as they are.
+// xp (T, K) = x in acc_t with each whole group of columns lane-interleaved and times
+// 2^-24 (xp[t, g + kI8Perm(c)] = x[t, g + c] * kI8Unit), the tail columns as they are.
 template <typename scalar_t, typename acc_t>
 void i8_permute_rows(const scalar_t* __restrict x, int64_t T, int64_t K, acc_t* __restrict xp) {
   constexpr int64_t G = kI8GroupBytes<acc_t>;
   const int64_t Kg = K / G * G;
+  const acc_t unit = static_cast<acc_t>(kI8Unit);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t g = 0; g < Kg; g += G)
       for (int64_t c = 0; c < G; ++c)
-        xp[t * K + g + kI8Perm<acc_t>(c)] = static_cast<acc_t>(x[t * K + g + c]);
+        xp[t * K + g + kI8Perm<acc_t>(c)] = static_cast<acc_t>(x[t * K + g + c]) * unit;
     for (int64_t k = Kg; k < K; ++k) xp[t * K + k] = static_cast<acc_t>(x[t * K + k]);
   }
 }
 
-// xp (T, K) from i8_permute_rows; y (T, N) in scalar_t, accumulated; acc is per-thread
-// scratch of T * kI8Rows vectors. Columns past the last whole group are a scalar tail.
+// The LoRA branch, fused into the decode forward: y = bias + sxa @ B^T + (x @ W^T).
+template <typename scalar_t, typename acc_t>
+struct I8LoraUp {
+  const acc_t* sxa;       // (T, R): s * xa in acc_t
+  const scalar_t* B;      // (N, R) lora_B
+  const scalar_t* bias;   // (N,), or nullptr
+  int64_t R;
+};
+
+// xa (T, R) = xd @ A^T for the decode path, xd (T, K) and A (R, K) in acc_t: T x R dot
+// products, NR rows of A at a time sharing each vector of xd.
+template <int NR, typename acc_t, typename V = typename VecT<acc_t>::type>
+FASTPEFT_INLINE void i8_lora_dots(const acc_t* __restrict xd, const acc_t* __restrict A,
+                                  int64_t K, acc_t* __restrict out) {
+  constexpr int L = VecT<acc_t>::lanes;
+  const int64_t Kv = K / L * L;
+  V a[NR] = {};
+  for (int64_t k = 0; k < Kv; k += L) {
+    const V xv = vload(xd + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) a[j] += xv * vload(A + j * K + k);
+  }
+  for (int j = 0; j < NR; ++j) {
+    acc_t sum = hsum<acc_t>(a[j]);
+    for (int64_t k = Kv; k < K; ++k) sum += xd[k] * A[j * K + k];
+    out[j] = sum;
+  }
+}
+
+template <typename acc_t>
+FASTPEFT_MULTIVERSION void i8_lora_down_kernel(const acc_t* __restrict xd,
+                                               const acc_t* __restrict A, int64_t T, int64_t K,
+                                               int64_t R, acc_t* __restrict xa) {
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) i8_lora_dots<4>(xd + t * K, A + r * K, K, xa + t * R + r);
+    for (; r < R; ++r) i8_lora_dots<1>(xd + t * K, A + r * K, K, xa + t * R + r);
+  }
+}
+
+// xp (T, K) from i8_permute_rows; y (T, N) in scalar_t, written: y[t, n] = bias[n] +
+// sxa[t, :] . B[n, :] + scale[n] * x[t, :] . Q[n, :], rounded once. acc is per-thread
+// scratch of T * kI8Rows vectors + (R + T) * kI8Rows. Columns past the last whole group
+// are a scalar tail.
 template <typename scalar_t, typename acc_t>
 FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
     const acc_t* __restrict xp, const int8_t* __restrict q, const float* __restrict scale,
-    scalar_t* __restrict y, int64_t T, int64_t K, int64_t N, int64_t n_begin, int64_t n_end,
-    acc_t* __restrict acc) {
+    I8LoraUp<scalar_t, acc_t> up, scalar_t* __restrict y, int64_t T, int64_t K, int64_t N,
+    int64_t n_begin, int64_t n_end, acc_t* __restrict acc) {
   constexpr int L = VecT<acc_t>::lanes;
   constexpr int64_t G = kI8GroupBytes<acc_t>;
-  const int64_t Kg = K / G * G;
+  const int64_t Kg = K / G * G, R = up.R;
+  acc_t* bt = acc + T * kI8Rows * L;  // (R, kI8Rows)  B[group]^T
+  acc_t* lo = bt + R * kI8Rows;       // (T, kI8Rows)  the group's bias + LoRA terms
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kI8Rows) {
     const int64_t ng = std::min(kI8Rows, n_end - n0);
     std::fill(acc, acc + T * kI8Rows * L, acc_t(0));
     const int8_t* qg = q + n0 * K;
     for (int64_t k0 = 0; k0 < Kg; k0 += kI8Chunk) {
       const int64_t kc = std::min(kI8Chunk, Kg - k0);
-      const acc_t* xc = xp + k0;
-      int64_t t0 = 0;
-      for (; t0 + 4 <= T; t0 += 4)
-        i8_fwd_sweep<4, 2>(xc + t0 * K, K, qg + k0, ng, kc, acc + t0 * kI8Rows * L);
-      acc_t* at = acc + t0 * kI8Rows * L;
-      switch (T - t0) {
-        case 3: i8_fwd_sweep<3, 3>(xc + t0 * K, K, qg + k0, ng, kc, at); break;
-        case 2: i8_fwd_sweep<2, 4>(xc + t0 * K, K, qg + k0, ng, kc, at); break;
-        case 1: i8_fwd_sweep<1, 8>(xc + t0 * K, K, qg + k0, ng, kc, at); break;
-        default: break;
+      for (int64_t t0 = 0; t0 < T;) {
+        const acc_t* xt = xp + t0 * K + k0;
+        acc_t* at = acc + t0 * kI8Rows * L;
+        const int64_t rows = T - t0;
+        if (rows >= 4) {
+          i8_fwd_sweep<4, 2>(xt, K, qg + k0, ng, kc, at);
+          t0 += 4;
+          continue;
+        }
+        switch (rows) {  // the rest in one tile
+          case 1: i8_fwd_sweep<1, 8>(xt, K, qg + k0, ng, kc, at); break;
+          case 2: i8_fwd_sweep<2, 4>(xt, K, qg + k0, ng, kc, at); break;
+          default: i8_fwd_sweep<3, 3>(xt, K, qg + k0, ng, kc, at); break;
+        }
+        t0 = T;
       }
     }
+    // the group's LoRA terms, lo[t, j] = bias[n0 + j] + Σ_r sxa[t, r] * B[n0 + j, r],
+    // as rank-1 updates over r of 8-wide rows (vectorised over j)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < kI8Rows; ++j)
+        bt[r * kI8Rows + j] = j < ng ? static_cast<acc_t>(up.B[(n0 + j) * R + r]) : acc_t(0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < kI8Rows; ++j)
+        lo[t * kI8Rows + j] = up.bias && j < ng ? static_cast<acc_t>(up.bias[n0 + j]) : acc_t(0);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t t = 0; t < T; ++t) {
+        const acc_t sx = up.sxa[t * R + r];
+        for (int64_t j = 0; j < kI8Rows; ++j) lo[t * kI8Rows + j] += sx * bt[r * kI8Rows + j];
+      }
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < ng; ++j) {
         const int64_t n = n0 + j;
-        acc_t dot = hsum<acc_t>(vload(acc + (t * kI8Rows + j) * L));
+        acc_t dot = hsum<acc_t>(vload(acc + (t * kI8Rows + j) * L));  // 2^24 x 2^-24
         for (int64_t k = Kg; k < K; ++k) dot += xp[t * K + k] * acc_t(q[n * K + k]);
-        y[t * N + n] = static_cast<scalar_t>(static_cast<acc_t>(y[t * N + n]) +
-                                             static_cast<acc_t>(scale[n]) * dot);
+        const acc_t base = static_cast<acc_t>(scale[n]) * dot;
+        y[t * N + n] = static_cast<scalar_t>(lo[t * kI8Rows + j] + base);
       }
   }
 }
@@ -199,54 +264,78 @@ FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
 // ---------------------------------------------------------------------------------------
 // Backward, small T: dx[t, k] += Σ_n dyT[n, t] * Q[n, k] for all T rows and the column
 // blocks [block_begin, block_end) of kI8Cols columns, with dyT = (dy ⊙ scale)^T (N, T)
-// prepared by the caller, so that the TR values a step over n broadcasts share a cache
-// line. A thread owns its columns of dx (no reduction across threads); for a block, N goes
-// in chunks of kI8RowChunk rows whose Q strip (kI8RowChunk x kI8Cols bytes) and dyT rows
-// stay in L1 while every row tile sweeps them, the block's sums waiting in `acc` (T,
-// kI8Cols, lane-interleaved per group). The register tile is TR rows by NG groups: 4 * NG
-// accumulator vectors per row (at most 12 in all).
-constexpr int64_t kI8Cols = 64, kI8RowChunk = 128;
+// prepared by the caller (times kI8Unit, see group_part), so that the TR values a step
+// over n broadcasts share a cache line. A thread owns its columns of dx (no reduction
+// across threads) and takes them kI8Span blocks at a time, their sums waiting in `acc`
+// (T, kI8Span * kI8Cols, lane-interleaved per group). Rows of Q are K bytes apart (a page
+// each for K = 4096), so a column strip of many rows would miss the TLB and defeat the
+// hardware prefetchers at every row: instead N goes in chunks of kI8RowChunk rows, whose
+// Q segments (kI8RowChunk x kI8Span * kI8Cols bytes: few pages, in L2) all the blocks of
+// the span sweep in turn, each row read front to back, and the first sweep of a block
+// prefetches the block after next. The register tile is TR rows by NV widened vectors
+// (TR * NV <= 12 accumulators); a widened vector serves TR rows, up to 12.
+constexpr int64_t kI8Cols = 64;
+inline int64_t kI8Span = 16, kI8RowChunk = 32;  // TUNING
 
-template <int TR, int NG, typename acc_t, typename V = typename VecT<acc_t>::type>
+// Vectors P0 .. P0 + NV - 1 of the widened columns from q (group v / 4, part v % 4), all
+// compile-time, so a group used by several vectors is loaded once per row.
+template <int TR, int NV, int P0, typename acc_t, typename V = typename VecT<acc_t>::type>
 FASTPEFT_INLINE void i8_dx_tile(const acc_t* __restrict dyT, int64_t T,
                                 const int8_t* __restrict q, int64_t K, int64_t nc,
-                                acc_t* __restrict acc /* [TR][kI8Cols] */) {
+                                int64_t prefetch, acc_t* __restrict acc, int64_t lda) {
   constexpr int L = VecT<acc_t>::lanes;
   constexpr int64_t G = kI8GroupBytes<acc_t>;
-  V a[TR][4 * NG];
-#pragma GCC unroll 4
+  V a[TR][NV];
+#pragma GCC unroll 12
   for (int i = 0; i < TR; ++i)
 #pragma GCC unroll 8
-    for (int v = 0; v < 4 * NG; ++v) a[i][v] = vload(acc + i * kI8Cols + v * L);
+    for (int v = 0; v < NV; ++v) a[i][v] = vload(acc + i * lda + (P0 + v) * L);
   for (int64_t n = 0; n < nc; ++n) {
-#pragma GCC unroll 2
-    for (int g = 0; g < NG; ++g) {
-      const auto u = load_group<acc_t>(q + n * K + g * G);
-      const V w[4] = {group_part<0, acc_t>(u), group_part<1, acc_t>(u),
-                      group_part<2, acc_t>(u), group_part<3, acc_t>(u)};
-#pragma GCC unroll 4
-      for (int i = 0; i < TR; ++i) {
-        const V d = vbroadcast(dyT[n * T + i]);
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) a[i][4 * g + j] += d * w[j];
+    if (prefetch) __builtin_prefetch(q + n * K + prefetch);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const auto u = load_group<acc_t>(q + n * K + (P0 + v) / 4 * G);
+      const V w = group_part<acc_t>(u, (P0 + v) % 4);
+      // broadcasts re-read per vector (L1 hits): holding TR of them would spill
+#pragma GCC unroll 12
+      for (int i = 0; i < TR; ++i) a[i][v] += vbroadcast(dyT[n * T + i]) * w;
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < TR; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(acc + i * lda + (P0 + v) * L, a[i][v]);
+}
+
+// TR rows against the ngr groups of a block: NV / 4 whole groups at a time when NV >= 4
+// (then one at a time), else NV parts of a group at a time. Only the first tile prefetches.
+template <int TR, int NV, typename acc_t>
+FASTPEFT_INLINE void i8_dx_sweep(const acc_t* __restrict dyT, int64_t T,
+                                 const int8_t* __restrict q, int64_t K, int64_t nc, int64_t ngr,
+                                 int64_t prefetch, acc_t* __restrict acc, int64_t lda) {
+  constexpr int64_t G = kI8GroupBytes<acc_t>;
+  if constexpr (NV >= 4) {
+    constexpr int NG = NV / 4;
+    int64_t g = 0;
+    for (; g + NG <= ngr; g += NG, prefetch = 0)
+      i8_dx_tile<TR, NV, 0>(dyT, T, q + g * G, K, nc, prefetch, acc + g * G, lda);
+    for (; g < ngr; ++g, prefetch = 0)
+      i8_dx_tile<TR, 4, 0>(dyT, T, q + g * G, K, nc, prefetch, acc + g * G, lda);
+  } else {
+    for (int64_t g = 0; g < ngr; ++g, prefetch = 0) {
+      const int8_t* qg = q + g * G;
+      acc_t* ag = acc + g * G;
+      i8_dx_tile<TR, NV, 0>(dyT, T, qg, K, nc, prefetch, ag, lda);
+      if constexpr (NV == 1) {
+        i8_dx_tile<TR, 1, 1>(dyT, T, qg, K, nc, 0, ag, lda);
+        i8_dx_tile<TR, 1, 2>(dyT, T, qg, K, nc, 0, ag, lda);
+        i8_dx_tile<TR, 1, 3>(dyT, T, qg, K, nc, 0, ag, lda);
+      } else {
+        static_assert(NV == 2, "a tile covers 1, 2 or a multiple of 4 parts");
+        i8_dx_tile<TR, 2, 2>(dyT, T, qg, K, nc, 0, ag, lda);
       }
     }
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < TR; ++i)
-#pragma GCC unroll 8
-    for (int v = 0; v < 4 * NG; ++v) vstore(acc + i * kI8Cols + v * L, a[i][v]);
-}
-
-// TR rows against the ngr groups of the block: NG groups at a time, then one at a time.
-template <int TR, int NG, typename acc_t>
-FASTPEFT_INLINE void i8_dx_sweep(const acc_t* __restrict dyT, int64_t T,
-                                 const int8_t* __restrict q, int64_t K, int64_t nc,
-                                 int64_t ngr, acc_t* __restrict acc) {
-  constexpr int64_t G = kI8GroupBytes<acc_t>;
-  int64_t g = 0;
-  for (; g + NG <= ngr; g += NG) i8_dx_tile<TR, NG>(dyT, T, q + g * G, K, nc, acc + g * G);
-  for (; g < ngr; ++g) i8_dx_tile<TR, 1>(dyT, T, q + g * G, K, nc, acc + g * G);
 }
 
 // Column blocks of i8_dx_decode_kernel over the whole groups of K (at least one block: it
@@ -256,44 +345,68 @@ inline int64_t i8_dx_blocks(int64_t K) {
   return std::max<int64_t>(1, div_up(K / kI8GroupBytes<acc_t> * kI8GroupBytes<acc_t>, kI8Cols));
 }
 
-// dyT (N, T) in acc_t; dx (T, K) in scalar_t, accumulated; acc is per-thread scratch of
-// T * kI8Cols acc_t.
+// dyT (N, T) in acc_t, times kI8Unit; dx (T, K) in scalar_t, accumulated; acc is
+// per-thread scratch of T * kI8Span * kI8Cols acc_t.
 template <typename scalar_t, typename acc_t>
 FASTPEFT_MULTIVERSION void i8_dx_decode_kernel(
     const acc_t* __restrict dyT, const int8_t* __restrict q, scalar_t* __restrict dx,
     int64_t T, int64_t K, int64_t N, int64_t block_begin, int64_t block_end,
     acc_t* __restrict acc) {
   constexpr int64_t G = kI8GroupBytes<acc_t>;
+  const int64_t lda = kI8Span * kI8Cols;
   const int64_t Kg = K / G * G;
-  for (int64_t block = block_begin; block < block_end; ++block) {
-    const int64_t k0 = block * kI8Cols, kb = std::min(kI8Cols, Kg - k0), ngr = kb / G;
-    std::fill(acc, acc + T * kI8Cols, acc_t(0));
+  for (int64_t s0 = block_begin; s0 < block_end; s0 += kI8Span) {
+    const int64_t s1 = std::min(block_end, s0 + kI8Span);
+    std::fill(acc, acc + T * lda, acc_t(0));
     for (int64_t n0 = 0; n0 < N; n0 += kI8RowChunk) {
       const int64_t nc = std::min(kI8RowChunk, N - n0);
       const acc_t* d = dyT + n0 * T;
-      const int8_t* qs = q + n0 * K + k0;
-      int64_t t0 = 0;
-      for (; t0 + 3 <= T; t0 += 3) i8_dx_sweep<3, 1>(d + t0, T, qs, K, nc, ngr, acc + t0 * kI8Cols);
-      switch (T - t0) {
-        case 2: i8_dx_sweep<2, 1>(d + t0, T, qs, K, nc, ngr, acc + t0 * kI8Cols); break;
-        case 1: i8_dx_sweep<1, 2>(d + t0, T, qs, K, nc, ngr, acc + t0 * kI8Cols); break;
-        default: break;
+      for (int64_t block = s0; block < s1; ++block) {
+        const int64_t k0 = block * kI8Cols, kb = std::min(kI8Cols, Kg - k0), ngr = kb / G;
+        const int64_t prefetch = block + 2 < s1 ? 2 * kI8Cols : 0;
+        const int8_t* qs = q + n0 * K + k0;
+        acc_t* ab = acc + (block - s0) * kI8Cols;
+        for (int64_t t0 = 0; t0 < T;) {
+          const int64_t rows = T - t0, pf = t0 == 0 ? prefetch : 0;
+          const acc_t* dt = d + t0;
+          acc_t* at = ab + t0 * lda;
+          // row tiles: a widened vector serves TR rows; TR * NV <= 12 accumulators
+          if (rows >= 12) {
+            i8_dx_sweep<12, 1>(dt, T, qs, K, nc, ngr, pf, at, lda);
+            t0 += 12;
+          } else if (rows >= 4) {
+            i8_dx_sweep<4, 2>(dt, T, qs, K, nc, ngr, pf, at, lda);
+            t0 += 4;
+          } else if (rows == 3) {
+            i8_dx_sweep<3, 4>(dt, T, qs, K, nc, ngr, pf, at, lda);
+            t0 += 3;
+          } else if (rows == 2) {
+            i8_dx_sweep<2, 4>(dt, T, qs, K, nc, ngr, pf, at, lda);
+            t0 += 2;
+          } else {
+            i8_dx_sweep<1, 8>(dt, T, qs, K, nc, ngr, pf, at, lda);
+            t0 += 1;
+          }
+        }
       }
     }
-    for (int64_t t = 0; t < T; ++t) {
-      scalar_t* row = dx + t * K + k0;
-      const acc_t* sums = acc + t * kI8Cols;
-      for (int64_t c = 0; c < kb; ++c) {
-        const acc_t v = sums[c / G * G + kI8Perm<acc_t>(c % G)];
-        row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) + v);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t block = s0; block < s1; ++block) {
+        const int64_t k0 = block * kI8Cols, kb = std::min(kI8Cols, Kg - k0);
+        const acc_t* sums = acc + t * lda + (block - s0) * kI8Cols;
+        scalar_t* row = dx + t * K + k0;
+        for (int64_t c = 0; c < kb; ++c) {
+          const acc_t v = sums[c / G * G + kI8Perm<acc_t>(c % G)];
+          row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) + v);
+        }
       }
-    }
   }
   if (block_end == i8_dx_blocks<acc_t>(K))
     for (int64_t t = 0; t < T; ++t)
       for (int64_t k = Kg; k < K; ++k) {
         acc_t sum = 0;
         for (int64_t n = 0; n < N; ++n) sum += dyT[n * T + t] * acc_t(q[n * K + k]);
+        sum /= static_cast<acc_t>(kI8Unit);  // exact
         dx[t * K + k] = static_cast<scalar_t>(static_cast<acc_t>(dx[t * K + k]) + sum);
       }
 }

@@ -31,10 +31,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/int8_gemm_kernels.h"
 #include "cpu/lora_linear.h"
+#include "cpu/lora_linear_kernels.h"
+#include "cpu/philox.h"
 #include "cpu/simd.h"
 
 namespace fastpeft::cpu {
@@ -42,11 +46,21 @@ namespace {
 
 // Up to this many rows the streaming kernels beat dequantise + GEMM (measured on Zen 3,
 // d = 4096: see the benchmark notes in the report of the int8 kernels).
-constexpr int64_t kDecodeMaxRows = 16;
+int64_t kDecodeMaxRows = 16;  // TUNING
 // Blocked path tiles of W, (rows of W) x (columns of W): 512 KiB of fp32, half of L2,
 // leaving room for the GEMM's packed panels of x / dy.
-constexpr int64_t kFwdTileN = 256, kFwdTileK = 512;  // forward: y[:, n-tile] +=
-constexpr int64_t kBwdTileN = 512, kBwdTileK = 256;  // backward: dx[:, k-tile] +=
+int64_t kFwdTileN = 256, kFwdTileK = 512;  // forward: y[:, n-tile] += TUNING
+int64_t kBwdTileN = 512, kBwdTileK = 256;  // backward: dx[:, k-tile] += TUNING
+
+struct TuneInit {  // TUNING
+  TuneInit() {
+    if (const char* e = std::getenv("I8_SPAN")) kI8Span = std::atoi(e);
+    if (const char* e = std::getenv("I8_ROWCHUNK")) kI8RowChunk = std::atoi(e);
+    if (const char* e = std::getenv("I8_DECODE_MAX")) kDecodeMaxRows = std::atoi(e);
+    if (const char* e = std::getenv("I8_FWD_TILE")) std::sscanf(e, "%ld,%ld", &kFwdTileN, &kFwdTileK);
+    if (const char* e = std::getenv("I8_BWD_TILE")) std::sscanf(e, "%ld,%ld", &kBwdTileN, &kBwdTileK);
+  }
+} tune_init;
 
 void check_int8_weight(const char* op, const at::Tensor& qweight,
                        const at::Tensor& weight_scale, int64_t K) {
@@ -73,28 +87,71 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// y (T, N) += x (T, K) @ W^T, y in x's dtype holding the LoRA part.
+// Decode path forward (T <= kDecodeMaxRows), the LoRA branch fused: returns (y, xa) with
+// xa = xd @ A^T and y = b + s * xa @ B^T + x @ W^T, written once by the streaming kernel.
+// xd is built as lora_fwd_kernel builds it (the same Philox words, dropout_keep_rows, and
+// the same products, load_dropped), so the mask is bit-identical to lora_linear's; the
+// rank-R products are small here (T x R x (K + N)) and need no packing of A or B.
+std::tuple<at::Tensor, at::Tensor> int8_lora_decode_forward(
+    const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    double scaling, double dropout_p, uint64_t seed) {
+  const int64_t T = x.size(0), K = x.size(1), N = q.size(0), R = lora_A.size(0);
+  at::Tensor y = at::empty({T, N}, x.options()), xa = at::empty({T, R}, x.options());
+  if (T == 0) return {y, xa};
+  const bool dropout = dropout_p > 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_decode", [&] {
+    using acc_t = I8AccOf<scalar_t>;
+    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    const int64_t groups = div_up(K, 4);
+    const acc_t keep_scale = dropout ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
+    std::vector<acc_t> xd(static_cast<size_t>(T * K));
+    if (dropout) {  // as lora_fwd_kernel: keep holds c (float kernels) or 1 (double)
+      const float keep_on = std::is_same_v<acc_t, float> ? static_cast<float>(keep_scale) : 1.0f;
+      std::vector<float> keep(static_cast<size_t>(T * 4 * groups));
+      dropout_keep_rows(seed, 0, groups, T, groups, dropout_threshold(dropout_p), keep_on,
+                        keep.data(), 4 * groups);
+      for (int64_t t = 0; t < T; ++t)
+        load_dropped<scalar_t, acc_t, true>(xs + t * K, K, K, keep.data() + t * 4 * groups,
+                                            keep_scale, xd.data() + t * K);
+    } else {
+      for (int64_t t = 0; t < T; ++t)
+        load_dropped<scalar_t, acc_t, false>(xs + t * K, K, K, nullptr, 1, xd.data() + t * K);
+    }
+    // xa in acc_t, then s * xa for the epilogue (lora_fwd_kernel likewise uses the
+    // unrounded xa for y)
+    const at::Tensor A = lora_A.to(acc_type(x)).contiguous();  // no copy for fp32 / fp64
+    std::vector<acc_t> sxa(static_cast<size_t>(T * R));
+    i8_lora_down_kernel(xd.data(), A.const_data_ptr<acc_t>(), T, K, R, sxa.data());
+    scalar_t* xa_out = xa.mutable_data_ptr<scalar_t>();
+    for (int64_t e = 0; e < T * R; ++e) {
+      xa_out[e] = static_cast<scalar_t>(sxa[e]);
+      sxa[e] *= static_cast<acc_t>(scaling);
+    }
+    // x in acc_t, lane-interleaved to match the widened groups of Q, times 2^-24
+    std::vector<acc_t> xp(static_cast<size_t>(T * K));
+    i8_permute_rows(xs, T, K, xp.data());
+    const I8LoraUp<scalar_t, acc_t> up{
+        sxa.data(), lora_B.const_data_ptr<scalar_t>(),
+        bias.has_value() && bias->defined() ? bias->const_data_ptr<scalar_t>() : nullptr, R};
+    const int64_t n_groups = div_up(N, kI8Rows);
+    at::parallel_for(0, n_groups, work_grain(T * K * kI8Rows), [&](int64_t begin, int64_t end) {
+      constexpr int64_t L = VecT<acc_t>::lanes;
+      std::vector<acc_t> acc(static_cast<size_t>((T * L + R + T) * kI8Rows));
+      i8_linear_decode_kernel<scalar_t, acc_t>(
+          xp.data(), q.const_data_ptr<int8_t>(), scale.const_data_ptr<float>(), up,
+          y.mutable_data_ptr<scalar_t>(), T, K, N, begin * kI8Rows, std::min(N, end * kI8Rows),
+          acc.data());
+    });
+  });
+  return {y, xa};
+}
+
+// Blocked path: y (T, N) += x (T, K) @ W^T, y in x's dtype holding the LoRA part.
 void add_int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                      at::Tensor& y) {
   const int64_t T = x.size(0), K = x.size(1), N = q.size(0);
   if (T == 0 || N == 0 || K == 0) return;
-  if (T <= kDecodeMaxRows) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "int8_linear", [&] {
-      using acc_t = I8AccOf<scalar_t>;
-      // x in acc_t, lane-interleaved to match the widened groups of Q (T x K: small here)
-      std::vector<acc_t> xp(static_cast<size_t>(T * K));
-      i8_permute_rows(x.const_data_ptr<scalar_t>(), T, K, xp.data());
-      const int64_t groups = div_up(N, kI8Rows);
-      at::parallel_for(0, groups, work_grain(T * K * kI8Rows), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> acc(static_cast<size_t>(T * kI8Rows * VecT<acc_t>::lanes));
-        i8_linear_decode_kernel<scalar_t, acc_t>(
-            xp.data(), q.const_data_ptr<int8_t>(), scale.const_data_ptr<float>(),
-            y.mutable_data_ptr<scalar_t>(), T, K, N, begin * kI8Rows,
-            std::min(N, end * kI8Rows), acc.data());
-      });
-    });
-    return;
-  }
   const at::Tensor xc = x.to(acc_type(x)).contiguous();  // no copy for fp32 / fp64
   at::Tensor yc = y.scalar_type() == acc_type(x) ? y : y.to(acc_type(x));
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "int8_linear", [&] {
@@ -124,13 +181,14 @@ void add_int8_linear_dx(const at::Tensor& dy, const at::Tensor& q, const at::Ten
   if (T == 0 || N == 0 || K == 0) return;
   const auto acc = acc_type(dy);
   if (T <= kDecodeMaxRows) {
-    // (dy ⊙ sc)^T (N, T): the scale folded into dy, one cache line of it per row n
-    const at::Tensor dyT = (dy.to(acc) * scale.to(acc)).t().contiguous();
+    // (dy ⊙ sc)^T (N, T) times 2^-24 (see group_part): the scale folded into dy, one
+    // cache line of it per row n
+    const at::Tensor dyT = (dy.to(acc) * scale.to(acc)).mul_(kI8Unit).t().contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "int8_dx", [&] {
       using acc_t = I8AccOf<scalar_t>;
       const int64_t blocks = i8_dx_blocks<acc_t>(K);
       at::parallel_for(0, blocks, work_grain(T * N * kI8Cols), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> acc_buf(static_cast<size_t>(T * kI8Cols));
+        std::vector<acc_t> acc_buf(static_cast<size_t>(T * kI8Span * kI8Cols));
         i8_dx_decode_kernel<scalar_t, acc_t>(dyT.const_data_ptr<acc_t>(),
                                              q.const_data_ptr<int8_t>(),
                                              dx.mutable_data_ptr<scalar_t>(), T, K, N, begin,
@@ -182,6 +240,9 @@ std::tuple<at::Tensor, at::Tensor> int8_lora_linear_cpu(
   check_bias(op, bias, N, x);
   const uint64_t seed_v = read_seed(op, dropout_p, seed);
 
+  if (x.size(0) <= kDecodeMaxRows)
+    return int8_lora_decode_forward(x, qweight, weight_scale, bias, lora_A, lora_B, scaling,
+                                    dropout_p, seed_v);
   auto [y, xa] = lora_forward_part(x, bias, lora_A, lora_B, scaling, dropout_p, seed_v);
   add_int8_linear(x, qweight, weight_scale, y);  // onto y = b + s * xa @ B^T
   return {y, xa};
