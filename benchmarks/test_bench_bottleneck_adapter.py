@@ -1,48 +1,26 @@
-"""pytest-benchmark suite for bottleneck adapter: ``pytest benchmarks/ --benchmark-only``.
+"""pytest-benchmark suite for the bottleneck adapter: ``pytest benchmarks/ --benchmark-only``.
 
-Same providers and shapes as ``fastpeft-bench --ops bottleneck_adapter``; pytest-benchmark
-times providers one after another (the CLI interleaves them), and groups the table by
-mode so the providers of one mode sit side by side. Saved-for-backward bytes go to
-``extra_info``.
+Same providers and shapes as ``fastpeft-bench --ops bottleneck_adapter`` (its first shape);
+a missing peer library is a skipped test.
 """
 
 import pytest
-import torch
 
-from fastpeft.bench import bottleneck_adapter
-from fastpeft.bench.runner import default_device, default_dtype, shapes_for
-from fastpeft.bench.timing import saved_bytes
+from fastpeft.bench import bottleneck_adapter as case_module
+from fastpeft.bench.runner import default_device, default_dtype, pytest_benchmark_step, shapes_for
 
 DEVICE = default_device()
 DTYPE = default_dtype(DEVICE)
-SHAPE = shapes_for(bottleneck_adapter, DEVICE)[0]
+SHAPE = shapes_for(case_module, DEVICE)[0]
 PROVIDERS = ["fastpeft", "reference", "copy"]
 
 
 @pytest.fixture(scope="module")
 def case():
-    return bottleneck_adapter.build(SHAPE, DTYPE, DEVICE)
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+    return case_module.build(SHAPE, DTYPE, DEVICE)
 
 
 @pytest.mark.parametrize("mode", ["forward", "full"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_bottleneck_adapter(benchmark, case, provider, mode):
-    if provider not in case.providers:
-        pytest.skip(f"{provider} is not installed")
-    f, (x,) = case.providers[provider], case.make_inputs()
-    dy = torch.randn(SHAPE.tokens, SHAPE.hidden, dtype=DTYPE, device=DEVICE)
-    benchmark.group = f"bottleneck_adapter {mode} {SHAPE}"
-    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: f(x), exclude=case.params)
-
-    def step():
-        y = f(x)
-        if mode == "full":
-            y.backward(dy)
-        _sync()
-
-    benchmark.pedantic(step, rounds=20, warmup_rounds=3)
+    pytest_benchmark_step(benchmark, case, provider, mode, f"bottleneck_adapter {SHAPE}", DEVICE)

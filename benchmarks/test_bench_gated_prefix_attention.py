@@ -1,13 +1,13 @@
 """pytest-benchmark suite for gated prefix attention: ``pytest benchmarks/ --benchmark-only``.
 
-Same providers and shapes as ``fastpeft-bench --ops gated_prefix_attention``."""
+Same providers and shapes as ``fastpeft-bench --ops gated_prefix_attention`` (its first shape);
+a missing peer library is a skipped test.
+"""
 
 import pytest
-import torch
 
 from fastpeft.bench import gated_prefix_attention as case_module
-from fastpeft.bench.runner import default_device, default_dtype, shapes_for
-from fastpeft.bench.timing import saved_bytes
+from fastpeft.bench.runner import default_device, default_dtype, pytest_benchmark_step, shapes_for
 
 DEVICE = default_device()
 DTYPE = default_dtype(DEVICE)
@@ -23,16 +23,5 @@ def case():
 @pytest.mark.parametrize("mode", ["forward", "full"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_gated_prefix_attention(benchmark, case, provider, mode):
-    f, inputs = case.providers[provider], case.make_inputs()
-    dy = torch.randn_like(inputs[0])
-    benchmark.group = f"gated_prefix_attention {mode} {SHAPE}"
-    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: f(*inputs), exclude=case.params)
-
-    def step():
-        out = f(*inputs)
-        if mode == "full":
-            out.backward(dy)
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(step, rounds=10, warmup_rounds=2)
+    label = f"gated_prefix_attention {SHAPE}"
+    pytest_benchmark_step(benchmark, case, provider, mode, label, DEVICE)

@@ -1,48 +1,26 @@
 """pytest-benchmark suite for LoRA linear: ``pytest benchmarks/ --benchmark-only``.
 
-Same providers and shapes as ``fastpeft-bench --ops lora_linear``; pytest-benchmark
-times providers one after another (the CLI interleaves them), and groups the table by
-mode so the providers of one mode sit side by side. Saved-for-backward bytes go to
-``extra_info``.
+Same providers and shapes as ``fastpeft-bench --ops lora_linear`` (its first shape);
+a missing peer library is a skipped test.
 """
 
 import pytest
-import torch
 
-from fastpeft.bench import lora_linear
-from fastpeft.bench.runner import default_device, default_dtype, shapes_for
-from fastpeft.bench.timing import saved_bytes
+from fastpeft.bench import lora_linear as case_module
+from fastpeft.bench.runner import default_device, default_dtype, pytest_benchmark_step, shapes_for
 
 DEVICE = default_device()
 DTYPE = default_dtype(DEVICE)
-SHAPE = shapes_for(lora_linear, DEVICE)[0]
+SHAPE = shapes_for(case_module, DEVICE)[0]
 PROVIDERS = ["fastpeft", "reference", "peft", "base"]
 
 
 @pytest.fixture(scope="module")
 def case():
-    return lora_linear.build(SHAPE, DTYPE, DEVICE)
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+    return case_module.build(SHAPE, DTYPE, DEVICE)
 
 
 @pytest.mark.parametrize("mode", ["forward", "full"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_lora_linear(benchmark, case, provider, mode):
-    if provider not in case.providers:
-        pytest.skip(f"{provider} is not installed")
-    f, (x,) = case.providers[provider], case.make_inputs()
-    dy = torch.randn(SHAPE.tokens, SHAPE.d_out, dtype=DTYPE, device=DEVICE)
-    benchmark.group = f"lora_linear {mode} {SHAPE}"
-    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: f(x), exclude=case.params)
-
-    def step():
-        y = f(x)
-        if mode == "full":
-            y.backward(dy)
-        _sync()
-
-    benchmark.pedantic(step, rounds=20, warmup_rounds=3)
+    pytest_benchmark_step(benchmark, case, provider, mode, f"lora_linear {SHAPE}", DEVICE)

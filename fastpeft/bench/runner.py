@@ -69,3 +69,28 @@ def run_case(case: Case, device: torch.device, modes: tuple[str, ...] = MODES,
         for t in inputs:
             t.grad = None
     return results
+
+
+def pytest_benchmark_step(benchmark, case: Case, provider: str, mode: str, label: str,
+                          device: torch.device, rounds: int = 20) -> None:
+    """One (provider, mode) of a case under pytest-benchmark (``benchmarks/``): grouped
+    by ``label`` and mode so the providers of one mode share a table, saved-for-backward
+    bytes in ``extra_info``. pytest-benchmark times providers one after another; the CLI
+    interleaves them."""
+    import pytest
+
+    if provider not in case.providers:
+        pytest.skip(f"{provider} is not installed")
+    f, inputs = case.providers[provider], case.make_inputs()
+    dy = torch.randn_like(f(*inputs))
+    benchmark.group = f"{label} {mode}"
+    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: f(*inputs), exclude=case.params)
+
+    def step():
+        out = f(*inputs)
+        if mode == "full":
+            out.backward(dy)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=2)
