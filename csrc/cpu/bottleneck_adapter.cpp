@@ -24,18 +24,22 @@
 // backward (one extra (tb, d) x (d, m) product per block).
 //
 // The products are ATen GEMMs (MKL) on the cached blocks; inside at::parallel_for they
-// run single-threaded, one per task, which is what we want. Measured on a 2-core Zen 3
-// (T = d = 2048, m = 64): MKL reaches ~80 GFLOP/s per core on these shapes once a block
-// has >= 64 rows, which a hand-written micro-kernel would not beat. The activation and
-// its derivative are ATen's vectorised kernels on the (tb, m) scratch; the (tb, d) passes
+// run single-threaded, one per task, which is what we want. A CPU profile of fwd + bwd
+// (fp32, T = d = 2048, m = 64, one Zen 3 thread) has 41 ms in MKL's sgemm kernel (~90
+// GFLOP/s, about the core's FMA peak), 11 ms in MKL packing its operands and 2 ms in the
+// passes of bottleneck_adapter_kernels.h. A hand-written micro-kernel could save at most
+// the packing, and only by matching that kernel; it was not tried. The activation and its
+// derivative are ATen's vectorised kernels on the (tb, m) scratch; the (tb, d) passes
 // (layer norm, the residual epilogue, the layer-norm backward, conversions) are the loops
 // of bottleneck_adapter_kernels.h.
 //
-// Weight gradients accumulate per task: dWd and dWu^T (m, d), the bias and layer-norm
-// gradients, in the accumulation type, summed over the (few) tasks at the end. dWu is
-// accumulated transposed because a^T @ dy (m x tb times tb x d) runs ~30% faster in MKL
-// than dy^T @ a here. The alternative, storing a and dz (T, m) and doing whole-T GEMMs
-// afterwards, needs x (or h) and dy read from memory a second time and was slower.
+// Parameter gradients accumulate per task (dWd and dWu^T (m, d) in the accumulation type,
+// the bias and layer-norm gradients in double, see Partials) and are summed over the (few)
+// tasks at the end. dWu is accumulated transposed because a^T @ dy (m x tb times tb x d)
+// runs ~30% faster in MKL than dy^T @ a here. The alternative, storing a and dz (T, m)
+// and doing whole-T GEMMs afterwards, spent the same time in MKL (a profile of one
+// thread: 61.6 vs 60.1 ms per fwd + bwd, within noise) but reads x (or recomputes h) and
+// dy from memory a second time.
 //
 // Precision: fp32 / fp16 / bf16 accumulate in fp32 (fp16 / bf16 blocks are converted to
 // fp32 scratch as they are read, weights converted once per call), fp64 in fp64. mean and
@@ -52,6 +56,7 @@
 #include <tuple>
 
 #include "cpu/bottleneck_adapter_kernels.h"
+#include "cpu/checks.h"
 #include "cpu/simd.h"
 
 namespace fastpeft::cpu::bottleneck {
@@ -73,12 +78,6 @@ Act parse_activation(const char* op, c10::string_view name) {
 }
 
 bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-void check_dtype(const char* op, const at::Tensor& x) {
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              op, ": x must be float32, float64, float16 or bfloat16, got ", dt);
-}
 
 // t has the given shape, x's dtype and lives on the CPU.
 void check_tensor(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef shape,
@@ -126,7 +125,8 @@ std::tuple<int64_t, int64_t, int64_t> check_common(
 // 128 rows on. Hence one (tb, d) buffer of ~1 MiB: 128 rows at d = 2048. A block's two to
 // four such buffers (x, dy, h, dh) then spill from L2 to L3, which costs little next to
 // the products and still reads x and dy from DRAM once. Measured, fp32 T = d = 2048,
-// m = 64, one thread, fwd + bwd: 60 ms with 256 KiB blocks, 55 with 1 MiB, 54 with 2 MiB.
+// m = 64, one thread, fwd + bwd (best CPU time of 15): 60 ms with 256 KiB blocks, 55 with
+// 1 MiB; 2 MiB blocks gain nothing more in a profile (MKL's packing time stays the same).
 constexpr int64_t kBlockBytes = int64_t{1} << 20;
 constexpr int64_t kMinRows = 8, kMaxRows = 256;
 
@@ -288,11 +288,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& res, const Params& p,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_cpu(
-    const at::Tensor& x_in, const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
-    const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& ln_weight,
-    const std::optional<at::Tensor>& ln_bias, c10::string_view activation, double scaling,
-    double ln_eps) {
+    const at::Tensor& x_in, const at::Tensor& down_weight,
+    const std::optional<at::Tensor>& down_bias, const at::Tensor& up_weight,
+    const std::optional<at::Tensor>& up_bias, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+    c10::string_view activation, double scaling, double ln_eps) {
   constexpr const char* op = "fastpeft::bottleneck_adapter";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing here is differentiated
   const auto [T, d, m] = check_common(op, x_in, down_weight, down_bias, up_weight, ln_weight,
@@ -309,7 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_cpu(
   const Params p = make_params(down_weight, down_bias, up_weight, ln_weight, ln_bias, acc,
                                /*backward=*/false);
   // The up bias as a full (d,) vector (zeros when absent): the epilogue has one form.
-  const at::Tensor bu = given(up_bias) ? as_acc(*up_bias, acc) : at::zeros({d}, x.options().dtype(acc));
+  const at::Tensor bu =
+      given(up_bias) ? as_acc(*up_bias, acc) : at::zeros({d}, x.options().dtype(acc));
   at::Tensor y = at::empty({T, d}, x.options());
   at::Tensor mean = at::empty({ln ? T : 0}, x.options().dtype(acc)), rstd = at::empty_like(mean);
   if (T == 0) return {y, mean, rstd};
@@ -322,13 +323,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_cpu(
 // ---------------------------------------------------------------------------------------
 // Backward.
 
-// Per-task partial sums of the parameter gradients, in the accumulation type; a leading
-// task dimension, summed at the end.
+// Per-task partial sums of the parameter gradients, with a leading task dimension, summed
+// at the end. The weight gradients are in the accumulation type (each block's GEMM adds
+// onto them, as a whole-T GEMM would accumulate over K); the vector gradients are summed
+// per block in the accumulation type and added up over blocks in double, so that their
+// rounding does not grow with T (a plain fp32 running sum over thousands of rows would be
+// several times less accurate than torch's cascaded sums).
 struct Partials {
-  at::Tensor dWd, dWuT;  // (tasks, m, d)
-  at::Tensor dbd;        // (tasks, m)
-  at::Tensor dbu;        // (tasks, d) sum of dy (times s at the end)
-  at::Tensor dlnw, dlnb; // (tasks, d) or (tasks, 0)
+  at::Tensor dWd, dWuT;  // (tasks, m, d) acc_t
+  at::Tensor dbd;        // (tasks, m) double
+  at::Tensor dbu;        // (tasks, d) double, sum of dy (times s at the end)
+  at::Tensor dln;        // (tasks, 2, d) or (tasks, 2, 0) double: d ln_weight, d ln_bias
 };
 
 template <typename scalar_t>
@@ -356,11 +361,14 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const Params& p,
     at::Tensor hs = ln ? at::empty({tb, d}, opts) : at::Tensor();
     at::Tensor dhs = ln || !kDirect ? at::empty({tb, d}, opts) : at::Tensor();
     at::Tensor small = at::empty({4, tb, m}, opts);
+    // The block's sums of dy, dz, dh * xhat, dh (then added onto the task's partials).
+    at::Tensor vec = at::empty({3 * d + m}, opts);
+    acc_t *sum_dy = vec.mutable_data_ptr<acc_t>(), *sum_dz = sum_dy + d;
+    acc_t *sum_lnw = sum_dz + m, *sum_lnb = sum_lnw + d;
     at::Tensor dWd = parts.dWd[task], dWuT = parts.dWuT[task];
-    acc_t* dbd = parts.dbd[task].mutable_data_ptr<acc_t>();
-    acc_t* dbu = parts.dbu[task].mutable_data_ptr<acc_t>();
-    acc_t* dlnw = ln ? parts.dlnw[task].mutable_data_ptr<acc_t>() : nullptr;
-    acc_t* dlnb = ln ? parts.dlnb[task].mutable_data_ptr<acc_t>() : nullptr;
+    double* dbd = parts.dbd[task].mutable_data_ptr<double>();
+    double* dbu = parts.dbu[task].mutable_data_ptr<double>();
+    double* dln = ln ? parts.dln[task].mutable_data_ptr<double>() : nullptr;
     for (int64_t blk = blocks.first(task); blk < blocks.first(task + 1); ++blk) {
       const int64_t r0 = blk * tb, rows = std::min(tb, T - r0);
       at::Tensor xb = kDirect ? x.narrow(0, r0, rows) : xs.narrow(0, 0, rows);
@@ -386,8 +394,10 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const Params& p,
       // Parameter gradients of the block, onto the task's partials.
       dWuT.addmm_(a.t(), dyb, 1, s);
       dWd.addmm_(dz.t(), h);
-      colsum_into(dya, rows, d, dbu);
-      colsum_into(dz.const_data_ptr<acc_t>(), rows, m, dbd);
+      colsum_block(dya, rows, d, sum_dy);
+      add_wide(sum_dy, d, dbu);
+      colsum_block(dz.const_data_ptr<acc_t>(), rows, m, sum_dz);
+      add_wide(sum_dz, m, dbd);
       // dh = dz @ Wd, then dx.
       if (!ln && kDirect) {  // straight into dx, onto dy when the residual is x
         at::Tensor dxb = dx.narrow(0, r0, rows);
@@ -400,10 +410,12 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const Params& p,
       at::Tensor dh = dhs.narrow(0, 0, rows);
       at::mm_out(dh, dz, p.Wd);
       const acc_t* dhp = dh.const_data_ptr<acc_t>();
-      if (ln)
+      if (ln) {
+        std::fill(sum_lnw, sum_lnw + 2 * d, acc_t(0));
         ln_backward(dhp, xa, rows, d, meanp + r0, rstdp + r0, lnw, residual_is_x ? dya : nullptr,
-                    dxp + r0 * d, dlnw, dlnb);
-      else
+                    dxp + r0 * d, sum_lnw, sum_lnb);
+        add_wide(sum_lnw, 2 * d, dln);  // sum_lnb follows sum_lnw, as d ln_b follows d ln_w
+      } else
         store_dx(dhp, residual_is_x ? dya : nullptr, rows * d, dxp + r0 * d);
     }
   });
@@ -438,9 +450,10 @@ bottleneck_adapter_backward_cpu(
   const auto acc_opts = x.options().dtype(acc);
   const Blocks blocks = make_blocks(T, d, c10::elementSize(acc));
   const int64_t tasks = std::max<int64_t>(blocks.tasks, 1), d_ln = ln ? d : 0;
+  const auto f64 = x.options().dtype(at::kDouble);
   Partials parts{at::zeros({tasks, m, d}, acc_opts), at::zeros({tasks, m, d}, acc_opts),
-                 at::zeros({tasks, m}, acc_opts), at::zeros({tasks, d}, acc_opts),
-                 at::zeros({tasks, d_ln}, acc_opts), at::zeros({tasks, d_ln}, acc_opts)};
+                 at::zeros({tasks, m}, f64), at::zeros({tasks, d}, f64),
+                 at::zeros({tasks, 2, d_ln}, f64)};
   at::Tensor dx = at::empty({T, d}, x.options());
   if (T > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -455,7 +468,10 @@ bottleneck_adapter_backward_cpu(
   at::Tensor d_up_weight = total(parts.dWuT).t().contiguous().to(dtype);
   at::Tensor d_down_bias = total(parts.dbd).to(dtype);
   at::Tensor d_up_bias = total(parts.dbu).mul_(scaling).to(dtype);
-  at::Tensor d_ln_weight = total(parts.dlnw).to(dtype), d_ln_bias = total(parts.dlnb).to(dtype);
+  const at::Tensor dln = total(parts.dln);
+  // (copies even when dtype is double: outputs must not share storage)
+  at::Tensor d_ln_weight = dln[0].to(dtype, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor d_ln_bias = dln[1].to(dtype, /*non_blocking=*/false, /*copy=*/true);
   return {dx, d_down_weight, d_down_bias, d_up_weight, d_up_bias, d_ln_weight, d_ln_bias};
 }
 

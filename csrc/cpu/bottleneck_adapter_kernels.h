@@ -2,7 +2,7 @@
 // math are in bottleneck_adapter.cpp).
 //
 // Every function works on one block of `rows` contiguous rows of width `d` (or `m`) that
-// is hot in L2, in the accumulation type acc_t (float, or double for double inputs);
+// is hot in cache, in the accumulation type acc_t (float, or double for double inputs);
 // scalar_t is the tensors' dtype, so the conversions to and from fp16 / bf16 happen in
 // the same pass as the arithmetic. They are plain loops that GCC vectorises, compiled
 // twice (baseline and AVX2/FMA, simd.h), and called on disjoint blocks from
@@ -99,15 +99,34 @@ FASTPEFT_MULTIVERSION void finish_forward(const acc_t* __restrict u, const scala
   }
 }
 
-// out[j] += sum_i a[i, j] (bias gradients; out is a per-task partial).
+// out[j] = sum_i a[i, j] over a block (bias gradients): eight rows at a time, summed
+// pairwise, so that each sum is a chain of rows / 8 + 3 roundings rather than rows.
 template <typename acc_t>
-FASTPEFT_MULTIVERSION void colsum_into(const acc_t* __restrict a, int64_t rows, int64_t cols,
-                                       acc_t* __restrict out) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const acc_t* ar = a + i * cols;
+FASTPEFT_MULTIVERSION void colsum_block(const acc_t* __restrict a, int64_t rows, int64_t cols,
+                                        acc_t* __restrict out) {
+  for (int64_t j = 0; j < cols; ++j) out[j] = acc_t(0);
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) {
+    const acc_t* r = a + i * cols;
+    const int64_t c = cols;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) out[j] += ar[j];
+    for (int64_t j = 0; j < cols; ++j)
+      out[j] += ((r[j] + r[c + j]) + (r[2 * c + j] + r[3 * c + j])) +
+                ((r[4 * c + j] + r[5 * c + j]) + (r[6 * c + j] + r[7 * c + j]));
   }
+  for (; i < rows; ++i) {
+    const acc_t* r = a + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) out[j] += r[j];
+  }
+}
+
+// partial[j] += v[j] in double: the per-task sums of the vector gradients over blocks.
+template <typename acc_t>
+FASTPEFT_MULTIVERSION void add_wide(const acc_t* __restrict v, int64_t n,
+                                    double* __restrict partial) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) partial[j] += static_cast<double>(v[j]);
 }
 
 // dx = dh (+ dy when the residual is x), in dx's dtype: the no-layer-norm backward of
@@ -127,7 +146,7 @@ FASTPEFT_MULTIVERSION void store_dx(const acc_t* __restrict dh, const acc_t* __r
 // Layer-norm backward of a block, with xhat = (x - mean) * rstd recomputed from x and
 // g = dh * w:
 //   dx     = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat))  (+ dy when the residual is x)
-//   dlnw  += dh * xhat,   dlnb += dh                           (per-task partials)
+//   dlnw  += dh * xhat,   dlnb += dh                           (block sums, zeroed by the caller)
 template <typename scalar_t, typename acc_t>
 FASTPEFT_MULTIVERSION void ln_backward(const acc_t* __restrict dh, const acc_t* __restrict x,
                                        int64_t rows, int64_t d, const acc_t* __restrict mean,

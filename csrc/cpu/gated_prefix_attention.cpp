@@ -39,6 +39,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/checks.h"
 #include "cpu/gated_prefix_attention_kernels.h"
 #include "cpu/simd.h"
 
@@ -220,9 +221,8 @@ void backward_block(const Problem<T>& pr, const BwdIO<T>& io, int64_t b, int64_t
 void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& gate,
                   const std::optional<at::Tensor>& kpm) {
+  check_float_dtype(op, q, "q");
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              op, ": q must be float32, float64, float16 or bfloat16, got ", dt);
   TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, H, M, D), got shape ", q.sizes());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   const std::pair<const at::Tensor*, const char*> named[] = {

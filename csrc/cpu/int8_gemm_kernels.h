@@ -6,11 +6,11 @@
 // the columns of dy in the backward one:
 //   forward   y[t, n]  += scale[n] * Σ_k x[t, k] * Q[n, k]
 //   backward  dx[t, k] += Σ_n (dy[t, n] * scale[n]) * Q[n, k]
-// Both small-T kernels stream Q once and widen it to floats in registers (sign extension
-// and int -> float conversion are exact), so the only memory traffic that grows with the
-// layer is one byte per weight. They are register-blocked on 32-byte vectors (simd.h) with
-// fp32 accumulation (fp64 for double) and multi-versioned for AVX2/FMA; the callers run
-// them on disjoint ranges from at::parallel_for.
+// Both small-T kernels stream Q once and widen it to floats in registers (exactly), so the
+// only memory traffic that grows with the layer is one byte per weight. They are
+// register-blocked on 32-byte vectors (simd.h) with fp32 accumulation (fp64 for double)
+// and multi-versioned for AVX2/FMA; the callers run them on disjoint ranges from
+// at::parallel_for.
 #pragma once
 
 #include <algorithm>
@@ -89,18 +89,26 @@ FASTPEFT_INLINE acc_t hsum(V v) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward, small T: y[t, n] += scale[n] * x[t, :] . Q[n, :] for all T rows and the rows n
-// of [n_begin, n_end). Rows of Q go in groups of kI8Rows; for each, K goes in chunks of
-// kI8Chunk and every (t, n) pair of the group takes the chunk's dot product into a vector
-// accumulator kept in `acc` (T, kI8Rows vectors) between chunks, so the chunk of x
-// (T x kI8Chunk) and of Q (kI8Rows x kI8Chunk) stay in L1 while all pairs use them, and
-// Q is read from memory once. x comes lane-interleaved (i8_permute_rows) to match the
-// widened parts of Q. The register tile is TR rows of x by NR rows of Q, TR * NR <= 12
-// accumulators: a widened vector of Q serves TR rows of x, so up to 8 rows share its
-// conversion; with one row of x, 8 rows of Q give the 8 independent FMA chains that hide
-// the FMA latency.
+// Forward, small T: scale[n] * x[t, :] . Q[n, :] for all T rows and the rows n of
+// [n_begin, n_end). Rows of Q go in groups of kI8Rows; for each, K goes in chunks of
+// i8_fwd_chunk(T) columns and every (t, n) pair of the group takes the chunk's dot product
+// into a vector accumulator kept in `acc` (T, kI8Rows vectors) between chunks, so the
+// chunk of x (16 KiB) and of Q (kI8Rows x chunk bytes) stay in L1 while all pairs use
+// them, and Q is read from memory once. x comes lane-interleaved (i8_permute_rows) to match the
+// widened parts of Q. The register tile is TR rows of x by NR rows of Q: TR x vectors,
+// one widened Q vector and TR * NR <= 9 accumulators. A widened vector serves TR rows of
+// x (4 at most: 8 rows as memory operands measured slower, load-bound); with one row of
+// x, 8 rows of Q give the independent FMA chains that hide the FMA latency.
 constexpr int64_t kI8Rows = 8;
-inline int64_t kI8Chunk = 256;  // TUNING
+
+// Columns per chunk: x's chunk (T rows) fills 16 KiB of L1, at least 256 columns (fewer
+// would spend more on the accumulators' round trips than they save).
+template <typename acc_t>
+inline int64_t i8_fwd_chunk(int64_t T) {
+  const int64_t bytes_per_col = static_cast<int64_t>(sizeof(acc_t)) * std::max<int64_t>(T, 1);
+  const int64_t cols = int64_t{16384} / bytes_per_col;
+  return std::max<int64_t>(256, cols / kI8GroupBytes<acc_t> * kI8GroupBytes<acc_t>);
+}
 
 template <int TR, int NR, typename acc_t, typename V = typename VecT<acc_t>::type>
 FASTPEFT_INLINE void i8_fwd_tile(const acc_t* __restrict x, int64_t K,
@@ -116,7 +124,7 @@ FASTPEFT_INLINE void i8_fwd_tile(const acc_t* __restrict x, int64_t K,
   for (int64_t k = 0; k < kc; k += G) {
 #pragma GCC unroll 4
     for (int part = 0; part < 4; ++part) {
-      V xv[TR];  // with NR == 1 these fold into the FMAs' memory operands
+      V xv[TR];
 #pragma GCC unroll 8
       for (int i = 0; i < TR; ++i) xv[i] = vload(x + i * K + k + part * L);
 #pragma GCC unroll 8
@@ -169,37 +177,6 @@ struct I8LoraUp {
   int64_t R;
 };
 
-// xa (T, R) = xd @ A^T for the decode path, xd (T, K) and A (R, K) in acc_t: T x R dot
-// products, NR rows of A at a time sharing each vector of xd.
-template <int NR, typename acc_t, typename V = typename VecT<acc_t>::type>
-FASTPEFT_INLINE void i8_lora_dots(const acc_t* __restrict xd, const acc_t* __restrict A,
-                                  int64_t K, acc_t* __restrict out) {
-  constexpr int L = VecT<acc_t>::lanes;
-  const int64_t Kv = K / L * L;
-  V a[NR] = {};
-  for (int64_t k = 0; k < Kv; k += L) {
-    const V xv = vload(xd + k);
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) a[j] += xv * vload(A + j * K + k);
-  }
-  for (int j = 0; j < NR; ++j) {
-    acc_t sum = hsum<acc_t>(a[j]);
-    for (int64_t k = Kv; k < K; ++k) sum += xd[k] * A[j * K + k];
-    out[j] = sum;
-  }
-}
-
-template <typename acc_t>
-FASTPEFT_MULTIVERSION void i8_lora_down_kernel(const acc_t* __restrict xd,
-                                               const acc_t* __restrict A, int64_t T, int64_t K,
-                                               int64_t R, acc_t* __restrict xa) {
-  for (int64_t t = 0; t < T; ++t) {
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) i8_lora_dots<4>(xd + t * K, A + r * K, K, xa + t * R + r);
-    for (; r < R; ++r) i8_lora_dots<1>(xd + t * K, A + r * K, K, xa + t * R + r);
-  }
-}
-
 // xp (T, K) from i8_permute_rows; y (T, N) in scalar_t, written: y[t, n] = bias[n] +
 // sxa[t, :] . B[n, :] + scale[n] * x[t, :] . Q[n, :], rounded once. acc is per-thread
 // scratch of T * kI8Rows vectors + (R + T) * kI8Rows. Columns past the last whole group
@@ -211,15 +188,15 @@ FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
     int64_t n_begin, int64_t n_end, acc_t* __restrict acc) {
   constexpr int L = VecT<acc_t>::lanes;
   constexpr int64_t G = kI8GroupBytes<acc_t>;
-  const int64_t Kg = K / G * G, R = up.R;
+  const int64_t Kg = K / G * G, R = up.R, chunk = i8_fwd_chunk<acc_t>(T);
   acc_t* bt = acc + T * kI8Rows * L;  // (R, kI8Rows)  B[group]^T
   acc_t* lo = bt + R * kI8Rows;       // (T, kI8Rows)  the group's bias + LoRA terms
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kI8Rows) {
     const int64_t ng = std::min(kI8Rows, n_end - n0);
     std::fill(acc, acc + T * kI8Rows * L, acc_t(0));
     const int8_t* qg = q + n0 * K;
-    for (int64_t k0 = 0; k0 < Kg; k0 += kI8Chunk) {
-      const int64_t kc = std::min(kI8Chunk, Kg - k0);
+    for (int64_t k0 = 0; k0 < Kg; k0 += chunk) {
+      const int64_t kc = std::min(chunk, Kg - k0);
       for (int64_t t0 = 0; t0 < T;) {
         const acc_t* xt = xp + t0 * K + k0;
         acc_t* at = acc + t0 * kI8Rows * L;
@@ -274,8 +251,7 @@ FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
 // the span sweep in turn, each row read front to back, and the first sweep of a block
 // prefetches the block after next. The register tile is TR rows by NV widened vectors
 // (TR * NV <= 12 accumulators); a widened vector serves TR rows, up to 12.
-constexpr int64_t kI8Cols = 64;
-inline int64_t kI8Span = 16, kI8RowChunk = 32;  // TUNING
+constexpr int64_t kI8Cols = 64, kI8Span = 16, kI8RowChunk = 32;
 
 // Vectors P0 .. P0 + NV - 1 of the widened columns from q (group v / 4, part v % 4), all
 // compile-time, so a group used by several vectors is loaded once per row.
@@ -352,8 +328,7 @@ FASTPEFT_MULTIVERSION void i8_dx_decode_kernel(
     const acc_t* __restrict dyT, const int8_t* __restrict q, scalar_t* __restrict dx,
     int64_t T, int64_t K, int64_t N, int64_t block_begin, int64_t block_end,
     acc_t* __restrict acc) {
-  constexpr int64_t G = kI8GroupBytes<acc_t>;
-  const int64_t lda = kI8Span * kI8Cols;
+  constexpr int64_t G = kI8GroupBytes<acc_t>, lda = kI8Span * kI8Cols;
   const int64_t Kg = K / G * G;
   for (int64_t s0 = block_begin; s0 < block_end; s0 += kI8Span) {
     const int64_t s1 = std::min(block_end, s0 + kI8Span);

@@ -6,33 +6,34 @@
 //   W = Q ⊙ sc[:, None], the frozen base weight, never materialised in full
 //
 // This is lora_linear (see lora_linear.cpp for the LoRA math and its derivation) with W
-// in place of the float weight; the LoRA branch, its Philox dropout mask and seed are
-// lora_linear's own code (lora_parts.cpp), so masks are bit-identical between the ops.
+// in place of the float weight. The LoRA branch is lora_linear's own code (lora_parts.cpp,
+// lora_linear_kernels.h, philox.h), so dropout masks are bit-identical between the ops.
 //
-// Forward:   y, xa = LoRA part:  xa = xd @ A^T,  y = b + s * xa @ B^T
-//            y += x @ W^T,  i.e.  y[t, n] += sc[n] * Σ_k x[t, k] * Q[n, k]
+// Forward:   xa = xd @ A^T,  y = b + s * xa @ B^T + x @ W^T,
+//            x @ W^T = sc[n] * Σ_k x[t, k] * Q[n, k]           (the scale factors out)
 // Backward:  dx, dA, dB = LoRA part:  dB = s * dy^T @ xa,  dA = s * (dy @ B)^T @ xd,
 //                                     dx = c * m ⊙ (s * (dy @ B) @ A)
-//            dx += dy @ W,  i.e.  dx[t, k] += Σ_n (dy[t, n] * sc[n]) * Q[n, k]
+//            dx += dy @ W = Σ_n (dy[t, n] * sc[n]) * Q[n, k]    (the scale folds into dy)
 // W gets no gradient (frozen); d bias = Σ_t dy is taken by the Python layer.
 //
-// The base term has two paths, by the number of rows T:
+// The base GEMMs have two paths, by the number of rows T:
 // * T <= kDecodeMaxRows (decode): memory-bound, so the kernels of int8_gemm_kernels.h
-//   stream Q once, one byte per weight, widening it in registers, and accumulate onto
-//   the LoRA part's output.
+//   stream Q once, one byte per weight, widening it in registers. The forward also fuses
+//   the LoRA branch (int8_lora_decode_forward): at this size packing A and B for the
+//   LoRA kernels would cost a sizeable part of the whole op. The backward accumulates
+//   onto the LoRA part's dx.
 // * larger T: compute-bound, so ATen's GEMM (MKL) does the arithmetic on tiles of W
-//   dequantised into a per-thread fp32 (fp64) buffer sized for L2; threads take disjoint
-//   tiles of the output columns, and the GEMM nested inside at::parallel_for runs
-//   single-threaded. A tile is dequantised once per use: 1/T of the GEMM's work.
-// fp16 / bf16 inputs are converted to fp32 once, and the result rounded once at the end.
+//   dequantised into a per-thread fp32 (fp64) buffer sized for L2, accumulating onto the
+//   LoRA part's y / dx (beta = 1); threads take disjoint tiles of the output columns, and
+//   the GEMM nested inside at::parallel_for runs single-threaded. A tile is dequantised
+//   once per use, 1/T of the GEMM's work. fp16 / bf16 operands are converted to fp32
+//   once, and the result rounded once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <vector>
 
 #include "cpu/int8_gemm_kernels.h"
@@ -44,23 +45,13 @@
 namespace fastpeft::cpu {
 namespace {
 
-// Up to this many rows the streaming kernels beat dequantise + GEMM (measured on Zen 3,
-// d = 4096: see the benchmark notes in the report of the int8 kernels).
-int64_t kDecodeMaxRows = 16;  // TUNING
+// Up to this many rows the streaming kernels beat dequantise + GEMM (measured on a 2-core
+// Zen 3, K = N = 4096: by ~1.3x at T = 16; even at T ~ 24; the GEMM path ahead at 32).
+constexpr int64_t kDecodeMaxRows = 16;
 // Blocked path tiles of W, (rows of W) x (columns of W): 512 KiB of fp32, half of L2,
 // leaving room for the GEMM's packed panels of x / dy.
-int64_t kFwdTileN = 256, kFwdTileK = 512;  // forward: y[:, n-tile] += TUNING
-int64_t kBwdTileN = 512, kBwdTileK = 256;  // backward: dx[:, k-tile] += TUNING
-
-struct TuneInit {  // TUNING
-  TuneInit() {
-    if (const char* e = std::getenv("I8_SPAN")) kI8Span = std::atoi(e);
-    if (const char* e = std::getenv("I8_ROWCHUNK")) kI8RowChunk = std::atoi(e);
-    if (const char* e = std::getenv("I8_DECODE_MAX")) kDecodeMaxRows = std::atoi(e);
-    if (const char* e = std::getenv("I8_FWD_TILE")) std::sscanf(e, "%ld,%ld", &kFwdTileN, &kFwdTileK);
-    if (const char* e = std::getenv("I8_BWD_TILE")) std::sscanf(e, "%ld,%ld", &kBwdTileN, &kBwdTileK);
-  }
-} tune_init;
+constexpr int64_t kFwdTileN = 256, kFwdTileK = 512;  // forward: y[:, n-tile] +=
+constexpr int64_t kBwdTileN = 512, kBwdTileK = 256;  // backward: dx[:, k-tile] +=
 
 void check_int8_weight(const char* op, const at::Tensor& qweight,
                        const at::Tensor& weight_scale, int64_t K) {
@@ -85,6 +76,37 @@ void check_int8_weight(const char* op, const at::Tensor& qweight,
 // The accumulation dtype of x's dtype: float64 for float64, float32 otherwise.
 at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// xa (T, R) = xd @ A^T for the decode path, xd (T, K) and A (R, K) in acc_t: T x R dot
+// products, NR rows of A at a time sharing each vector of xd.
+template <int NR, typename acc_t, typename V = typename VecT<acc_t>::type>
+FASTPEFT_INLINE void i8_lora_dots(const acc_t* __restrict xd, const acc_t* __restrict A,
+                                  int64_t K, acc_t* __restrict out) {
+  constexpr int L = VecT<acc_t>::lanes;
+  const int64_t Kv = K / L * L;
+  V a[NR] = {};
+  for (int64_t k = 0; k < Kv; k += L) {
+    const V xv = vload(xd + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) a[j] += xv * vload(A + j * K + k);
+  }
+  for (int j = 0; j < NR; ++j) {
+    acc_t sum = hsum<acc_t>(a[j]);
+    for (int64_t k = Kv; k < K; ++k) sum += xd[k] * A[j * K + k];
+    out[j] = sum;
+  }
+}
+
+template <typename acc_t>
+FASTPEFT_MULTIVERSION void i8_lora_down_kernel(const acc_t* __restrict xd,
+                                               const acc_t* __restrict A, int64_t T, int64_t K,
+                                               int64_t R, acc_t* __restrict xa) {
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) i8_lora_dots<4>(xd + t * K, A + r * K, K, xa + t * R + r);
+    for (; r < R; ++r) i8_lora_dots<1>(xd + t * K, A + r * K, K, xa + t * R + r);
+  }
 }
 
 // Decode path forward (T <= kDecodeMaxRows), the LoRA branch fused: returns (y, xa) with
@@ -228,15 +250,9 @@ std::tuple<at::Tensor, at::Tensor> int8_lora_linear_cpu(
   constexpr const char* op = "fastpeft::int8_lora_linear";
   check_dtype(op, x);
   check_matrix(op, x, "x", x);
-  const int64_t K = x.size(1);
-  check_int8_weight(op, qweight, weight_scale, K);
+  check_int8_weight(op, qweight, weight_scale, x.size(1));
   const int64_t N = qweight.size(0);
-  check_matrix(op, lora_A, "lora_A", x);
-  check_matrix(op, lora_B, "lora_B", x);
-  const int64_t R = lora_A.size(0);
-  check_size(op, lora_A, "lora_A", 1, K, "in_features of x");
-  check_size(op, lora_B, "lora_B", 0, N, "out_features of qweight");
-  check_size(op, lora_B, "lora_B", 1, R, "rank of lora_A");
+  check_lora_branch(op, x, lora_A, lora_B, N, "qweight");
   check_bias(op, bias, N, x);
   const uint64_t seed_v = read_seed(op, dropout_p, seed);
 
@@ -255,22 +271,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_lora_linear_backward_cpu(
     bool compute_dx) {
   constexpr const char* op = "fastpeft::int8_lora_linear_backward";
   check_dtype(op, x);
-  check_matrix(op, grad_y, "grad_y", x);
   check_matrix(op, x, "x", x);
-  const int64_t T = x.size(0), K = x.size(1);
-  check_int8_weight(op, qweight, weight_scale, K);
+  check_int8_weight(op, qweight, weight_scale, x.size(1));
   const int64_t N = qweight.size(0);
-  check_matrix(op, lora_A, "lora_A", x);
-  check_matrix(op, lora_B, "lora_B", x);
-  check_matrix(op, xa, "xa", x);
-  const int64_t R = lora_A.size(0);
-  check_size(op, lora_A, "lora_A", 1, K, "in_features of x");
-  check_size(op, lora_B, "lora_B", 0, N, "out_features of qweight");
-  check_size(op, lora_B, "lora_B", 1, R, "rank of lora_A");
-  check_size(op, grad_y, "grad_y", 0, T, "rows of x");
-  check_size(op, grad_y, "grad_y", 1, N, "out_features of qweight");
-  check_size(op, xa, "xa", 0, T, "rows of x");
-  check_size(op, xa, "xa", 1, R, "rank of lora_A");
+  check_lora_branch(op, x, lora_A, lora_B, N, "qweight");
+  check_lora_grads(op, grad_y, x, xa, lora_A, N, "qweight");
   const uint64_t seed_v = read_seed(op, dropout_p, seed);
 
   auto [dx, dA, dB] = lora_backward_part(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p,

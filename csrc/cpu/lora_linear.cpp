@@ -34,13 +34,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
   check_dtype(op, x);
   check_matrix(op, x, "x", x);
   check_matrix(op, weight, "weight", x);
-  check_matrix(op, lora_A, "lora_A", x);
-  check_matrix(op, lora_B, "lora_B", x);
-  const int64_t K = x.size(1), N = weight.size(0), R = lora_A.size(0);
-  check_size(op, weight, "weight", 1, K, "in_features of x");
-  check_size(op, lora_A, "lora_A", 1, K, "in_features of x");
-  check_size(op, lora_B, "lora_B", 0, N, "out_features of weight");
-  check_size(op, lora_B, "lora_B", 1, R, "rank of lora_A");
+  check_size(op, weight, "weight", 1, x.size(1), "in_features of x");
+  const int64_t N = weight.size(0);
+  check_lora_branch(op, x, lora_A, lora_B, N, "weight");
   check_bias(op, bias, N, x);
   const uint64_t seed_v = read_seed(op, dropout_p, seed);
 
@@ -56,21 +52,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
     double dropout_p, const std::optional<at::Tensor>& seed, bool compute_dx) {
   constexpr const char* op = "fastpeft::lora_linear_backward";
   check_dtype(op, x);
-  check_matrix(op, grad_y, "grad_y", x);
   check_matrix(op, x, "x", x);
   check_matrix(op, weight, "weight", x);
-  check_matrix(op, lora_A, "lora_A", x);
-  check_matrix(op, lora_B, "lora_B", x);
-  check_matrix(op, xa, "xa", x);
-  const int64_t T = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(0);
-  check_size(op, weight, "weight", 1, K, "in_features of x");
-  check_size(op, lora_A, "lora_A", 1, K, "in_features of x");
-  check_size(op, lora_B, "lora_B", 0, N, "out_features of weight");
-  check_size(op, lora_B, "lora_B", 1, R, "rank of lora_A");
-  check_size(op, grad_y, "grad_y", 0, T, "rows of x");
-  check_size(op, grad_y, "grad_y", 1, N, "out_features of weight");
-  check_size(op, xa, "xa", 0, T, "rows of x");
-  check_size(op, xa, "xa", 1, R, "rank of lora_A");
+  check_size(op, weight, "weight", 1, x.size(1), "in_features of x");
+  const int64_t N = weight.size(0);
+  check_lora_branch(op, x, lora_A, lora_B, N, "weight");
+  check_lora_grads(op, grad_y, x, xa, lora_A, N, "weight");
   const uint64_t seed_v = read_seed(op, dropout_p, seed);
 
   auto [dx, dA, dB] = lora_backward_part(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p,

@@ -17,6 +17,8 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/checks.h"
+
 namespace fastpeft::cpu {
 
 // Tasks per at::parallel_for chunk so that a chunk is worth ~64K multiply-adds.
@@ -24,18 +26,20 @@ inline int64_t work_grain(int64_t macs_per_task) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, macs_per_task));
 }
 
-// Argument checks (the Python layer validates first; these are defence in depth). Each
-// names the op and the argument.
-void check_dtype(const char* op, const at::Tensor& x);  // fp32 / fp64 / fp16 / bf16
-// 2-D, CPU, contiguous, with the dtype of `like`
-void check_matrix(const char* op, const at::Tensor& t, const char* name, const at::Tensor& like);
-void check_size(const char* op, const at::Tensor& t, const char* name, int64_t dim,
-                int64_t expected, const char* what);
+// Argument checks beyond checks.h; each names the op and the argument.
 // bias, if given: (N,), CPU, contiguous, x's dtype; returns whether it is given
 bool check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N,
                 const at::Tensor& x);
 // dropout_p in [0, 1); the seed (required when p > 0) as uint64, 0 when p == 0
 uint64_t read_seed(const char* op, double p, const std::optional<at::Tensor>& seed);
+// lora_A (R, K) and lora_B (N, R) against x (T, K), with N the base weight's out_features
+// (`base` names that weight in the messages)
+void check_lora_branch(const char* op, const at::Tensor& x, const at::Tensor& lora_A,
+                       const at::Tensor& lora_B, int64_t N, const char* base);
+// the backward's grad_y (T, N) and xa (T, R)
+void check_lora_grads(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                      const at::Tensor& xa, const at::Tensor& lora_A, int64_t N,
+                      const char* base);
 
 // Forward LoRA part, on checked arguments: returns (y, xa) in x's dtype with
 //   xa = xd @ A^T (T, R)   and   y = b + s * xa @ B^T (T, N)   (y = s * xa @ B^T without b).

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "cpu/lora_linear_kernels.h"
@@ -17,21 +18,6 @@ namespace fastpeft::cpu {
 
 // ---------------------------------------------------------------------------------------
 // Argument checks
-
-void check_matrix(const char* op, const at::Tensor& t, const char* name,
-                  const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
-              like.scalar_type(), " (the dtype of x), got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-void check_size(const char* op, const at::Tensor& t, const char* name, int64_t dim,
-                int64_t expected, const char* what) {
-  TORCH_CHECK(t.size(dim) == expected, op, ": ", name, " has shape ", t.sizes(),
-              ", expected size ", expected, " (", what, ") in dim ", dim);
-}
 
 bool check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N,
                 const at::Tensor& x) {
@@ -56,10 +42,26 @@ uint64_t read_seed(const char* op, double p, const std::optional<at::Tensor>& se
   return static_cast<uint64_t>(seed->item<int64_t>());
 }
 
-void check_dtype(const char* op, const at::Tensor& x) {
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              op, ": x must be float32, float64, float16 or bfloat16, got ", dt);
+void check_lora_branch(const char* op, const at::Tensor& x, const at::Tensor& lora_A,
+                       const at::Tensor& lora_B, int64_t N, const char* base) {
+  check_matrix(op, lora_A, "lora_A", x);
+  check_matrix(op, lora_B, "lora_B", x);
+  const std::string out_of_base = std::string("out_features of ") + base;
+  check_size(op, lora_A, "lora_A", 1, x.size(1), "in_features of x");
+  check_size(op, lora_B, "lora_B", 0, N, out_of_base.c_str());
+  check_size(op, lora_B, "lora_B", 1, lora_A.size(0), "rank of lora_A");
+}
+
+void check_lora_grads(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                      const at::Tensor& xa, const at::Tensor& lora_A, int64_t N,
+                      const char* base) {
+  check_matrix(op, grad_y, "grad_y", x);
+  check_matrix(op, xa, "xa", x);
+  const std::string out_of_base = std::string("out_features of ") + base;
+  check_size(op, grad_y, "grad_y", 0, x.size(0), "rows of x");
+  check_size(op, grad_y, "grad_y", 1, N, out_of_base.c_str());
+  check_size(op, xa, "xa", 0, x.size(0), "rows of x");
+  check_size(op, xa, "xa", 1, lora_A.size(0), "rank of lora_A");
 }
 
 // ---------------------------------------------------------------------------------------

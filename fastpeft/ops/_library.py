@@ -14,7 +14,12 @@ and fake implementations are registered on both variants by ``fastpeft/ops/<op>.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 import torch
+
+from .. import _backend
 
 lib = torch.library.Library("fastpeft", "DEF")
 
@@ -77,3 +82,20 @@ SCHEMAS = {
 
 for _schema in SCHEMAS.values():
     lib.define(_schema)
+
+
+def register_autograd(op: str, make_backward: Callable, setup_context: Callable) -> None:
+    """Register autograd on ``fastpeft::<op>`` and, where Triton is installed, on
+    ``fastpeft::<op>_triton`` (importing ``fastpeft.triton.<op>`` defines it): one
+    ``setup_context``, and ``make_backward(backward_op)`` bound to each variant's own
+    backward op."""
+    ops = torch.ops.fastpeft
+    variants = [""]
+    if _backend.TRITON_AVAILABLE:
+        importlib.import_module(f"fastpeft.triton.{op}")
+        variants.append("_triton")
+    for suffix in variants:
+        backward_op = getattr(ops, f"{op}_backward{suffix}").default
+        torch.library.register_autograd(
+            f"fastpeft::{op}{suffix}", make_backward(backward_op), setup_context=setup_context
+        )

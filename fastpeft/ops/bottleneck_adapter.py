@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _backend, reference
 from ._checks import check_float_input, check_scalar, check_tensor
+from ._library import register_autograd
 
 __all__ = ["bottleneck_adapter"]
 
@@ -93,21 +94,7 @@ def _autograd_backward(backward_op):
     return backward
 
 
-torch.library.register_autograd(
-    "fastpeft::bottleneck_adapter",
-    _autograd_backward(torch.ops.fastpeft.bottleneck_adapter_backward.default),
-    setup_context=_setup_context,
-)
-
-if _backend.TRITON_AVAILABLE:
-    from ..triton import bottleneck_adapter as _triton_bottleneck_adapter  # registers the ops
-
-    torch.library.register_autograd(
-        "fastpeft::bottleneck_adapter_triton",
-        _autograd_backward(torch.ops.fastpeft.bottleneck_adapter_backward_triton.default),
-        setup_context=_setup_context,
-    )
-    del _triton_bottleneck_adapter
+register_autograd("bottleneck_adapter", _autograd_backward, _setup_context)
 
 
 def check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, residual,

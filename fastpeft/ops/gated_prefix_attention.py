@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _backend, reference
 from ._checks import check_float_input, check_scalar, check_tensor
+from ._library import register_autograd
 
 __all__ = ["gated_prefix_attention"]
 
@@ -58,15 +59,7 @@ def _autograd_backward(backward_op):
     return backward
 
 
-def _register_autograd(name: str, backward_name: str) -> None:
-    torch.library.register_autograd(
-        f"fastpeft::{name}",
-        _autograd_backward(getattr(torch.ops.fastpeft, backward_name).default),
-        setup_context=_setup_context,
-    )
-
-
-_register_autograd("gated_prefix_attention", "gated_prefix_attention_backward")
+register_autograd("gated_prefix_attention", _autograd_backward, _setup_context)
 
 
 def _check_args(q, k, v, prefix_k, prefix_v, gate, key_padding_mask) -> None:
@@ -141,8 +134,3 @@ def gated_prefix_attention(
     return out
 
 
-if _backend.TRITON_AVAILABLE:
-    from ..triton import gated_prefix_attention as _triton_gated_prefix_attention  # registers
-
-    _register_autograd("gated_prefix_attention_triton", "gated_prefix_attention_backward_triton")
-    del _triton_gated_prefix_attention

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import _backend, reference
 from ._checks import check_float_input, check_scalar, check_tensor
+from ._library import register_autograd
 from .lora_linear import _lora_linear_backward_fake, check_lora_args, draw_seed
 
 __all__ = ["int8_lora_linear", "quantize_int8"]
@@ -60,21 +61,7 @@ def _backward_adapter(backward_op):
     return backward
 
 
-torch.library.register_autograd(
-    "fastpeft::int8_lora_linear",
-    _backward_adapter(torch.ops.fastpeft.int8_lora_linear_backward.default),
-    setup_context=_setup_context,
-)
-
-if _backend.TRITON_AVAILABLE:
-    from ..triton import int8_lora_linear as _triton_int8  # registers the triton ops
-
-    torch.library.register_autograd(
-        "fastpeft::int8_lora_linear_triton",
-        _backward_adapter(torch.ops.fastpeft.int8_lora_linear_backward_triton.default),
-        setup_context=_setup_context,
-    )
-    del _triton_int8
+register_autograd("int8_lora_linear", _backward_adapter, _setup_context)
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:

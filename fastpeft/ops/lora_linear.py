@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import _backend, reference
 from ._checks import check_float_input, check_scalar, check_tensor
+from ._library import register_autograd
 
 __all__ = ["lora_linear"]
 
@@ -59,21 +60,7 @@ def _autograd_backward(backward_op):
     return backward
 
 
-torch.library.register_autograd(
-    "fastpeft::lora_linear",
-    _autograd_backward(torch.ops.fastpeft.lora_linear_backward.default),
-    setup_context=_setup_context,
-)
-
-if _backend.TRITON_AVAILABLE:
-    from ..triton import lora_linear as _triton_lora_linear  # registers the triton ops
-
-    torch.library.register_autograd(
-        "fastpeft::lora_linear_triton",
-        _autograd_backward(torch.ops.fastpeft.lora_linear_backward_triton.default),
-        setup_context=_setup_context,
-    )
-    del _triton_lora_linear
+register_autograd("lora_linear", _autograd_backward, _setup_context)
 
 
 def check_lora_args(x, weight, bias, lora_A, lora_B, weight_name: str = "weight") -> None:

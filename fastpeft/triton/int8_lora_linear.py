@@ -13,11 +13,11 @@ Forward, T > 16 (tiled GEMM), two launches:
       The scale of output column n factors out of the K reduction, so the mainloop is an
       int8 -> x.dtype conversion (exact: |q| <= 128 fits fp16/bf16/tf32; see _convert)
       and a tl.dot; sc, the LoRA term (a tl.dot over R, in rank blocks for large R) and
-      bias are the epilogue. The tile is computed transposed, y^T = Q @ x^T, so that the converted
-      int8 tile is the dot's left operand, which Hopper's wgmma reads from registers (the
-      int8 tile goes global -> shared (cp.async) -> registers -> convert -> wgmma, with
-      no shared-memory round trip for the converted tile), and the token count is the
-      MMA's N side (token tiles of 32 .. 128).
+      bias are the epilogue. The tile is computed transposed, y^T = Q @ x^T, so that the
+      converted int8 tile is the dot's left operand, which Hopper's wgmma reads from
+      registers (global -> shared (cp.async) -> registers -> convert -> wgmma: no
+      shared-memory round trip for the converted tile), and the token count is the MMA's
+      N side (token tiles of 32 .. 128).
 
 Forward, 1 <= T <= 16 (decode; memory-bound: the goal is to stream Q once at full
 bandwidth, one byte per weight), two launches:
@@ -73,13 +73,16 @@ from ._common import size_bucket as _t_bucket
 from ._common import skip_launch as _skip_launch
 from ._common import tuned as _tuned
 from ._dropout import dropout_keep_mask
-from .lora_linear import _block_r, _dropout_args, _grouped_tile, lora_dA_kernel, lora_down_kernel
+from .lora_linear import (
+    _block_r,
+    _dropout_args,
+    _grouped_tile,
+    _mnk,
+    lora_dA_kernel,
+    lora_down_kernel,
+)
 
 __all__ = ["int8_lora_linear_backward_triton", "int8_lora_linear_triton"]
-
-
-def _mnk(bm: int, bn: int, bk: int) -> dict:
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
 
 
 # Tiled GEMMs (forward y^T tiles (BLOCK_N weight rows, BLOCK_M tokens); backward dx^T

@@ -1,0 +1,39 @@
+// Argument checks shared by the CPU ops. The Python layer validates first; these are
+// defence in depth for direct torch.ops calls, and each message names the op and the
+// argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace fastpeft::cpu {
+
+// The activation that sets the op's dtype: float32, float64, float16 or bfloat16.
+inline void check_float_dtype(const char* op, const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", dt);
+}
+
+inline void check_dtype(const char* op, const at::Tensor& x) {
+  check_float_dtype(op, x, "x");
+}
+
+// 2-D, CPU, contiguous, with the dtype of `like` (x).
+inline void check_matrix(const char* op, const at::Tensor& t, const char* name,
+                         const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
+              like.scalar_type(), " (the dtype of x), got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_size(const char* op, const at::Tensor& t, const char* name, int64_t dim,
+                       int64_t expected, const char* what) {
+  TORCH_CHECK(t.size(dim) == expected, op, ": ", name, " has shape ", t.sizes(),
+              ", expected size ", expected, " (", what, ") in dim ", dim);
+}
+
+}  // namespace fastpeft::cpu
