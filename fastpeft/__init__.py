@@ -19,6 +19,9 @@ from .ops import (  # schemas before _C loads
 _backend.load_native()
 _backend.index_kernels(list(_library.SCHEMAS))
 
+from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig  # noqa: E402
+from .inject import inject  # noqa: E402
+from .interop import from_peft, load_adapter, merge_and_unload, save_adapter  # noqa: E402
 from .nn import (  # noqa: E402
     ADAPTER_PRESETS,
     AdapterPreset,
@@ -34,14 +37,22 @@ __all__ = [
     "ADAPTER_PRESETS",
     "AdapterPreset",
     "AdaptionPrompt",
+    "AdaptionPromptConfig",
     "BottleneckAdapter",
+    "BottleneckConfig",
     "Int8LoRALinear",
     "LoRALinear",
+    "LoraConfig",
     "__version__",
     "bottleneck_adapter",
+    "from_peft",
     "gated_prefix_attention",
+    "inject",
     "int8_lora_linear",
+    "load_adapter",
     "lora_linear",
+    "merge_and_unload",
     "quantize_int8",
+    "save_adapter",
     "use_backend",
 ]

@@ -1,5 +1,6 @@
 """Drop-in modules that replace layers of an existing model."""
 
+from .adapted_attention import AdaptedAttention
 from .adaption_prompt import AdaptionPrompt
 from .bottleneck import ADAPTER_PRESETS, AdapterPreset, BottleneckAdapter
 from .int8_lora import Int8LoRALinear
@@ -7,6 +8,7 @@ from .lora import LoRALinear
 
 __all__ = [
     "ADAPTER_PRESETS",
+    "AdaptedAttention",
     "AdapterPreset",
     "AdaptionPrompt",
     "BottleneckAdapter",

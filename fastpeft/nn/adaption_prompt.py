@@ -7,7 +7,14 @@ from torch import Tensor, nn
 
 from ..ops.gated_prefix_attention import gated_prefix_attention
 
-__all__ = ["AdaptionPrompt"]
+__all__ = ["AdaptionPrompt", "prompt_prefix"]
+
+
+def prompt_prefix(prompt: Tensor, proj: nn.Module, num_kv_heads: int, head_dim: int) -> Tensor:
+    """A prompt ``(P, hidden)`` or ``(1, P, hidden)`` through a frozen k or v projection,
+    as the ``(1, Hkv, P, D)`` prefix keys or values of :func:`gated_prefix_attention`."""
+    p = proj(prompt)
+    return p.view(1, -1, num_kv_heads, head_dim).transpose(1, 2)
 
 
 class AdaptionPrompt(nn.Module):
@@ -62,8 +69,7 @@ class AdaptionPrompt(nn.Module):
 
     def prefix(self, proj: nn.Module) -> Tensor:
         """The prompt through a frozen k or v projection: ``(1, Hkv, P, D)``."""
-        p = proj(self.prompt)
-        return p.view(1, p.shape[0], self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return prompt_prefix(self.prompt, proj, self.num_kv_heads, self.head_dim)
 
     def forward(
         self,

@@ -1,0 +1,174 @@
+"""What :func:`fastpeft.inject` puts into a model: one config class per method.
+
+The field names and meanings follow Hugging Face PEFT where PEFT has the method
+(:class:`LoraConfig`, :class:`AdaptionPromptConfig`), so a config reads the same in both
+libraries and :func:`fastpeft.save_adapter` can write PEFT's ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from .nn.bottleneck import ADAPTER_PRESETS
+from .reference import ACTIVATIONS
+
+__all__ = ["AdaptionPromptConfig", "BottleneckConfig", "LoraConfig"]
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the model's linear layers, with PEFT's meanings.
+
+    Attributes:
+        r: rank of every LoRA pair.
+        lora_alpha: scaling numerator (``scaling = lora_alpha / r``, or
+            ``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the LoRA branch input.
+        target_modules: which ``nn.Linear`` layers get LoRA: a list of names (a layer
+            matches when its qualified name equals a name or ends with ``"." + name``), a
+            string that is a regular expression matched against the whole qualified name,
+            or ``"all-linear"`` (every linear layer except the output layer ``lm_head``).
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        base_dtype: ``None`` keeps the base layers as they are (:class:`fastpeft.LoRALinear`);
+            ``"int8"`` quantises them to per-row int8 (:class:`fastpeft.Int8LoRALinear`).
+            bitsandbytes ``Linear8bitLt`` layers become ``Int8LoRALinear`` either way.
+        rank_pattern, alpha_pattern: per-layer ``r`` / ``lora_alpha``, keyed by a regular
+            expression that matches the end of a qualified name (PEFT's convention).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | tuple[str, ...] | str = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    base_dtype: str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _positive_int("r", self.r)
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {self.lora_dropout}")
+        if not math.isfinite(float(self.lora_alpha)):
+            raise ValueError(f"lora_alpha: expected a finite number, got {self.lora_alpha}")
+        if self.base_dtype not in (None, "int8"):
+            raise ValueError(f"base_dtype: expected None or 'int8', got {self.base_dtype!r}")
+        if isinstance(self.target_modules, str):
+            if not self.target_modules:
+                raise ValueError("target_modules: expected names, a regex or 'all-linear'")
+        else:
+            names = list(self.target_modules)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"target_modules: expected non-empty names, got {names!r}")
+            self.target_modules = names
+        for key, r in self.rank_pattern.items():
+            _positive_int(f"rank_pattern[{key!r}]", r)
+
+    def rank_and_alpha(self, name: str) -> tuple[int, float]:
+        """``(r, lora_alpha)`` of the layer with qualified name ``name``."""
+        return (_pattern_value(self.rank_pattern, name, self.r),
+                _pattern_value(self.alpha_pattern, name, self.lora_alpha))
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    # PEFT: the first key whose regex matches the end of the name at a dot boundary
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+@dataclass
+class AdaptionPromptConfig:
+    """LLaMA-Adapter's adaption prompt in the top ``adapter_layers`` attention layers.
+
+    Works with Llama-style attention modules of ``transformers`` models (``q_proj``,
+    ``k_proj``, ``v_proj``, ``o_proj``, rotary embeddings; Llama, Mistral and their
+    relatives), grouped-query attention and the KV cache included.
+
+    Attributes:
+        adapter_len: prompt tokens per adapted layer.
+        adapter_layers: how many layers, counted from the top, get a prompt.
+        gate: ``"scalar"`` (one gate per layer, as PEFT) or ``"per_head"``.
+        gate_tanh: pass the gate through ``tanh`` (the original LLaMA-Adapter); PEFT and
+            litgpt use the raw gate.
+
+    PEFT's ``AdaptionPromptConfig`` is ``gate="scalar", gate_tanh=False`` (the defaults),
+    and only that convention can be loaded by PEFT from :func:`fastpeft.save_adapter`.
+    """
+
+    adapter_len: int = 10
+    adapter_layers: int = 1
+    gate: str = "scalar"
+    gate_tanh: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_int("adapter_len", self.adapter_len)
+        _positive_int("adapter_layers", self.adapter_layers)
+        if self.gate not in ("scalar", "per_head"):
+            raise ValueError(f"gate: expected 'scalar' or 'per_head', got {self.gate!r}")
+
+
+@dataclass
+class BottleneckConfig:
+    """Bottleneck adapters in every transformer block (Houlsby or Pfeiffer placement).
+
+    An adapter at a placement maps the sublayer's output ``o`` to
+    ``o + scaling * up(act(down(LN?(o))))`` before the block's own residual addition:
+    after the attention (``"attention"``) and/or after the feed-forward
+    (``"feed_forward"``).
+
+    Attributes:
+        preset: ``"houlsby"`` (both placements, silu) or ``"pfeiffer"`` (feed-forward
+            only, relu); fields left as ``None`` take the preset's value.
+        placements, activation, reduction_factor, layer_norm: override the preset;
+            ``bottleneck_size = hidden_size // reduction_factor`` (at least 1).
+        scaling: multiplies the adapter branch.
+        bottleneck_size: the adapters' inner size, if given (overrides
+            ``reduction_factor``).
+    """
+
+    preset: str = "pfeiffer"
+    placements: tuple[str, ...] | None = None
+    activation: str | None = None
+    reduction_factor: int | None = None
+    layer_norm: bool | None = None
+    scaling: float = 1.0
+    bottleneck_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in ADAPTER_PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(ADAPTER_PRESETS)}, "
+                             f"got {self.preset!r}")
+        base = ADAPTER_PRESETS[self.preset]
+        if self.placements is None:
+            self.placements = base.placements
+        self.placements = tuple(self.placements)
+        bad = [p for p in self.placements if p not in ("attention", "feed_forward")]
+        if bad or not self.placements:
+            raise ValueError("placements: expected 'attention' and/or 'feed_forward', "
+                             f"got {self.placements!r}")
+        if self.activation is None:
+            self.activation = base.activation
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.reduction_factor is None:
+            self.reduction_factor = base.reduction_factor
+        _positive_int("reduction_factor", self.reduction_factor)
+        if self.layer_norm is None:
+            self.layer_norm = base.layer_norm
+        if self.bottleneck_size is not None:
+            _positive_int("bottleneck_size", self.bottleneck_size)
+
+    def size_for(self, hidden_size: int) -> int:
+        """The adapters' inner size in a model of ``hidden_size``."""
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return max(1, hidden_size // self.reduction_factor)

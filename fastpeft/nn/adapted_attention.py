@@ -1,0 +1,200 @@
+"""``AdaptedAttention``: a Llama-style attention layer of a ``transformers`` model with
+LLaMA-Adapter's gated adaption prompt, computed by the fused gated prefix attention."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.gated_prefix_attention import gated_prefix_attention
+from .adaption_prompt import prompt_prefix
+
+__all__ = ["AdaptedAttention"]
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class AdaptedAttention(nn.Module):
+    """Wraps a Llama-style attention module (``q_proj``, ``k_proj``, ``v_proj``,
+    ``o_proj``, rotary embeddings; Llama, Mistral and their relatives in ``transformers``)
+    and replaces its attention by :func:`fastpeft.gated_prefix_attention`: the sequence
+    attention plus a gated, separately normalised attention over a learnable prompt.
+
+    The layout is PEFT's ``AdaptedAttention``: the wrapped layer is ``self.model`` and the
+    trainable parameters are ``adaption_prompt (1, adapter_len, hidden_size)`` and
+    ``adaption_gate`` (``(1,)`` or ``(num_heads,)``, zero so the layer starts as the plain
+    attention), so state-dict keys are the same as PEFT's.
+
+    The forward has the wrapped layer's signature (``hidden_states``,
+    ``position_embeddings``, ``attention_mask``, ``past_key_values``) and returns
+    ``(output, None)``. It handles grouped-query attention natively and the KV cache
+    (``generate()``, single-token decode included). The attention mask must be what
+    ``transformers`` builds for causal language models: causal plus key padding (a 4D
+    bool or additive mask, or ``None``); sliding windows, attention dropout and attention
+    weights as an output are not supported and are refused.
+
+    Args:
+        attn: the attention module to wrap (its parameters stay as they are).
+        adapter_len: prompt tokens.
+        gate: ``"scalar"`` (PEFT) or ``"per_head"``.
+        gate_tanh: apply ``tanh`` to the gate (the original LLaMA-Adapter).
+        adaption_prompt, adaption_gate: existing parameters to adopt (e.g. PEFT's) instead
+            of creating new ones.
+    """
+
+    def __init__(
+        self,
+        attn: nn.Module,
+        adapter_len: int = 10,
+        gate: str = "scalar",
+        gate_tanh: bool = False,
+        *,
+        adaption_prompt: nn.Parameter | None = None,
+        adaption_gate: nn.Parameter | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(attn, AdaptedAttention):
+            raise TypeError("attn: this attention layer already has an adaption prompt")
+        missing = [n for n in _PROJECTIONS if not isinstance(getattr(attn, n, None), nn.Module)]
+        config = getattr(attn, "config", None)
+        if missing or config is None or not hasattr(attn, "head_dim"):
+            raise TypeError(
+                f"attn: expected a Llama-style transformers attention module with "
+                f"{', '.join(_PROJECTIONS)}, head_dim and config; {type(attn).__name__} "
+                f"lacks {', '.join(missing) or 'config/head_dim'}")
+        if any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
+            raise NotImplementedError(
+                f"attn: {type(attn).__name__} normalises q/k per head; only plain "
+                f"Llama-style attention is supported")
+        if getattr(config, "attention_dropout", 0.0):
+            raise NotImplementedError(
+                "attn: the model's attention_dropout is not supported by the fused attention")
+        self.rotary = _rotary_of(attn)
+        self.model = attn
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(attn.head_dim)
+        self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+        self.sliding_window = getattr(config, "sliding_window", None)
+        self.gate_tanh = bool(gate_tanh)
+        if gate not in ("scalar", "per_head"):
+            raise ValueError(f"gate: expected 'scalar' or 'per_head', got {gate!r}")
+        factory = {"device": next(attn.parameters()).device,
+                   "dtype": _compute_dtype(attn.q_proj)}
+        hidden = int(config.hidden_size)
+        if adaption_prompt is None:
+            if isinstance(adapter_len, bool) or not isinstance(adapter_len, int) \
+                    or adapter_len < 1:
+                raise ValueError(f"adapter_len: expected a positive int, got {adapter_len!r}")
+            adaption_prompt = nn.Parameter(torch.randn(1, adapter_len, hidden, **factory))
+        elif adaption_prompt.dim() != 3 or adaption_prompt.shape[0] != 1 \
+                or adaption_prompt.shape[2] != hidden:
+            raise ValueError(f"adaption_prompt: expected (1, P, {hidden}), got "
+                             f"{tuple(adaption_prompt.shape)}")
+        if adaption_gate is None:
+            size = self.num_heads if gate == "per_head" else 1
+            adaption_gate = nn.Parameter(torch.zeros(size, **factory))
+        elif tuple(adaption_gate.shape) not in ((1,), (self.num_heads,)):
+            raise ValueError(f"adaption_gate: expected (1,) or ({self.num_heads},), got "
+                             f"{tuple(adaption_gate.shape)}")
+        self.adaption_prompt = adaption_prompt
+        self.adaption_gate = adaption_gate
+
+    @property
+    def adapter_len(self) -> int:
+        return self.adaption_prompt.shape[1]
+
+    @property
+    def layer_idx(self) -> int | None:
+        return getattr(self.model, "layer_idx", None)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[Tensor, None]:
+        if kwargs.get("output_attentions"):
+            raise NotImplementedError("output_attentions: the fused attention returns no "
+                                      "attention weights")
+        if position_embeddings is None:
+            raise ValueError("position_embeddings: the (cos, sin) rotary tables are required "
+                             "(transformers passes them to the attention layer)")
+        attn = self.model
+        batch, m = hidden_states.shape[:2]
+        shape = (batch, m, -1, self.head_dim)
+        q = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self.rotary(q, k, cos, sin)
+        if past_key_values is None:  # the name before transformers 4.56
+            past_key_values = kwargs.get("past_key_value")
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, attn.layer_idx)
+        n = k.shape[2]
+        if self.sliding_window is not None and n > self.sliding_window:
+            raise NotImplementedError(
+                f"sliding_window: {n} keys exceed the model's sliding window of "
+                f"{self.sliding_window}; the fused attention has no sliding window")
+        out = gated_prefix_attention(
+            q, k, v,
+            prompt_prefix(self.adaption_prompt, attn.k_proj, self.num_kv_heads, self.head_dim),
+            prompt_prefix(self.adaption_prompt, attn.v_proj, self.num_kv_heads, self.head_dim),
+            self.adaption_gate, causal=True, scale=self.scaling, gate_tanh=self.gate_tanh,
+            key_padding_mask=key_padding_from_mask(attention_mask, n),
+        )
+        out = out.transpose(1, 2).reshape(batch, m, -1)
+        return attn.o_proj(out), None
+
+    def extra_repr(self) -> str:
+        return (f"adapter_len={self.adapter_len}, gate={tuple(self.adaption_gate.shape)}, "
+                f"gate_tanh={self.gate_tanh}")
+
+
+def key_padding_from_mask(attention_mask: Tensor | None, n: int) -> Tensor | None:
+    """The ``(B, N)`` keep-mask of the keys from the mask ``transformers`` gives an
+    attention layer of a causal LM: ``None``, or ``(B, 1, M, N)`` bool (True = attend) or
+    additive float (0 = attend). Its last query row sees every key the causal mask allows,
+    so that row is the key padding."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 4:
+        raise NotImplementedError(
+            f"attention_mask: expected None or a 4D (B, 1, M, N) tensor, got "
+            f"{type(attention_mask).__name__}"
+            + (f" of shape {tuple(attention_mask.shape)}"
+               if isinstance(attention_mask, Tensor) else "")
+            + "; use attn_implementation='sdpa' or 'eager'")
+    if attention_mask.shape[-1] < n:
+        raise ValueError(f"attention_mask: covers {attention_mask.shape[-1]} keys, "
+                         f"the cache holds {n}")
+    row = attention_mask[:, 0, -1, :n]
+    if row.dtype == torch.bool:
+        return row
+    return row > torch.finfo(row.dtype).min / 2
+
+
+def _rotary_of(attn: nn.Module) -> Callable[[Tensor, Tensor, Tensor, Tensor],
+                                            tuple[Tensor, Tensor]]:
+    """The model family's ``apply_rotary_pos_emb(q, k, cos, sin)``, from the module that
+    defines the attention class (transformers keeps one per model family)."""
+    fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise TypeError(f"attn: found no apply_rotary_pos_emb beside {type(attn).__name__} "
+                        f"in {type(attn).__module__}")
+    return fn
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype a projection computes in (its first floating parameter: the
+    weight of an nn.Linear or LoRALinear, the LoRA weights of an Int8LoRALinear)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()

@@ -1,0 +1,482 @@
+"""fastpeft inside real models: inject, from_peft, save/load in PEFT's format, merge,
+generate(), on tiny transformers Llama models built from configs (fp32, CPU kernels)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.nn import AdaptedAttention
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(layers: int = 2, attn: str = "sdpa") -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=101, attn_implementation=attn)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def base():
+    return tiny_llama()
+
+
+@pytest.fixture
+def batch():
+    ids = torch.randint(0, 101, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first row
+    return ids, mask
+
+
+def loss_of(model, ids, mask):
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask[:, 1:].bool()
+    return torch.nn.functional.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep])
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def perturb(model, name: str, std: float = 0.2) -> None:
+    """Move the zero-initialised half of the adapters off zero, so they matter."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if name in n:
+                p.normal_(0.0, std)
+
+
+def grads_and_logits(model, ids, mask):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    (logits.square().mean()).backward()
+    grads = {id(p): p.grad.clone() for p in model.parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def assert_same(a: dict, b: dict, atol: float = 1e-4) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4)
+
+
+def keep_rows(t, mask):
+    return t[mask.bool()]
+
+
+# --- from_peft --------------------------------------------------------------------------
+
+def test_from_peft_lora_all_seven_projections(base, batch):
+    ids, mask = batch
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN,
+                                                   lora_dropout=0.0))
+    perturb(pm, "lora_B")
+    params_before = trainable(pm)
+    optimizer = torch.optim.SGD(params_before.values(), lr=0.1)
+    ref_logits, ref_grads = grads_and_logits(pm, ids, mask)
+    assert fastpeft.from_peft(pm) is pm
+    layers = [m for m in pm.modules() if isinstance(m, fastpeft.LoRALinear)]
+    assert len(layers) == 7 * 2
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in pm.modules())
+    # the very same Parameter objects, so the optimizer built before keeps working
+    assert {id(p) for p in trainable(pm).values()} == {id(p) for p in params_before.values()}
+    logits, grads = grads_and_logits(pm, ids, mask)
+    torch.testing.assert_close(keep_rows(logits, mask), keep_rows(ref_logits, mask),
+                               atol=1e-4, rtol=1e-4)
+    assert_same(grads, ref_grads)
+    before = {n: p.detach().clone() for n, p in params_before.items()}
+    optimizer.step()
+    assert any(not torch.equal(before[n], p) for n, p in params_before.items())
+
+
+def test_from_peft_keeps_scaling_dropout_and_rslora(base):
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=6, lora_dropout=0.25,
+                                                   use_rslora=True,
+                                                   target_modules=["q_proj", "v_proj"]))
+    fastpeft.from_peft(pm)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, fastpeft.LoRALinear)
+    assert layer.scaling == pytest.approx(6 / 2) and layer.use_rslora
+    assert layer.lora_dropout == 0.25
+
+
+def test_from_peft_adaption_prompt(base, batch):
+    ids, mask = batch
+    pm = peft.get_peft_model(base, peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=2,
+                                                             task_type="CAUSAL_LM"))
+    perturb(pm, "adaption_gate", std=1.0)
+    params_before = trainable(pm)
+    ref_logits = pm(input_ids=ids, attention_mask=mask).logits
+    fastpeft.from_peft(pm)
+    adapted = [m for m in pm.modules() if isinstance(m, AdaptedAttention)]
+    assert len(adapted) == 2
+    assert {id(p) for p in trainable(pm).values()} == {id(p) for p in params_before.values()}
+    logits = pm(input_ids=ids, attention_mask=mask).logits
+    # padded query rows see no sequence key: what they hold differs and is never used
+    torch.testing.assert_close(keep_rows(logits, mask), keep_rows(ref_logits, mask),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_from_peft_adaption_prompt_gradients_no_padding(base, batch):
+    ids, _ = batch
+    full = torch.ones_like(ids)
+    pm = peft.get_peft_model(base, peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=2,
+                                                             task_type="CAUSAL_LM"))
+    perturb(pm, "adaption_gate", std=1.0)
+    ref_logits, ref_grads = grads_and_logits(pm, ids, full)
+    fastpeft.from_peft(pm)
+    logits, grads = grads_and_logits(pm, ids, full)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert_same(grads, ref_grads)
+
+
+def test_from_peft_bnb_int8(base, batch):
+    bnb = pytest.importorskip("bitsandbytes")
+    ids, mask = batch
+    model = base
+    for layer in model.model.layers:  # the MLP projections as bitsandbytes int8 layers
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(layer.mlp, name)
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False,
+                                    has_fp16_weights=False)
+            q.load_state_dict(lin.state_dict())
+            setattr(layer.mlp, name, q.to("cpu"))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8,
+                                                    target_modules=["up_proj", "q_proj"]))
+    perturb(pm, "lora_B")
+    ref = pm(input_ids=ids, attention_mask=mask).logits
+    fastpeft.from_peft(pm)
+    up = pm.base_model.model.model.layers[0].mlp.up_proj
+    assert isinstance(up, fastpeft.Int8LoRALinear)
+    assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj,
+                      fastpeft.LoRALinear)
+    out = pm(input_ids=ids, attention_mask=mask).logits
+    # bitsandbytes' int8 matmul vs weight-only dequantisation: close, not identical
+    rel = (keep_rows(out - ref, mask).norm() / keep_rows(ref, mask).norm()).item()
+    assert rel < 2e-2
+
+
+def test_from_peft_refuses_dora_and_merged(base):
+    pm = peft.get_peft_model(copy.deepcopy(base),
+                             peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        fastpeft.from_peft(pm)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    pm.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        fastpeft.from_peft(pm)
+
+
+# --- inject and training ----------------------------------------------------------------
+
+def copy_lora_from_peft(model, pm) -> None:
+    """Give fastpeft's LoRA layers the weights of PEFT's (same qualified names)."""
+    src = {n.replace("base_model.model.", "", 1).replace(".default", ""): p
+           for n, p in pm.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(src[n])
+
+
+def train(model, ids, mask, steps: int = 6) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_of(model, ids, mask)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_inject_lora_follows_peft_loss_trajectory(base, batch):
+    ids, mask = batch
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=SEVEN, lora_dropout=0.0))
+    model = fastpeft.inject(base, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN))
+    copy_lora_from_peft(model, pm)
+    assert trainable(model).keys() == {
+        n.replace("base_model.model.", "", 1).replace(".default", "")
+        for n in trainable(pm)}
+    ours, theirs = train(model, ids, mask), train(pm, ids, mask)
+    assert ours[-1] < ours[0]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), atol=1e-4, rtol=1e-4)
+
+
+def test_inject_adaption_prompt_follows_peft_loss_trajectory(base, batch):
+    ids, _ = batch
+    full = torch.ones_like(ids)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.AdaptionPromptConfig(
+        adapter_len=4, adapter_layers=1, task_type="CAUSAL_LM"))
+    model = fastpeft.inject(base, fastpeft.AdaptionPromptConfig(adapter_len=4,
+                                                                adapter_layers=1))
+    ours_attn = model.model.layers[1].self_attn
+    theirs_attn = pm.base_model.model.model.layers[1].self_attn
+    with torch.no_grad():
+        ours_attn.adaption_prompt.copy_(theirs_attn.adaption_prompt)
+    assert isinstance(ours_attn, AdaptedAttention)
+    assert not isinstance(model.model.layers[0].self_attn, AdaptedAttention)
+    ours, theirs = train(model, ids, full), train(pm, ids, full)
+    assert ours[-1] < ours[0]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_base_lora_trains_like_fp32_base(base, batch):
+    ids, mask = batch
+    fp32 = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear"))
+    int8 = fastpeft.inject(base, fastpeft.LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", base_dtype="int8"))
+    layers = [m for m in int8.modules() if isinstance(m, fastpeft.Int8LoRALinear)]
+    assert len(layers) == 14 and int8.lm_head.__class__ is torch.nn.Linear
+    with torch.no_grad():
+        for (n, p), (n2, p2) in zip(trainable(fp32).items(), trainable(int8).items(),
+                                    strict=True):
+            assert n == n2
+            p2.copy_(p)
+    a, b = train(fp32, ids, mask, steps=8), train(int8, ids, mask, steps=8)
+    # the int8 rounding of the base moves each step's loss by a few parts in a thousand
+    # at the start, and the two runs learn as much
+    assert abs(b[0] - a[0]) < 5e-3 * a[0]
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=3e-2, atol=0)
+    assert (b[0] - b[-1]) == pytest.approx(a[0] - a[-1], rel=0.1)
+
+
+def test_inject_bottleneck_placements_identity_and_training(base, batch):
+    ids, mask = batch
+    ref = base(input_ids=ids, attention_mask=mask).logits
+    for preset, count in (("houlsby", 4), ("pfeiffer", 2)):
+        model = fastpeft.inject(copy.deepcopy(base), fastpeft.BottleneckConfig(preset))
+        adapters = [n for n, m in model.named_modules()
+                    if isinstance(m, fastpeft.BottleneckAdapter)]
+        assert len(adapters) == count
+        assert all(n.endswith((".self_attn.bottleneck_adapter", ".mlp.bottleneck_adapter"))
+                   for n in adapters)
+        # a fresh adapter is an identity; the base model's keys are unchanged
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, ref)
+        assert set(base.state_dict()) <= set(model.state_dict())
+        assert all("bottleneck_adapter" in n for n in trainable(model))
+    losses = train(model, ids, mask)
+    assert losses[-1] < losses[0]
+
+
+def test_inject_combines_methods_and_freezes_the_rest(base):
+    model = fastpeft.inject(base, fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model = fastpeft.inject(model, fastpeft.BottleneckConfig("pfeiffer", bottleneck_size=8))
+    names = set(trainable(model))
+    assert any("lora_A" in n for n in names) and any("bottleneck" in n for n in names)
+    assert all("lora_" in n or "bottleneck" in n for n in names)
+    assert model.model.layers[0].mlp.bottleneck_adapter.bottleneck_size == 8
+
+
+def test_inject_target_modules_regex_and_all_linear(base):
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+        r=2, target_modules=r".*\.1\.self_attn\.(q|v)_proj"))
+    lora = [n for n, m in model.named_modules() if isinstance(m, fastpeft.LoRALinear)]
+    assert lora == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    model = fastpeft.inject(base, fastpeft.LoraConfig(
+        r=2, target_modules="all-linear", rank_pattern={"down_proj": 3}))
+    lora = {n: m for n, m in model.named_modules() if isinstance(m, fastpeft.LoRALinear)}
+    assert len(lora) == 14 and "lm_head" not in lora
+    assert lora["model.layers.0.mlp.down_proj"].r == 3
+    assert lora["model.layers.0.mlp.up_proj"].r == 2
+
+
+# --- save / load in PEFT's format -------------------------------------------------------
+
+def test_save_lora_loads_in_peft_and_back(base, batch, tmp_path):
+    ids, mask = batch
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=SEVEN, use_rslora=True))
+    perturb(model, "lora_B")
+    want = model(input_ids=ids, attention_mask=mask).logits
+    fastpeft.save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_rslora"] and "fastpeft" not in config
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, want,
+                               atol=1e-5, rtol=1e-5)
+    again = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, want)
+
+
+def test_peft_saved_lora_loads_in_fastpeft(base, batch, tmp_path):
+    ids, mask = batch
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules="all-linear", rank_pattern={"o_proj": 2}))
+    perturb(pm, "lora_B")
+    pm.save_pretrained(tmp_path / "peft")
+    model = fastpeft.load_adapter(base, tmp_path / "peft")
+    assert model.model.layers[0].self_attn.o_proj.r == 2
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                               pm(input_ids=ids, attention_mask=mask).logits,
+                               atol=1e-5, rtol=1e-5)
+    # a converted PEFT model saves under the same keys PEFT uses
+    fastpeft.from_peft(pm)
+    fastpeft.save_adapter(pm, tmp_path / "converted")
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "converted" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adaption_prompt_save_load_both_ways(base, batch, tmp_path):
+    ids, _ = batch
+    full = torch.ones_like(ids)
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.AdaptionPromptConfig(
+        adapter_len=3, adapter_layers=2))
+    perturb(model, "adaption_gate", std=1.0)
+    want = model(input_ids=ids, attention_mask=full).logits
+    fastpeft.save_adapter(model, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=full).logits, want,
+                               atol=1e-5, rtol=1e-5)
+    loaded.save_pretrained(tmp_path / "peft")
+    again = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(again(input_ids=ids, attention_mask=full).logits, want)
+
+
+def test_bottleneck_and_per_head_gate_round_trip(base, batch, tmp_path):
+    ids, mask = batch
+    for config in (fastpeft.BottleneckConfig("houlsby", layer_norm=True),
+                   fastpeft.AdaptionPromptConfig(adapter_len=2, gate="per_head",
+                                                 gate_tanh=True)):
+        model = fastpeft.inject(copy.deepcopy(base), config)
+        perturb(model, "up_weight")
+        perturb(model, "adaption_gate")
+        want = model(input_ids=ids, attention_mask=mask).logits
+        fastpeft.save_adapter(model, tmp_path / type(config).__name__)
+        again = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / type(config).__name__)
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, want)
+
+
+def test_save_load_refusals(base, tmp_path):
+    with pytest.raises(ValueError, match="no fastpeft adapters"):
+        fastpeft.save_adapter(base, tmp_path / "none")
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(target_modules=["q_proj"]))
+    fastpeft.inject(model, fastpeft.BottleneckConfig())
+    with pytest.raises(ValueError, match="several methods"):
+        fastpeft.save_adapter(model, tmp_path / "mixed")
+    small = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(r=2,
+                                                                     target_modules=["q_proj"]))
+    fastpeft.save_adapter(small, tmp_path / "r2")
+    big = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(r=3,
+                                                                   target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="shape"):
+        fastpeft.load_adapter(big, tmp_path / "r2")
+    other = fastpeft.inject(base, fastpeft.LoraConfig(r=2, target_modules=["v_proj"]))
+    with pytest.raises(ValueError, match="missing"):
+        fastpeft.load_adapter(other, tmp_path / "r2")
+
+
+# --- merge_and_unload -------------------------------------------------------------------
+
+def test_merge_and_unload(base, batch):
+    ids, mask = batch
+    for base_dtype in (None, "int8"):
+        model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+            r=4, target_modules="all-linear", base_dtype=base_dtype))
+        perturb(model, "lora_B", std=0.05)
+        want = model(input_ids=ids, attention_mask=mask).logits
+        merged = fastpeft.merge_and_unload(model)
+        assert not any(isinstance(m, (fastpeft.LoRALinear, fastpeft.Int8LoRALinear))
+                       for m in merged.modules())
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, want,
+                                   atol=1e-5, rtol=1e-4)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"]))
+    assert isinstance(fastpeft.merge_and_unload(fastpeft.from_peft(pm)),
+                      transformers.LlamaForCausalLM)
+    ap = fastpeft.inject(base, fastpeft.AdaptionPromptConfig())
+    with pytest.raises(ValueError, match="cannot be merged"):
+        fastpeft.merge_and_unload(ap)
+
+
+# --- generate() with the adaption prompt ------------------------------------------------
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generate_with_adaption_prompt(attn):
+    base = tiny_llama(attn=attn)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.AdaptionPromptConfig(
+        adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM"))
+    perturb(pm, "adaption_gate", std=2.0)
+    model = copy.deepcopy(pm)
+    fastpeft.from_peft(model)
+    ids = torch.randint(1, 101, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0,
+              "return_dict_in_generate": True, "output_logits": True}
+    ours = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    theirs = pm.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert ours.sequences.tolist() == theirs.sequences.tolist()
+    for a, b in zip(ours.logits, theirs.logits, strict=True):  # M = 1 decode steps
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # the cached decode agrees with one forward over the whole sequence
+    seq = ours.sequences
+    full_mask = torch.cat([mask, torch.ones(2, seq.shape[1] - ids.shape[1],
+                                            dtype=mask.dtype)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers them
+    logits = model(input_ids=seq, attention_mask=full_mask, position_ids=positions).logits
+    steps = torch.stack(ours.logits, dim=1)
+    torch.testing.assert_close(logits[:, ids.shape[1] - 1:-1], steps, atol=1e-4, rtol=1e-4)
+
+
+def test_adapted_attention_compiles_fullgraph():
+    base = tiny_llama(layers=1)
+    model = fastpeft.inject(base, fastpeft.AdaptionPromptConfig(adapter_len=3))
+    attn = model.model.layers[0].self_attn
+    perturb(model, "adaption_gate")
+    h = torch.randn(2, 5, 64)
+    position_ids = torch.arange(5)[None].expand(2, -1)
+    cos, sin = model.model.rotary_emb(h, position_ids)
+    want, _ = attn(h, (cos, sin), None)
+    got, _ = torch.compile(attn, fullgraph=True)(h, (cos, sin), None)
+    torch.testing.assert_close(got, want)
+
+
+# --- bad configs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"r": 0}, "^r:"),
+    ({"lora_dropout": 1.0}, "lora_dropout"),
+    ({"target_modules": []}, "target_modules"),
+    ({"base_dtype": "int4"}, "base_dtype"),
+    ({"lora_alpha": float("nan")}, "lora_alpha"),
+])
+def test_lora_config_refuses(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastpeft.LoraConfig(**kwargs)
+
+
+def test_configs_and_inject_refuse(base):
+    with pytest.raises(ValueError, match="adapter_len"):
+        fastpeft.AdaptionPromptConfig(adapter_len=0)
+    with pytest.raises(ValueError, match="gate"):
+        fastpeft.AdaptionPromptConfig(gate="vector")
+    with pytest.raises(ValueError, match="preset"):
+        fastpeft.BottleneckConfig("lora")
+    with pytest.raises(ValueError, match="placements"):
+        fastpeft.BottleneckConfig(placements=("embedding",))
+    with pytest.raises(ValueError, match="target_modules"):
+        fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(target_modules=["nothing"]))
+    with pytest.raises(ValueError, match="adapter_layers"):
+        fastpeft.inject(copy.deepcopy(base), fastpeft.AdaptionPromptConfig(adapter_layers=3))
+    with pytest.raises(TypeError, match="config"):
+        fastpeft.inject(base, {"r": 8})
+    with pytest.raises(TypeError, match="attn"):
+        AdaptedAttention(torch.nn.Linear(4, 4))
