@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(records, [f"{op}: {peer}" for op, peer in missing.items()]))
     if not args.no_save:
         args.out.mkdir(parents=True, exist_ok=True)
-        run_json = args.out / (env.timestamp.replace(":", "").replace("-", "")[:15] + "Z.json")
+        run_json = args.out / f"{env.run_name}.json"
         append_csv(args.out / "results.csv", records)
         write_json(run_json, records)
         print(f"\nresults: appended to {args.out / 'results.csv'}, written to {run_json}")
@@ -134,6 +135,14 @@ def _report_comparison(baseline: list[Record], records: list[Record], path: Path
     return 1 if regressions else 0
 
 
+class _Bar(Protocol):
+    """What the CLI uses of a tqdm progress bar."""
+
+    def update(self, n: int = 1) -> object: ...
+    def set_description(self, desc: str) -> None: ...
+    def close(self) -> None: ...
+
+
 class _NoBar:
     """Stands in for tqdm when it is not installed or not wanted."""
 
@@ -142,7 +151,7 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress_bar(total: int, disabled: bool):
+def _progress_bar(total: int, disabled: bool) -> _Bar:
     """tqdm on stderr when it is installed, stderr is a terminal and not ``disabled``."""
     if disabled or not sys.stderr.isatty():
         return _NoBar()

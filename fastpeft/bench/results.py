@@ -46,6 +46,11 @@ class Environment:
         return cls(str(dtype).removeprefix("torch."), device_name(device), torch.__version__,
                    _version("triton"), __version__, now)
 
+    @property
+    def run_name(self) -> str:
+        """The timestamp as a file name: ``20261122T102406Z``."""
+        return self.timestamp.replace("-", "").replace(":", "").removesuffix("+0000") + "Z"
+
 
 @dataclass(frozen=True)
 class Record:
