@@ -1,26 +1,20 @@
 """pytest-benchmark suite for the bottleneck adapter: ``pytest benchmarks/ --benchmark-only``.
 
-Same providers and shapes as ``fastpeft-bench --ops bottleneck_adapter`` (its first shape);
-a missing peer library is a skipped test.
+The providers and shapes of ``fastpeft-bench --ops bottleneck_adapter`` (the shapes chosen with
+``--bench-shapes``, see conftest.py); a missing peer library is a skipped test.
 """
 
 import pytest
 
-from fastpeft.bench import bottleneck_adapter as case_module
-from fastpeft.bench.runner import default_device, default_dtype, pytest_benchmark_step, shapes_for
+from fastpeft.bench import bottleneck_adapter
+from fastpeft.bench.runner import pytest_benchmark_step
 
-DEVICE = default_device()
-DTYPE = default_dtype(DEVICE)
-SHAPE = shapes_for(case_module, DEVICE)[0]
+CASE = bottleneck_adapter  # read by conftest.py
 PROVIDERS = ["fastpeft", "reference", "copy"]
-
-
-@pytest.fixture(scope="module")
-def case():
-    return case_module.build(SHAPE, DTYPE, DEVICE)
 
 
 @pytest.mark.parametrize("mode", ["forward", "full"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_bottleneck_adapter(benchmark, case, provider, mode):
-    pytest_benchmark_step(benchmark, case, provider, mode, f"bottleneck_adapter {SHAPE}", DEVICE)
+def test_bottleneck_adapter(benchmark, case, shape, provider, mode, device):
+    label = f"bottleneck_adapter {shape}"
+    pytest_benchmark_step(benchmark, case, provider, mode, label, device)

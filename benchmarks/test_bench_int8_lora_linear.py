@@ -1,26 +1,20 @@
 """pytest-benchmark suite for the int8 base + LoRA: ``pytest benchmarks/ --benchmark-only``.
 
-Same providers and shapes as ``fastpeft-bench --ops int8_lora_linear`` (its first shape);
-a missing peer library is a skipped test.
+The providers and shapes of ``fastpeft-bench --ops int8_lora_linear`` (the shapes chosen with
+``--bench-shapes``, see conftest.py); a missing peer library is a skipped test.
 """
 
 import pytest
 
-from fastpeft.bench import int8_lora_linear as case_module
-from fastpeft.bench.runner import default_device, default_dtype, pytest_benchmark_step, shapes_for
+from fastpeft.bench import int8_lora_linear
+from fastpeft.bench.runner import pytest_benchmark_step
 
-DEVICE = default_device()
-DTYPE = default_dtype(DEVICE)
-SHAPE = shapes_for(case_module, DEVICE)[0]
+CASE = int8_lora_linear  # read by conftest.py
 PROVIDERS = ["fastpeft", "reference", "bnb+peft", "base"]
-
-
-@pytest.fixture(scope="module")
-def case():
-    return case_module.build(SHAPE, DTYPE, DEVICE)
 
 
 @pytest.mark.parametrize("mode", ["forward", "full"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_int8_lora_linear(benchmark, case, provider, mode):
-    pytest_benchmark_step(benchmark, case, provider, mode, f"int8_lora_linear {SHAPE}", DEVICE)
+def test_int8_lora_linear(benchmark, case, shape, provider, mode, device):
+    label = f"int8_lora_linear {shape}"
+    pytest_benchmark_step(benchmark, case, provider, mode, label, device)

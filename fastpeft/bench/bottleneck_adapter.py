@@ -26,9 +26,15 @@ class BottleneckShape:
         ln = " +LN" if self.layer_norm else ""
         return f"T={self.tokens} d={self.hidden} m={self.bottleneck} {self.activation}{ln}"
 
+    @property
+    def size(self) -> int:
+        """Elements of x."""
+        return self.tokens * self.hidden
+
 
 CPU_SHAPES = [BottleneckShape(2048, 2048), BottleneckShape(2048, 2048, 64, "silu", True)]
 CUDA_SHAPES = [BottleneckShape(16384, 4096), BottleneckShape(16384, 4096, 64, "silu", True)]
+TINY_SHAPES = [BottleneckShape(16, 64, 8, "silu", True)]
 
 
 def build(shape: BottleneckShape, dtype: torch.dtype, device: torch.device) -> Case:

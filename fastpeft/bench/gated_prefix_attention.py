@@ -1,6 +1,7 @@
-"""Benchmark case: gated prefix attention — fastpeft vs the unfused reference vs two
-SDPA calls (the sequence attention and the prompt attention, as PEFT's adaption prompt
-adds them) vs one causal SDPA alone (the floor: attention without the adapter)."""
+"""Benchmark case: gated prefix attention — fastpeft vs the unfused reference vs the
+PEFT-style computation (the model's causal SDPA, then the prompt attention in matmuls with
+an fp32 softmax and the gate, as PEFT's adaption prompt adds it) vs one causal SDPA alone
+(the floor: attention without the adapter)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..ops.gated_prefix_attention import gated_prefix_attention
+from .peers import peft_style_prompt_attention
 from .runner import Case
 
 
@@ -27,9 +29,15 @@ class AttentionShape:
         return (f"B={self.batch} H={self.heads} Hkv={self.kv_heads} M=N={self.seq} "
                 f"D={self.head_dim} P={self.prompt}")
 
+    @property
+    def size(self) -> int:
+        """Elements of q."""
+        return self.batch * self.heads * self.seq * self.head_dim
+
 
 CPU_SHAPES = [AttentionShape(1, 16, 16, 1024, 64), AttentionShape(1, 8, 8, 512, 64)]
 CUDA_SHAPES = [AttentionShape(4, 32, 32, 2048, 128), AttentionShape(4, 32, 8, 4096, 128)]
+TINY_SHAPES = [AttentionShape(1, 4, 2, 16, 16, prompt=4)]
 
 
 def build(shape: AttentionShape, dtype: torch.dtype, device: torch.device) -> Case:
@@ -48,10 +56,8 @@ def build(shape: AttentionShape, dtype: torch.dtype, device: torch.device) -> Ca
     def expand(t):  # SDPA's enable_gqa needs torch >= 2.5 and not every backend takes it
         return t if group == 1 else t.repeat_interleave(group, dim=1)
 
-    def two_sdpa(q, k, v):
-        seq = F.scaled_dot_product_attention(q, expand(k), expand(v), is_causal=True)
-        prompt = F.scaled_dot_product_attention(q, expand(prefix_k), expand(prefix_v))
-        return seq + gate.view(1, -1, 1, 1) * prompt
+    def peft_style(q, k, v):
+        return peft_style_prompt_attention(q, k, v, prefix_k, prefix_v, gate)
 
     def sdpa_causal(q, k, v):
         return F.scaled_dot_product_attention(q, expand(k), expand(v), is_causal=True)
@@ -63,7 +69,7 @@ def build(shape: AttentionShape, dtype: torch.dtype, device: torch.device) -> Ca
         v = torch.randn(b, shape.kv_heads, s, d, **factory, requires_grad=True)
         return q, k, v
 
-    providers = {"fastpeft": fused, "reference": unfused, "two_sdpa": two_sdpa,
+    providers = {"fastpeft": fused, "reference": unfused, "peft_style": peft_style,
                  "sdpa_causal": sdpa_causal}
-    return Case(providers, make_inputs, floor="sdpa_causal",
+    return Case(providers, make_inputs, floor="sdpa_causal", peer="peft_style",
                 params=[gate, prefix_k, prefix_v])

@@ -26,9 +26,15 @@ class Int8Shape:
     def __str__(self) -> str:
         return f"T={self.tokens} in={self.d_in} out={self.d_out} r={self.r} p={self.dropout}"
 
+    @property
+    def size(self) -> int:
+        """Elements of x."""
+        return self.tokens * self.d_in
+
 
 CPU_SHAPES = [Int8Shape(1), Int8Shape(16), Int8Shape(512)]
 CUDA_SHAPES = [Int8Shape(1), Int8Shape(16), Int8Shape(4096)]
+TINY_SHAPES = [Int8Shape(4, 64, 48, r=4)]
 
 
 def build(shape: Int8Shape, dtype: torch.dtype, device: torch.device) -> Case:
@@ -52,6 +58,7 @@ def build(shape: Int8Shape, dtype: torch.dtype, device: torch.device) -> Case:
         "base": base.weight.nbytes,
     }
     peer = bnb_int8_lora_linear(base, shape.r, alpha, shape.dropout)
+    missing = "bnb+peft (bitsandbytes or peft not installed)" if peer is None else None
     if peer is not None:
         peer.train()
         with torch.no_grad():
@@ -65,4 +72,5 @@ def build(shape: Int8Shape, dtype: torch.dtype, device: torch.device) -> Case:
     def make_inputs():
         return (torch.randn(shape.tokens, shape.d_in, **factory, requires_grad=True),)
 
-    return Case(providers, make_inputs, floor="base", params=params, weight_bytes=weight_bytes)
+    return Case(providers, make_inputs, floor="base", peer="bnb+peft", missing_peer=missing,
+                params=params, weight_bytes=weight_bytes)

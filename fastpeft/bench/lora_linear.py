@@ -25,9 +25,15 @@ class LoRALinearShape:
     def __str__(self) -> str:
         return f"T={self.tokens} in={self.d_in} out={self.d_out} r={self.r} p={self.dropout}"
 
+    @property
+    def size(self) -> int:
+        """Elements of x."""
+        return self.tokens * self.d_in
+
 
 CPU_SHAPES = [LoRALinearShape(512, 2048, 2048), LoRALinearShape(128, 1024, 1024)]
 CUDA_SHAPES = [LoRALinearShape(4096, 4096, 4096), LoRALinearShape(8192, 4096, 11008)]
+TINY_SHAPES = [LoRALinearShape(8, 64, 48, r=4)]
 
 
 def build(shape: LoRALinearShape, dtype: torch.dtype, device: torch.device) -> Case:
@@ -45,6 +51,7 @@ def build(shape: LoRALinearShape, dtype: torch.dtype, device: torch.device) -> C
     providers = {"fastpeft": fused, "reference": unfused, "base": base}
     params = [base.weight, base.bias, a, b]
     peer = peft_lora_linear(base, shape.r, alpha, shape.dropout)
+    missing = "peft (not installed)" if peer is None else None
     if peer is not None:
         peer.train()
         with torch.no_grad():
@@ -56,4 +63,5 @@ def build(shape: LoRALinearShape, dtype: torch.dtype, device: torch.device) -> C
     def make_inputs():
         return (torch.randn(shape.tokens, shape.d_in, **factory, requires_grad=True),)
 
-    return Case(providers, make_inputs, floor="base", params=params)
+    return Case(providers, make_inputs, floor="base", peer="peft", missing_peer=missing,
+                params=params)

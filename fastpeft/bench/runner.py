@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .timing import Timing, saved_bytes, time_interleaved
+from .timing import Timing, peak_bytes, saved_bytes, time_interleaved
 
 MODES = ("forward", "backward", "full")
+SWEEPS = ("full", "quick", "tiny")
 
 
 def default_device() -> torch.device:
@@ -21,22 +22,36 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def shapes_for(case_module, device: torch.device) -> list:
-    """A case module's shape sweep for ``device`` (``CUDA_SHAPES`` or ``CPU_SHAPES``)."""
-    return case_module.CUDA_SHAPES if device.type == "cuda" else case_module.CPU_SHAPES
+def shapes_for(case_module, device: torch.device, sweep: str = "full") -> list:
+    """A case module's shapes for ``device``: its whole sweep (``CUDA_SHAPES`` or
+    ``CPU_SHAPES``), the first of them (``quick``), or ``TINY_SHAPES`` (``tiny``: a smoke
+    test of the harness, whose timings mean nothing)."""
+    if sweep == "tiny":
+        return case_module.TINY_SHAPES
+    shapes = case_module.CUDA_SHAPES if device.type == "cuda" else case_module.CPU_SHAPES
+    return shapes[:1] if sweep == "quick" else shapes
 
 
 @dataclass
 class Case:
     """Providers of one op at one shape. Each provider maps the tensors from
-    ``make_inputs()`` to one output tensor; ``floor`` names the provider that costs what
-    the layer would cost without any adapter (ratios are reported against it)."""
+    ``make_inputs()`` to one output tensor. Besides ``fastpeft`` and ``reference`` (the
+    unfused composition), ``floor`` names the provider that costs what the layer would
+    cost without any adapter, and ``peer`` the library people would use instead; a peer
+    whose library is not installed is left out of ``providers`` and ``missing_peer``
+    says which."""
 
     providers: Mapping[str, Callable[..., torch.Tensor]]
     make_inputs: Callable[[], tuple[torch.Tensor, ...]]
     floor: str
+    peer: str | None = None
+    missing_peer: str | None = None  # e.g. "peft (not installed)"
     params: list[torch.Tensor] = field(default_factory=list)  # not counted as saved bytes
     weight_bytes: Mapping[str, int] = field(default_factory=dict)  # per provider, if relevant
+
+    def role(self, provider: str) -> str:
+        """fastpeft, reference, peer or floor: what ``provider`` stands for."""
+        return {self.floor: "floor", self.peer: "peer"}.get(provider, provider)
 
 
 @dataclass(frozen=True)
@@ -45,10 +60,15 @@ class Result:
     mode: str
     timing: Timing
     saved_bytes: int
+    peak_bytes: int | None = None  # CUDA only: peak allocated during one call
 
 
 def run_case(case: Case, device: torch.device, modes: tuple[str, ...] = MODES,
-             runs: int = 20, warmup: int = 3) -> list[Result]:
+             runs: int = 20, warmup: int = 3,
+             on_mode_done: Callable[[str], None] | None = None) -> list[Result]:
+    """Time every provider of ``case`` in each mode, interleaved: ``forward``, ``backward``
+    (replaying one retained graph) or ``full`` (forward + backward). ``on_mode_done(mode)``
+    is called after each mode (the CLI's progress bar)."""
     inputs = case.make_inputs()
     dy = torch.randn_like(case.providers[case.floor](*inputs))
     saved = {name: saved_bytes(lambda f=f: f(*inputs), exclude=case.params)
@@ -65,9 +85,13 @@ def run_case(case: Case, device: torch.device, modes: tuple[str, ...] = MODES,
                 y = f(*inputs)
                 fns[name] = lambda y=y: y.backward(dy, retain_graph=True)
         timings = time_interleaved(fns, device, warmup=warmup, runs=runs)
-        results += [Result(n, mode, timings[n], saved[n]) for n in case.providers]
+        peaks = {n: peak_bytes(fn, device) if device.type == "cuda" else None
+                 for n, fn in fns.items()}
+        results += [Result(n, mode, timings[n], saved[n], peaks[n]) for n in case.providers]
         for t in inputs:
             t.grad = None
+        if on_mode_done is not None:
+            on_mode_done(mode)
     return results
 
 

@@ -2,7 +2,9 @@
 
 Providers are timed interleaved (A, B, C, A, B, C, ...) so that frequency scaling, cache
 state and background load hit every provider alike, and each is summarised by its
-median with the 20th and 80th percentiles.
+median with the 20th and 80th percentiles. On CUDA each call is timed between two CUDA
+events (GPU time, launch gaps included; ``triton.testing.do_bench`` times one function at a
+time, so it cannot interleave); on the CPU with ``time.perf_counter``.
 """
 
 from __future__ import annotations
@@ -88,3 +90,15 @@ def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak CUDA memory allocated during one call of ``fn``, above what was allocated
+    before it (the inputs, the weights, a retained graph): activations, saved tensors,
+    workspaces, the output."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
