@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import importlib.util
 import io
 import sys
 
@@ -178,9 +177,8 @@ def test_peft_style_peer_computes_the_op():
     torch.testing.assert_close(peft_style_prompt_attention(q, k, v, pk, pv, gate), expected)
 
 
-def test_plot_needs_matplotlib(tmp_path, capsys):
-    if importlib.util.find_spec("matplotlib") is not None:
-        pytest.skip("matplotlib is installed")
+def test_plot_needs_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(SystemExit) as exc:
         cli.parse_args(["--plot", "--out", str(tmp_path)])
     assert exc.value.code == 2 and "needs matplotlib" in capsys.readouterr().err
