@@ -1,5 +1,6 @@
-"""fastpeft's layers under DistributedDataParallel: a 2-process training step on CPU (gloo)
-gives the gradients of a single-process run over the same two shards."""
+"""fastpeft's layers under DistributedDataParallel and FSDP2 (fully_shard): a 2-process
+training step on CPU (gloo) gives the gradients of a single-process run over the same two
+shards."""
 
 from __future__ import annotations
 
@@ -48,23 +49,34 @@ def step(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
-def _worker(rank: int, init_file: str, out_file: str) -> None:
+def _worker(rank: int, wrap: str, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
         model = build_model()
-        ddp = DistributedDataParallel(model)
-        step(ddp, shard(rank)).backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        if wrap == "ddp":
+            ddp = DistributedDataParallel(model)  # kept alive: its hooks all-reduce in backward
+            step(ddp, shard(rank)).backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        else:  # FSDP2: parameters (frozen and trainable) sharded per block, then the rest
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.model.layers:
+                fully_shard(block)
+            fully_shard(model)
+            step(model, shard(rank)).backward()
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()
+                     if p.requires_grad}
         if rank == 0:
             torch.save(grads, out_file)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_step_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path / "grads.pt")),
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_distributed_step_matches_single_process(wrap, tmp_path):
+    mp.spawn(_worker, args=(wrap, str(tmp_path / "init"), str(tmp_path / "grads.pt")),
              nprocs=WORLD, join=True)
     ddp_grads = torch.load(tmp_path / "grads.pt")
     model = build_model()
@@ -76,4 +88,5 @@ def test_ddp_step_matches_single_process(tmp_path):
     assert any("bottleneck_adapter" in n for n in want)
     for name, grad in want.items():
         assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(ddp_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(ddp_grads[name], grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -127,9 +127,14 @@ def test_from_peft_adaption_prompt(base, batch):
                                atol=1e-4, rtol=1e-4)
 
 
-def test_from_peft_adaption_prompt_gradients_no_padding(base, batch):
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_from_peft_adaption_prompt_gradients_no_padding(family, base, batch):
     ids, _ = batch
     full = torch.ones_like(ids)
+    if family == "mistral":
+        base = transformers.MistralForCausalLM(transformers.MistralConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=101, sliding_window=64)).eval()
     pm = peft.get_peft_model(base, peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=2,
                                                              task_type="CAUSAL_LM"))
     perturb(pm, "adaption_gate", std=1.0)
