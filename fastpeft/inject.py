@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
@@ -12,6 +13,7 @@ from .nn.adapted_attention import AdaptedAttention, _compute_dtype
 from .nn.bottleneck import BottleneckAdapter
 from .nn.int8_lora import Int8LoRALinear
 from .nn.lora import LoRALinear
+from .nn.peft_lora import FusedPeftLora, lora_parts
 
 __all__ = ["adapter_layers", "inject"]
 
@@ -19,7 +21,7 @@ AnyConfig = LoraConfig | AdaptionPromptConfig | BottleneckConfig
 
 #: The name of the adapter attached to a block's sublayer by a ``BottleneckConfig``.
 BOTTLENECK_CHILD = "bottleneck_adapter"
-LORA_TYPES = (LoRALinear, Int8LoRALinear)
+LORA_TYPES = (LoRALinear, Int8LoRALinear, FusedPeftLora)
 
 
 def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
@@ -35,8 +37,10 @@ def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
       its placements name, as a child ``bottleneck_adapter`` of that sublayer applied by
       a forward hook (the base model's own state-dict keys do not change).
 
-    Afterwards exactly the adapters' parameters (of this and earlier injections) require
-    grad. Returns ``model``.
+    New layers take the training mode of the layers they replace, and the dtype of the
+    model's input embeddings (else of its first floating parameter) where they own new
+    parameters that no base layer decides. Afterwards exactly the adapters' parameters (of
+    this and earlier injections) require grad. Returns ``model``.
     """
     if isinstance(config, LoraConfig):
         _inject_lora(model, config)
@@ -55,7 +59,8 @@ def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(qualified name, layer)`` of every fastpeft adapter layer in ``model``: LoRA
-    layers, adapted attentions and bottleneck adapters, in module order."""
+    layers (PEFT's converted by :func:`fastpeft.from_peft` included), adapted attentions
+    and bottleneck adapters, in module order."""
     for name, module in model.named_modules():
         if isinstance(module, (*LORA_TYPES, AdaptedAttention, BottleneckAdapter)):
             yield name, module
@@ -63,7 +68,8 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def _adapter_params(layer: nn.Module) -> Iterator[Tensor]:
     if isinstance(layer, LORA_TYPES):
-        yield from (layer.lora_A.weight, layer.lora_B.weight)
+        parts = lora_parts(layer)
+        yield from (parts.lora_A, parts.lora_B)
     elif isinstance(layer, AdaptedAttention):
         yield from (layer.adaption_prompt, layer.adaption_gate)
     else:
@@ -87,12 +93,33 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         r, alpha = config.rank_and_alpha(name)
         args = (r, alpha, config.lora_dropout, config.use_rslora)
         if _is_bnb_int8(linear):
-            layer = Int8LoRALinear.from_bnb(linear, *args)
+            layer = Int8LoRALinear.from_bnb(linear, *args, dtype=_model_dtype(model))
+        elif type(linear).__module__.startswith("bitsandbytes"):
+            raise NotImplementedError(
+                f"target_modules: {name} is a bitsandbytes {type(linear).__name__}; fastpeft "
+                f"takes float nn.Linear and int8 Linear8bitLt layers")
         elif config.base_dtype == "int8":
             layer = Int8LoRALinear.from_linear(linear, *args)
         else:
             layer = LoRALinear(linear, *args)
-        model.set_submodule(name, layer)
+        replace(model, name, layer)
+
+
+def replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    """Puts ``layer`` where ``name`` is, in the training mode of the layer it replaces."""
+    layer.train(model.get_submodule(name).training)
+    model.set_submodule(name, layer)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: its input embeddings' (what the hidden states
+    start in), else its first floating parameter's."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, Tensor) and weight.is_floating_point():
+        return weight.dtype
+    return _compute_dtype(model)
 
 
 def _matches(name: str, target_modules: list[str] | str) -> bool:
@@ -123,8 +150,12 @@ def _inject_adaption_prompt(model: nn.Module, config: AdaptionPromptConfig) -> N
                          f"{type(model).__name__} has {len(attentions)} self_attn modules")
     for name in attentions[len(attentions) - config.adapter_layers:]:
         attn = model.get_submodule(name)
-        model.set_submodule(name, AdaptedAttention(
-            attn, config.adapter_len, gate=config.gate, gate_tanh=config.gate_tanh))
+        if hasattr(attn, BOTTLENECK_CHILD):  # its hook would never run inside the wrapper
+            raise ValueError(f"config: {name} has a bottleneck adapter already; inject the "
+                             f"AdaptionPromptConfig before the BottleneckConfig")
+        replace(model, name, AdaptedAttention(
+            attn, config.adapter_len, gate=config.gate, gate_tanh=config.gate_tanh,
+            dtype=_model_dtype(model)))
 
 
 # --- bottleneck adapters ----------------------------------------------------------------
@@ -152,7 +183,8 @@ def _inject_bottleneck(model: nn.Module, config: BottleneckConfig) -> None:
             param = next(sublayer.parameters())
             adapter = BottleneckAdapter(
                 hidden, bottleneck, config.activation, config.layer_norm, config.scaling,
-                device=param.device, dtype=_compute_dtype(sublayer))
+                device=param.device, dtype=_model_dtype(model))
+            adapter.train(sublayer.training)
             sublayer.add_module(BOTTLENECK_CHILD, adapter)
             adapter.hook_handle = sublayer.register_forward_hook(_apply_output_adapter)
 

@@ -23,10 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
-from .inject import BOTTLENECK_CHILD, LORA_TYPES, adapter_layers, inject
+from .inject import BOTTLENECK_CHILD, LORA_TYPES, adapter_layers, inject, replace
 from .nn.adapted_attention import AdaptedAttention
+from .nn.bottleneck import BottleneckAdapter
 from .nn.int8_lora import Int8LoRALinear
 from .nn.lora import LoRALinear
+from .nn.peft_lora import fuse_peft_lora, lora_parts
 
 __all__ = ["from_peft", "load_adapter", "merge_and_unload", "save_adapter"]
 
@@ -39,19 +41,24 @@ BOTTLENECK_TYPE = "FASTPEFT_BOTTLENECK"
 # --- from_peft --------------------------------------------------------------------------
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
-    """Converts a PEFT model in place to fastpeft's fused layers and returns it.
+    """Converts a PEFT model in place to fastpeft's fused kernels and returns it.
 
-    PEFT LoRA layers on ``nn.Linear`` become :class:`fastpeft.LoRALinear`, those on
-    bitsandbytes ``Linear8bitLt`` :class:`fastpeft.Int8LoRALinear`, and PEFT's adaption
-    prompt attentions :class:`fastpeft.nn.AdaptedAttention`. The new layers adopt the very
-    same ``Parameter`` objects (an optimizer built before the conversion keeps working)
-    and the same scaling and dropout, so outputs and gradients are unchanged up to
-    floating-point rounding (for bitsandbytes layers: up to the difference between
-    bitsandbytes' int8 matmul and fastpeft's weight-only dequantisation).
+    PEFT's LoRA layers on ``nn.Linear`` and on bitsandbytes ``Linear8bitLt`` keep their
+    identity, parameters, adapters and state-dict keys, and get fastpeft's fused forward
+    (``fastpeft.lora_linear`` / ``fastpeft.int8_lora_linear``: the layer's class becomes a
+    subclass of its PEFT class, see :class:`fastpeft.nn.peft_lora.FusedPeftLora`), so
+    everything PEFT does with them keeps working: ``save_pretrained`` (HF Trainer
+    checkpoints), ``load_adapter``, ``merge_and_unload``, disabling or switching adapters
+    (PEFT's own forward runs where the fused one does not apply). PEFT's adaption-prompt
+    attentions become :class:`fastpeft.nn.AdaptedAttention`, which holds the same
+    ``adaption_prompt`` / ``adaption_gate`` under the same keys.
 
-    Refused, naming the layer: DoRA, LoRA biases, merged or disabled adapters, more than
-    one active adapter. LoRA on other layer types (embeddings, convolutions, GPT-2's
-    Conv1D) is left to PEFT, with one warning.
+    An optimizer built before the conversion keeps working (the parameters are the very
+    same objects), and outputs and gradients are unchanged up to floating-point rounding
+    (for bitsandbytes layers: up to the difference between bitsandbytes' int8 matmul and
+    fastpeft's weight-only dequantisation). LoRA layers the fused kernels do not cover
+    (DoRA, LoRA biases, embeddings, convolutions, GPT-2's Conv1D) keep PEFT's forward,
+    with one warning.
     """
     try:
         from peft.tuners.adaption_prompt.layer import AdaptedAttention as PeftAdapted
@@ -61,52 +68,17 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     skipped = []
     for name, module in list(peft_model.named_modules()):
         if isinstance(module, LoraLayer):
-            new = _convert_lora(name, module)
-            if new is None:
+            uncovered = any(module.use_dora.values()) or \
+                any(getattr(module, "lora_bias", {}).values())
+            if uncovered or not fuse_peft_lora(module):
                 skipped.append(name)
-                continue
         elif isinstance(module, PeftAdapted):
-            new = _convert_adaption_prompt(name, module)
-        else:
-            continue
-        peft_model.set_submodule(name, new)
+            replace(peft_model, name, _convert_adaption_prompt(name, module))
     if skipped:
-        warnings.warn(f"from_peft: left {len(skipped)} PEFT LoRA layers on other layer "
-                      f"types as they are: {', '.join(skipped[:5])}"
+        warnings.warn(f"from_peft: {len(skipped)} PEFT LoRA layers keep PEFT's forward "
+                      f"(layer type or DoRA/LoRA bias not fused): {', '.join(skipped[:5])}"
                       + (", ..." if len(skipped) > 5 else ""), stacklevel=2)
     return peft_model
-
-
-def _convert_lora(name: str, layer: nn.Module) -> nn.Module | None:
-    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(adapters) != 1:
-        raise ValueError(f"peft_model: {name} has {len(adapters)} active LoRA adapters "
-                         f"{adapters}; activate exactly one (set_adapter) to convert")
-    (a,) = adapters
-    if layer.merged:
-        raise ValueError(f"peft_model: {name} is merged; unmerge_adapter() first")
-    if getattr(layer, "disable_adapters", False):
-        raise ValueError(f"peft_model: {name} has its adapters disabled")
-    if getattr(layer, "use_dora", {}).get(a, False):
-        raise NotImplementedError(f"peft_model: {name} uses DoRA, which fastpeft lacks")
-    if getattr(layer, "lora_bias", {}).get(a, False):
-        raise NotImplementedError(f"peft_model: {name} has a LoRA bias, which fastpeft "
-                                  f"lacks")
-    base = layer.get_base_layer()
-    if getattr(layer, "fan_in_fan_out", False) or not isinstance(base, nn.Linear):
-        return None
-    dropout = layer.lora_dropout[a]
-    p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
-    r, alpha, scaling = layer.r[a], layer.lora_alpha[a], layer.scaling[a]
-    rslora = r > 1 and math.isclose(scaling, alpha / math.sqrt(r))
-    pair = {"lora_A": layer.lora_A[a], "lora_B": layer.lora_B[a]}
-    if type(base).__module__.startswith("bitsandbytes"):
-        new = Int8LoRALinear.from_bnb(base, r, alpha, p, rslora,
-                                      dtype=pair["lora_A"].weight.dtype, **pair)
-    else:
-        new = LoRALinear(base, r, alpha, p, rslora, **pair)
-    new.scaling = float(scaling)  # PEFT's own value (set_scale, patterns) wins
-    return new
 
 
 def _convert_adaption_prompt(name: str, layer: nn.Module) -> nn.Module:
@@ -128,8 +100,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state = {}
     for name, layer in adapter_layers(model):
         if isinstance(layer, LORA_TYPES):
-            tensors = {"lora_A.weight": layer.lora_A.weight,
-                       "lora_B.weight": layer.lora_B.weight}
+            parts = lora_parts(layer)
+            tensors = {"lora_A.weight": parts.lora_A, "lora_B.weight": parts.lora_B}
         elif isinstance(layer, AdaptedAttention):
             tensors = {"adaption_prompt": layer.adaption_prompt,
                        "adaption_gate": layer.adaption_gate}
@@ -163,18 +135,21 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     (LoRA, adaption prompt) into ``model`` and returns it.
 
     A model without adapters of that method gets them first (:func:`fastpeft.inject`
-    with the saved configuration); then every adapter tensor must be in the file and
-    every tensor of the file must have a place, with the same shape.
+    with the saved configuration). Every adapter tensor of that method must be in the file
+    and every tensor of the file must have a place, with the same shape; then the saved
+    configuration's hyperparameters (LoRA scaling, rsLoRA, dropout; gate tanh; bottleneck
+    activation and scaling) are set on existing layers, and the tensors copied.
     """
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         saved = json.load(f)
     config = _config_from_saved(saved)
-    if _kind_of_config(config) not in {_kind(layer) for _, layer in adapter_layers(model)}:
+    kind = _kind_of_config(config)
+    present = kind in {_kind(layer) for _, layer in adapter_layers(model)}
+    if not present:
         inject(model, config)
     weights = load_file(os.path.join(directory, WEIGHTS_NAME))
-    kind = _kind_of_config(config)
     own = {k: t for k, t in adapter_state_dict(model).items() if _key_kind(k) == kind}
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -182,14 +157,31 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise ValueError(f"directory: {directory} does not fit the model: missing "
                          f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
                          f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for key, target in own.items():
+        if weights[key].shape != target.shape:
+            raise ValueError(f"directory: {key} has shape {tuple(weights[key].shape)}, the "
+                             f"model's is {tuple(target.shape)}")
+    if present:  # the saved configuration decides the existing layers' hyperparameters
+        _configure(model, config)
     with torch.no_grad():
         for key, target in own.items():
-            source = weights[key]
-            if source.shape != target.shape:
-                raise ValueError(f"directory: {key} has shape {tuple(source.shape)}, the "
-                                 f"model's is {tuple(target.shape)}")
-            target.copy_(source)
+            target.copy_(weights[key])
     return model
+
+
+def _configure(model: nn.Module, config: Any) -> None:
+    names = {id(m): n for n, m in _base_model(model).named_modules()}
+    for _, layer in adapter_layers(model):
+        name = names[id(layer)]
+        if isinstance(layer, (LoRALinear, Int8LoRALinear)) and isinstance(config, LoraConfig):
+            r, alpha = config.rank_and_alpha(name)  # r == layer.r: the shapes fit
+            layer.lora_alpha, layer.use_rslora = alpha, config.use_rslora
+            layer.scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
+            layer.lora_dropout = float(config.lora_dropout)
+        elif isinstance(layer, AdaptedAttention) and isinstance(config, AdaptionPromptConfig):
+            layer.gate_tanh = config.gate_tanh
+        elif isinstance(layer, BottleneckAdapter) and isinstance(config, BottleneckConfig):
+            layer.activation, layer.scaling = config.activation, float(config.scaling)
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -255,23 +247,22 @@ def _adapter_config(model: nn.Module) -> dict[str, Any]:
 
 
 def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str]) -> dict:
-    r = Counter(layer.r for _, layer in layers).most_common(1)[0][0]
-    alpha = Counter(layer.lora_alpha for _, layer in layers).most_common(1)[0][0]
-    dropouts = {layer.lora_dropout for _, layer in layers}
-    rslora = {layer.use_rslora for _, layer in layers}
+    full = {names[id(layer)]: lora_parts(layer) for _, layer in layers}  # names in the base
+    r = Counter(p.r for p in full.values()).most_common(1)[0][0]
+    alpha = Counter(p.lora_alpha for p in full.values()).most_common(1)[0][0]
+    dropouts = {p.lora_dropout for p in full.values()}
+    rslora = {p.use_rslora for p in full.values()}
     if len(dropouts) > 1 or len(rslora) > 1:
         raise ValueError("model: its LoRA layers differ in lora_dropout or use_rslora, which "
                          "PEFT's config cannot express")
-    full = {names[id(layer)]: layer for _, layer in layers}  # names in the base model
-    int8 = {isinstance(layer, Int8LoRALinear) for layer in full.values()}
+    int8 = {isinstance(layer, Int8LoRALinear) for _, layer in layers}
     config = {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.pop(),
         "use_rslora": rslora.pop(), "target_modules": sorted(full), "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False,
         "modules_to_save": None,
-        "rank_pattern": {n: layer.r for n, layer in full.items() if layer.r != r},
-        "alpha_pattern": {n: layer.lora_alpha for n, layer in full.items()
-                          if layer.lora_alpha != alpha},
+        "rank_pattern": {n: p.r for n, p in full.items() if p.r != r},
+        "alpha_pattern": {n: p.lora_alpha for n, p in full.items() if p.lora_alpha != alpha},
     }
     if int8 == {True}:  # extra keys make PEFT warn: only when there is something to say
         config["fastpeft"] = {"base_dtype": "int8"}
@@ -290,11 +281,13 @@ def _bottleneck_config(layers: list[tuple[str, nn.Module]]) -> dict:
 def _config_from_saved(saved: dict[str, Any]):
     extra = saved.get("fastpeft") or {}
     kind = saved.get("peft_type")
+    unsupported = [k for k in ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save",
+                               "layers_to_transform", "layers_pattern", "exclude_modules",
+                               "trainable_token_indices") if saved.get(k)]
+    if unsupported:
+        raise NotImplementedError(f"directory: the adapter sets {', '.join(unsupported)}, "
+                                  f"which fastpeft does not support")
     if kind == "LORA":
-        for key in ("use_dora", "lora_bias"):
-            if saved.get(key):
-                raise NotImplementedError(f"directory: the adapter uses {key}, which "
-                                          f"fastpeft lacks")
         return LoraConfig(
             r=saved["r"], lora_alpha=saved["lora_alpha"],
             lora_dropout=saved.get("lora_dropout", 0.0),
@@ -325,7 +318,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Folds every LoRA layer into its base weight and puts plain layers back: a
     :class:`fastpeft.LoRALinear` becomes its (merged) ``nn.Linear``, an
     :class:`fastpeft.Int8LoRALinear` a float ``nn.Linear`` holding the dequantised weight
-    plus the LoRA product (:meth:`Int8LoRALinear.merge` keeps int8 instead). Returns the
+    plus the LoRA product (:meth:`Int8LoRALinear.merge` keeps int8 instead), a PEFT layer
+    converted by :func:`from_peft` its base layer after PEFT's own merge. Returns the
     model without PEFT's wrapper, like PEFT's ``merge_and_unload``.
 
     Adaption prompts and bottleneck adapters cannot be folded into weights: a model with
@@ -341,7 +335,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             if not layer.merged:
                 layer.merge()
             plain = layer.base_layer
-        else:
+        elif isinstance(layer, Int8LoRALinear):
             plain = layer.to_linear(merge_lora=True)
+        else:  # PEFT's layer: PEFT's merge (re-quantising a bitsandbytes base)
+            layer.merge()
+            plain = layer.get_base_layer()
         model.set_submodule(name, plain)
     return _base_model(model)

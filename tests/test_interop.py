@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.nn import AdaptedAttention
+from fastpeft.nn import AdaptedAttention, peft_lora
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -74,9 +74,28 @@ def keep_rows(t, mask):
     return t[mask.bool()]
 
 
+@pytest.fixture
+def fused_calls(monkeypatch) -> dict[str, int]:
+    """Counts the fused ops that converted PEFT layers run (vs PEFT's own forward)."""
+    calls = {"lora_linear": 0, "int8_lora_linear": 0}
+    for name in calls:
+        op = getattr(peft_lora, name)
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(peft_lora, name, counted)
+    return calls
+
+
+def lora_layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+
+
 # --- from_peft --------------------------------------------------------------------------
 
-def test_from_peft_lora_all_seven_projections(base, batch):
+def test_from_peft_lora_all_seven_projections(base, batch, fused_calls):
     ids, mask = batch
     pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=SEVEN,
                                                    lora_dropout=0.0))
@@ -84,13 +103,15 @@ def test_from_peft_lora_all_seven_projections(base, batch):
     params_before = trainable(pm)
     optimizer = torch.optim.SGD(params_before.values(), lr=0.1)
     ref_logits, ref_grads = grads_and_logits(pm, ids, mask)
+    layers_before = lora_layers(pm)
     assert fastpeft.from_peft(pm) is pm
-    layers = [m for m in pm.modules() if isinstance(m, fastpeft.LoRALinear)]
-    assert len(layers) == 7 * 2
-    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in pm.modules())
+    # the same PEFT layers (identity, adapters, keys), now with the fused forward
+    assert lora_layers(pm) == layers_before and len(layers_before) == 7 * 2
+    assert all(isinstance(m, peft_lora.FusedPeftLora) for m in layers_before)
     # the very same Parameter objects, so the optimizer built before keeps working
     assert {id(p) for p in trainable(pm).values()} == {id(p) for p in params_before.values()}
     logits, grads = grads_and_logits(pm, ids, mask)
+    assert fused_calls["lora_linear"] == 14
     torch.testing.assert_close(keep_rows(logits, mask), keep_rows(ref_logits, mask),
                                atol=1e-4, rtol=1e-4)
     assert_same(grads, ref_grads)
@@ -99,15 +120,51 @@ def test_from_peft_lora_all_seven_projections(base, batch):
     assert any(not torch.equal(before[n], p) for n, p in params_before.items())
 
 
-def test_from_peft_keeps_scaling_dropout_and_rslora(base):
+def test_from_peft_keeps_scaling_dropout_and_rslora(base, batch):
+    ids, _ = batch
     pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=6, lora_dropout=0.25,
                                                    use_rslora=True,
                                                    target_modules=["q_proj", "v_proj"]))
+    perturb(pm, "lora_B")
     fastpeft.from_peft(pm)
-    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, fastpeft.LoRALinear)
-    assert layer.scaling == pytest.approx(6 / 2) and layer.use_rslora
-    assert layer.lora_dropout == 0.25
+    parts = peft_lora.lora_parts(pm.base_model.model.model.layers[0].self_attn.q_proj)
+    assert parts.scaling == pytest.approx(6 / 2) and parts.use_rslora
+    assert parts.lora_dropout == 0.25
+    pm.train()  # dropout is live: two forwards differ; eval mode: they agree
+    assert not torch.equal(pm(input_ids=ids).logits, pm(input_ids=ids).logits)
+    pm.eval()
+    torch.testing.assert_close(pm(input_ids=ids).logits, pm(input_ids=ids).logits, atol=0,
+                               rtol=0)
+
+
+def test_converted_layers_fall_back_to_peft_where_fusion_does_not_apply(base, batch,
+                                                                         fused_calls):
+    ids, _ = batch
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    perturb(pm, "lora_B")
+    twin = copy.deepcopy(pm)  # stays PEFT's
+
+    def agree(calls: int) -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(pm(input_ids=ids).logits, twin(input_ids=ids).logits,
+                                       atol=1e-5, rtol=1e-5)
+        assert fused_calls["lora_linear"] == calls
+
+    fastpeft.from_peft(pm)
+    agree(2)  # two layers, fused
+    with pm.disable_adapter(), twin.disable_adapter():
+        agree(2)  # PEFT's forward: the base alone
+    pm.merge_adapter()
+    twin.merge_adapter()
+    agree(2)
+    pm.unmerge_adapter()
+    twin.unmerge_adapter()
+    agree(4)
+    dora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["v_proj"],
+                                                             use_dora=True))
+    with pytest.warns(UserWarning, match="keep PEFT's forward"):
+        fastpeft.from_peft(dora)
+    assert not any(isinstance(m, peft_lora.FusedPeftLora) for m in dora.modules())
 
 
 def test_from_peft_adaption_prompt(base, batch):
@@ -145,7 +202,7 @@ def test_from_peft_adaption_prompt_gradients_no_padding(family, base, batch):
     assert_same(grads, ref_grads)
 
 
-def test_from_peft_bnb_int8(base, batch):
+def test_from_peft_bnb_int8(base, batch, fused_calls):
     bnb = pytest.importorskip("bitsandbytes")
     ids, mask = batch
     model = base
@@ -161,25 +218,11 @@ def test_from_peft_bnb_int8(base, batch):
     perturb(pm, "lora_B")
     ref = pm(input_ids=ids, attention_mask=mask).logits
     fastpeft.from_peft(pm)
-    up = pm.base_model.model.model.layers[0].mlp.up_proj
-    assert isinstance(up, fastpeft.Int8LoRALinear)
-    assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj,
-                      fastpeft.LoRALinear)
     out = pm(input_ids=ids, attention_mask=mask).logits
+    assert fused_calls == {"lora_linear": 2, "int8_lora_linear": 2}
     # bitsandbytes' int8 matmul vs weight-only dequantisation: close, not identical
     rel = (keep_rows(out - ref, mask).norm() / keep_rows(ref, mask).norm()).item()
     assert rel < 2e-2
-
-
-def test_from_peft_refuses_dora_and_merged(base):
-    pm = peft.get_peft_model(copy.deepcopy(base),
-                             peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        fastpeft.from_peft(pm)
-    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"]))
-    pm.merge_adapter()
-    with pytest.raises(ValueError, match="merged"):
-        fastpeft.from_peft(pm)
 
 
 # --- inject and training ----------------------------------------------------------------
@@ -485,3 +528,112 @@ def test_configs_and_inject_refuse(base):
         fastpeft.inject(base, {"r": 8})
     with pytest.raises(TypeError, match="attn"):
         AdaptedAttention(torch.nn.Linear(4, 4))
+
+
+# --- modes, dtypes, PEFT's own saving, refusals -----------------------------------
+
+def test_new_layers_take_the_replaced_layers_mode(base, batch):
+    ids, _ = batch
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+        r=4, lora_dropout=0.5, target_modules="all-linear"))
+    fastpeft.inject(model, fastpeft.AdaptionPromptConfig(adapter_len=2))
+    fastpeft.inject(model, fastpeft.BottleneckConfig("houlsby"))
+    assert not any(m.training for m in model.modules())  # base is in eval mode
+    perturb(model, "lora_B")
+    with torch.no_grad():  # no dropout in eval mode: deterministic
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   atol=0, rtol=0)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_dropout=0.5,
+                                                   target_modules=["q_proj"])).eval()
+    fastpeft.from_peft(pm)
+    assert not any(m.training for m in pm.modules())
+
+
+def test_peft_save_pretrained_still_saves_a_converted_model(base, batch, tmp_path):
+    ids, mask = batch
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=SEVEN))
+    perturb(pm, "lora_B")
+    want = pm(input_ids=ids, attention_mask=mask).logits
+    fastpeft.from_peft(pm)
+    pm.save_pretrained(tmp_path)  # what HF Trainer checkpoints call
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, want,
+                               atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # PEFT's load_adapter into the converted model lands too
+        for p in trainable(pm).values():
+            p.zero_()
+    pm.load_adapter(tmp_path, adapter_name="default")
+    torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits, want,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_load_adapter_sets_the_saved_hyperparameters(base, batch, tmp_path):
+    ids, mask = batch
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=32, use_rslora=True, target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 1}))
+    perturb(pm, "lora_B")
+    pm.save_pretrained(tmp_path / "peft")
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 1}))
+    fastpeft.load_adapter(model, tmp_path / "peft")
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                               pm(input_ids=ids, attention_mask=mask).logits,
+                               atol=1e-5, rtol=1e-5)
+    fastpeft.from_peft(pm)  # rsLoRA read from PEFT, not guessed (r = 1 is ambiguous)
+    fastpeft.save_adapter(pm, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["use_rslora"] and config["rank_pattern"] == {
+        f"model.layers.{i}.self_attn.v_proj": 1 for i in range(2)}
+
+
+def test_int8_models_in_half_precision(batch):
+    bnb = pytest.importorskip("bitsandbytes")
+    ids, mask = batch
+    for dtype in (torch.bfloat16, torch.float16):
+        model = tiny_llama().to(dtype)
+        for name, lin in list(model.named_modules()):
+            if name.endswith(("q_proj", "k_proj", "v_proj", "up_proj")):
+                q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False,
+                                        has_fp16_weights=False, threshold=0.0)
+                q.load_state_dict(lin.state_dict())
+                model.set_submodule(name, q.to("cpu"))
+        # PEFT keeps the adapter weights in float32 on a half-precision model
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+            r=4, target_modules=["q_proj", "up_proj", "o_proj"]))
+        assert pm.base_model.model.model.layers[0].mlp.up_proj.lora_A.default.weight.dtype \
+            == torch.float32
+        perturb(pm, "lora_B", std=0.05)
+        want = pm(input_ids=ids, attention_mask=mask).logits.float()
+        fastpeft.from_peft(pm)
+        got = pm(input_ids=ids, attention_mask=mask).logits
+        assert got.dtype == dtype
+        rel = (keep_rows(got.float() - want, mask).norm() / keep_rows(want, mask).norm())
+        assert rel < 3e-2
+        injected = fastpeft.inject(copy.deepcopy(model), fastpeft.LoraConfig(
+            r=4, target_modules=["q_proj", "up_proj"]))
+        fastpeft.inject(injected, fastpeft.AdaptionPromptConfig(adapter_len=2))
+        fastpeft.inject(injected, fastpeft.BottleneckConfig("pfeiffer"))
+        assert injected.model.layers[1].self_attn.adaption_prompt.dtype == dtype
+        loss_of(injected, ids, mask).backward()
+
+
+def test_refusals_found_in_review(base, tmp_path):
+    houlsby = fastpeft.inject(copy.deepcopy(base), fastpeft.BottleneckConfig("houlsby"))
+    with pytest.raises(ValueError, match="before the BottleneckConfig"):
+        fastpeft.inject(houlsby, fastpeft.AdaptionPromptConfig())
+    model = fastpeft.inject(base, fastpeft.AdaptionPromptConfig(adapter_len=2))
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    with pytest.raises(NotImplementedError, match="static cache"):
+        model(input_ids=torch.randint(0, 101, (1, 4)), past_key_values=cache)
+    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=101, attn_logit_softcapping=50.0))
+    with pytest.raises(NotImplementedError, match="attn_logit_softcapping"):
+        fastpeft.inject(gemma, fastpeft.AdaptionPromptConfig())
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], layers_to_transform=[0]))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="layers_to_transform"):
+        fastpeft.load_adapter(tiny_llama(), tmp_path)

@@ -33,8 +33,11 @@ class AdaptedAttention(nn.Module):
     ``(output, None)``. It handles grouped-query attention natively and the KV cache
     (``generate()``, single-token decode included). The attention mask must be what
     ``transformers`` builds for causal language models: causal plus key padding (a 4D
-    bool or additive mask, or ``None``); sliding windows, attention dropout and attention
-    weights as an output are not supported and are refused.
+    bool or additive mask, or ``None``), with the default dynamic cache; sliding windows
+    shorter than the keys, static caches, logit soft-capping, attention dropout and
+    attention weights as an output are refused. A query whose sequence keys are all masked
+    (a left-padding position) gets only the prompt part, where eager attention would
+    average the masked keys; such positions are padding, their outputs unused.
 
     Args:
         attn: the attention module to wrap (its parameters stay as they are).
@@ -43,6 +46,8 @@ class AdaptedAttention(nn.Module):
         gate_tanh: apply ``tanh`` to the gate (the original LLaMA-Adapter).
         adaption_prompt, adaption_gate: existing parameters to adopt (e.g. PEFT's) instead
             of creating new ones.
+        dtype: of new parameters; default: that of ``q_proj``'s first floating parameter.
+            Forward computes in the activations' dtype, casting the prompt and gate to it.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class AdaptedAttention(nn.Module):
         *,
         adaption_prompt: nn.Parameter | None = None,
         adaption_gate: nn.Parameter | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if isinstance(attn, AdaptedAttention):
@@ -72,18 +78,24 @@ class AdaptedAttention(nn.Module):
         if getattr(config, "attention_dropout", 0.0):
             raise NotImplementedError(
                 "attn: the model's attention_dropout is not supported by the fused attention")
+        if getattr(config, "attn_logit_softcapping", None):
+            raise NotImplementedError(
+                "attn: the model caps its attention logits (attn_logit_softcapping), which "
+                "the fused attention does not")
         self.rotary = _rotary_of(attn)
         self.model = attn
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(attn.head_dim)
         self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
-        self.sliding_window = getattr(config, "sliding_window", None)
+        # per layer where the family mixes full and sliding layers (Qwen2), else the config's
+        self.sliding_window = getattr(attn, "sliding_window",
+                                      getattr(config, "sliding_window", None))
         self.gate_tanh = bool(gate_tanh)
         if gate not in ("scalar", "per_head"):
             raise ValueError(f"gate: expected 'scalar' or 'per_head', got {gate!r}")
         factory = {"device": next(attn.parameters()).device,
-                   "dtype": _compute_dtype(attn.q_proj)}
+                   "dtype": dtype or _compute_dtype(attn.q_proj)}
         hidden = int(config.hidden_size)
         if adaption_prompt is None:
             if isinstance(adapter_len, bool) or not isinstance(adapter_len, int) \
@@ -135,6 +147,12 @@ class AdaptedAttention(nn.Module):
         q, k = self.rotary(q, k, cos, sin)
         if past_key_values is None:  # the name before transformers 4.56
             past_key_values = kwargs.get("past_key_value")
+        if getattr(past_key_values, "is_compileable", False):
+            # a static cache holds max_cache_len slots, not the keys seen so far: the
+            # bottom-right causal alignment of the fused attention would be wrong
+            raise NotImplementedError(
+                f"past_key_values: {type(past_key_values).__name__} is a static cache; the "
+                f"fused attention needs the default dynamic cache")
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, attn.layer_idx)
         n = k.shape[2]
@@ -142,12 +160,13 @@ class AdaptedAttention(nn.Module):
             raise NotImplementedError(
                 f"sliding_window: {n} keys exceed the model's sliding window of "
                 f"{self.sliding_window}; the fused attention has no sliding window")
+        prompt = self.adaption_prompt.to(hidden_states.dtype)
         out = gated_prefix_attention(
             q, k, v,
-            prompt_prefix(self.adaption_prompt, attn.k_proj, self.num_kv_heads, self.head_dim),
-            prompt_prefix(self.adaption_prompt, attn.v_proj, self.num_kv_heads, self.head_dim),
-            self.adaption_gate, causal=True, scale=self.scaling, gate_tanh=self.gate_tanh,
-            key_padding_mask=key_padding_from_mask(attention_mask, n),
+            prompt_prefix(prompt, attn.k_proj, self.num_kv_heads, self.head_dim),
+            prompt_prefix(prompt, attn.v_proj, self.num_kv_heads, self.head_dim),
+            self.adaption_gate.to(q.dtype), causal=True, scale=self.scaling,
+            gate_tanh=self.gate_tanh, key_padding_mask=key_padding_from_mask(attention_mask, n),
         )
         out = out.transpose(1, 2).reshape(batch, m, -1)
         return attn.o_proj(out), None

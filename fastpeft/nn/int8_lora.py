@@ -9,9 +9,25 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops.int8_lora_linear import int8_lora_linear, quantize_int8
-from .lora import adopt_lora_pair, lora_weights
+from .lora import lora_weights
 
-__all__ = ["Int8LoRALinear"]
+__all__ = ["Int8LoRALinear", "bnb_int8_weight"]
+
+
+def bnb_int8_weight(layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """A quantised bitsandbytes ``Linear8bitLt``'s int8 weight ``CB (out, in)`` and row
+    scales ``SCB (out,)`` (``weight ~ CB * SCB[:, None] / 127``)."""
+    cb = getattr(layer.weight, "CB", None)
+    scb = getattr(layer.weight, "SCB", None)
+    if cb is None:  # after its first forward the layer keeps them in its state
+        cb = getattr(getattr(layer, "state", None), "CB", None)
+        scb = getattr(getattr(layer, "state", None), "SCB", None)
+    if layer.weight.dtype != torch.int8 or cb is None or scb is None:
+        raise ValueError(
+            "layer: the Linear8bitLt holds no int8 weight; build it with "
+            "has_fp16_weights=False and move it to its device (which quantises it) first"
+        )
+    return cb, scb
 
 
 class Int8LoRALinear(nn.Module):
@@ -33,10 +49,9 @@ class Int8LoRALinear(nn.Module):
             ``lora_alpha / sqrt(r)`` with ``use_rslora``.
         lora_dropout: dropout probability on the LoRA branch input.
         bias: whether the base layer has a bias.
-        device, dtype: of the LoRA weights and the bias (the compute dtype: inputs must
-            have it); ``qweight`` is int8 and ``weight_scale`` float32 on ``device``.
-        lora_A, lora_B: existing layers to adopt instead of new ones, as in
-            :class:`fastpeft.LoRALinear` (cast to ``dtype`` in forward if they differ).
+        device, dtype: of the LoRA weights and the bias; ``qweight`` is int8 and
+            ``weight_scale`` float32 on ``device``. The layer computes in its input's
+            dtype, casting the (small) LoRA weights and bias to it when they differ.
     """
 
     qweight: Tensor
@@ -55,8 +70,6 @@ class Int8LoRALinear(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        lora_A: nn.Linear | None = None,
-        lora_B: nn.Linear | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
@@ -79,14 +92,10 @@ class Int8LoRALinear(nn.Module):
             "weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device)
         )
         self.register_buffer("bias", torch.zeros(out_features, **factory) if bias else None)
+        self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
         self.merged = False
-        if lora_A is None and lora_B is None:
-            self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
-            self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
-            self.reset_parameters()
-        else:
-            self.lora_A, self.lora_B = adopt_lora_pair(lora_A, lora_B, in_features,
-                                                       out_features, r)
+        self.reset_parameters()
 
     # --- construction ---------------------------------------------------------------------
 
@@ -124,15 +133,12 @@ class Int8LoRALinear(nn.Module):
         use_rslora: bool = False,
         *,
         dtype: torch.dtype | None = None,
-        lora_A: nn.Linear | None = None,
-        lora_B: nn.Linear | None = None,
     ) -> Int8LoRALinear:
         """Wrap a quantised bitsandbytes ``Linear8bitLt`` (``has_fp16_weights=False``): its
         ``CB`` becomes ``qweight`` and ``SCB / 127`` ``weight_scale``, without re-quantising.
 
         ``dtype`` (the compute dtype of the LoRA weights and bias) defaults to the bnb
-        layer's bias dtype, else ``torch.get_default_dtype()``. ``lora_A`` / ``lora_B``:
-        existing layers to adopt (PEFT's, when converting a PEFT model).
+        layer's bias dtype, else ``torch.get_default_dtype()``.
         """
         try:
             import bitsandbytes as bnb
@@ -142,23 +148,13 @@ class Int8LoRALinear(nn.Module):
             raise TypeError(
                 f"layer: expected a bitsandbytes.nn.Linear8bitLt, got {type(layer).__name__}"
             )
-        cb = getattr(layer.weight, "CB", None)
-        scb = getattr(layer.weight, "SCB", None)
-        if cb is None:  # after its first forward the layer keeps them in its state
-            cb = getattr(layer.state, "CB", None)
-            scb = getattr(layer.state, "SCB", None)
-        if layer.weight.dtype != torch.int8 or cb is None or scb is None:
-            raise ValueError(
-                "layer: the Linear8bitLt holds no int8 weight; build it with "
-                "has_fp16_weights=False and move it to its device (which quantises it) first"
-            )
+        cb, scb = bnb_int8_weight(layer)
         bias = layer.bias
         if dtype is None:
             dtype = bias.dtype if bias is not None else torch.get_default_dtype()
         out_features, in_features = cb.shape
         new = cls(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora,
-                  bias=bias is not None, device=cb.device, dtype=dtype, lora_A=lora_A,
-                  lora_B=lora_B)
+                  bias=bias is not None, device=cb.device, dtype=dtype)
         with torch.no_grad():
             new.qweight.copy_(cb)
             new.weight_scale.copy_(scb.float() / 127.0)
@@ -174,12 +170,15 @@ class Int8LoRALinear(nn.Module):
     # --- forward --------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        # merged: the LoRA product is inside qweight already; scaling 0 drops the branch
-        # the compute dtype is the bias's (LoRA weights adopted from PEFT may be float32)
-        a, b = lora_weights(self, self.bias.dtype if self.bias is not None
-                            else self.lora_A.weight.dtype)
+        # The activations' dtype is the compute dtype: the LoRA weights and the bias may be
+        # kept in another (PEFT keeps them in float32 on a bf16 model) and are cast, the
+        # scale stays float32 (Module.to(dtype) casts float buffers too). All are small.
+        # Merged: the LoRA product is inside qweight already; scaling 0 drops the branch.
+        a, b = lora_weights(self, x.dtype)
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype \
+            else self.bias.to(x.dtype)
         return int8_lora_linear(
-            x, self.qweight, self.weight_scale, self.bias, a, b,
+            x, self.qweight, self.weight_scale.float(), bias, a, b,
             0.0 if self.merged else self.scaling, self.lora_dropout, self.training,
         )
 

@@ -9,20 +9,7 @@ from torch import Tensor, nn
 
 from ..ops.lora_linear import lora_linear
 
-__all__ = ["LoRALinear", "adopt_lora_pair", "lora_weights"]
-
-
-def adopt_lora_pair(lora_A: nn.Module | None, lora_B: nn.Module | None, in_features: int,
-                    out_features: int, r: int) -> tuple[nn.Linear, nn.Linear]:
-    """Checks that existing ``lora_A`` / ``lora_B`` layers fit ``(in -> r -> out)``."""
-    for name, layer, shape in (("lora_A", lora_A, (r, in_features)),
-                               ("lora_B", lora_B, (out_features, r))):
-        if not isinstance(layer, nn.Linear) or layer.bias is not None:
-            raise TypeError(f"{name}: expected a bias-free nn.Linear, got {layer!r}")
-        if tuple(layer.weight.shape) != shape:
-            raise ValueError(f"{name}: expected a weight of shape {shape}, got "
-                             f"{tuple(layer.weight.shape)}")
-    return lora_A, lora_B
+__all__ = ["LoRALinear", "lora_weights"]
 
 
 def lora_weights(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -50,11 +37,9 @@ class LoRALinear(nn.Module):
             ``lora_alpha / sqrt(r)`` with ``use_rslora``.
         lora_dropout: dropout probability on the LoRA branch input.
         device, dtype: of the LoRA weights; default to the base weight's.
-        lora_A, lora_B: existing bias-free ``nn.Linear`` layers ``(in -> r)`` and
-            ``(r -> out)`` to adopt as they are (PEFT's, when converting a PEFT model)
-            instead of new ones; their parameters are kept, not copied. LoRA weights in
-            another floating dtype than the base weight (PEFT keeps them in float32 on a
-            bf16 model) are cast to the base dtype in forward.
+
+    LoRA weights kept in another floating dtype than the base weight (float32 on a bf16
+    model, as PEFT does) are cast to the base dtype in forward.
     """
 
     def __init__(
@@ -67,8 +52,6 @@ class LoRALinear(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        lora_A: nn.Linear | None = None,
-        lora_B: nn.Linear | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -88,14 +71,10 @@ class LoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.lora_dropout = float(lora_dropout)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
         self.merged = False
-        if lora_A is None and lora_B is None:
-            self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
-            self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
-            self.reset_parameters()
-        else:
-            self.lora_A, self.lora_B = adopt_lora_pair(
-                lora_A, lora_B, base.in_features, base.out_features, r)
+        self.reset_parameters()
 
     @property
     def in_features(self) -> int:
