@@ -51,13 +51,9 @@ def run_reference(inputs, scaling, p, seed, dtype):
     return outs
 
 
-@pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], *s[1:]))))
-@pytest.mark.parametrize(("bias", "dropout_p"), [(True, 0.0), (False, 0.25)],
-                         ids=["bias-p0", "nobias-p0.25"])
-def test_matches_reference(backend_device, shape, bias, dropout_p):
-    backend, device = backend_device
-    for dtype in dtypes_for(backend, device):
+def check_matches_reference(backend, device, shape, bias, dropout_p, dtypes):
+    """y and every gradient (dx, d bias, dA, dB) of the fused op against the reference."""
+    for dtype in dtypes:
         inputs = make_inputs(*shape, dtype, device, bias=bias)
         scaling = 16 / math.sqrt(shape[3])
         torch.manual_seed(123)
@@ -74,6 +70,45 @@ def test_matches_reference(backend_device, shape, bias, dropout_p):
             strict=True,
         ):
             assert_close_to_ref(f"{name} [{dtype}]", out, r64, rlow)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], *s[1:]))))
+@pytest.mark.parametrize(("bias", "dropout_p"), [(True, 0.0), (False, 0.25)],
+                         ids=["bias-p0", "nobias-p0.25"])
+def test_matches_reference(backend_device, shape, bias, dropout_p):
+    backend, device = backend_device
+    check_matches_reference(backend, device, shape, bias, dropout_p,
+                            dtypes_for(backend, device))
+
+
+@pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+def test_small_batches(backend_device, tokens):
+    """Each small-T mode: the CPU decode path's T = 1 GEMV and its 1- to 4-row tiles, the
+    Triton split-K GEMV's MODE 0 (T = 1) and MODE 1 / 2. in = 149 = 2 * 64 + 2 * 8 + 5
+    and out = 39 = 4 * 9 + 3 leave a tail after every block width of the kernels."""
+    backend, device = backend_device
+    check_matches_reference(backend, device, ((tokens,), 149, 39, 4), True, 0.25,
+                            [torch.float32, torch.float16])
+
+
+@pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
+@pytest.mark.parametrize("tokens", [3, 20], ids=["decode-T3", "blocked-T20"])
+def test_many_ranks(backend_device, tokens):
+    """R = 72 > 64: the LoRA branch in several rank blocks (both forward paths)."""
+    backend, device = backend_device
+    check_matches_reference(backend, device, ((tokens,), 40, 24, 72), True, 0.25,
+                            [torch.float32, torch.float16])
+
+
+def test_gemv_chunks():
+    """The CPU T = 1 GEMV over several chunks of rows (~1 MiB of Q each: 255 rows at
+    in = 4109), each with a tail of rows and of columns."""
+    if ("int8_lora_linear", "cpu") not in _backend._kernels:
+        pytest.skip("fastpeft._C has no int8_lora_linear kernel (not built)")
+    check_matches_reference("cpu", "cpu", ((1,), 4109, 600, 8), True, 0.0,
+                            dtypes_for("cpu", "cpu"))
 
 
 @pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
@@ -124,7 +159,8 @@ def test_opcheck(backend_device, p, tokens):
 
 
 @pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
-@pytest.mark.parametrize(("p", "tokens"), [(0.0, 2), (0.3, 18)], ids=["p0-T2", "p0.3-T18"])
+@pytest.mark.parametrize(("p", "tokens"), [(0.0, 1), (0.0, 2), (0.3, 18)],
+                         ids=["p0-T1", "p0-T2", "p0.3-T18"])
 def test_gradcheck_float64(backend_device, p, tokens):
     """dx through the dequantised weight, dA, dB, d bias against finite differences."""
     backend, device = backend_device

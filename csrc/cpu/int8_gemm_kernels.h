@@ -10,7 +10,8 @@
 // only memory traffic that grows with the layer is one byte per weight. They are
 // register-blocked on 32-byte vectors (simd.h) with fp32 accumulation (fp64 for double)
 // and multi-versioned for AVX2/FMA; the callers run them on disjoint ranges from
-// at::parallel_for.
+// at::parallel_for. The forward at T = 1 in fp32 has its own GEMV kernel in AVX2
+// intrinsics (i8_gemv_avx2), the tile kernel being its fallback.
 #pragma once
 
 #include <algorithm>
@@ -19,6 +20,10 @@
 #include <type_traits>
 
 #include "cpu/simd.h"
+
+#ifdef FASTPEFT_HAVE_AVX2_PATH
+#include <immintrin.h>
+#endif
 
 namespace fastpeft::cpu {
 
@@ -177,9 +182,35 @@ struct I8LoraUp {
   int64_t R;
 };
 
+// The LoRA terms of rows n0 .. n0 + ng - 1 (ng <= kI8Rows) of y, lo (T, kI8Rows) =
+// bias[n0 + j] + Σ_r sxa[t, r] * B[n0 + j, r]: a row of B converted to acc_t into brow
+// (R), then dot products vectorised over r. Rank-1 updates over r vectorised over j would
+// need B^T, and transposing B costs more than the products (measured, one thread,
+// N = K = 4096, R = 64 against R = 1: +0.6 ms at T = 1 and +0.8 ms at T = 4 with the
+// transpose; +0.07 and +0.2 ms with the dots).
+template <typename scalar_t, typename acc_t, typename V = typename VecT<acc_t>::type>
+FASTPEFT_INLINE void i8_lora_terms(const I8LoraUp<scalar_t, acc_t>& up, int64_t T, int64_t n0,
+                                   int64_t ng, acc_t* __restrict brow, acc_t* __restrict lo) {
+  constexpr int L = VecT<acc_t>::lanes;
+  const int64_t R = up.R, Rv = R / L * L;
+  for (int64_t j = 0; j < ng; ++j) {
+    const scalar_t* b = up.B + (n0 + j) * R;
+    for (int64_t r = 0; r < R; ++r) brow[r] = static_cast<acc_t>(b[r]);
+    const acc_t bias = up.bias ? static_cast<acc_t>(up.bias[n0 + j]) : acc_t(0);
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t* sx = up.sxa + t * R;
+      V acc = {};
+      for (int64_t r = 0; r < Rv; r += L) acc += vload(sx + r) * vload(brow + r);
+      acc_t sum = hsum<acc_t>(acc);
+      for (int64_t r = Rv; r < R; ++r) sum += sx[r] * brow[r];
+      lo[t * kI8Rows + j] = bias + sum;
+    }
+  }
+}
+
 // xp (T, K) from i8_permute_rows; y (T, N) in scalar_t, written: y[t, n] = bias[n] +
 // sxa[t, :] . B[n, :] + scale[n] * x[t, :] . Q[n, :], rounded once. acc is per-thread
-// scratch of T * kI8Rows vectors + (R + T) * kI8Rows. Columns past the last whole group
+// scratch of T * kI8Rows vectors + T * kI8Rows + R. Columns past the last whole group
 // are a scalar tail.
 template <typename scalar_t, typename acc_t>
 FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
@@ -188,9 +219,9 @@ FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
     int64_t n_begin, int64_t n_end, acc_t* __restrict acc) {
   constexpr int L = VecT<acc_t>::lanes;
   constexpr int64_t G = kI8GroupBytes<acc_t>;
-  const int64_t Kg = K / G * G, R = up.R, chunk = i8_fwd_chunk<acc_t>(T);
-  acc_t* bt = acc + T * kI8Rows * L;  // (R, kI8Rows)  B[group]^T
-  acc_t* lo = bt + R * kI8Rows;       // (T, kI8Rows)  the group's bias + LoRA terms
+  const int64_t Kg = K / G * G, chunk = i8_fwd_chunk<acc_t>(T);
+  acc_t* lo = acc + T * kI8Rows * L;  // (T, kI8Rows)  the group's bias + LoRA terms
+  acc_t* brow = lo + T * kI8Rows;     // (R)           a row of B
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kI8Rows) {
     const int64_t ng = std::min(kI8Rows, n_end - n0);
     std::fill(acc, acc + T * kI8Rows * L, acc_t(0));
@@ -214,19 +245,7 @@ FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
         t0 = T;
       }
     }
-    // the group's LoRA terms, lo[t, j] = bias[n0 + j] + Σ_r sxa[t, r] * B[n0 + j, r],
-    // as rank-1 updates over r of 8-wide rows (vectorised over j)
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < kI8Rows; ++j)
-        bt[r * kI8Rows + j] = j < ng ? static_cast<acc_t>(up.B[(n0 + j) * R + r]) : acc_t(0);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < kI8Rows; ++j)
-        lo[t * kI8Rows + j] = up.bias && j < ng ? static_cast<acc_t>(up.bias[n0 + j]) : acc_t(0);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t t = 0; t < T; ++t) {
-        const acc_t sx = up.sxa[t * R + r];
-        for (int64_t j = 0; j < kI8Rows; ++j) lo[t * kI8Rows + j] += sx * bt[r * kI8Rows + j];
-      }
+    i8_lora_terms(up, T, n0, ng, brow, lo);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < ng; ++j) {
         const int64_t n = n0 + j;
@@ -237,6 +256,117 @@ FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
       }
   }
 }
+
+// ---------------------------------------------------------------------------------------
+// Forward, T = 1 in fp32 with AVX2 + FMA (a decode step of generation): the GEMV
+// dots[i] = x . Q[n_begin + i, :] over the rows [n_begin, n_end), x fp32 in natural order.
+// At T = 1 a widened vector of Q serves a single FMA, so widening is most of the work, and
+// it has to overlap the stream of Q from memory. Two changes over the tile kernel above
+// (measured on the 2-core Zen 3, one thread, K = 4096):
+// * Widening: vpmovsxbd from a 64-bit load + vcvtdq2ps, 2 instructions per 8 weights,
+//   against vpslld / vpand + vcvtdq2ps on a reloaded group: with Q in L2, 24.5 GB/s
+//   against 18 GB/s. Intrinsics, because GCC 12 scalarises __builtin_convertvector from
+//   int8 vectors; chosen at run time like the AVX2 Philox path.
+// * Streaming: with Q from DRAM, both schemes ran at only ~12 GB/s on adjacent rows, while
+//   an fp32 GEMV reads the same bytes at 22 GB/s: at ~4 instructions per 8 bytes the
+//   out-of-order window reaches only a few cache lines ahead, so the kernel waits on the
+//   hardware prefetchers, which restart at every 4 KiB page (a row of Q at K = 4096). So
+//   the kI8Streams rows in flight come from kI8Streams far-apart blocks of the range, each
+//   walked row after row (a long sequential stream), and each stream is prefetched
+//   kI8PrefetchBytes ahead, across rows and pages: 19.5 GB/s from 256 MiB of Q (15.0
+//   without the prefetch, 17.8 at 256 bytes ahead, 19.4 - 19.7 at 1 - 2 KiB; 12.9 on 4
+//   adjacent rows).
+#ifdef FASTPEFT_HAVE_AVX2_PATH
+constexpr int kI8Streams = 4;
+constexpr int64_t kI8PrefetchBytes = 1024;
+
+inline bool i8_have_gemv_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// 8 bytes of Q -> 8 floats, exactly.
+__attribute__((target("avx2"))) FASTPEFT_INLINE __m256 i8_widen8_avx2(const int8_t* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+
+// dot[j] = x . row j for the NR rows (K bytes each). Two accumulators per row, so that
+// 4 rows give the 8 independent FMA chains that hide the FMA latency.
+template <int NR>
+__attribute__((target("avx2,fma"))) FASTPEFT_INLINE void i8_gemv_rows_avx2(
+    const float* __restrict x, const int8_t* const (&row)[NR], int64_t K, float (&dot)[NR]) {
+  const int64_t K64 = K / 64 * 64, K8 = K / 8 * 8;
+  __m256 a[NR][2];
+  for (int j = 0; j < NR; ++j) a[j][0] = a[j][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k < K64; k += 64) {  // a cache line of each row per step
+    for (int j = 0; j < NR; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(row[j] + k + kI8PrefetchBytes), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int p = 0; p < 8; ++p) {
+      const __m256 xv = _mm256_loadu_ps(x + k + 8 * p);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j)
+        a[j][p % 2] = _mm256_fmadd_ps(xv, i8_widen8_avx2(row[j] + k + 8 * p), a[j][p % 2]);
+    }
+  }
+  for (; k < K8; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int j = 0; j < NR; ++j)
+      a[j][0] = _mm256_fmadd_ps(xv, i8_widen8_avx2(row[j] + k), a[j][0]);
+  }
+  for (int j = 0; j < NR; ++j) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_add_ps(a[j][0], a[j][1]));
+    float sum = 0;
+    for (int l = 0; l < 8; ++l) sum += lanes[l];
+    for (int64_t c = K8; c < K; ++c) sum += x[c] * static_cast<float>(row[j][c]);
+    dot[j] = sum;
+  }
+}
+
+// Stream s takes the rows n_begin + s * M + [0, M), M = (n_end - n_begin) / kI8Streams;
+// the few rows past kI8Streams * M go one at a time.
+__attribute__((target("avx2,fma"))) inline void i8_gemv_avx2(const float* __restrict x,
+                                                             const int8_t* __restrict q,
+                                                             int64_t K, int64_t n_begin,
+                                                             int64_t n_end,
+                                                             float* __restrict dots) {
+  const int64_t M = (n_end - n_begin) / kI8Streams;
+  for (int64_t i = 0; i < M; ++i) {
+    const int8_t* row[kI8Streams];
+    float dot[kI8Streams];
+    for (int s = 0; s < kI8Streams; ++s) row[s] = q + (n_begin + s * M + i) * K;
+    i8_gemv_rows_avx2<kI8Streams>(x, row, K, dot);
+    for (int s = 0; s < kI8Streams; ++s) dots[s * M + i] = dot[s];
+  }
+  for (int64_t n = n_begin + kI8Streams * M; n < n_end; ++n) {
+    const int8_t* row[1] = {q + n * K};
+    float dot[1];
+    i8_gemv_rows_avx2<1>(x, row, K, dot);
+    dots[n - n_begin] = dot[0];
+  }
+}
+
+// Its epilogue: y[n] = bias[n] + sxa . B[n, :] + scale[n] * dots[n - n_begin] for the
+// rows [n_begin, n_end), rounded once; scratch holds kI8Rows + R floats.
+template <typename scalar_t>
+FASTPEFT_MULTIVERSION void i8_gemv_epilogue(const float* __restrict dots,
+                                            const float* __restrict scale,
+                                            I8LoraUp<scalar_t, float> up, scalar_t* __restrict y,
+                                            int64_t n_begin, int64_t n_end,
+                                            float* __restrict scratch) {
+  float* lo = scratch;              // (1, kI8Rows)
+  float* brow = scratch + kI8Rows;  // (R)
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kI8Rows) {
+    const int64_t ng = std::min(kI8Rows, n_end - n0);
+    i8_lora_terms(up, 1, n0, ng, brow, lo);
+    for (int64_t j = 0; j < ng; ++j)
+      y[n0 + j] = static_cast<scalar_t>(lo[j] + scale[n0 + j] * dots[n0 + j - n_begin]);
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------------------
 // Backward, small T: dx[t, k] += Σ_n dyT[n, t] * Q[n, k] for all T rows and the column

@@ -20,8 +20,9 @@
 // * T <= kDecodeMaxRows (decode): memory-bound, so the kernels of int8_gemm_kernels.h
 //   stream Q once, one byte per weight, widening it in registers. The forward also fuses
 //   the LoRA branch (int8_lora_decode_forward): at this size packing A and B for the
-//   LoRA kernels would cost a sizeable part of the whole op. The backward accumulates
-//   onto the LoRA part's dx.
+//   LoRA kernels would cost a sizeable part of the whole op. At T = 1 (fp32 accumulation,
+//   AVX2) the base product is a GEMV kernel of its own (int8_gemv_forward). The backward
+//   accumulates onto the LoRA part's dx.
 // * larger T: compute-bound, so ATen's GEMM (MKL) does the arithmetic on tiles of W
 //   dequantised into a per-thread fp32 (fp64) buffer sized for L2, accumulating onto the
 //   LoRA part's y / dx (beta = 1); threads take disjoint tiles of the output columns, and
@@ -34,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "cpu/int8_gemm_kernels.h"
@@ -109,6 +111,51 @@ FASTPEFT_MULTIVERSION void i8_lora_down_kernel(const acc_t* __restrict xd,
   }
 }
 
+// The decode forward's base GEMM at T = 1 with fp32 accumulation, on AVX2 + FMA: the
+// GEMV kernel i8_gemv_avx2 and its epilogue, y = b + s * xa @ B^T + x @ W^T (see
+// int8_gemm_kernels.h for why it beats the tile kernel there). Returns false where it does
+// not apply, and the tile kernel runs instead.
+template <typename scalar_t, typename acc_t>
+bool int8_gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor& scale,
+                       const I8LoraUp<scalar_t, acc_t>& up, int64_t T, int64_t K, int64_t N,
+                       scalar_t* y) {
+#ifdef FASTPEFT_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (T != 1 || !i8_have_gemv_avx2()) return false;
+    std::vector<float> x32;  // x in fp32, natural order
+    const float* xf = nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      xf = xs;
+    } else {
+      x32.assign(xs, xs + K);
+      xf = x32.data();
+    }
+    // Threads take chunks of ~1 MiB of Q from a shared counter rather than fixed halves of
+    // the rows: on cores shared with other processes one thread often runs slower, and the
+    // op waits for the slowest (measured at load ~1.8, 2 threads, N = K = 4096: median
+    // 0.60 - 0.67 ms against 0.62 - 0.82 ms with halves; chunks of 256 KiB - 4 MiB alike).
+    // i8_gemv_avx2 streams a chunk as kI8Streams sequential runs of rows.
+    const int64_t chunk =
+        std::max<int64_t>(kI8Streams, (int64_t{1} << 20) / std::max<int64_t>(K, 1));
+    const int64_t chunks = div_up(N, chunk);
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      std::vector<float> dots(static_cast<size_t>(chunk));
+      std::vector<float> scratch(static_cast<size_t>(kI8Rows + up.R));
+      for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+        const int64_t begin = c * chunk, end = std::min(N, begin + chunk);
+        i8_gemv_avx2(xf, q.const_data_ptr<int8_t>(), K, begin, end, dots.data());
+        i8_gemv_epilogue<scalar_t>(dots.data(), scale.const_data_ptr<float>(), up, y, begin,
+                                   end, scratch.data());
+      }
+    });
+    return true;
+  }
+#endif
+  return false;
+}
+
 // Decode path forward (T <= kDecodeMaxRows), the LoRA branch fused: returns (y, xa) with
 // xa = xd @ A^T and y = b + s * xa @ B^T + x @ W^T, written once by the streaming kernel.
 // xd is built as lora_fwd_kernel builds it (the same Philox words, dropout_keep_rows, and
@@ -150,16 +197,17 @@ std::tuple<at::Tensor, at::Tensor> int8_lora_decode_forward(
       xa_out[e] = static_cast<scalar_t>(sxa[e]);
       sxa[e] *= static_cast<acc_t>(scaling);
     }
-    // x in acc_t, lane-interleaved to match the widened groups of Q, times 2^-24
-    std::vector<acc_t> xp(static_cast<size_t>(T * K));
-    i8_permute_rows(xs, T, K, xp.data());
     const I8LoraUp<scalar_t, acc_t> up{
         sxa.data(), lora_B.const_data_ptr<scalar_t>(),
         bias.has_value() && bias->defined() ? bias->const_data_ptr<scalar_t>() : nullptr, R};
+    if (int8_gemv_forward(xs, q, scale, up, T, K, N, y.mutable_data_ptr<scalar_t>())) return;
+    // x in acc_t, lane-interleaved to match the widened groups of Q, times 2^-24
+    std::vector<acc_t> xp(static_cast<size_t>(T * K));
+    i8_permute_rows(xs, T, K, xp.data());
     const int64_t n_groups = div_up(N, kI8Rows);
     at::parallel_for(0, n_groups, work_grain(T * K * kI8Rows), [&](int64_t begin, int64_t end) {
       constexpr int64_t L = VecT<acc_t>::lanes;
-      std::vector<acc_t> acc(static_cast<size_t>((T * L + R + T) * kI8Rows));
+      std::vector<acc_t> acc(static_cast<size_t>((T * L + T) * kI8Rows + R));
       i8_linear_decode_kernel<scalar_t, acc_t>(
           xp.data(), q.const_data_ptr<int8_t>(), scale.const_data_ptr<float>(), up,
           y.mutable_data_ptr<scalar_t>(), T, K, N, begin * kI8Rows, std::min(N, end * kI8Rows),
