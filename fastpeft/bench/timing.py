@@ -2,13 +2,14 @@
 
 Providers are timed interleaved (A, B, C, A, B, C, ...) so that frequency scaling, cache
 state and background load hit every provider alike, and each is summarised by its
-median with the 20th and 80th percentiles. On CUDA each call is timed between two CUDA
-events (GPU time, launch gaps included; ``triton.testing.do_bench`` times one function at a
+median with the 20th and 80th percentiles; each call starts with the caches flushed
+(see ``_clock``). On CUDA each call is timed between two CUDA events (GPU time, launch gaps included; ``triton.testing.do_bench`` times one function at a
 time, so it cannot interleave); on the CPU with ``time.perf_counter``.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -33,10 +34,29 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return statistics.quantiles(sorted_values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
+def _flush_bytes(device: torch.device) -> int:
+    """Twice the last-level cache: 256 MiB on a GPU (an H100's L2 is 50 MB), twice the L3
+    on a CPU where the OS says (Linux), else 64 MiB."""
+    if device.type == "cuda":
+        return 256 * 2**20
+    try:
+        l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        l3 = 0
+    return max(2 * l3, 64 * 2**20)
+
+
 def _clock(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Times one call. Before it, a buffer twice the size of the last-level cache is
+    zeroed (as ``triton.testing.do_bench`` does on a GPU): every call then starts with
+    cold caches, as a layer inside a model does after the layers before it, instead of
+    finding its weights still cached from its previous call; and on a CPU the zeroing
+    (a parallel op) wakes every core, as the layer before it would have."""
+    flush = torch.empty(_flush_bytes(device) // 4, dtype=torch.float32, device=device)
     if device.type == "cuda":
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            flush.zero_()
             start.record()
             fn()
             end.record()
@@ -44,6 +64,7 @@ def _clock(device: torch.device) -> Callable[[Callable[[], object]], float]:
             return start.elapsed_time(end)
     else:
         def run(fn):
+            flush.zero_()
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
