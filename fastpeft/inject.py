@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
-from .nn.adapted_attention import AdaptedAttention, _compute_dtype
+from .nn.adapted_attention import AdaptedAttention, compute_dtype
 from .nn.bottleneck import BottleneckAdapter
 from .nn.int8_lora import Int8LoRALinear
 from .nn.lora import LoRALinear
@@ -119,7 +119,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     weight = getattr(embeddings, "weight", None)
     if isinstance(weight, Tensor) and weight.is_floating_point():
         return weight.dtype
-    return _compute_dtype(model)
+    return compute_dtype(model)
 
 
 def _matches(name: str, target_modules: list[str] | str) -> bool:

@@ -3,8 +3,9 @@
 Providers are timed interleaved (A, B, C, A, B, C, ...) so that frequency scaling, cache
 state and background load hit every provider alike, and each is summarised by its
 median with the 20th and 80th percentiles; each call starts with the caches flushed
-(see ``_clock``). On CUDA each call is timed between two CUDA events (GPU time, launch gaps included; ``triton.testing.do_bench`` times one function at a
-time, so it cannot interleave); on the CPU with ``time.perf_counter``.
+(see ``_clock``). On CUDA each call is timed between two CUDA events (GPU time, launch
+gaps included; ``triton.testing.do_bench`` times one function at a time, so it cannot
+interleave); on the CPU with ``time.perf_counter``.
 """
 
 from __future__ import annotations

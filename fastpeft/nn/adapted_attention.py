@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..ops.gated_prefix_attention import gated_prefix_attention
 from .adaption_prompt import prompt_prefix
 
-__all__ = ["AdaptedAttention"]
+__all__ = ["AdaptedAttention", "compute_dtype"]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -95,7 +95,7 @@ class AdaptedAttention(nn.Module):
         if gate not in ("scalar", "per_head"):
             raise ValueError(f"gate: expected 'scalar' or 'per_head', got {gate!r}")
         factory = {"device": next(attn.parameters()).device,
-                   "dtype": dtype or _compute_dtype(attn.q_proj)}
+                   "dtype": dtype or compute_dtype(attn.q_proj)}
         hidden = int(config.hidden_size)
         if adaption_prompt is None:
             if isinstance(adapter_len, bool) or not isinstance(adapter_len, int) \
@@ -210,7 +210,7 @@ def _rotary_of(attn: nn.Module) -> Callable[[Tensor, Tensor, Tensor, Tensor],
     return fn
 
 
-def _compute_dtype(module: nn.Module) -> torch.dtype:
+def compute_dtype(module: nn.Module) -> torch.dtype:
     """The floating dtype a projection computes in (its first floating parameter: the
     weight of an nn.Linear or LoRALinear, the LoRA weights of an Int8LoRALinear)."""
     for p in module.parameters():

@@ -35,19 +35,18 @@ class FusedPeftLora:
         if a is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        parts = lora_parts(self)
+        lora_A, lora_B = self.lora_A[a].weight, self.lora_B[a].weight
+        p = _dropout_p(self.lora_dropout[a])
         if isinstance(base, nn.Linear) and not _is_bnb(base):
             dtype = base.weight.dtype
-            return lora_linear(x, base.weight, base.bias, parts.lora_A.to(dtype),
-                               parts.lora_B.to(dtype), parts.scaling, parts.lora_dropout,
-                               self.training)
+            return lora_linear(x, base.weight, base.bias, lora_A.to(dtype), lora_B.to(dtype),
+                               self.scaling[a], p, self.training)
         # bitsandbytes int8, computed as weight-only int8 in the activations' dtype (its
         # threshold / outlier decomposition is not reproduced)
         qweight, scb = bnb_int8_weight(base)
         bias = None if base.bias is None else base.bias.to(x.dtype)
-        return int8_lora_linear(x, qweight, scb.float() / 127.0, bias,
-                                parts.lora_A.to(x.dtype), parts.lora_B.to(x.dtype),
-                                parts.scaling, parts.lora_dropout, self.training)
+        return int8_lora_linear(x, qweight, scb.float() / 127.0, bias, lora_A.to(x.dtype),
+                                lora_B.to(x.dtype), self.scaling[a], p, self.training)
 
     def _fused_adapter(self, args: tuple, kwargs: dict) -> str | None:
         if args or kwargs or self.disable_adapters or self.merged:
@@ -122,10 +121,13 @@ def lora_parts(layer: nn.Module) -> LoraParts:
     rslora = getattr(layer, "use_rslora", {}).get(a)
     if rslora is None:  # older PEFT: from the scaling (ambiguous at r = 1, where it's moot)
         rslora = r > 1 and math.isclose(scaling, alpha / math.sqrt(r))
-    dropout = layer.lora_dropout[a]
-    p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
-    return LoraParts(r, alpha, p, bool(rslora), float(scaling), layer.lora_A[a].weight,
-                     layer.lora_B[a].weight)
+    return LoraParts(r, alpha, _dropout_p(layer.lora_dropout[a]), bool(rslora),
+                     float(scaling), layer.lora_A[a].weight, layer.lora_B[a].weight)
+
+
+def _dropout_p(dropout: nn.Module) -> float:
+    """PEFT's per-adapter dropout module: ``nn.Dropout(p)``, or ``nn.Identity`` for 0."""
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
 
 def _is_bnb(module: nn.Module) -> bool:
