@@ -7,7 +7,7 @@ it changes no other global state.
 
 from . import _backend
 from ._backend import use_backend
-from .ops import (  # schemas before _C loads
+from .ops import (  # schemas, then _C, then the Python registrations
     _library,
     bottleneck_adapter,
     gated_prefix_attention,
@@ -16,7 +16,6 @@ from .ops import (  # schemas before _C loads
     quantize_int8,
 )
 
-_backend.load_native()
 _backend.index_kernels(list(_library.SCHEMAS))
 
 from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig  # noqa: E402

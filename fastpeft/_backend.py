@@ -61,6 +61,7 @@ def index_kernels(op_names: list[str]) -> None:
     """Record which ops have a compiled CPU kernel and a Triton variant (called once at
     import, after ``load_native``, so the hot path only does a set lookup)."""
     global _kernels
+    _resolved.clear()
     found = set()
     for name in op_names:
         if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastpeft::{name}", "CPU"):
@@ -70,18 +71,30 @@ def index_kernels(op_names: list[str]) -> None:
     _kernels = frozenset(found)
 
 
+_resolved: dict[tuple[str, str, str], object] = {}
+
+
 def resolve(op: str, device: torch.device):
     """The registered op that runs ``op`` for tensors on ``device`` (native C++ or Triton
-    variant), or ``None`` for the reference path."""
+    variant), or ``None`` for the reference path. Memoised per (op, device type, backend
+    in force): it is on every call's path, and a decode step calls the linear ops once
+    per projection."""
+    key = (op, device.type, current())
+    try:
+        return _resolved[key]
+    except KeyError:
+        pass
     backend = select(device)
     if backend == "reference":
-        return None
-    if (op, backend) not in _kernels:
-        if current() == "auto":
-            return None  # e.g. a compiled library older than this op: the reference runs
+        found = None
+    elif (op, backend) in _kernels:
+        found = getattr(torch.ops.fastpeft, op + ("" if backend == "cpu" else "_triton"))
+    elif key[2] == "auto":
+        found = None  # e.g. a compiled library older than this op: the reference runs
+    else:
         raise RuntimeError(f"fastpeft backend {backend!r} was forced but has no {op} kernel")
-    suffix = "" if backend == "cpu" else "_triton"
-    return getattr(torch.ops.fastpeft, op + suffix)
+    _resolved[key] = found
+    return found
 
 
 def native_available() -> bool:

@@ -299,6 +299,32 @@ def test_module_compiles_fullgraph():
 # --- bad input --------------------------------------------------------------------------
 
 
+# Which of (x, bias, lora_A, lora_B) require grad: the first layer of a model (x does
+# not), a trainable bias, a frozen adapter with x needing dx.
+GRAD_SUBSETS = {"lora": "AB", "x+bias": "xb", "x": "x", "bias+B": "bB"}
+
+
+@pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
+@pytest.mark.parametrize("wrt", GRAD_SUBSETS.values(), ids=GRAD_SUBSETS.keys())
+def test_gradients_only_where_required(backend_device, wrt):
+    backend, device = backend_device
+    x, q, s, b, a, bb = make_inputs((3,), 24, 20, 3, torch.float32, device)
+    for flag, t in zip("xbAB", (x, b, a, bb), strict=True):
+        t.requires_grad_(flag in wrt)
+    torch.manual_seed(123)
+    with forced(backend):
+        y = fastpeft.int8_lora_linear(x, q, s, b, a, bb, 0.5, 0.25)
+    torch.manual_seed(123)
+    seed = draw_seed(torch.device(device))
+    copies = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, b, a, bb)]
+    ref = reference.int8_lora_linear(copies[0], q, s, *copies[1:], 0.5, 0.25, True, seed)
+    got = grads(y, (x, b, a, bb))
+    want = grads(ref, copies)
+    assert len(got) == len(wrt)
+    for flag, g, r in zip(wrt, got, want, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4, msg=f"d{flag}")
+
+
 def _good():
     q, s = fastpeft.quantize_int8(torch.randn(6, 10))
     return dict(

@@ -91,6 +91,30 @@ def test_trainable_base_gets_gradients(backend_device):
         assert_close_to_ref(name, g, r64, rlow)
 
 
+# Which of (x, weight, bias, lora_A, lora_B) require grad: the first layer of a model (x
+# does not), a trainable bias on a frozen weight, a frozen adapter with x needing dx.
+GRAD_SUBSETS = {"lora": "AB", "x+bias": "xb", "weight+bias": "wb", "x": "x", "bias+B": "bB"}
+
+
+@pytest.mark.parametrize("backend_device", backend_params("lora_linear"))
+@pytest.mark.parametrize("wrt", GRAD_SUBSETS.values(), ids=GRAD_SUBSETS.keys())
+def test_gradients_only_where_required(backend_device, wrt):
+    backend, device = backend_device
+    inputs = make_inputs((5,), 24, 20, 3, torch.float32, device)
+    for flag, t in zip("xwbAB", inputs, strict=True):
+        t.requires_grad_(flag in wrt)
+    torch.manual_seed(123)
+    with forced(backend):
+        y = fastpeft.lora_linear(*inputs, 0.5, 0.25)
+    torch.manual_seed(123)
+    seed = draw_seed(torch.device(device))
+    ref = run_reference(inputs, 0.5, 0.25, seed, torch.float32)
+    got = grads(y, inputs)
+    assert len(got) == len(wrt)
+    for flag, g, r64, rlow in zip(wrt, got, ref["ref64"][1], ref["lowp"][1], strict=True):
+        assert_close_to_ref(f"d{flag}", g, r64, rlow)
+
+
 @pytest.mark.parametrize("backend_device", backend_params("lora_linear"))
 def test_dropout_mask_is_regenerated_exactly(backend_device):
     """With weight = 0, A = B = I and x = 1 the output is keep/(1-p) itself, and with

@@ -177,8 +177,11 @@ class Int8LoRALinear(nn.Module):
         a, b = lora_weights(self, x.dtype)
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype \
             else self.bias.to(x.dtype)
+        scale = self.weight_scale
+        if scale.dtype != torch.float32:
+            scale = scale.float()
         return int8_lora_linear(
-            x, self.qweight, self.weight_scale.float(), bias, a, b,
+            x, self.qweight, scale, bias, a, b,
             0.0 if self.merged else self.scaling, self.lora_dropout, self.training,
         )
 

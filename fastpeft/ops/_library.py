@@ -83,18 +83,27 @@ SCHEMAS = {
 for _schema in SCHEMAS.values():
     lib.define(_schema)
 
+# The compiled kernels register against these schemas; loading them here, before the op
+# modules add their Python registrations, lets register_autograd see the C++ ones.
+_backend.load_native()
+
 
 def register_autograd(op: str, make_backward: Callable, setup_context: Callable) -> None:
     """Register autograd on ``fastpeft::<op>`` and, where Triton is installed, on
     ``fastpeft::<op>_triton`` (importing ``fastpeft.triton.<op>`` defines it): one
     ``setup_context``, and ``make_backward(backward_op)`` bound to each variant's own
-    backward op."""
+    backward op. A variant whose autograd the compiled library registers in C++
+    (``csrc/autograd.cpp``: the linear ops, whose per-call overhead matters at decode
+    sizes) keeps that one."""
     ops = torch.ops.fastpeft
     variants = [""]
     if _backend.TRITON_AVAILABLE:
         importlib.import_module(f"fastpeft.triton.{op}")
         variants.append("_triton")
     for suffix in variants:
+        native = f"fastpeft::{op}"  # only _C registers an Autograd kernel on the native ops
+        if not suffix and torch._C._dispatch_has_kernel_for_dispatch_key(native, "Autograd"):
+            continue
         backward_op = getattr(ops, f"{op}_backward{suffix}").default
         torch.library.register_autograd(
             f"fastpeft::{op}{suffix}", make_backward(backward_op), setup_context=setup_context

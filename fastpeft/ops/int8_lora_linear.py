@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _backend, reference
 from ._checks import check_float_input, check_scalar, check_tensor
 from ._library import register_autograd
-from .lora_linear import _lora_linear_backward_fake, check_lora_args, draw_seed
+from .lora_linear import _lora_linear_backward_fake, check_lora_args, draw_seed, linear_args_ok
 
 __all__ = ["int8_lora_linear", "quantize_int8"]
 
@@ -115,11 +115,12 @@ def int8_lora_linear(
         ``(..., out)`` in x's dtype. Gradients flow to ``x``, ``bias``, ``lora_A`` and
         ``lora_B``; the quantised weight is frozen.
     """
-    check_float_input("x", x)
-    check_int8_weight(x, qweight, weight_scale)
-    check_lora_args(x, qweight, bias, lora_A, lora_B, weight_name="qweight")
-    scaling = check_scalar("scaling", scaling)
-    dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
+    if not linear_args_ok(x, qweight, weight_scale, bias, lora_A, lora_B, scaling, dropout_p):
+        check_float_input("x", x)
+        check_int8_weight(x, qweight, weight_scale)
+        check_lora_args(x, qweight, bias, lora_A, lora_B, weight_name="qweight")
+        scaling = check_scalar("scaling", scaling)
+        dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
 

@@ -15,11 +15,13 @@ Backward (dy = dL/dy, T rows; keep = mask / (1 - p)):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .. import _backend, reference
-from ._checks import check_float_input, check_scalar, check_tensor
+from ._checks import FLOAT_DTYPES, check_float_input, check_scalar, check_tensor
 from ._library import register_autograd
 
 __all__ = ["lora_linear"]
@@ -81,6 +83,39 @@ def check_lora_args(x, weight, bias, lora_A, lora_B, weight_name: str = "weight"
     check_tensor("lora_B", lora_B, shape=(out_features, rank), like=x)
 
 
+def linear_args_ok(x, weight, weight_scale, bias, lora_A, lora_B, scaling, dropout_p) -> bool:
+    """Whether the arguments of ``lora_linear`` (``weight_scale`` None) or
+    ``int8_lora_linear`` are ones the full checks accept, tested in one pass.
+
+    Only a shortcut for the usual call: a decode step calls these ops once per projection,
+    and at T = 1 the checks that name a bad argument cost a noticeable part of the call.
+    Anything unusual (a bad argument, but also an int ``scaling``) returns False, and the
+    full checks then run; a True here never lets through what they would refuse.
+    """
+    try:
+        dt, dev = x.dtype, x.device
+        out_features, in_features = weight.shape
+        rank = lora_A.shape[0]
+        if weight_scale is None:
+            base_ok = weight.dtype == dt and weight.device == dev
+        else:
+            base_ok = (weight.dtype == torch.int8 and weight.device == dev
+                       and weight_scale.shape == (out_features,)
+                       and weight_scale.dtype == torch.float32 and weight_scale.device == dev)
+        return (
+            base_ok and dt in FLOAT_DTYPES and x.shape[-1] == in_features and rank >= 1
+            and lora_A.shape == (rank, in_features) and lora_A.dtype == dt
+            and lora_A.device == dev and lora_B.shape == (out_features, rank)
+            and lora_B.dtype == dt and lora_B.device == dev
+            and (bias is None or (bias.shape == (out_features,) and bias.dtype == dt
+                                  and bias.device == dev))
+            and type(scaling) is float and math.isfinite(scaling)
+            and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
+        )
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
+
+
 def draw_seed(device: torch.device) -> Tensor:
     """A fresh dropout seed from torch's generator for ``device`` (so ``torch.manual_seed``
     makes runs reproducible); kept on the device so no kernel waits on the host."""
@@ -112,11 +147,12 @@ def lora_linear(
         ``(..., out)``. Gradients flow to ``x``, ``lora_A``, ``lora_B`` (and to ``weight``,
         ``bias`` when they require grad).
     """
-    check_float_input("x", x)
-    check_tensor("weight", weight, ndim=2, like=x)
-    check_lora_args(x, weight, bias, lora_A, lora_B)
-    scaling = check_scalar("scaling", scaling)
-    dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
+    if not linear_args_ok(x, weight, None, bias, lora_A, lora_B, scaling, dropout_p):
+        check_float_input("x", x)
+        check_tensor("weight", weight, ndim=2, like=x)
+        check_lora_args(x, weight, bias, lora_A, lora_B)
+        scaling = check_scalar("scaling", scaling)
+        dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
 
