@@ -85,9 +85,10 @@ def test_matches_reference(backend_device, shape, bias, dropout_p):
 @pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4])
 def test_small_batches(backend_device, tokens):
-    """Each small-T mode: the CPU decode path's T = 1 GEMV and its 1- to 4-row tiles, the
-    Triton split-K GEMV's MODE 0 (T = 1) and MODE 1 / 2. in = 149 = 2 * 64 + 2 * 8 + 5
-    and out = 39 = 4 * 9 + 3 leave a tail after every block width of the kernels."""
+    """Each small-T mode: the CPU decode path's GEMV for T = 1 .. 4 (its 1- to 4-row tiles
+    run for float64, in the gradcheck), the Triton split-K GEMV's MODE 0 (T = 1) and
+    MODE 1 / 2. in = 149 = 2 * 64 + 2 * 8 + 5 and out = 39 = 4 * 9 + 3 leave a tail after
+    every block width of the kernels."""
     backend, device = backend_device
     check_matches_reference(backend, device, ((tokens,), 149, 39, 4), True, 0.25,
                             [torch.float32, torch.float16])
@@ -102,12 +103,14 @@ def test_many_ranks(backend_device, tokens):
                             [torch.float32, torch.float16])
 
 
-def test_gemv_chunks():
-    """The CPU T = 1 GEMV over several chunks of rows (~1 MiB of Q each: 255 rows at
-    in = 4109), each with a tail of rows and of columns."""
+@pytest.mark.parametrize(("tokens", "out"), [(1, 600), (4, 601)])
+def test_gemv_chunks(tokens, out):
+    """The CPU GEMV over several chunks of rows (~1 MiB of Q each: 255 rows at in = 4109),
+    with tails of rows after its streams (4 at T = 1: 255 = 4 * 63 + 3; 3 at T = 4: the
+    last chunk, 91 = 3 * 30 + 1) and of columns."""
     if ("int8_lora_linear", "cpu") not in _backend._kernels:
         pytest.skip("fastpeft._C has no int8_lora_linear kernel (not built)")
-    check_matches_reference("cpu", "cpu", ((1,), 4109, 600, 8), True, 0.0,
+    check_matches_reference("cpu", "cpu", ((tokens,), 4109, out, 8), True, 0.0,
                             dtypes_for("cpu", "cpu"))
 
 

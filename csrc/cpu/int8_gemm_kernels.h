@@ -10,8 +10,8 @@
 // only memory traffic that grows with the layer is one byte per weight. They are
 // register-blocked on 32-byte vectors (simd.h) with fp32 accumulation (fp64 for double)
 // and multi-versioned for AVX2/FMA; the callers run them on disjoint ranges from
-// at::parallel_for. The forward at T = 1 in fp32 has its own GEMV kernel in AVX2
-// intrinsics (i8_gemv_avx2), the tile kernel being its fallback.
+// at::parallel_for. The forward at T <= 4 with fp32 accumulation has its own GEMV kernel in
+// AVX2 intrinsics (i8_gemv_avx2), the tile kernel being its fallback.
 #pragma once
 
 #include <algorithm>
@@ -258,11 +258,12 @@ FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward, T = 1 in fp32 with AVX2 + FMA (a decode step of generation): the GEMV
-// dots[i] = x . Q[n_begin + i, :] over the rows [n_begin, n_end), x fp32 in natural order.
-// At T = 1 a widened vector of Q serves a single FMA, so widening is most of the work, and
-// it has to overlap the stream of Q from memory. Two changes over the tile kernel above
-// (measured on the 2-core Zen 3, one thread, K = 4096):
+// Forward, T <= kI8GemvMaxRows with fp32 accumulation, on AVX2 + FMA (a decode step of
+// generation, or of a few sequences): the GEMV dots[t][i] = x[t, :] . Q[n_begin + i, :]
+// over the rows [n_begin, n_end), x fp32 in natural order. At T = 1 a widened vector of Q
+// serves a single FMA, so widening is most of the work, and it has to overlap the stream
+// of Q from memory. Two changes over the tile kernel above (measured on the 2-core Zen 3,
+// one thread, K = 4096):
 // * Widening: vpmovsxbd from a 64-bit load + vcvtdq2ps, 2 instructions per 8 weights,
 //   against vpslld / vpand + vcvtdq2ps on a reloaded group: with Q in L2, 24.5 GB/s
 //   against 18 GB/s. Intrinsics, because GCC 12 scalarises __builtin_convertvector from
@@ -276,9 +277,13 @@ FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
 //   kI8PrefetchBytes ahead, across rows and pages: 19.5 GB/s from 256 MiB of Q (15.0
 //   without the prefetch, 17.8 at 256 bytes ahead, 19.4 - 19.7 at 1 - 2 KiB; 12.9 on 4
 //   adjacent rows).
+// With T > 1 rows of x a widened vector serves T FMAs, so the same stream carries T times
+// the arithmetic; up to 4 rows the kernel stays near the stream's rate, where the tile
+// kernel was bound by its adjacent-row reads.
 #ifdef FASTPEFT_HAVE_AVX2_PATH
 constexpr int kI8Streams = 4;
 constexpr int64_t kI8PrefetchBytes = 1024;
+constexpr int64_t kI8GemvMaxRows = 4;
 
 inline bool i8_have_gemv_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -291,79 +296,114 @@ __attribute__((target("avx2"))) FASTPEFT_INLINE __m256 i8_widen8_avx2(const int8
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
 }
 
-// dot[j] = x . row j for the NR rows (K bytes each). Two accumulators per row, so that
-// 4 rows give the 8 independent FMA chains that hide the FMA latency.
-template <int NR>
+// dot[t][j] = x[t, :] . row j for the TR rows of x (row stride K) and the NR rows of Q (K
+// bytes each). TR * NR * NA accumulators, NA = 2 at TR = 1, so that there too 4 rows of Q
+// give the 8 independent FMA chains that hide the FMA latency; TR * NR <= 12 keeps them,
+// a widened vector and x in the 16 ymm registers.
+template <int TR, int NR>
 __attribute__((target("avx2,fma"))) FASTPEFT_INLINE void i8_gemv_rows_avx2(
-    const float* __restrict x, const int8_t* const (&row)[NR], int64_t K, float (&dot)[NR]) {
+    const float* __restrict x, const int8_t* const (&row)[NR], int64_t K,
+    float (&dot)[TR][NR]) {
+  static_assert(TR * NR <= 12, "accumulators must fit the registers");
+  constexpr int NA = TR == 1 ? 2 : 1;
   const int64_t K64 = K / 64 * 64, K8 = K / 8 * 8;
-  __m256 a[NR][2];
-  for (int j = 0; j < NR; ++j) a[j][0] = a[j][1] = _mm256_setzero_ps();
+  __m256 a[TR][NR][NA];
+  for (int t = 0; t < TR; ++t)
+    for (int j = 0; j < NR; ++j)
+      for (int h = 0; h < NA; ++h) a[t][j][h] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k < K64; k += 64) {  // a cache line of each row per step
     for (int j = 0; j < NR; ++j)
       _mm_prefetch(reinterpret_cast<const char*>(row[j] + k + kI8PrefetchBytes), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int p = 0; p < 8; ++p) {
-      const __m256 xv = _mm256_loadu_ps(x + k + 8 * p);
+      __m256 xv[TR];
 #pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j)
-        a[j][p % 2] = _mm256_fmadd_ps(xv, i8_widen8_avx2(row[j] + k + 8 * p), a[j][p % 2]);
+      for (int t = 0; t < TR; ++t) xv[t] = _mm256_loadu_ps(x + t * K + k + 8 * p);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) {
+        const __m256 w = i8_widen8_avx2(row[j] + k + 8 * p);
+#pragma GCC unroll 4
+        for (int t = 0; t < TR; ++t) a[t][j][p % NA] = _mm256_fmadd_ps(xv[t], w, a[t][j][p % NA]);
+      }
     }
   }
   for (; k < K8; k += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + k);
-    for (int j = 0; j < NR; ++j)
-      a[j][0] = _mm256_fmadd_ps(xv, i8_widen8_avx2(row[j] + k), a[j][0]);
+    for (int j = 0; j < NR; ++j) {
+      const __m256 w = i8_widen8_avx2(row[j] + k);
+      for (int t = 0; t < TR; ++t)
+        a[t][j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), w, a[t][j][0]);
+    }
   }
-  for (int j = 0; j < NR; ++j) {
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, _mm256_add_ps(a[j][0], a[j][1]));
-    float sum = 0;
-    for (int l = 0; l < 8; ++l) sum += lanes[l];
-    for (int64_t c = K8; c < K; ++c) sum += x[c] * static_cast<float>(row[j][c]);
-    dot[j] = sum;
-  }
+  for (int t = 0; t < TR; ++t)
+    for (int j = 0; j < NR; ++j) {
+      __m256 v = a[t][j][0];
+      for (int h = 1; h < NA; ++h) v = _mm256_add_ps(v, a[t][j][h]);
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, v);
+      float sum = 0;
+      for (int l = 0; l < 8; ++l) sum += lanes[l];
+      for (int64_t c = K8; c < K; ++c) sum += x[t * K + c] * static_cast<float>(row[j][c]);
+      dot[t][j] = sum;
+    }
 }
 
-// Stream s takes the rows n_begin + s * M + [0, M), M = (n_end - n_begin) / kI8Streams;
-// the few rows past kI8Streams * M go one at a time.
-__attribute__((target("avx2,fma"))) inline void i8_gemv_avx2(const float* __restrict x,
-                                                             const int8_t* __restrict q,
-                                                             int64_t K, int64_t n_begin,
-                                                             int64_t n_end,
-                                                             float* __restrict dots) {
-  const int64_t M = (n_end - n_begin) / kI8Streams;
+// The TR-row GEMV over [n_begin, n_end): dots[t * ld + n - n_begin]. Stream s takes the
+// rows n_begin + s * M + [0, M), M = (n_end - n_begin) / S; the few rows past S * M go
+// one at a time. S = kI8Streams, 3 at TR = 4 (the accumulators' limit).
+template <int TR>
+__attribute__((target("avx2,fma"))) void i8_gemv_avx2_rows(const float* __restrict x,
+                                                           const int8_t* __restrict q, int64_t K,
+                                                           int64_t n_begin, int64_t n_end,
+                                                           float* __restrict dots, int64_t ld) {
+  constexpr int S = TR * kI8Streams <= 12 ? kI8Streams : 12 / TR;
+  const int64_t M = (n_end - n_begin) / S;
   for (int64_t i = 0; i < M; ++i) {
-    const int8_t* row[kI8Streams];
-    float dot[kI8Streams];
-    for (int s = 0; s < kI8Streams; ++s) row[s] = q + (n_begin + s * M + i) * K;
-    i8_gemv_rows_avx2<kI8Streams>(x, row, K, dot);
-    for (int s = 0; s < kI8Streams; ++s) dots[s * M + i] = dot[s];
+    const int8_t* row[S];
+    float dot[TR][S];
+    for (int s = 0; s < S; ++s) row[s] = q + (n_begin + s * M + i) * K;
+    i8_gemv_rows_avx2<TR, S>(x, row, K, dot);
+    for (int t = 0; t < TR; ++t)
+      for (int s = 0; s < S; ++s) dots[t * ld + s * M + i] = dot[t][s];
   }
-  for (int64_t n = n_begin + kI8Streams * M; n < n_end; ++n) {
+  for (int64_t n = n_begin + S * M; n < n_end; ++n) {
     const int8_t* row[1] = {q + n * K};
-    float dot[1];
-    i8_gemv_rows_avx2<1>(x, row, K, dot);
-    dots[n - n_begin] = dot[0];
+    float dot[TR][1];
+    i8_gemv_rows_avx2<TR, 1>(x, row, K, dot);
+    for (int t = 0; t < TR; ++t) dots[t * ld + n - n_begin] = dot[t][0];
   }
 }
 
-// Its epilogue: y[n] = bias[n] + sxa . B[n, :] + scale[n] * dots[n - n_begin] for the
-// rows [n_begin, n_end), rounded once; scratch holds kI8Rows + R floats.
+// T (1 .. kI8GemvMaxRows) rows of x: the GEMV above, with T a compile-time constant.
+inline void i8_gemv_avx2(const float* __restrict x, int64_t T, const int8_t* __restrict q,
+                         int64_t K, int64_t n_begin, int64_t n_end, float* __restrict dots,
+                         int64_t ld) {
+  switch (T) {
+    case 1: return i8_gemv_avx2_rows<1>(x, q, K, n_begin, n_end, dots, ld);
+    case 2: return i8_gemv_avx2_rows<2>(x, q, K, n_begin, n_end, dots, ld);
+    case 3: return i8_gemv_avx2_rows<3>(x, q, K, n_begin, n_end, dots, ld);
+    default: return i8_gemv_avx2_rows<4>(x, q, K, n_begin, n_end, dots, ld);
+  }
+}
+
+// Its epilogue: y[t, n] = bias[n] + sxa[t, :] . B[n, :] + scale[n] * dots[t * ld + n -
+// n_begin] for the T rows and the rows [n_begin, n_end) of y (row stride N), rounded
+// once; scratch holds T * kI8Rows + R floats.
 template <typename scalar_t>
-FASTPEFT_MULTIVERSION void i8_gemv_epilogue(const float* __restrict dots,
+FASTPEFT_MULTIVERSION void i8_gemv_epilogue(const float* __restrict dots, int64_t ld,
                                             const float* __restrict scale,
                                             I8LoraUp<scalar_t, float> up, scalar_t* __restrict y,
-                                            int64_t n_begin, int64_t n_end,
+                                            int64_t T, int64_t N, int64_t n_begin, int64_t n_end,
                                             float* __restrict scratch) {
-  float* lo = scratch;              // (1, kI8Rows)
-  float* brow = scratch + kI8Rows;  // (R)
+  float* lo = scratch;                  // (T, kI8Rows)
+  float* brow = scratch + T * kI8Rows;  // (R)
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kI8Rows) {
     const int64_t ng = std::min(kI8Rows, n_end - n0);
-    i8_lora_terms(up, 1, n0, ng, brow, lo);
-    for (int64_t j = 0; j < ng; ++j)
-      y[n0 + j] = static_cast<scalar_t>(lo[j] + scale[n0 + j] * dots[n0 + j - n_begin]);
+    i8_lora_terms(up, T, n0, ng, brow, lo);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < ng; ++j)
+        y[t * N + n0 + j] = static_cast<scalar_t>(
+            lo[t * kI8Rows + j] + scale[n0 + j] * dots[t * ld + n0 + j - n_begin]);
   }
 }
 #endif

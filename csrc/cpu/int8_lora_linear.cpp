@@ -14,15 +14,16 @@
 // Backward:  dx, dA, dB = LoRA part:  dB = s * dy^T @ xa,  dA = s * (dy @ B)^T @ xd,
 //                                     dx = c * m ⊙ (s * (dy @ B) @ A)
 //            dx += dy @ W = Σ_n (dy[t, n] * sc[n]) * Q[n, k]    (the scale folds into dy)
-// W gets no gradient (frozen); d bias = Σ_t dy is taken by the Python layer.
+// W gets no gradient (frozen); d bias = Σ_t dy is taken by the autograd kernel
+// (csrc/autograd.cpp).
 //
 // The base GEMMs have two paths, by the number of rows T:
 // * T <= kDecodeMaxRows (decode): memory-bound, so the kernels of int8_gemm_kernels.h
 //   stream Q once, one byte per weight, widening it in registers. The forward also fuses
 //   the LoRA branch (int8_lora_decode_forward): at this size packing A and B for the
-//   LoRA kernels would cost a sizeable part of the whole op. At T = 1 (fp32 accumulation,
-//   AVX2) the base product is a GEMV kernel of its own (int8_gemv_forward). The backward
-//   accumulates onto the LoRA part's dx.
+//   LoRA kernels would cost a sizeable part of the whole op. At T <= 4 (fp32
+//   accumulation, AVX2) the base product is a GEMV kernel of its own (int8_gemv_forward).
+//   The backward accumulates onto the LoRA part's dx.
 // * larger T: compute-bound, so ATen's GEMM (MKL) does the arithmetic on tiles of W
 //   dequantised into a per-thread fp32 (fp64) buffer sized for L2, accumulating onto the
 //   LoRA part's y / dx (beta = 1); threads take disjoint tiles of the output columns, and
@@ -111,8 +112,8 @@ FASTPEFT_MULTIVERSION void i8_lora_down_kernel(const acc_t* __restrict xd,
   }
 }
 
-// The decode forward's base GEMM at T = 1 with fp32 accumulation, on AVX2 + FMA: the
-// GEMV kernel i8_gemv_avx2 and its epilogue, y = b + s * xa @ B^T + x @ W^T (see
+// The decode forward's base GEMM at T <= kI8GemvMaxRows with fp32 accumulation, on AVX2 +
+// FMA: the GEMV kernel i8_gemv_avx2 and its epilogue, y = b + s * xa @ B^T + x @ W^T (see
 // int8_gemm_kernels.h for why it beats the tile kernel there). Returns false where it does
 // not apply, and the tile kernel runs instead.
 template <typename scalar_t, typename acc_t>
@@ -121,13 +122,13 @@ bool int8_gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor
                        scalar_t* y) {
 #ifdef FASTPEFT_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (T != 1 || !i8_have_gemv_avx2()) return false;
+    if (T > kI8GemvMaxRows || !i8_have_gemv_avx2()) return false;
     std::vector<float> x32;  // x in fp32, natural order
     const float* xf = nullptr;
     if constexpr (std::is_same_v<scalar_t, float>) {
       xf = xs;
     } else {
-      x32.assign(xs, xs + K);
+      x32.assign(xs, xs + T * K);
       xf = x32.data();
     }
     // Threads take chunks of ~1 MiB of Q from a shared counter rather than fixed halves of
@@ -141,13 +142,13 @@ bool int8_gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      std::vector<float> dots(static_cast<size_t>(chunk));
-      std::vector<float> scratch(static_cast<size_t>(kI8Rows + up.R));
+      std::vector<float> dots(static_cast<size_t>(T * chunk));  // (T, chunk)
+      std::vector<float> scratch(static_cast<size_t>(T * kI8Rows + up.R));
       for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
         const int64_t begin = c * chunk, end = std::min(N, begin + chunk);
-        i8_gemv_avx2(xf, q.const_data_ptr<int8_t>(), K, begin, end, dots.data());
-        i8_gemv_epilogue<scalar_t>(dots.data(), scale.const_data_ptr<float>(), up, y, begin,
-                                   end, scratch.data());
+        i8_gemv_avx2(xf, T, q.const_data_ptr<int8_t>(), K, begin, end, dots.data(), chunk);
+        i8_gemv_epilogue<scalar_t>(dots.data(), chunk, scale.const_data_ptr<float>(), up, y, T,
+                                   N, begin, end, scratch.data());
       }
     });
     return true;
