@@ -1,5 +1,6 @@
-// `import fastpeft._C` loads this shared library; the kernels register themselves with
-// the dispatcher through the static TORCH_LIBRARY_IMPL initialisers in csrc/cpu/*.cpp.
+// `import fastpeft._C` loads this shared library; the kernels (csrc/cpu/*.cpp) and their
+// autograd (csrc/autograd.cpp) register themselves with the dispatcher through static
+// TORCH_LIBRARY_IMPL initialisers.
 // The Python module itself is empty.
 #include <Python.h>
 

@@ -103,6 +103,27 @@ def test_matches_reference(backend_device, case):
 
 
 @pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
+def test_gradients_only_where_required(backend_device):
+    """LLaMA-Adapter on a frozen model: q, k, v need no gradient, the prompt and gate do
+    (with a padding mask, which never has one)."""
+    backend, device = backend_device
+    inputs = make_inputs(device=device)
+    for t in inputs[:3]:
+        t.requires_grad_(False)
+    mask = _padding_mask(inputs[0].shape[0], inputs[1].shape[2], device)
+    with forced(backend):
+        out = fastpeft.gated_prefix_attention(*inputs, key_padding_mask=mask)
+    out.backward(torch.ones_like(out))
+    assert all(t.grad is None for t in inputs[:3])
+    copies = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    ref = reference.gated_prefix_attention(*copies, key_padding_mask=mask)
+    ref.backward(torch.ones_like(ref))
+    for name, t, r in zip(["dprefix_k", "dprefix_v", "dgate"], inputs[3:], copies[3:],
+                          strict=True):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
 def test_fp16_large_logits_do_not_overflow(backend_device):
     backend, device = backend_device
     inputs = make_inputs(dtype=torch.float16, device=device, qk_scale=6.0)  # |q.k| ~ 600

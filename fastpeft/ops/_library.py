@@ -8,8 +8,10 @@ Each fused op exists as two registered operators with one schema:
   declared with ``torch.library.triton_op`` in ``fastpeft/triton/`` (schema inferred from
   the same signature) so that ``torch.compile`` sees through them.
 
-Forward ops return the output plus the small tensors the backward needs; autograd
-and fake implementations are registered on both variants by ``fastpeft/ops/<op>.py``.
+Forward ops return the output plus the small tensors the backward needs. Fake
+implementations are registered on both variants by ``fastpeft/ops/<op>.py``, and so is
+autograd, except on the native ops when ``fastpeft._C`` registers theirs in C++
+(``csrc/autograd.cpp``: same formulas, a fraction of the per-call cost).
 """
 
 from __future__ import annotations
@@ -92,9 +94,8 @@ def register_autograd(op: str, make_backward: Callable, setup_context: Callable)
     """Register autograd on ``fastpeft::<op>`` and, where Triton is installed, on
     ``fastpeft::<op>_triton`` (importing ``fastpeft.triton.<op>`` defines it): one
     ``setup_context``, and ``make_backward(backward_op)`` bound to each variant's own
-    backward op. A variant whose autograd the compiled library registers in C++
-    (``csrc/autograd.cpp``: the linear ops, whose per-call overhead matters at decode
-    sizes) keeps that one."""
+    backward op. The native op keeps the autograd that ``fastpeft._C`` registers in C++
+    (``csrc/autograd.cpp``), where it is built."""
     ops = torch.ops.fastpeft
     variants = [""]
     if _backend.TRITON_AVAILABLE:
