@@ -11,7 +11,7 @@ from torch import nn
 
 import fastpeft
 from fastpeft import reference
-from fastpeft.ops.lora_linear import draw_seed
+from fastpeft.ops.lora_linear import draw_seed, linear_args_ok
 
 # (leading dims of x, in, out, r): the odd shape, a 3-D input, rank 1, rank > in/4
 SHAPES = [((5,), 123, 77, 3), ((2, 3), 64, 40, 16), ((7,), 33, 65, 1), ((4,), 20, 24, 8)]
@@ -325,6 +325,21 @@ def test_mixed_devices_refused_meta():
     kwargs["lora_B"] = kwargs["lora_B"].to("meta")
     with pytest.raises(ValueError, match="lora_B: expected a tensor on cpu"):
         fastpeft.lora_linear(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_module_calls_take_the_one_pass_check(dtype):
+    """The modules' usual calls pass linear_args_ok, so the per-argument checks (which a
+    bad call still gets, see test_bad_input_names_the_argument) stay off a decode step."""
+    layer = fastpeft.LoRALinear(nn.Linear(8, 6, dtype=dtype), r=2, lora_alpha=4,
+                                lora_dropout=0.1)
+    q8 = fastpeft.Int8LoRALinear.from_linear(nn.Linear(8, 6, dtype=dtype), 2, 4, 0.1)
+    x = torch.randn(3, 8, dtype=dtype)
+    base = layer.base_layer
+    assert linear_args_ok(x, base.weight, None, base.bias, layer.lora_A.weight,
+                          layer.lora_B.weight, layer.scaling, layer.lora_dropout)
+    assert linear_args_ok(x, q8.qweight, q8.weight_scale, q8.bias, q8.lora_A.weight,
+                          q8.lora_B.weight, q8.scaling, q8.lora_dropout)
 
 
 def test_module_bad_arguments():
