@@ -71,6 +71,16 @@ double saved_double(AutogradContext* ctx, const char* key) {
   return ctx->saved_data[key].toDouble();
 }
 
+// The rest of both linear forwards: the scalars the backward kernel takes, and xa (saved
+// for backward, returned only for that) gets no gradient.
+void keep_lora_state(AutogradContext* ctx, double scaling, double dropout_p,
+                     const at::Tensor& xa) {
+  ctx->saved_data["scaling"] = scaling;
+  ctx->saved_data["dropout_p"] = dropout_p;
+  ctx->mark_non_differentiable({xa});
+  ctx->set_materialize_grads(false);
+}
+
 // ---------------------------------------------------------------------------------------
 // lora_linear(x, weight, bias?, lora_A, lora_B, scaling, dropout_p, seed?) -> (y, xa)
 struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
@@ -85,11 +95,8 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, xa] = op.call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
     ctx->save_for_backward({x, weight, lora_A, lora_B, xa, or_undefined(seed)});
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["dropout_p"] = dropout_p;
     set_edges(ctx, {true, true, given(bias), true, true, given(seed)});
-    ctx->mark_non_differentiable({xa});
-    ctx->set_materialize_grads(false);
+    keep_lora_state(ctx, scaling, dropout_p, xa);
     return {y, xa};
   }
 
@@ -134,11 +141,8 @@ struct Int8LoraLinearFunction : public torch::autograd::Function<Int8LoraLinearF
         op.call(x, qweight, weight_scale, bias, lora_A, lora_B, scaling, dropout_p, seed);
     ctx->save_for_backward(
         {x, qweight, weight_scale, lora_A, lora_B, xa, or_undefined(seed)});
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["dropout_p"] = dropout_p;
     set_edges(ctx, {true, true, true, given(bias), true, true, given(seed)});
-    ctx->mark_non_differentiable({xa});
-    ctx->set_materialize_grads(false);
+    keep_lora_state(ctx, scaling, dropout_p, xa);
     return {y, xa};
   }
 
