@@ -14,9 +14,10 @@ import fastpeft
 from fastpeft import _backend, reference
 from fastpeft.ops.lora_linear import draw_seed
 
-# (leading dims, in, out, r): the small-batch (decode) path at T = 1 and 16, the blocked
-# path past it (T = 17, 3-D), odd sizes that are no multiple of any tile, rank 1
-SHAPES = [((1,), 123, 77, 3), ((16,), 64, 40, 8), ((17,), 33, 65, 1), ((2, 9), 48, 100, 16)]
+# (leading dims, in, out, r): the small-batch (decode) path at T = 1 and 16, the CPU GEMV
+# in passes past it (T = 17; the tile kernel's limit is 16), the blocked path past both
+# (T = 66, 3-D; the GEMV's limit is 64), odd sizes that are no multiple of any tile, rank 1
+SHAPES = [((1,), 123, 77, 3), ((16,), 64, 40, 8), ((17,), 33, 65, 1), ((2, 33), 48, 100, 16)]
 
 
 def make_inputs(lead, d_in, d_out, r, dtype, device, bias=True):
@@ -83,12 +84,12 @@ def test_matches_reference(backend_device, shape, bias, dropout_p):
 
 
 @pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7])
 def test_small_batches(backend_device, tokens):
-    """Each small-T mode: the CPU decode path's GEMV for T = 1 .. 4 (its 1- to 4-row tiles
-    run for float64, in the gradcheck), the Triton split-K GEMV's MODE 0 (T = 1) and
-    MODE 1 / 2. in = 149 = 2 * 64 + 2 * 8 + 5 and out = 39 = 4 * 9 + 3 leave a tail after
-    every block width of the kernels."""
+    """Each small-T mode: the CPU decode path's GEMV for T = 1 .. 4 and in two passes at
+    T = 7 (its 1- to 4-row tiles run for float64, in the gradcheck), the Triton split-K
+    GEMV's MODE 0 (T = 1) and MODE 1 / 2. in = 149 = 2 * 64 + 2 * 8 + 5 and out = 39 =
+    4 * 9 + 3 leave a tail after every block width of the kernels."""
     backend, device = backend_device
     check_matches_reference(backend, device, ((tokens,), 149, 39, 4), True, 0.25,
                             [torch.float32, torch.float16])
@@ -103,11 +104,12 @@ def test_many_ranks(backend_device, tokens):
                             [torch.float32, torch.float16])
 
 
-@pytest.mark.parametrize(("tokens", "out"), [(1, 600), (4, 601)])
+@pytest.mark.parametrize(("tokens", "out"), [(1, 600), (4, 601), (9, 601)])
 def test_gemv_chunks(tokens, out):
-    """The CPU GEMV over several chunks of rows (~1 MiB of Q each: 255 rows at in = 4109),
-    with tails of rows after its streams (4 at T = 1: 255 = 4 * 63 + 3; 3 at T = 4: the
-    last chunk, 91 = 3 * 30 + 1) and of columns."""
+    """The CPU GEMV over several chunks of rows (~1 MiB of Q each: 255 rows at in = 4109;
+    256 KiB, 63 rows, past 4 rows, in passes of 4, 4 and 1 at T = 9), with tails of rows
+    after its streams (4 at T = 1: 255 = 4 * 63 + 3; 3 at T = 4: the last chunk, 91 =
+    3 * 30 + 1) and of columns."""
     if ("int8_lora_linear", "cpu") not in _backend._kernels:
         pytest.skip("fastpeft._C has no int8_lora_linear kernel (not built)")
     check_matches_reference("cpu", "cpu", ((tokens,), 4109, out, 8), True, 0.0,

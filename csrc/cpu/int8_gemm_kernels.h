@@ -258,8 +258,9 @@ FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward, T <= kI8GemvMaxRows with fp32 accumulation, on AVX2 + FMA (a decode step of
-// generation, or of a few sequences): the GEMV dots[t][i] = x[t, :] . Q[n_begin + i, :]
+// Forward, T <= kI8GemvPassRows rows with fp32 accumulation, on AVX2 + FMA (a decode step
+// of generation, or of a few sequences; the caller makes passes of up to this many rows
+// for more): the GEMV dots[t][i] = x[t, :] . Q[n_begin + i, :]
 // over the rows [n_begin, n_end), x fp32 in natural order. At T = 1 a widened vector of Q
 // serves a single FMA, so widening is most of the work, and it has to overlap the stream
 // of Q from memory. Two changes over the tile kernel above (measured on the 2-core Zen 3,
@@ -283,7 +284,7 @@ FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
 #ifdef FASTPEFT_HAVE_AVX2_PATH
 constexpr int kI8Streams = 4;
 constexpr int64_t kI8PrefetchBytes = 1024;
-constexpr int64_t kI8GemvMaxRows = 4;
+constexpr int64_t kI8GemvPassRows = 4;
 
 inline bool i8_have_gemv_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -374,7 +375,7 @@ __attribute__((target("avx2,fma"))) void i8_gemv_avx2_rows(const float* __restri
   }
 }
 
-// T (1 .. kI8GemvMaxRows) rows of x: the GEMV above, with T a compile-time constant.
+// T (1 .. kI8GemvPassRows) rows of x: the GEMV above, with T a compile-time constant.
 inline void i8_gemv_avx2(const float* __restrict x, int64_t T, const int8_t* __restrict q,
                          int64_t K, int64_t n_begin, int64_t n_end, float* __restrict dots,
                          int64_t ld) {

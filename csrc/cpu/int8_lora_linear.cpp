@@ -21,9 +21,10 @@
 // * T <= kDecodeMaxRows (decode): memory-bound, so the kernels of int8_gemm_kernels.h
 //   stream Q once, one byte per weight, widening it in registers. The forward also fuses
 //   the LoRA branch (int8_lora_decode_forward): at this size packing A and B for the
-//   LoRA kernels would cost a sizeable part of the whole op. At T <= 4 (fp32
-//   accumulation, AVX2) the base product is a GEMV kernel of its own (int8_gemv_forward).
-//   The backward accumulates onto the LoRA part's dx.
+//   LoRA kernels would cost a sizeable part of the whole op. With fp32 accumulation on
+//   AVX2 the base product is a GEMV kernel of its own (int8_gemv_forward), in passes of
+//   4 rows, and the forward takes this path up to kGemvMaxRows. The backward accumulates
+//   onto the LoRA part's dx.
 // * larger T: compute-bound, so ATen's GEMM (MKL) does the arithmetic on tiles of W
 //   dequantised into a per-thread fp32 (fp64) buffer sized for L2, accumulating onto the
 //   LoRA part's y / dx (beta = 1); threads take disjoint tiles of the output columns, and
@@ -48,9 +49,23 @@
 namespace fastpeft::cpu {
 namespace {
 
-// Up to this many rows the streaming kernels beat dequantise + GEMM (measured on a 2-core
-// Zen 3, K = N = 4096: by ~1.3x at T = 16; even at T ~ 24; the GEMM path ahead at 32).
+// Up to this many rows the streaming kernels beat dequantise + GEMM: the tile kernels (and
+// the backward's dx kernel) up to kDecodeMaxRows (measured on a 2-core Zen 3, K = N =
+// 4096: by ~1.3x at T = 16; even at T ~ 24; the GEMM path ahead at 32), the forward's
+// AVX2 GEMV, in passes of 4 rows, up to kGemvMaxRows (same machine, 2 threads, forward
+// with cold caches, GEMV against dequantise + GEMM: 4.2 against 7.5 ms at T = 17, 7.4
+// against 9.9 at 32, 14.6 against 15.9 at 64, even at 96, GEMM 3% ahead at 128).
 constexpr int64_t kDecodeMaxRows = 16;
+constexpr int64_t kGemvMaxRows = 64;
+
+// Whether the forward's AVX2 GEMV runs (fp32 accumulation, on a CPU with AVX2 + FMA).
+bool gemv_applies(const at::Tensor& x) {
+#ifdef FASTPEFT_HAVE_AVX2_PATH
+  return x.scalar_type() != at::kDouble && i8_have_gemv_avx2();
+#else
+  return false;
+#endif
+}
 // Blocked path tiles of W, (rows of W) x (columns of W): 512 KiB of fp32, half of L2,
 // leaving room for the GEMM's packed panels of x / dy.
 constexpr int64_t kFwdTileN = 256, kFwdTileK = 512;  // forward: y[:, n-tile] +=
@@ -112,7 +127,7 @@ FASTPEFT_MULTIVERSION void i8_lora_down_kernel(const acc_t* __restrict xd,
   }
 }
 
-// The decode forward's base GEMM at T <= kI8GemvMaxRows with fp32 accumulation, on AVX2 +
+// The decode forward's base GEMM at T <= kGemvMaxRows with fp32 accumulation, on AVX2 +
 // FMA: the GEMV kernel i8_gemv_avx2 and its epilogue, y = b + s * xa @ B^T + x @ W^T (see
 // int8_gemm_kernels.h for why it beats the tile kernel there). Returns false where it does
 // not apply, and the tile kernel runs instead.
@@ -122,7 +137,7 @@ bool int8_gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor
                        scalar_t* y) {
 #ifdef FASTPEFT_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (T > kI8GemvMaxRows || !i8_have_gemv_avx2()) return false;
+    if (T > kGemvMaxRows || !i8_have_gemv_avx2()) return false;
     std::vector<float> x32;  // x in fp32, natural order
     const float* xf = nullptr;
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -135,9 +150,12 @@ bool int8_gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor
     // the rows: on cores shared with other processes one thread often runs slower, and the
     // op waits for the slowest (measured at load ~1.8, 2 threads, N = K = 4096: median
     // 0.60 - 0.67 ms against 0.62 - 0.82 ms with halves; chunks of 256 KiB - 4 MiB alike).
-    // i8_gemv_avx2 streams a chunk as kI8Streams sequential runs of rows.
+    // i8_gemv_avx2 streams a chunk as kI8Streams sequential runs of rows. Past
+    // kI8GemvPassRows rows it makes several passes over a chunk, which is then sized for
+    // L2 (256 KiB of the 512 KiB) so that only the first pass reads Q from memory.
+    const int64_t chunk_bytes = T <= kI8GemvPassRows ? int64_t{1} << 20 : int64_t{1} << 18;
     const int64_t chunk =
-        std::max<int64_t>(kI8Streams, (int64_t{1} << 20) / std::max<int64_t>(K, 1));
+        std::max<int64_t>(kI8Streams, chunk_bytes / std::max<int64_t>(K, 1));
     const int64_t chunks = div_up(N, chunk);
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
@@ -146,7 +164,10 @@ bool int8_gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor
       std::vector<float> scratch(static_cast<size_t>(T * kI8Rows + up.R));
       for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
         const int64_t begin = c * chunk, end = std::min(N, begin + chunk);
-        i8_gemv_avx2(xf, T, q.const_data_ptr<int8_t>(), K, begin, end, dots.data(), chunk);
+        for (int64_t t0 = 0; t0 < T; t0 += kI8GemvPassRows)
+          i8_gemv_avx2(xf + t0 * K, std::min(kI8GemvPassRows, T - t0),
+                       q.const_data_ptr<int8_t>(), K, begin, end, dots.data() + t0 * chunk,
+                       chunk);
         i8_gemv_epilogue<scalar_t>(dots.data(), chunk, scale.const_data_ptr<float>(), up, y, T,
                                    N, begin, end, scratch.data());
       }
@@ -157,8 +178,9 @@ bool int8_gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor
   return false;
 }
 
-// Decode path forward (T <= kDecodeMaxRows), the LoRA branch fused: returns (y, xa) with
-// xa = xd @ A^T and y = b + s * xa @ B^T + x @ W^T, written once by the streaming kernel.
+// Decode path forward (T <= kDecodeMaxRows, or kGemvMaxRows where the GEMV runs), the LoRA
+// branch fused: returns (y, xa) with xa = xd @ A^T and y = b + s * xa @ B^T + x @ W^T,
+// written once by the streaming kernel.
 // xd is built as lora_fwd_kernel builds it (the same Philox words, dropout_keep_rows, and
 // the same products, load_dropped), so the mask is bit-identical to lora_linear's; the
 // rank-R products are small here (T x R x (K + N)) and need no packing of A or B.
@@ -305,7 +327,8 @@ std::tuple<at::Tensor, at::Tensor> int8_lora_linear_cpu(
   check_bias(op, bias, N, x);
   const uint64_t seed_v = read_seed(op, dropout_p, seed);
 
-  if (x.size(0) <= kDecodeMaxRows)
+  const int64_t T = x.size(0);
+  if (T <= kDecodeMaxRows || (T <= kGemvMaxRows && gemv_applies(x)))
     return int8_lora_decode_forward(x, qweight, weight_scale, bias, lora_A, lora_B, scaling,
                                     dropout_p, seed_v);
   auto [y, xa] = lora_forward_part(x, bias, lora_A, lora_B, scaling, dropout_p, seed_v);
