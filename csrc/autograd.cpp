@@ -11,8 +11,17 @@
 // have no autograd of their own (no double backward).
 //
 // Registered at the Autograd key, so they serve any backend that has the forward and
-// backward kernels, and torch.compile traces through them (AOTAutograd runs the C++ node
-// under its tracing modes, as it does for torchvision's C++ ops).
+// backward kernels. torch.compile traces through them (AOTAutograd runs the C++ node under
+// its tracing modes, as it does for torchvision's C++ ops), and compiled autograd takes
+// their nodes as they are.
+//
+// The outputs saved only for the backward (xa, the log-sum-exps, the layer-norm
+// statistics) carry no gradient: the Functions return them as differentiable outputs and
+// the kernels below hand them out detached, rather than marking them non-differentiable,
+// which compiled autograd does not accept from a C++ node (an internal assert in
+// CppNode::compiled_args). Gradients are materialised as autograd.Function's are (an
+// unused y gets a zero gradient), so a backward seeing no gradient for y still returns
+// zeros for the inputs, as the Triton variants' Python autograd does.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -71,14 +80,10 @@ double saved_double(AutogradContext* ctx, const char* key) {
   return ctx->saved_data[key].toDouble();
 }
 
-// The rest of both linear forwards: the scalars the backward kernel takes, and xa (saved
-// for backward, returned only for that) gets no gradient.
-void keep_lora_state(AutogradContext* ctx, double scaling, double dropout_p,
-                     const at::Tensor& xa) {
+// The scalars both linear backwards take.
+void keep_lora_scalars(AutogradContext* ctx, double scaling, double dropout_p) {
   ctx->saved_data["scaling"] = scaling;
   ctx->saved_data["dropout_p"] = dropout_p;
-  ctx->mark_non_differentiable({xa});
-  ctx->set_materialize_grads(false);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -96,7 +101,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     auto [y, xa] = op.call(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
     ctx->save_for_backward({x, weight, lora_A, lora_B, xa, or_undefined(seed)});
     set_edges(ctx, {true, true, given(bias), true, true, given(seed)});
-    keep_lora_state(ctx, scaling, dropout_p, xa);
+    keep_lora_scalars(ctx, scaling, dropout_p);
     return {y, xa};
   }
 
@@ -106,7 +111,6 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
                         const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
                         const OptTensor&, bool)>("fastpeft::lora_linear_backward");
     variable_list out(8);
-    if (!grads[0].defined()) return out;  // only xa was used: no gradient anywhere
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor dy = grads[0].contiguous();
@@ -142,7 +146,7 @@ struct Int8LoraLinearFunction : public torch::autograd::Function<Int8LoraLinearF
     ctx->save_for_backward(
         {x, qweight, weight_scale, lora_A, lora_B, xa, or_undefined(seed)});
     set_edges(ctx, {true, true, true, given(bias), true, true, given(seed)});
-    keep_lora_state(ctx, scaling, dropout_p, xa);
+    keep_lora_scalars(ctx, scaling, dropout_p);
     return {y, xa};
   }
 
@@ -153,7 +157,6 @@ struct Int8LoraLinearFunction : public torch::autograd::Function<Int8LoraLinearF
                         const at::Tensor&, double, double, const OptTensor&, bool)>(
             "fastpeft::int8_lora_linear_backward");
     variable_list out(9);
-    if (!grads[0].defined()) return out;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor dy = grads[0].contiguous();
     const bool need_x = needs_grad(ctx, 0);
@@ -192,8 +195,6 @@ struct GatedPrefixAttentionFunction
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["gate_tanh"] = gate_tanh;
     set_edges(ctx, {true, true, true, true, true, true, given(key_padding_mask)});
-    ctx->mark_non_differentiable({lse, prompt_lse});
-    ctx->set_materialize_grads(false);
     return {out, lse, prompt_lse};
   }
 
@@ -205,7 +206,6 @@ struct GatedPrefixAttentionFunction
                         const at::Tensor&, const at::Tensor&, bool, double, bool)>(
             "fastpeft::gated_prefix_attention_backward");
     variable_list out(10);
-    if (!grads[0].defined()) return out;
     const auto s = ctx->get_saved_variables();
     auto [dq, dk, dv, dpk, dpv, dgate] =
         op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], optional_of(s[6]),
@@ -244,8 +244,6 @@ struct BottleneckAdapterFunction : public torch::autograd::Function<BottleneckAd
     ctx->saved_data["residual_is_x"] = !given(residual);
     set_edges(ctx, {true, true, given(down_bias), true, given(up_bias), given(residual),
                     given(ln_weight), given(ln_bias)});
-    ctx->mark_non_differentiable({mean, rstd});
-    ctx->set_materialize_grads(false);
     return {y, mean, rstd};
   }
 
@@ -256,7 +254,6 @@ struct BottleneckAdapterFunction : public torch::autograd::Function<BottleneckAd
                         const at::Tensor&, const at::Tensor&, c10::string_view, double, bool)>(
             "fastpeft::bottleneck_adapter_backward");
     variable_list out(11);
-    if (!grads[0].defined()) return out;
     const auto s = ctx->get_saved_variables();
     const at::Tensor dy = grads[0].contiguous();
     const std::string activation = ctx->saved_data["activation"].toStringRef();
@@ -271,7 +268,8 @@ struct BottleneckAdapterFunction : public torch::autograd::Function<BottleneckAd
 };
 
 // ---------------------------------------------------------------------------------------
-// The Autograd kernels: each unpacks its Function's outputs into the schema's tuple.
+// The Autograd kernels: each unpacks its Function's outputs into the schema's tuple, the
+// outputs saved only for the backward detached (see the top of the file).
 
 Tensor2 lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
                              const OptTensor& bias, const at::Tensor& lora_A,
@@ -279,7 +277,7 @@ Tensor2 lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
                              const OptTensor& seed) {
   auto out =
       LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
-  return {out[0], out[1]};
+  return {out[0], out[1].detach()};
 }
 
 Tensor2 int8_lora_linear_autograd(const at::Tensor& x, const at::Tensor& qweight,
@@ -288,7 +286,7 @@ Tensor2 int8_lora_linear_autograd(const at::Tensor& x, const at::Tensor& qweight
                                   double scaling, double dropout_p, const OptTensor& seed) {
   auto out = Int8LoraLinearFunction::apply(x, qweight, weight_scale, bias, lora_A, lora_B,
                                            scaling, dropout_p, seed);
-  return {out[0], out[1]};
+  return {out[0], out[1].detach()};
 }
 
 Tensor3 gated_prefix_attention_autograd(const at::Tensor& q, const at::Tensor& k,
@@ -298,7 +296,7 @@ Tensor3 gated_prefix_attention_autograd(const at::Tensor& q, const at::Tensor& k
                                         double scale, bool gate_tanh) {
   auto out = GatedPrefixAttentionFunction::apply(q, k, v, prefix_k, prefix_v, gate,
                                                  key_padding_mask, causal, scale, gate_tanh);
-  return {out[0], out[1], out[2]};
+  return {out[0], out[1].detach(), out[2].detach()};
 }
 
 Tensor3 bottleneck_adapter_autograd(const at::Tensor& x, const at::Tensor& down_weight,
@@ -310,7 +308,7 @@ Tensor3 bottleneck_adapter_autograd(const at::Tensor& x, const at::Tensor& down_
   auto out = BottleneckAdapterFunction::apply(x, down_weight, down_bias, up_weight, up_bias,
                                               residual, ln_weight, ln_bias, activation, scaling,
                                               ln_eps);
-  return {out[0], out[1], out[2]};
+  return {out[0], out[1].detach(), out[2].detach()};
 }
 
 }  // namespace

@@ -299,8 +299,9 @@ __attribute__((target("avx2"))) FASTPEFT_INLINE __m256 i8_widen8_avx2(const int8
 
 // dot[t][j] = x[t, :] . row j for the TR rows of x (row stride K) and the NR rows of Q (K
 // bytes each). TR * NR * NA accumulators, NA = 2 at TR = 1, so that there too 4 rows of Q
-// give the 8 independent FMA chains that hide the FMA latency; TR * NR <= 12 keeps them,
-// a widened vector and x in the 16 ymm registers.
+// give the 8 independent FMA chains that hide the FMA latency. TR * NR <= 12 leaves the 16
+// ymm registers room for a widened vector and x (at TR = 4 some rows of x are read from
+// L1 as the FMAs' memory operands).
 template <int TR, int NR>
 __attribute__((target("avx2,fma"))) FASTPEFT_INLINE void i8_gemv_rows_avx2(
     const float* __restrict x, const int8_t* const (&row)[NR], int64_t K,

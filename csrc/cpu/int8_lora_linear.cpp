@@ -150,12 +150,12 @@ bool int8_gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor
     // the rows: on cores shared with other processes one thread often runs slower, and the
     // op waits for the slowest (measured at load ~1.8, 2 threads, N = K = 4096: median
     // 0.60 - 0.67 ms against 0.62 - 0.82 ms with halves; chunks of 256 KiB - 4 MiB alike).
-    // i8_gemv_avx2 streams a chunk as kI8Streams sequential runs of rows. Past
+    // i8_gemv_avx2 streams a chunk as 3 or 4 sequential runs of rows. Past
     // kI8GemvPassRows rows it makes several passes over a chunk, which is then sized for
     // L2 (256 KiB of the 512 KiB) so that only the first pass reads Q from memory.
     const int64_t chunk_bytes = T <= kI8GemvPassRows ? int64_t{1} << 20 : int64_t{1} << 18;
-    const int64_t chunk =
-        std::max<int64_t>(kI8Streams, chunk_bytes / std::max<int64_t>(K, 1));
+    const int64_t chunk = std::max<int64_t>(
+        1, std::min(N, std::max<int64_t>(kI8Streams, chunk_bytes / std::max<int64_t>(K, 1))));
     const int64_t chunks = div_up(N, chunk);
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());

@@ -90,8 +90,13 @@ def linear_args_ok(x, weight, weight_scale, bias, lora_A, lora_B, scaling, dropo
     Only a shortcut for the usual call: a decode step calls these ops once per projection,
     and at T = 1 the checks that name a bad argument cost a noticeable part of the call.
     Anything unusual (a bad argument, but also an int ``scaling``) returns False, and the
-    full checks then run; a True here never lets through what they would refuse.
+    full checks then run; a True here never lets through what they would refuse (for
+    tensor-like objects that are no ``Tensor`` too: they are refused here first).
     """
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
+            and isinstance(lora_B, Tensor) and (bias is None or isinstance(bias, Tensor))
+            and (weight_scale is None or isinstance(weight_scale, Tensor))):
+        return False
     try:
         dt, dev = x.dtype, x.device
         out_features, in_features = weight.shape

@@ -1,0 +1,124 @@
+"""Autograd behaviour shared by the four ops, on every backend: the native ops' autograd
+is C++ (csrc/autograd.cpp), the Triton variants' Python (torch.library.register_autograd),
+and both must behave as one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import backend_params, forced
+
+import fastpeft
+from fastpeft import _backend
+
+
+def _rg(*shape, device="cpu"):
+    return torch.randn(*shape).to(device).requires_grad_()
+
+
+# Each case: the public call on fresh inputs (the tensors that require grad first) and the
+# registered native op with the same arguments, whose outputs past the first are saved for
+# the backward only.
+def _lora_linear(dev):
+    x, a, b, bias = _rg(3, 8, device=dev), _rg(2, 8, device=dev), _rg(6, 2, device=dev), \
+        _rg(6, device=dev)
+    w = torch.randn(6, 8, device=dev)
+    return (x, a, b, bias), lambda: fastpeft.lora_linear(x, w, bias, a, b, 0.5, 0.25), \
+        lambda: torch.ops.fastpeft.lora_linear(x, w, bias, a, b, 0.5, 0.0, None)
+
+
+def _int8_lora_linear(dev):
+    x, a, b, bias = _rg(3, 8, device=dev), _rg(2, 8, device=dev), _rg(6, 2, device=dev), \
+        _rg(6, device=dev)
+    q, s = fastpeft.quantize_int8(torch.randn(6, 8, device=dev))
+    return (x, a, b, bias), lambda: fastpeft.int8_lora_linear(x, q, s, bias, a, b, 0.5, 0.25), \
+        lambda: torch.ops.fastpeft.int8_lora_linear(x, q, s, bias, a, b, 0.5, 0.0, None)
+
+
+def _gated_prefix_attention(dev):
+    inputs = tuple(_rg(*shape, device=dev) for shape in
+                   [(1, 2, 3, 16)] * 3 + [(1, 2, 2, 16)] * 2 + [(2,)])
+    return inputs, lambda: fastpeft.gated_prefix_attention(*inputs), \
+        lambda: torch.ops.fastpeft.gated_prefix_attention(*inputs, None, True, 0.25, False)
+
+
+def _bottleneck_adapter(dev):
+    inputs = tuple(_rg(*shape, device=dev) for shape in [(3, 8), (4, 8), (4,), (8, 4), (8,),
+                                                         (8,)])
+    x, dw, db, uw, ub, lw = inputs
+    return inputs, \
+        lambda: fastpeft.bottleneck_adapter(x, dw, db, uw, ub, activation="silu", ln_weight=lw), \
+        lambda: torch.ops.fastpeft.bottleneck_adapter(x, dw, db, uw, ub, None, lw, None, "silu",
+                                                      1.0, 1e-5)
+
+
+CASES = {
+    "lora_linear": _lora_linear,
+    "int8_lora_linear": _int8_lora_linear,
+    "gated_prefix_attention": _gated_prefix_attention,
+    "bottleneck_adapter": _bottleneck_adapter,
+}
+PARAMS = [pytest.param(op, *bd.values, id=f"{op}-{bd.id}", marks=bd.marks)
+          for op in CASES for bd in backend_params(op)]
+
+
+class _NoGrad(torch.autograd.Function):
+    """Passes y through and sends no gradient back (a stop-gradient inside a custom
+    Function): the op's backward then sees an undefined gradient for y."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize(("op", "backend_device"), PARAMS)
+def test_undefined_output_gradient_gives_zero_gradients(op, backend_device):
+    """As autograd.Function does (and so the Triton variants), the inputs get zero
+    gradients, not none."""
+    backend, device = backend_device
+    inputs, call, _ = CASES[op](device)
+    with forced(backend):
+        y = call()
+    grads = torch.autograd.grad(_NoGrad.apply(y).sum() + inputs[0].sum(), inputs)
+    assert torch.equal(grads[0], torch.ones_like(inputs[0]))
+    for g, t in zip(grads[1:], inputs[1:], strict=True):
+        assert torch.equal(g, torch.zeros_like(t))
+
+
+def _native_ops() -> list[str]:
+    return [op for op in CASES if (op, "cpu") in _backend._kernels]
+
+
+@pytest.mark.parametrize("op", _native_ops())
+def test_saved_only_outputs_need_no_gradient(op):
+    """The outputs a native op returns for its backward (xa, log-sum-exps, layer-norm
+    statistics) do not require grad, as with register_autograd's
+    mark_non_differentiable."""
+    _, _, raw = CASES[op]("cpu")
+    outputs = raw()
+    assert outputs[0].requires_grad
+    assert not any(t.requires_grad for t in outputs[1:])
+
+
+@pytest.mark.parametrize("op", _native_ops())
+def test_compiled_autograd_matches_eager(op):
+    """An eager forward with a compiled backward (compiled autograd) gives the eager
+    gradients: the C++ autograd nodes are accepted as they are."""
+    inputs, call, _ = CASES[op]("cpu")
+    torch.manual_seed(7)
+    eager = torch.autograd.grad(call().square().sum(), inputs)
+    torch.manual_seed(7)
+    loss = call().square().sum()
+    torch._dynamo.reset()
+
+    def backward():
+        return torch.autograd.grad(loss, inputs)
+
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        compiled = torch.compile(backward, backend="eager")()
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, e)
