@@ -8,7 +8,7 @@
 // C++ autograd::Function costs a fraction of that. Each forward re-dispatches below
 // autograd to the kernel and saves what the op's backward kernel takes; each backward
 // calls that kernel and keeps the gradients of the inputs that need one. The backward ops
-// have no autograd of their own (no double backward).
+// have no autograd of their own: double backward is refused (once_differentiable below).
 //
 // Registered at the Autograd key, so they serve any backend that has the forward and
 // backward kernels. torch.compile traces through them (AOTAutograd runs the C++ node under
@@ -19,9 +19,9 @@
 // statistics) carry no gradient: the Functions return them as differentiable outputs and
 // the kernels below hand them out detached, rather than marking them non-differentiable,
 // which compiled autograd does not accept from a C++ node (an internal assert in
-// CppNode::compiled_args). Gradients are materialised as autograd.Function's are (an
-// unused y gets a zero gradient), so a backward seeing no gradient for y still returns
-// zeros for the inputs, as the Triton variants' Python autograd does.
+// CppNode::compiled_args). Gradients are materialised as autograd.Function's are, so a
+// backward reached with no gradient for y (a custom Function downstream returned none)
+// returns zeros for the inputs, as the Triton variants' Python autograd does.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -86,6 +86,23 @@ void keep_lora_scalars(AutogradContext* ctx, double scaling, double dropout_p) {
   ctx->saved_data["dropout_p"] = dropout_p;
 }
 
+// Double backward is refused: the backward kernels have no derivative, so a backward with
+// create_graph=True through these ops would give second derivatives of zero. The check
+// runs when the graph would be built (grad mode on and something the gradients come from
+// requiring grad); the Triton variants' register_autograd refuses later, when the second
+// derivative is taken, which needs an autograd node of its own here.
+template <typename Compute>
+variable_list once_differentiable(const char* op, const variable_list& incoming,
+                                  const variable_list& saved, Compute compute) {
+  if (at::GradMode::is_enabled())
+    for (const auto* list : {&incoming, &saved})
+      for (const auto& t : *list)
+        TORCH_CHECK(!(t.defined() && t.requires_grad()), op,
+                    ": double backward (a backward with create_graph=True through this op) is "
+                    "not supported: its backward has no derivative");
+  return compute();
+}
+
 // ---------------------------------------------------------------------------------------
 // lora_linear(x, weight, bias?, lora_A, lora_B, scaling, dropout_p, seed?) -> (y, xa)
 struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
@@ -110,20 +127,22 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
         find_op<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
                         const OptTensor&, bool)>("fastpeft::lora_linear_backward");
-    variable_list out(8);
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor dy = grads[0].contiguous();
-    const bool need_x = needs_grad(ctx, 0);
-    auto [dx, d_a, d_b] =
-        op.call(dy, x, saved[1], saved[2], saved[3], saved[4], saved_double(ctx, "scaling"),
-                saved_double(ctx, "dropout_p"), optional_of(saved[5]), need_x);
-    out[0] = need_x ? dx : at::Tensor();
-    if (needs_grad(ctx, 1)) out[1] = dy.t().mm(x);  // a trainable base (frozen is the rule)
-    if (needs_grad(ctx, 2)) out[2] = dy.sum(0);
-    out[3] = d_a;
-    out[4] = d_b;
-    return out;
+    return once_differentiable("fastpeft::lora_linear", grads, saved, [&] {
+      variable_list out(8);
+      const at::Tensor& x = saved[0];
+      const at::Tensor dy = grads[0].contiguous();
+      const bool need_x = needs_grad(ctx, 0);
+      auto [dx, d_a, d_b] =
+          op.call(dy, x, saved[1], saved[2], saved[3], saved[4], saved_double(ctx, "scaling"),
+                  saved_double(ctx, "dropout_p"), optional_of(saved[5]), need_x);
+      out[0] = need_x ? dx : at::Tensor();
+      if (needs_grad(ctx, 1)) out[1] = dy.t().mm(x);  // a trainable base (frozen is the rule)
+      if (needs_grad(ctx, 2)) out[2] = dy.sum(0);
+      out[3] = d_a;
+      out[4] = d_b;
+      return out;
+    });
   }
 };
 
@@ -156,18 +175,20 @@ struct Int8LoraLinearFunction : public torch::autograd::Function<Int8LoraLinearF
                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, double, double, const OptTensor&, bool)>(
             "fastpeft::int8_lora_linear_backward");
-    variable_list out(9);
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor dy = grads[0].contiguous();
-    const bool need_x = needs_grad(ctx, 0);
-    auto [dx, d_a, d_b] = op.call(dy, saved[0], saved[1], saved[2], saved[3], saved[4],
-                                  saved[5], saved_double(ctx, "scaling"),
-                                  saved_double(ctx, "dropout_p"), optional_of(saved[6]), need_x);
-    out[0] = need_x ? dx : at::Tensor();
-    if (needs_grad(ctx, 3)) out[3] = dy.sum(0);
-    out[4] = d_a;
-    out[5] = d_b;
-    return out;
+    return once_differentiable("fastpeft::int8_lora_linear", grads, saved, [&] {
+      variable_list out(9);
+      const at::Tensor dy = grads[0].contiguous();
+      const bool need_x = needs_grad(ctx, 0);
+      auto [dx, d_a, d_b] = op.call(dy, saved[0], saved[1], saved[2], saved[3], saved[4],
+                                    saved[5], saved_double(ctx, "scaling"),
+                                    saved_double(ctx, "dropout_p"), optional_of(saved[6]), need_x);
+      out[0] = need_x ? dx : at::Tensor();
+      if (needs_grad(ctx, 3)) out[3] = dy.sum(0);
+      out[4] = d_a;
+      out[5] = d_b;
+      return out;
+    });
   }
 };
 
@@ -205,15 +226,17 @@ struct GatedPrefixAttentionFunction
                         const at::Tensor&, const OptTensor&, const at::Tensor&,
                         const at::Tensor&, const at::Tensor&, bool, double, bool)>(
             "fastpeft::gated_prefix_attention_backward");
-    variable_list out(10);
     const auto s = ctx->get_saved_variables();
-    auto [dq, dk, dv, dpk, dpv, dgate] =
-        op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], optional_of(s[6]),
-                s[7], s[8], s[9], ctx->saved_data["causal"].toBool(),
-                saved_double(ctx, "scale"), ctx->saved_data["gate_tanh"].toBool());
-    const at::Tensor all[] = {dq, dk, dv, dpk, dpv, dgate};
-    for (size_t i = 0; i < 6; ++i) out[i] = if_needed(ctx, i, all[i]);
-    return out;
+    return once_differentiable("fastpeft::gated_prefix_attention", grads, s, [&] {
+      variable_list out(10);
+      auto [dq, dk, dv, dpk, dpv, dgate] =
+          op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], optional_of(s[6]),
+                  s[7], s[8], s[9], ctx->saved_data["causal"].toBool(),
+                  saved_double(ctx, "scale"), ctx->saved_data["gate_tanh"].toBool());
+      const at::Tensor all[] = {dq, dk, dv, dpk, dpv, dgate};
+      for (size_t i = 0; i < 6; ++i) out[i] = if_needed(ctx, i, all[i]);
+      return out;
+    });
   }
 };
 
@@ -253,17 +276,19 @@ struct BottleneckAdapterFunction : public torch::autograd::Function<BottleneckAd
                         const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
                         const at::Tensor&, const at::Tensor&, c10::string_view, double, bool)>(
             "fastpeft::bottleneck_adapter_backward");
-    variable_list out(11);
     const auto s = ctx->get_saved_variables();
-    const at::Tensor dy = grads[0].contiguous();
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
-    auto [dx, d_dw, d_db, d_uw, d_ub, d_lnw, d_lnb] =
-        op.call(dy, s[0], s[1], optional_of(s[2]), s[3], optional_of(s[4]), optional_of(s[5]),
-                s[6], s[7], activation, saved_double(ctx, "scaling"),
-                ctx->saved_data["residual_is_x"].toBool());
-    const at::Tensor all[] = {dx, d_dw, d_db, d_uw, d_ub, dy, d_lnw, d_lnb};
-    for (size_t i = 0; i < 8; ++i) out[i] = if_needed(ctx, i, all[i]);
-    return out;
+    return once_differentiable("fastpeft::bottleneck_adapter", grads, s, [&] {
+      variable_list out(11);
+      const at::Tensor dy = grads[0].contiguous();
+      const std::string activation = ctx->saved_data["activation"].toStringRef();
+      auto [dx, d_dw, d_db, d_uw, d_ub, d_lnw, d_lnb] =
+          op.call(dy, s[0], s[1], optional_of(s[2]), s[3], optional_of(s[4]), optional_of(s[5]),
+                  s[6], s[7], activation, saved_double(ctx, "scaling"),
+                  ctx->saved_data["residual_is_x"].toBool());
+      const at::Tensor all[] = {dx, d_dw, d_db, d_uw, d_ub, dy, d_lnw, d_lnb};
+      for (size_t i = 0; i < 8; ++i) out[i] = if_needed(ctx, i, all[i]);
+      return out;
+    });
   }
 };
 

@@ -122,3 +122,17 @@ def test_compiled_autograd_matches_eager(op):
         compiled = torch.compile(backward, backend="eager")()
     for e, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c, e)
+
+
+@pytest.mark.parametrize(("op", "backend_device"), PARAMS)
+def test_double_backward_is_refused(op, backend_device):
+    """The backward kernels have no derivative, so a second derivative must raise, not come
+    out as zero: the native ops refuse the create_graph backward itself, the Triton
+    variants the differentiation of its result."""
+    backend, device = backend_device
+    inputs, call, _ = CASES[op](device)
+    with forced(backend):
+        y = call()
+    with pytest.raises(RuntimeError, match="backward"):
+        grads = torch.autograd.grad(y.square().sum(), inputs, create_graph=True)
+        torch.autograd.grad(grads[0].sum(), inputs[1])

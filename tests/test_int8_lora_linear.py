@@ -14,10 +14,11 @@ import fastpeft
 from fastpeft import _backend, reference
 from fastpeft.ops.lora_linear import draw_seed
 
-# (leading dims, in, out, r): the small-batch (decode) path at T = 1 and 16, the CPU GEMV
-# in passes past it (T = 17; the tile kernel's limit is 16), the blocked path past both
-# (T = 66, 3-D; the GEMV's limit is 64), odd sizes that are no multiple of any tile, rank 1
-SHAPES = [((1,), 123, 77, 3), ((16,), 64, 40, 8), ((17,), 33, 65, 1), ((2, 33), 48, 100, 16)]
+# (leading dims, in, out, r): the small-batch (decode) path at T = 1, 16 and 17 (on the
+# CPU the GEMV, in 1, 4 and 5 passes; the tile kernel, used without it, stops at 16), the
+# blocked path past it (T = 34, 3-D; the GEMV stops at 32), odd sizes that are no
+# multiple of any tile, rank 1
+SHAPES = [((1,), 123, 77, 3), ((16,), 64, 40, 8), ((17,), 33, 65, 1), ((2, 17), 48, 100, 16)]
 
 
 def make_inputs(lead, d_in, d_out, r, dtype, device, bias=True):
@@ -87,8 +88,8 @@ def test_matches_reference(backend_device, shape, bias, dropout_p):
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7])
 def test_small_batches(backend_device, tokens):
     """Each small-T mode: the CPU decode path's GEMV for T = 1 .. 4 and in two passes at
-    T = 7 (its 1- to 4-row tiles run for float64, in the gradcheck), the Triton split-K
-    GEMV's MODE 0 (T = 1) and MODE 1 / 2. in = 149 = 2 * 64 + 2 * 8 + 5 and out = 39 =
+    T = 7 (its fallback, the tile kernel, runs for float64 in the gradcheck), the Triton
+    split-K GEMV's MODE 0 (T = 1) and MODE 1 / 2. in = 149 = 2 * 64 + 2 * 8 + 5 and out = 39 =
     4 * 9 + 3 leave a tail after every block width of the kernels."""
     backend, device = backend_device
     check_matches_reference(backend, device, ((tokens,), 149, 39, 4), True, 0.25,
@@ -96,9 +97,10 @@ def test_small_batches(backend_device, tokens):
 
 
 @pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
-@pytest.mark.parametrize("tokens", [3, 20], ids=["decode-T3", "blocked-T20"])
+@pytest.mark.parametrize("tokens", [3, 34], ids=["decode-T3", "blocked-T34"])
 def test_many_ranks(backend_device, tokens):
-    """R = 72 > 64: the LoRA branch in several rank blocks (both forward paths)."""
+    """R = 72 > 64: the LoRA branch in several rank blocks (both CPU forward paths: the
+    blocked one past the GEMV's 32 rows)."""
     backend, device = backend_device
     check_matches_reference(backend, device, ((tokens,), 40, 24, 72), True, 0.25,
                             [torch.float32, torch.float16])
@@ -157,7 +159,7 @@ def _op_args(device, dtype=torch.float32, p=0.2, shape=((6,), 24, 20, 4)):
 
 
 @pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
-@pytest.mark.parametrize(("p", "tokens"), [(0.0, 3), (0.2, 20)], ids=["p0-T3", "p0.2-T20"])
+@pytest.mark.parametrize(("p", "tokens"), [(0.0, 3), (0.2, 34)], ids=["p0-T3", "p0.2-T34"])
 def test_opcheck(backend_device, p, tokens):
     backend, device = backend_device
     torch.library.opcheck(_op(backend), _op_args(device, p=p, shape=((tokens,), 24, 20, 4)))

@@ -10,8 +10,8 @@
 // only memory traffic that grows with the layer is one byte per weight. They are
 // register-blocked on 32-byte vectors (simd.h) with fp32 accumulation (fp64 for double)
 // and multi-versioned for AVX2/FMA; the callers run them on disjoint ranges from
-// at::parallel_for. The forward at T <= 4 with fp32 accumulation has its own GEMV kernel in
-// AVX2 intrinsics (i8_gemv_avx2), the tile kernel being its fallback.
+// at::parallel_for. The forward with fp32 accumulation has its own GEMV kernel in AVX2
+// intrinsics (i8_gemv_avx2, up to 4 rows a pass), the tile kernel being its fallback.
 #pragma once
 
 #include <algorithm>

@@ -53,10 +53,12 @@ namespace {
 // the backward's dx kernel) up to kDecodeMaxRows (measured on a 2-core Zen 3, K = N =
 // 4096: by ~1.3x at T = 16; even at T ~ 24; the GEMM path ahead at 32), the forward's
 // AVX2 GEMV, in passes of 4 rows, up to kGemvMaxRows (same machine, 2 threads, forward
-// with cold caches, GEMV against dequantise + GEMM: 4.2 against 7.5 ms at T = 17, 7.4
-// against 9.9 at 32, 14.6 against 15.9 at 64, even at 96, GEMM 3% ahead at 128).
+// with cold caches, GEMV against dequantise + GEMM at T = 32, two runs: 8.3 - 9.0 against
+// 12.6 - 13.1 ms at K = N = 4096, 2.3 - 2.5 against 3.7 - 4.1 at 2048, 0.85 - 0.96
+// against 1.2 - 1.4 at 1024, 0.20 - 0.25 against 0.31 - 0.32 at 256; at T = 64 about
+// even, GEMM ahead on small layers with warm caches).
 constexpr int64_t kDecodeMaxRows = 16;
-constexpr int64_t kGemvMaxRows = 64;
+constexpr int64_t kGemvMaxRows = 32;
 
 // Whether the forward's AVX2 GEMV runs (fp32 accumulation, on a CPU with AVX2 + FMA).
 bool gemv_applies(const at::Tensor& x) {
@@ -154,11 +156,14 @@ bool int8_gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor
     // kI8GemvPassRows rows it makes several passes over a chunk, which is then sized for
     // L2 (256 KiB of the 512 KiB) so that only the first pass reads Q from memory.
     const int64_t chunk_bytes = T <= kI8GemvPassRows ? int64_t{1} << 20 : int64_t{1} << 18;
+    // A small layer is still split between the threads.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t chunk = std::max<int64_t>(
-        1, std::min(N, std::max<int64_t>(kI8Streams, chunk_bytes / std::max<int64_t>(K, 1))));
+        1, std::min(div_up(N, threads),
+                    std::max<int64_t>(kI8Streams, chunk_bytes / std::max<int64_t>(K, 1))));
     const int64_t chunks = div_up(N, chunk);
     std::atomic<int64_t> next{0};
-    const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+    const int64_t workers = std::min<int64_t>(chunks, threads);
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       std::vector<float> dots(static_cast<size_t>(T * chunk));  // (T, chunk)
       std::vector<float> scratch(static_cast<size_t>(T * kI8Rows + up.R));

@@ -32,7 +32,7 @@ class Int8Shape:
         return self.tokens * self.d_in
 
 
-# T = 4: a decode step of a few sequences (the CPU GEMV takes up to 4 rows)
+# T = 4: a decode step of a few sequences (one pass of the CPU GEMV; T = 16 takes four)
 CPU_SHAPES = [Int8Shape(1), Int8Shape(4), Int8Shape(16), Int8Shape(512)]
 CUDA_SHAPES = [Int8Shape(1), Int8Shape(16), Int8Shape(4096)]
 TINY_SHAPES = [Int8Shape(4, 64, 48, r=4)]
