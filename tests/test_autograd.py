@@ -136,3 +136,22 @@ def test_double_backward_is_refused(op, backend_device):
     with pytest.raises(RuntimeError, match="backward"):
         grads = torch.autograd.grad(y.square().sum(), inputs, create_graph=True)
         torch.autograd.grad(grads[0].sum(), inputs[1])
+
+
+@pytest.mark.parametrize(("op", "backend_device"), PARAMS)
+def test_activation_checkpointing_matches_eager(op, backend_device):
+    """torch.utils.checkpoint (non-reentrant) recomputes the forward in the backward and
+    gives the eager gradients, dropout mask included (the seed is drawn from the
+    generator state checkpoint restores)."""
+    from torch.utils.checkpoint import checkpoint
+
+    backend, device = backend_device
+    inputs, call, _ = CASES[op](device)
+    with forced(backend):
+        torch.manual_seed(5)
+        eager = torch.autograd.grad(call().square().sum(), inputs)
+        torch.manual_seed(5)
+        y = checkpoint(call, use_reentrant=False)
+        ckpt = torch.autograd.grad(y.square().sum(), inputs)
+    for e, c in zip(eager, ckpt, strict=True):
+        torch.testing.assert_close(c, e)
