@@ -8,7 +8,7 @@
 // C++ autograd::Function costs a fraction of that. Each forward re-dispatches below
 // autograd to the kernel and saves what the op's backward kernel takes; each backward
 // calls that kernel and keeps the gradients of the inputs that need one. The backward ops
-// have no autograd of their own: double backward is refused (once_differentiable below).
+// have no autograd of their own: double backward is refused (first_order_only below).
 //
 // Registered at the Autograd key, so they serve any backend that has the forward and
 // backward kernels. torch.compile traces through them (AOTAutograd runs the C++ node under
@@ -92,7 +92,7 @@ void keep_lora_scalars(AutogradContext* ctx, double scaling, double dropout_p) {
 // requiring grad); the Triton variants' register_autograd refuses later, when the second
 // derivative is taken, which needs an autograd node of its own here.
 template <typename Compute>
-variable_list once_differentiable(const char* op, const variable_list& incoming,
+variable_list first_order_only(const char* op, const variable_list& incoming,
                                   const variable_list& saved, Compute compute) {
   if (at::GradMode::is_enabled())
     for (const auto* list : {&incoming, &saved})
@@ -128,7 +128,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
                         const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
                         const OptTensor&, bool)>("fastpeft::lora_linear_backward");
     const auto saved = ctx->get_saved_variables();
-    return once_differentiable("fastpeft::lora_linear", grads, saved, [&] {
+    return first_order_only("fastpeft::lora_linear", grads, saved, [&] {
       variable_list out(8);
       const at::Tensor& x = saved[0];
       const at::Tensor dy = grads[0].contiguous();
@@ -176,7 +176,7 @@ struct Int8LoraLinearFunction : public torch::autograd::Function<Int8LoraLinearF
                         const at::Tensor&, double, double, const OptTensor&, bool)>(
             "fastpeft::int8_lora_linear_backward");
     const auto saved = ctx->get_saved_variables();
-    return once_differentiable("fastpeft::int8_lora_linear", grads, saved, [&] {
+    return first_order_only("fastpeft::int8_lora_linear", grads, saved, [&] {
       variable_list out(9);
       const at::Tensor dy = grads[0].contiguous();
       const bool need_x = needs_grad(ctx, 0);
@@ -227,7 +227,7 @@ struct GatedPrefixAttentionFunction
                         const at::Tensor&, const at::Tensor&, bool, double, bool)>(
             "fastpeft::gated_prefix_attention_backward");
     const auto s = ctx->get_saved_variables();
-    return once_differentiable("fastpeft::gated_prefix_attention", grads, s, [&] {
+    return first_order_only("fastpeft::gated_prefix_attention", grads, s, [&] {
       variable_list out(10);
       auto [dq, dk, dv, dpk, dpv, dgate] =
           op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], optional_of(s[6]),
@@ -277,7 +277,7 @@ struct BottleneckAdapterFunction : public torch::autograd::Function<BottleneckAd
                         const at::Tensor&, const at::Tensor&, c10::string_view, double, bool)>(
             "fastpeft::bottleneck_adapter_backward");
     const auto s = ctx->get_saved_variables();
-    return once_differentiable("fastpeft::bottleneck_adapter", grads, s, [&] {
+    return first_order_only("fastpeft::bottleneck_adapter", grads, s, [&] {
       variable_list out(11);
       const at::Tensor dy = grads[0].contiguous();
       const std::string activation = ctx->saved_data["activation"].toStringRef();
