@@ -33,8 +33,12 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/checks.h"
+
 namespace fastpeft {
 namespace {
+
+using cpu::given;
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -51,7 +55,6 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 at::Tensor or_undefined(const OptTensor& t) { return given(t) ? *t : at::Tensor(); }
 

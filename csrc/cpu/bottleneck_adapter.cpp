@@ -77,8 +77,6 @@ Act parse_activation(const char* op, c10::string_view name) {
               n, "'");
 }
 
-bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 // t has the given shape, x's dtype and lives on the CPU.
 void check_tensor(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef shape,
                   const at::Tensor& x, const char* what) {

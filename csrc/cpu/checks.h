@@ -6,8 +6,12 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace fastpeft::cpu {
+
+// An optional tensor argument that was passed (and is not an undefined tensor).
+inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // The activation that sets the op's dtype: float32, float64, float16 or bfloat16.
 inline void check_float_dtype(const char* op, const at::Tensor& t, const char* name) {

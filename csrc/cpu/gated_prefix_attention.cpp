@@ -247,7 +247,7 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
               pk.sizes(), ", got ", pv.sizes());
   TORCH_CHECK(gate.dim() == 1 && (gate.size(0) == H || gate.size(0) == 1), op,
               ": gate must have shape (", H, ",) or (1,), got ", gate.sizes());
-  if (kpm.has_value() && kpm->defined()) {
+  if (given(kpm)) {
     TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->device().is_cpu(), op,
                 ": key_padding_mask must be a bool CPU tensor, got ", kpm->scalar_type(), " on ",
                 kpm->device());
@@ -295,7 +295,7 @@ void describe(Problem<T>& pr, const at::Tensor& q, const at::Tensor& k, const at
 }
 
 at::Tensor mask_of(const std::optional<at::Tensor>& kpm) {
-  return kpm.has_value() && kpm->defined() ? kpm->contiguous() : at::Tensor();
+  return given(kpm) ? kpm->contiguous() : at::Tensor();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prefix_attention_cpu(

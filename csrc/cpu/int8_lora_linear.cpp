@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> int8_lora_decode_forward(
     }
     const I8LoraUp<scalar_t, acc_t> up{
         sxa.data(), lora_B.const_data_ptr<scalar_t>(),
-        bias.has_value() && bias->defined() ? bias->const_data_ptr<scalar_t>() : nullptr, R};
+        given(bias) ? bias->const_data_ptr<scalar_t>() : nullptr, R};
     if (int8_gemv_forward(xs, q, scale, up, T, K, N, y.mutable_data_ptr<scalar_t>())) return;
     // x in acc_t, lane-interleaved to match the widened groups of Q, times 2^-24
     std::vector<acc_t> xp(static_cast<size_t>(T * K));

@@ -35,7 +35,7 @@ bool check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N
 uint64_t read_seed(const char* op, double p, const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
   if (p == 0.0) return 0;
-  TORCH_CHECK(seed.has_value() && seed->defined(), op, ": seed is required when dropout_p > 0");
+  TORCH_CHECK(given(seed), op, ": seed is required when dropout_p > 0");
   TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device().is_cpu(),
               op, ": seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(),
               " of shape ", seed->sizes(), " on ", seed->device());
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_part(
     const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, double scaling, double dropout_p, uint64_t seed_v) {
   const int64_t T = x.size(0), K = x.size(1), N = lora_B.size(0), R = lora_A.size(0);
-  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_bias = given(bias);
   const bool dropout = dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(dropout_p);
   constexpr const char* op = "fastpeft::lora_forward_part";

@@ -87,11 +87,11 @@ def linear_args_ok(x, weight, weight_scale, bias, lora_A, lora_B, scaling, dropo
     """Whether the arguments of ``lora_linear`` (``weight_scale`` None) or
     ``int8_lora_linear`` are ones the full checks accept, tested in one pass.
 
-    Only a shortcut for the usual call: a decode step calls these ops once per projection,
-    and at T = 1 the checks that name a bad argument cost a noticeable part of the call.
-    Anything unusual (a bad argument, but also an int ``scaling``) returns False, and the
-    full checks then run; a True here never lets through what they would refuse (for
-    tensor-like objects that are no ``Tensor`` too: they are refused here first).
+    Only a shortcut for the usual call, which a decode step makes once per projection and
+    token: the checks that name a bad argument take a dozen Python calls. Anything unusual
+    (a bad argument, but also an int ``scaling``) returns False, and the full checks then
+    run; a True here never lets through what they would refuse (tensor-like objects that
+    are no ``Tensor`` included: they are refused here first).
     """
     if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
             and isinstance(lora_B, Tensor) and (bias is None or isinstance(bias, Tensor))
@@ -117,7 +117,7 @@ def linear_args_ok(x, weight, weight_scale, bias, lora_A, lora_B, scaling, dropo
             and type(scaling) is float and math.isfinite(scaling)
             and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
         )
-    except (AttributeError, TypeError, ValueError, IndexError):
+    except (ValueError, IndexError):  # weight not 2-D, lora_A or x 0-D
         return False
 
 
