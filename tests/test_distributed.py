@@ -70,6 +70,14 @@ def _worker(rank: int, wrap: str, init_file: str, out_file: str) -> None:
                      if p.requires_grad}
         if rank == 0:
             torch.save(grads, out_file)
+        # Tear down in order: every collective finished, then the wrappers (DDP's reducer
+        # holds the process group) released while the group is still registered. Dropping
+        # the last reference to a gloo group from the reducer's destructor at exit can
+        # deadlock (it joins a worker thread that waits for the GIL).
+        dist.barrier()
+        del model, grads
+        if wrap == "ddp":
+            del ddp
     finally:
         dist.destroy_process_group()
 
