@@ -31,10 +31,11 @@ class LoraConfig:
         lora_alpha: scaling numerator (``scaling = lora_alpha / r``, or
             ``lora_alpha / sqrt(r)`` with ``use_rslora``).
         lora_dropout: dropout on the LoRA branch input.
-        target_modules: which ``nn.Linear`` layers get LoRA: a list of names (a layer
+        target_modules: which linear layers (``nn.Linear``, ``Conv1D``) get LoRA: a list of names (a layer
             matches when its qualified name equals a name or ends with ``"." + name``), a
             string that is a regular expression matched against the whole qualified name,
-            or ``"all-linear"`` (every linear layer except the output layer ``lm_head``).
+            ``"all-linear"`` (every linear layer except the output layer ``lm_head``), or
+            ``None``: PEFT's default targets for the model type (needs peft).
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         base_dtype: ``None`` keeps the base layers as they are (:class:`fastpeft.LoRALinear`);
             ``"int8"`` quantises them to per-row int8 (:class:`fastpeft.Int8LoRALinear`).
@@ -46,7 +47,7 @@ class LoraConfig:
     r: int = 8
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
-    target_modules: list[str] | tuple[str, ...] | str = ("q_proj", "v_proj")
+    target_modules: list[str] | tuple[str, ...] | str | None = ("q_proj", "v_proj")
     use_rslora: bool = False
     base_dtype: str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -60,7 +61,9 @@ class LoraConfig:
             raise ValueError(f"lora_alpha: expected a finite number, got {self.lora_alpha}")
         if self.base_dtype not in (None, "int8"):
             raise ValueError(f"base_dtype: expected None or 'int8', got {self.base_dtype!r}")
-        if isinstance(self.target_modules, str):
+        if self.target_modules is None:
+            pass  # resolved against the model by inject (PEFT's table)
+        elif isinstance(self.target_modules, str):
             if not self.target_modules:
                 raise ValueError("target_modules: expected names, a regex or 'all-linear'")
         else:

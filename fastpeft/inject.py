@@ -12,8 +12,9 @@ from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
 from .nn.adapted_attention import AdaptedAttention, compute_dtype
 from .nn.bottleneck import BottleneckAdapter
 from .nn.int8_lora import Int8LoRALinear
-from .nn.lora import LoRALinear
+from .nn.lora import LoRALinear, is_conv1d
 from .nn.peft_lora import FusedPeftLora, lora_parts
+from .placement import bottleneck_sites
 
 __all__ = ["adapter_layers", "inject"]
 
@@ -27,15 +28,17 @@ LORA_TYPES = (LoRALinear, Int8LoRALinear, FusedPeftLora)
 def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
     """Adds the adapters ``config`` describes to ``model`` in place and freezes the rest.
 
-    - :class:`LoraConfig`: the matching ``nn.Linear`` layers become
-      :class:`fastpeft.LoRALinear` (sharing their weight) or, with ``base_dtype="int8"``
-      (and for bitsandbytes ``Linear8bitLt`` layers), :class:`fastpeft.Int8LoRALinear`.
+    - :class:`LoraConfig`: the matching linear layers (``nn.Linear``, GPT-2's ``Conv1D``)
+      become :class:`fastpeft.LoRALinear` (sharing their weight) or, with
+      ``base_dtype="int8"`` (and for bitsandbytes ``Linear8bitLt`` layers),
+      :class:`fastpeft.Int8LoRALinear`. ``target_modules=None`` takes PEFT's default
+      targets for the model type.
     - :class:`AdaptionPromptConfig`: the ``self_attn`` modules of the top
       ``adapter_layers`` blocks are wrapped in :class:`fastpeft.nn.AdaptedAttention`.
-    - :class:`BottleneckConfig`: each block (a module with ``self_attn`` and ``mlp``
-      children) gets a :class:`fastpeft.BottleneckAdapter` on the output of the sublayers
-      its placements name, as a child ``bottleneck_adapter`` of that sublayer applied by
-      a forward hook (the base model's own state-dict keys do not change).
+    - :class:`BottleneckConfig`: each block gets a :class:`fastpeft.BottleneckAdapter` on
+      the output of the sublayers its placements name (where they are in each family:
+      :mod:`fastpeft.placement`), as a child ``bottleneck_adapter`` of that sublayer
+      applied by a forward hook (the base model's own state-dict keys do not change).
 
     New layers take the training mode of the layers they replace, and the dtype of the
     model's input embeddings (else of its first floating parameter) where they own new
@@ -79,16 +82,26 @@ def _adapter_params(layer: nn.Module) -> Iterator[Tensor]:
 # --- LoRA -------------------------------------------------------------------------------
 
 def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
-    inside = {n for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
+    target_modules = config.target_modules
+    if target_modules is None:
+        target_modules = default_target_modules(model)
+    _refuse_moe_experts(model, target_modules)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LORA_TYPES)]
+    inside = set(adapted)
     output_layer = _output_layer(model)
     targets = [
         (name, module) for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rpartition(".")[0] not in inside
-        and module is not output_layer and _matches(name, config.target_modules)
+        if _is_linear(module) and name.rpartition(".")[0] not in inside
+        and module is not output_layer and _matches(name, target_modules)
     ]
     if not targets:
-        raise ValueError(f"target_modules: {config.target_modules!r} matches no nn.Linear "
-                         f"layer of {type(model).__name__}")
+        again = [n for n in adapted if _matches(n, target_modules)]
+        if again:
+            raise ValueError(f"target_modules: the layers {target_modules!r} matches carry a "
+                             f"LoRA adapter already ({', '.join(again[:3])}"
+                             f"{', ...' if len(again) > 3 else ''})")
+        raise ValueError(f"target_modules: {target_modules!r} matches no linear layer "
+                         f"(nn.Linear or Conv1D) of {type(model).__name__}")
     for name, linear in targets:
         r, alpha = config.rank_and_alpha(name)
         args = (r, alpha, config.lora_dropout, config.use_rslora)
@@ -103,6 +116,43 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         else:
             layer = LoRALinear(linear, *args)
         replace(model, name, layer)
+
+
+def default_target_modules(model: nn.Module) -> list[str] | str:
+    """PEFT's default LoRA targets for the model's type (what ``target_modules=None``
+    means in PEFT)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    except ImportError as err:
+        raise ValueError("target_modules: None means PEFT's default targets for the model "
+                         "type, which needs peft installed; name the targets instead") from err
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if targets is None:
+        raise ValueError(f"target_modules: PEFT has no default targets for model type "
+                         f"{model_type!r} ({type(model).__name__}); name them")
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _refuse_moe_experts(model: nn.Module, target_modules: list[str] | str) -> None:
+    """Mixture-of-experts layers whose experts are one 3-D parameter per projection (the
+    layout of transformers 5) have no linear layer to wrap: fastpeft refuses to adapt
+    them rather than skip them (PEFT adapts some through ``target_parameters``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        stacked = [p for p, t in module.named_parameters(recurse=False) if t.dim() == 3]
+        if stacked and (target_modules == "all-linear" or _matches(name, target_modules)):
+            raise NotImplementedError(
+                f"target_modules: {name} ({type(module).__name__}) holds its experts as 3-D "
+                f"parameters ({', '.join(stacked)}), which fastpeft has no LoRA layer for; "
+                f"name the linear layers to adapt (e.g. the attention projections), or "
+                f"adapt the experts with PEFT and convert with fastpeft.from_peft, which "
+                f"keeps PEFT's forward for them")
 
 
 def replace(model: nn.Module, name: str, layer: nn.Module) -> None:
@@ -160,33 +210,33 @@ def _inject_adaption_prompt(model: nn.Module, config: AdaptionPromptConfig) -> N
 
 # --- bottleneck adapters ----------------------------------------------------------------
 
-_PLACEMENT_CHILD = {"attention": "self_attn", "feed_forward": "mlp"}
-
-
 def _inject_bottleneck(model: nn.Module, config: BottleneckConfig) -> None:
-    blocks = [m for m in model.modules()
-              if isinstance(getattr(m, "self_attn", None), nn.Module)
-              and isinstance(getattr(m, "mlp", None), nn.Module)]
-    if not blocks:
-        raise ValueError(f"model: {type(model).__name__} has no transformer blocks "
-                         f"(modules with self_attn and mlp children)")
+    sites = [(placement, name) for placement in config.placements
+             for name in bottleneck_sites(model, placement)]
+    if not sites:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(f"model: found no {' or '.join(config.placements)} sublayers in "
+                         f"{type(model).__name__} (model type {model_type!r}) to place "
+                         f"bottleneck adapters on; fastpeft.placement.BOTTLENECK_SITES lists "
+                         f"the known layouts")
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(hidden, int):
         raise ValueError("model: its config has no hidden_size to size the adapters from")
     bottleneck = config.size_for(hidden)
-    for block in blocks:
-        for placement in config.placements:
-            sublayer = getattr(block, _PLACEMENT_CHILD[placement])
-            if hasattr(sublayer, BOTTLENECK_CHILD):
-                raise ValueError(f"config: the {placement} of a block has a bottleneck "
-                                 f"adapter already")
-            param = next(sublayer.parameters())
-            adapter = BottleneckAdapter(
-                hidden, bottleneck, config.activation, config.layer_norm, config.scaling,
-                device=param.device, dtype=_model_dtype(model))
-            adapter.train(sublayer.training)
-            sublayer.add_module(BOTTLENECK_CHILD, adapter)
-            adapter.hook_handle = sublayer.register_forward_hook(_apply_output_adapter)
+    dtype = _model_dtype(model)
+    for placement, name in sites:
+        sublayer = model.get_submodule(name)
+        if hasattr(sublayer, BOTTLENECK_CHILD):
+            raise ValueError(f"config: {name} (the {placement} of a block) has a bottleneck "
+                             f"adapter already")
+        param = next(sublayer.parameters())
+        adapter = BottleneckAdapter(
+            hidden, bottleneck, config.activation, config.layer_norm, config.scaling,
+            device=param.device, dtype=dtype)
+        adapter.placement = placement
+        adapter.train(sublayer.training)
+        sublayer.add_module(BOTTLENECK_CHILD, adapter)
+        adapter.hook_handle = sublayer.register_forward_hook(_apply_output_adapter)
 
 
 def _apply_output_adapter(module: nn.Module, args: tuple, output):

@@ -57,8 +57,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     same objects), and outputs and gradients are unchanged up to floating-point rounding
     (for bitsandbytes layers: up to the difference between bitsandbytes' int8 matmul and
     fastpeft's weight-only dequantisation). LoRA layers the fused kernels do not cover
-    (DoRA, LoRA biases, embeddings, convolutions, GPT-2's Conv1D) keep PEFT's forward,
-    with one warning.
+    (DoRA, LoRA biases, embeddings, convolutions, MoE expert parameters) keep PEFT's
+    forward, with one warning.
     """
     try:
         from peft.tuners.adaption_prompt.layer import AdaptedAttention as PeftAdapted
@@ -259,7 +259,8 @@ def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str]) -> 
     config = {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.pop(),
         "use_rslora": rslora.pop(), "target_modules": sorted(full), "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False,
+        # PEFT sets it per layer from the layer type (with a warning where it disagrees)
+        "fan_in_fan_out": any(p.fan_in_fan_out for p in full.values()), "init_lora_weights": True, "use_dora": False,
         "modules_to_save": None,
         "rank_pattern": {n: p.r for n, p in full.items() if p.r != r},
         "alpha_pattern": {n: p.lora_alpha for n, p in full.items() if p.lora_alpha != alpha},
@@ -271,9 +272,11 @@ def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str]) -> 
 
 def _bottleneck_config(layers: list[tuple[str, nn.Module]]) -> dict:
     first = layers[0][1]
-    placements = sorted({name.split(".")[-2] for name, _ in layers})
-    return {"placements": ["attention" if p == "self_attn" else "feed_forward"
-                           for p in placements],
+    placements = {getattr(layer, "placement", None) for _, layer in layers}
+    if None in placements:
+        raise ValueError("model: a BottleneckAdapter not placed by fastpeft.inject has no "
+                         "placement to save")
+    return {"placements": sorted(placements),
             "activation": first.activation, "layer_norm": first.ln_weight is not None,
             "bottleneck_size": first.bottleneck_size, "scaling": first.scaling}
 
@@ -281,7 +284,8 @@ def _bottleneck_config(layers: list[tuple[str, nn.Module]]) -> dict:
 def _config_from_saved(saved: dict[str, Any]):
     extra = saved.get("fastpeft") or {}
     kind = saved.get("peft_type")
-    unsupported = [k for k in ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save",
+    # fan_in_fan_out follows from the layer type (Conv1D) here, as PEFT corrects it too
+    unsupported = [k for k in ("use_dora", "lora_bias", "modules_to_save",
                                "layers_to_transform", "layers_pattern", "exclude_modules",
                                "trainable_token_indices") if saved.get(k)]
     if unsupported:

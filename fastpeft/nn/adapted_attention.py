@@ -145,8 +145,7 @@ class AdaptedAttention(nn.Module):
         v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = self.rotary(q, k, cos, sin)
-        if past_key_values is None:  # the name before transformers 4.56
-            past_key_values = kwargs.get("past_key_value")
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if getattr(past_key_values, "is_compileable", False):
             # a static cache holds max_cache_len slots, not the keys seen so far: the
             # bottom-right causal alignment of the fused attention would be wrong
@@ -174,6 +173,15 @@ class AdaptedAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"adapter_len={self.adapter_len}, gate={tuple(self.adaption_gate.shape)}, "
                 f"gate_tanh={self.gate_tanh}")
+
+
+def _cache_argument(past_key_values, kwargs: dict):
+    """The KV cache under whichever name the installed transformers passes it: ``cache``
+    (5.x), ``past_key_values`` (4.56 - 4.57) or ``past_key_value`` (before 4.56)."""
+    for cache in (kwargs.get("cache"), past_key_values, kwargs.get("past_key_value")):
+        if cache is not None:
+            return cache
+    return None
 
 
 def key_padding_from_mask(attention_mask: Tensor | None, n: int) -> Tensor | None:

@@ -61,6 +61,9 @@ class BottleneckAdapter(nn.Module):
     ``up_bias (d,)`` and, with ``layer_norm``, ``ln_weight`` / ``ln_bias (d,)``.
     """
 
+    #: set by :func:`fastpeft.inject`: ``"attention"`` or ``"feed_forward"``
+    placement: str | None = None
+
     def __init__(
         self,
         hidden_size: int,

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..ops.int8_lora_linear import int8_lora_linear, quantize_int8
-from .lora import lora_weights
+from .lora import is_conv1d, linear_weight, lora_weights
 
 __all__ = ["Int8LoRALinear", "bnb_int8_weight"]
 
@@ -39,8 +39,15 @@ class Int8LoRALinear(nn.Module):
     base is frozen); ``lora_A`` / ``lora_B`` are bias-free ``nn.Linear`` layers with PEFT's
     names and initialisation, so a fresh layer computes exactly the quantised base.
 
-    Build one with :meth:`from_linear` (quantises an ``nn.Linear``) or :meth:`from_bnb`
-    (reuses a bitsandbytes ``Linear8bitLt``'s int8 weight as is).
+    Build one with :meth:`from_linear` (quantises an ``nn.Linear`` or a ``transformers``
+    ``Conv1D``) or :meth:`from_bnb` (reuses a bitsandbytes ``Linear8bitLt``'s int8 weight
+    as is).
+
+    To model code it looks like a linear layer: ``in_features``, ``out_features`` and
+    ``weight``, which is ``qweight`` itself (int8, ``(out, in)``, on the layer's device;
+    as bitsandbytes' ``Linear8bitLt.weight``, whose int8 dtype ``transformers`` code
+    already checks for): reading it dequantises nothing; :meth:`dequantized_weight`
+    gives the float values.
 
     Args:
         in_features, out_features: the layer's sizes.
@@ -95,26 +102,36 @@ class Int8LoRALinear(nn.Module):
         self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
         self.merged = False
+        self.fan_in_fan_out = False  # made from a Conv1D: to_linear gives one back
         self.reset_parameters()
+
+    @property
+    def weight(self) -> Tensor:
+        """The int8 ``qweight (out, in)`` (see the class docstring)."""
+        return self.qweight
 
     # --- construction ---------------------------------------------------------------------
 
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         r: int,
         lora_alpha: float = 1.0,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
     ) -> Int8LoRALinear:
         """Quantise ``linear``'s weight (per-row absmax int8); the LoRA weights and the bias
-        keep ``linear``'s dtype and device."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout,
+        keep ``linear``'s dtype and device. ``linear`` is an ``nn.Linear`` or a
+        ``transformers`` ``Conv1D`` (whose ``(in, out)`` weight is quantised per output)."""
+        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
+            raise TypeError(f"linear: expected an nn.Linear or a transformers Conv1D, got "
+                            f"{type(linear).__name__}")
+        w = linear_weight(linear)
+        out_features, in_features = w.shape
+        layer = cls(in_features, out_features, r, lora_alpha, lora_dropout,
                     use_rslora, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+        layer.fan_in_fan_out = is_conv1d(linear)
         q, scale = quantize_int8(w)
         with torch.no_grad():
             layer.qweight.copy_(q)
@@ -198,15 +215,24 @@ class Int8LoRALinear(nn.Module):
         return self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
 
     @torch.no_grad()
-    def to_linear(self, merge_lora: bool = True) -> nn.Linear:
+    def to_linear(self, merge_lora: bool = True) -> nn.Module:
         """A float ``nn.Linear`` (LoRA dtype and device) with the dequantised weight, plus
-        the LoRA product unless ``merge_lora`` is false or it was merged already."""
+        the LoRA product unless ``merge_lora`` is false or it was merged already; a
+        ``Conv1D`` for a layer made from one."""
         w = self.dequantized_weight(torch.float32)
         if merge_lora and not self.merged:
             w = w + self.delta_weight()
         dtype = self.lora_A.weight.dtype
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=w.device, dtype=dtype)
+        if self.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+
+            linear = Conv1D(self.out_features, self.in_features).to(w.device, dtype)
+            w = w.t()
+            if self.bias is None:
+                linear.bias = None
+        else:
+            linear = nn.Linear(self.in_features, self.out_features,
+                               bias=self.bias is not None, device=w.device, dtype=dtype)
         linear.weight.copy_(w)
         if self.bias is not None:
             linear.bias.copy_(self.bias)

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor, nn
 
 from ..ops.lora_linear import lora_linear
 
-__all__ = ["LoRALinear", "lora_weights"]
+__all__ = ["LoRALinear", "is_conv1d", "linear_weight", "lora_weights"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers`` ``Conv1D`` (GPT-2's linear layer, which
+    stores its weight as ``(in, out)``: PEFT's ``fan_in_fan_out``)."""
+    utils = sys.modules.get("transformers.pytorch_utils")  # not imported: no Conv1D exists
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def linear_weight(base: nn.Module) -> Tensor:
+    """The ``(out, in)`` weight of an ``nn.Linear`` or ``Conv1D``; for the latter a
+    transposed view of its ``(in, out)`` storage, which the kernels read in place."""
+    return base.weight.t() if is_conv1d(base) else base.weight
 
 
 def lora_weights(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -25,13 +39,15 @@ class LoRALinear(nn.Module):
     """``base(x) + scaling * lora_B(lora_A(dropout(x)))`` computed by one fused op.
 
     Wraps ``base`` without copying it (``base_layer`` *is* the given module, so its
-    weight stays shared and frozen). ``lora_A`` / ``lora_B`` are bias-free ``nn.Linear``
+    weight stays shared and frozen). ``base`` is an ``nn.Linear`` or a ``transformers``
+    ``Conv1D`` (GPT-2), whose ``(in, out)`` weight the fused op reads transposed, in
+    place (PEFT's ``fan_in_fan_out``). ``lora_A`` / ``lora_B`` are bias-free ``nn.Linear``
     layers with PEFT's names and initialisation (A Kaiming-uniform, B zeros), so the
     output equals the base layer's at step 0 and the state-dict keys are
     ``lora_A.weight`` / ``lora_B.weight``.
 
     Args:
-        base: the ``nn.Linear`` to adapt (its parameters are frozen).
+        base: the ``nn.Linear`` or ``Conv1D`` to adapt (its parameters are frozen).
         r: LoRA rank (>= 1).
         lora_alpha: scaling numerator: ``scaling = lora_alpha / r``, or
             ``lora_alpha / sqrt(r)`` with ``use_rslora``.
@@ -44,7 +60,7 @@ class LoRALinear(nn.Module):
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         r: int,
         lora_alpha: float = 1.0,
         lora_dropout: float = 0.0,
@@ -54,8 +70,9 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, nn.Linear) and not is_conv1d(base):
+            raise TypeError(f"base: expected an nn.Linear or a transformers Conv1D, got "
+                            f"{type(base).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r: expected a positive int, got {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
@@ -66,27 +83,23 @@ class LoRALinear(nn.Module):
         }
         self.base_layer = base
         self.base_layer.requires_grad_(False)
+        self.fan_in_fan_out = is_conv1d(base)
+        out_features, in_features = linear_weight(base).shape
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
         self.lora_dropout = float(lora_dropout)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
         self.merged = False
         self.reset_parameters()
 
     @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
     def weight(self) -> Tensor:
-        """The base weight (so code that reads ``layer.weight`` keeps working)."""
+        """The base weight as the base layer stores it (so code that reads
+        ``layer.weight`` keeps working)."""
         return self.base_layer.weight
 
     @property
@@ -102,13 +115,15 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         base = self.base_layer
-        a, b = lora_weights(self, base.weight.dtype)
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        a, b = lora_weights(self, weight.dtype)
         return lora_linear(
-            x, base.weight, base.bias, a, b, self.scaling, self.lora_dropout, self.training,
+            x, weight, base.bias, a, b, self.scaling, self.lora_dropout, self.training,
         )
 
     def delta_weight(self) -> Tensor:
-        """``scaling * lora_B @ lora_A`` (out, in), computed in fp32, in the base dtype."""
+        """``scaling * lora_B @ lora_A`` computed in fp32, in the base dtype and the base
+        weight's layout (``(out, in)``, or ``(in, out)`` for a ``Conv1D``)."""
         return self._delta_fp32().to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
@@ -131,7 +146,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _delta_fp32(self) -> Tensor:
-        return self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
 
     def extra_repr(self) -> str:
         return (

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..ops.int8_lora_linear import int8_lora_linear
 from ..ops.lora_linear import lora_linear
 from .int8_lora import Int8LoRALinear, bnb_int8_weight
-from .lora import LoRALinear
+from .lora import LoRALinear, is_conv1d
 
 __all__ = ["FusedPeftLora", "LoraParts", "fuse_peft_lora", "lora_parts"]
 
@@ -37,16 +37,22 @@ class FusedPeftLora:
         base = self.get_base_layer()
         lora_A, lora_B = self.lora_A[a].weight, self.lora_B[a].weight
         p = _dropout_p(self.lora_dropout[a])
-        if isinstance(base, nn.Linear) and not _is_bnb(base):
-            dtype = base.weight.dtype
-            return lora_linear(x, base.weight, base.bias, lora_A.to(dtype), lora_B.to(dtype),
-                               self.scaling[a], p, self.training)
-        # bitsandbytes int8, computed as weight-only int8 in the activations' dtype (its
-        # threshold / outlier decomposition is not reproduced)
-        qweight, scb = bnb_int8_weight(base)
-        bias = None if base.bias is None else base.bias.to(x.dtype)
-        return int8_lora_linear(x, qweight, scb.float() / 127.0, bias, lora_A.to(x.dtype),
-                                lora_B.to(x.dtype), self.scaling[a], p, self.training)
+        if _is_bnb(base):
+            # bitsandbytes int8, computed as weight-only int8 in the activations' dtype (its
+            # threshold / outlier decomposition is not reproduced)
+            qweight, scb = bnb_int8_weight(base)
+            bias = None if base.bias is None else base.bias.to(x.dtype)
+            return int8_lora_linear(x, qweight, scb.float() / 127.0, bias, lora_A.to(x.dtype),
+                                    lora_B.to(x.dtype), self.scaling[a], p, self.training)
+        if is_conv1d(base):  # PEFT's fan_in_fan_out: the (in, out) weight, read in place
+            weight = base.weight.t()
+        elif isinstance(base, nn.Linear):
+            weight = base.weight
+        else:  # a layer type PEFT wraps in its Linear that the fused op does not know
+            return super().forward(x, *args, **kwargs)
+        dtype = weight.dtype
+        return lora_linear(x, weight, base.bias, lora_A.to(dtype), lora_B.to(dtype),
+                           self.scaling[a], p, self.training)
 
     def _fused_adapter(self, args: tuple, kwargs: dict) -> str | None:
         if args or kwargs or self.disable_adapters or self.merged:
@@ -105,6 +111,7 @@ class LoraParts:
     scaling: float
     lora_A: nn.Parameter
     lora_B: nn.Parameter
+    fan_in_fan_out: bool  # the base stores its weight (in, out): GPT-2's Conv1D
 
 
 def lora_parts(layer: nn.Module) -> LoraParts:
@@ -112,7 +119,8 @@ def lora_parts(layer: nn.Module) -> LoraParts:
     or of a PEFT LoRA layer's active adapter."""
     if isinstance(layer, (LoRALinear, Int8LoRALinear)):
         return LoraParts(layer.r, layer.lora_alpha, layer.lora_dropout, layer.use_rslora,
-                         layer.scaling, layer.lora_A.weight, layer.lora_B.weight)
+                         layer.scaling, layer.lora_A.weight, layer.lora_B.weight,
+                         layer.fan_in_fan_out)
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
         raise ValueError(f"layer: {len(active)} active LoRA adapters {active}; expected one")
@@ -122,7 +130,8 @@ def lora_parts(layer: nn.Module) -> LoraParts:
     if rslora is None:  # older PEFT: from the scaling (ambiguous at r = 1, where it's moot)
         rslora = r > 1 and math.isclose(scaling, alpha / math.sqrt(r))
     return LoraParts(r, alpha, _dropout_p(layer.lora_dropout[a]), bool(rslora),
-                     float(scaling), layer.lora_A[a].weight, layer.lora_B[a].weight)
+                     float(scaling), layer.lora_A[a].weight, layer.lora_B[a].weight,
+                     is_conv1d(layer.get_base_layer()))
 
 
 def _dropout_p(dropout: nn.Module) -> float:

@@ -1,0 +1,47 @@
+"""Where adapters go in each ``transformers`` model family: the one table of it.
+
+Bottleneck adapters (Houlsby / Pfeiffer) sit on the output of a block's sublayer, before
+the block adds its residual: after the attention output projection (``"attention"``) and
+after the feed-forward network (``"feed_forward"``). Families name those sublayers
+differently; each entry below gives, per placement, a regular expression for the
+qualified names of the modules whose output gets the adapter. An encoder-decoder matches
+in both stacks (T5, BART: the self-attention of encoder and decoder blocks, and every
+feed-forward).
+
+Families not listed use the Llama layout (``<block>.self_attn`` / ``<block>.mlp``), which
+most decoders share (Llama, Mistral, Mixtral, Qwen2/3 and their MoE variants, Gemma 1-3,
+Phi, Phi3, OLMo2, Starcoder2, Granite).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+__all__ = ["BOTTLENECK_SITES", "bottleneck_sites"]
+
+_LLAMA = {"attention": r"layers\.\d+\.self_attn", "feed_forward": r"layers\.\d+\.mlp"}
+_BERT = {"attention": r"layer\.\d+\.attention\.output\.dense",
+         "feed_forward": r"layer\.\d+\.output\.dense"}
+
+#: model_type -> placement -> regex for the end of the qualified module name
+BOTTLENECK_SITES: dict[str, dict[str, str]] = {
+    "gpt2": {"attention": r"h\.\d+\.attn", "feed_forward": r"h\.\d+\.mlp"},
+    "gpt_neox": {"attention": r"layers\.\d+\.attention", "feed_forward": r"layers\.\d+\.mlp"},
+    "falcon": {"attention": r"h\.\d+\.self_attention", "feed_forward": r"h\.\d+\.mlp"},
+    "opt": {"attention": r"layers\.\d+\.self_attn", "feed_forward": r"layers\.\d+\.fc2"},
+    "bart": {"attention": r"layers\.\d+\.self_attn", "feed_forward": r"layers\.\d+\.fc2"},
+    "t5": {"attention": r"block\.\d+\.layer\.0\.SelfAttention",
+           "feed_forward": r"block\.\d+\.layer\.\d+\.DenseReluDense"},
+    "bert": _BERT,
+    "roberta": _BERT,
+}
+
+
+def bottleneck_sites(model: nn.Module, placement: str) -> list[str]:
+    """Qualified names of the modules of ``model`` whose output gets a bottleneck adapter
+    at ``placement`` (``"attention"`` or ``"feed_forward"``), in module order."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    pattern = re.compile(r"(.*\.)?" + BOTTLENECK_SITES.get(model_type, _LLAMA)[placement])
+    return [name for name, _ in model.named_modules() if pattern.fullmatch(name)]
