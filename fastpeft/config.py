@@ -93,8 +93,9 @@ class AdaptionPromptConfig:
     """LLaMA-Adapter's adaption prompt in the top ``adapter_layers`` attention layers.
 
     Works with Llama-style attention modules of ``transformers`` models (``q_proj``,
-    ``k_proj``, ``v_proj``, ``o_proj``, rotary embeddings; Llama, Mistral and their
-    relatives), grouped-query attention and the KV cache included.
+    ``k_proj``, ``v_proj``, ``o_proj``, rotary embeddings, q/k norms; Llama, Mistral,
+    Qwen, Gemma and their relatives) and GPT-2's, grouped-query attention and the KV cache
+    included; which modules in each family: :mod:`fastpeft.placement`.
 
     Attributes:
         adapter_len: prompt tokens per adapted layer.

@@ -14,7 +14,7 @@ from .nn.bottleneck import BottleneckAdapter
 from .nn.int8_lora import Int8LoRALinear
 from .nn.lora import LoRALinear, is_conv1d
 from .nn.peft_lora import FusedPeftLora, lora_parts
-from .placement import bottleneck_sites
+from .placement import adaption_prompt_sites, bottleneck_sites
 
 __all__ = ["adapter_layers", "inject"]
 
@@ -33,8 +33,9 @@ def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
       ``base_dtype="int8"`` (and for bitsandbytes ``Linear8bitLt`` layers),
       :class:`fastpeft.Int8LoRALinear`. ``target_modules=None`` takes PEFT's default
       targets for the model type.
-    - :class:`AdaptionPromptConfig`: the ``self_attn`` modules of the top
-      ``adapter_layers`` blocks are wrapped in :class:`fastpeft.nn.AdaptedAttention`.
+    - :class:`AdaptionPromptConfig`: the self-attention modules of the top
+      ``adapter_layers`` blocks are wrapped in :class:`fastpeft.nn.AdaptedAttention`
+      (Llama-style attention and GPT-2's; :mod:`fastpeft.placement`).
     - :class:`BottleneckConfig`: each block gets a :class:`fastpeft.BottleneckAdapter` on
       the output of the sublayers its placements name (where they are in each family:
       :mod:`fastpeft.placement`), as a child ``bottleneck_adapter`` of that sublayer
@@ -194,18 +195,24 @@ def _is_bnb_int8(module: nn.Module) -> bool:
 # --- adaption prompt --------------------------------------------------------------------
 
 def _inject_adaption_prompt(model: nn.Module, config: AdaptionPromptConfig) -> None:
-    attentions = [n for n, _ in model.named_modules() if n.rpartition(".")[2] == "self_attn"]
+    attentions = adaption_prompt_sites(model)
+    if not attentions:
+        raise ValueError(f"model: found no decoder self-attention in {type(model).__name__} "
+                         f"to give an adaption prompt (fastpeft.placement lists the layouts)")
     if len(attentions) < config.adapter_layers:
         raise ValueError(f"adapter_layers: {config.adapter_layers} layers asked for, "
-                         f"{type(model).__name__} has {len(attentions)} self_attn modules")
+                         f"{type(model).__name__} has {len(attentions)}")
     for name in attentions[len(attentions) - config.adapter_layers:]:
         attn = model.get_submodule(name)
         if hasattr(attn, BOTTLENECK_CHILD):  # its hook would never run inside the wrapper
             raise ValueError(f"config: {name} has a bottleneck adapter already; inject the "
                              f"AdaptionPromptConfig before the BottleneckConfig")
-        replace(model, name, AdaptedAttention(
-            attn, config.adapter_len, gate=config.gate, gate_tanh=config.gate_tanh,
-            dtype=_model_dtype(model)))
+        try:
+            adapted = AdaptedAttention(attn, config.adapter_len, gate=config.gate,
+                                       gate_tanh=config.gate_tanh, dtype=_model_dtype(model))
+        except (TypeError, NotImplementedError) as err:
+            raise type(err)(f"{name} ({type(model).__name__}): {err}") from err
+        replace(model, name, adapted)
 
 
 # --- bottleneck adapters ----------------------------------------------------------------

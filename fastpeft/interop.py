@@ -61,19 +61,32 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     forward, with one warning.
     """
     try:
-        from peft.tuners.adaption_prompt.layer import AdaptedAttention as PeftAdapted
+        from peft.tuners.adaption_prompt import layer as peft_adaption
         from peft.tuners.lora import LoraLayer
     except ImportError as err:  # pragma: no cover - exercised without peft
         raise ImportError("from_peft needs peft (pip install fastpeft[hf])") from err
+    # PEFT's Llama-style wrapper, and its GPT-2 one (PEFT >= 0.17)
+    peft_adapted = tuple(getattr(peft_adaption, n) for n in ("AdaptedAttention",
+                                                             "AdaptedAttentionGPT")
+                         if hasattr(peft_adaption, n))
     skipped = []
+    configs = getattr(peft_model, "peft_config", {})
     for name, module in list(peft_model.named_modules()):
         if isinstance(module, LoraLayer):
+            if not isinstance(getattr(module, "use_rslora", None), dict):  # PEFT < 0.16
+                module.use_rslora = {a: bool(getattr(c, "use_rslora", False))
+                                     for a, c in configs.items()}
             uncovered = any(module.use_dora.values()) or \
                 any(getattr(module, "lora_bias", {}).values())
             if uncovered or not fuse_peft_lora(module):
                 skipped.append(name)
-        elif isinstance(module, PeftAdapted):
-            replace(peft_model, name, _convert_adaption_prompt(name, module))
+        elif isinstance(module, peft_adapted):
+            # the mode of the attention it wraps: PEFT leaves its own wrapper in training
+            # mode whatever the model's, which would switch GPT-2's attention dropout on
+            training = module.model.training
+            adapted = _convert_adaption_prompt(name, module)
+            replace(peft_model, name, adapted)
+            adapted.train(training)
     if skipped:
         warnings.warn(f"from_peft: {len(skipped)} PEFT LoRA layers keep PEFT's forward "
                       f"(layer type or DoRA/LoRA bias not fused): {', '.join(skipped[:5])}"
@@ -83,7 +96,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
 def _convert_adaption_prompt(name: str, layer: nn.Module) -> nn.Module:
     attn = layer.model
-    if getattr(attn.o_proj, "bias", None) is not None:
+    if getattr(getattr(attn, "o_proj", None), "bias", None) is not None:
         raise NotImplementedError(
             f"peft_model: {name}.o_proj has a bias, which PEFT's adaption prompt adds twice "
             f"(once per o_proj call) and the fused attention once")
@@ -118,16 +131,31 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     (an adaption prompt only with PEFT's convention: scalar gate, no tanh). Bottleneck
     adapters, which PEFT lacks, use the same layout with ``peft_type``
     ``"FASTPEFT_BOTTLENECK"``. A model with adapters of more than one method is refused:
-    PEFT's format holds one method per directory.
+    PEFT's format holds one method per directory; so is a PEFT model with LoRA layers
+    that :func:`from_peft` left as PEFT's (MoE expert parameters, DoRA, ...), whose
+    tensors only PEFT's own ``save_pretrained`` knows how to write.
     """
     from safetensors.torch import save_file
 
+    unconverted = _unconverted_peft_layers(model)
+    if unconverted:
+        raise ValueError(f"model: {', '.join(unconverted[:3])} are PEFT LoRA layers that "
+                         f"fastpeft did not convert; save with PEFT's save_pretrained")
     config = _adapter_config(model)
     state = {k: t.detach().contiguous() for k, t in adapter_state_dict(model).items()}
     os.makedirs(directory, exist_ok=True)
     save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _unconverted_peft_layers(model: nn.Module) -> list[str]:
+    if not _is_peft_model(model):
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    return [n for n, m in model.named_modules()
+            if isinstance(m, LoraLayer) and not isinstance(m, LORA_TYPES)]
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -238,7 +266,8 @@ def _adapter_config(model: nn.Module) -> dict[str, Any]:
     if kind == "ADAPTION_PROMPT":
         first = layers[0][1]
         config = {**common, "peft_type": "ADAPTION_PROMPT", "adapter_len": first.adapter_len,
-                  "adapter_layers": len(layers), "target_modules": "self_attn"}
+                  "adapter_layers": len(layers),
+                  "target_modules": names[id(first)].rpartition(".")[2]}
         if first.adaption_gate.numel() > 1 or first.gate_tanh:  # not PEFT's convention
             config["fastpeft"] = {"gate": "per_head" if first.adaption_gate.numel() > 1
                                   else "scalar", "gate_tanh": first.gate_tanh}

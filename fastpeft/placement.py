@@ -1,5 +1,9 @@
 """Where adapters go in each ``transformers`` model family: the one table of it.
 
+The adaption prompt (LLaMA-Adapter) wraps a decoder block's self-attention: the modules
+:data:`ADAPTION_PROMPT_SITES` names (``<block>.self_attn`` where a family is not
+listed). Encoders and encoder-decoders have none (PEFT's adaption prompt neither).
+
 Bottleneck adapters (Houlsby / Pfeiffer) sit on the output of a block's sublayer, before
 the block adds its residual: after the attention output projection (``"attention"``) and
 after the feed-forward network (``"feed_forward"``). Families name those sublayers
@@ -19,7 +23,8 @@ import re
 
 from torch import nn
 
-__all__ = ["BOTTLENECK_SITES", "bottleneck_sites"]
+__all__ = ["ADAPTION_PROMPT_SITES", "BOTTLENECK_SITES", "adaption_prompt_sites",
+           "bottleneck_sites"]
 
 _LLAMA = {"attention": r"layers\.\d+\.self_attn", "feed_forward": r"layers\.\d+\.mlp"}
 _BERT = {"attention": r"layer\.\d+\.attention\.output\.dense",
@@ -27,6 +32,8 @@ _BERT = {"attention": r"layer\.\d+\.attention\.output\.dense",
 
 #: model_type -> placement -> regex for the end of the qualified module name
 BOTTLENECK_SITES: dict[str, dict[str, str]] = {
+    # before transformers 5, Mixtral called its MoE block block_sparse_moe
+    "mixtral": {**_LLAMA, "feed_forward": r"layers\.\d+\.(mlp|block_sparse_moe)"},
     "gpt2": {"attention": r"h\.\d+\.attn", "feed_forward": r"h\.\d+\.mlp"},
     "gpt_neox": {"attention": r"layers\.\d+\.attention", "feed_forward": r"layers\.\d+\.mlp"},
     "falcon": {"attention": r"h\.\d+\.self_attention", "feed_forward": r"h\.\d+\.mlp"},
@@ -44,4 +51,25 @@ def bottleneck_sites(model: nn.Module, placement: str) -> list[str]:
     at ``placement`` (``"attention"`` or ``"feed_forward"``), in module order."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     pattern = re.compile(r"(.*\.)?" + BOTTLENECK_SITES.get(model_type, _LLAMA)[placement])
+    return [name for name, _ in model.named_modules() if pattern.fullmatch(name)]
+
+
+#: model_type -> regex for the end of the qualified name of the attention to wrap;
+#: None: the family has no place for an adaption prompt
+ADAPTION_PROMPT_SITES: dict[str, str | None] = {
+    "gpt2": r"h\.\d+\.attn",
+    "bert": None, "roberta": None, "t5": None, "bart": None,
+}
+
+
+def adaption_prompt_sites(model: nn.Module) -> list[str]:
+    """Qualified names of the attention modules of ``model`` that an adaption prompt
+    wraps, in module order (bottom layer first)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    site = ADAPTION_PROMPT_SITES.get(model_type, _LLAMA["attention"])
+    if site is None:
+        raise NotImplementedError(
+            f"model: {type(model).__name__} (model type {model_type!r}) is not a decoder; "
+            f"the adaption prompt is for decoder self-attention (PEFT has none for it either)")
+    pattern = re.compile(r"(.*\.)?" + site)
     return [name for name, _ in model.named_modules() if pattern.fullmatch(name)]

@@ -214,3 +214,114 @@ def test_bottleneck_adapters_in_every_family(name, preset, tmp_path):
     fastpeft.save_adapter(model, tmp_path)
     again = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
     assert_close(logits(again, batch), got, atol=0)
+
+
+# --- the adaption prompt ------------------------------------------------------------------
+
+# decoders whose attention fastpeft does not wrap, and the word its refusal names
+ADAPTION_REFUSED = {"gemma2": "attn_logit_softcapping", "phi": "PhiAttention",
+                    "phi3": "Phi3Attention", "opt": "OPTAttention",
+                    "gpt_neox": "GPTNeoXForCausalLM", "falcon": "FalconForCausalLM"}
+ADAPTION_OK = [n for n in DECODERS if n not in ADAPTION_REFUSED]
+
+
+def gate_open(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "adaption_gate" in n:
+                p.normal_(0.0, 1.0)
+
+
+@pytest.mark.parametrize("name", [*ENCODERS, *ENCODER_DECODERS, *ADAPTION_REFUSED])
+def test_adaption_prompt_refused_where_it_has_no_place(name):
+    with pytest.raises((NotImplementedError, TypeError, ValueError),
+                       match=ADAPTION_REFUSED.get(name, "not a decoder")):
+        fastpeft.inject(tiny(name), fastpeft.AdaptionPromptConfig(adapter_len=3))
+
+
+@pytest.mark.parametrize("name", ADAPTION_OK)
+def test_adaption_prompt_in_every_decoder(name):
+    """Zero gate: the base model exactly (on positions that are not padding); an open
+    gate: the cached decode of generate() agrees with the uncached one."""
+    base = tiny(name)
+    batch = inputs(name)
+    keep = batch["attention_mask"].bool()
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.AdaptionPromptConfig(
+        adapter_len=3, adapter_layers=2))
+    assert_close(logits(model, batch)[keep], logits(base, batch)[keep])
+    gate_open(model)
+    assert (logits(model, batch)[keep] - logits(base, batch)[keep]).abs().max() > 1e-3
+    logits(model, batch).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if "adaption_" in n)
+    cached = generate(model, name, batch)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "use_cache": False}
+    assert cached.tolist() == model.generate(**batch, **kwargs).tolist()
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gpt2"])
+def test_adaption_prompt_matches_peft(name, tmp_path):
+    """Where PEFT has the adaption prompt: its logits, gradients, generate(), and save /
+    load both ways."""
+    base = tiny(name)
+    batch = inputs(name)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # PEFT's GPT-2 path
+    try:
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.AdaptionPromptConfig(
+            adapter_len=3, adapter_layers=2, task_type="CAUSAL_LM"))
+    except ValueError as err:  # PEFT before 0.17 has no GPT-2 adaption prompt
+        pytest.skip(f"peft {peft.__version__}: {err}")
+    gate_open(pm)
+    want = logits(pm, batch).detach()
+    converted = fastpeft.from_peft(copy.deepcopy(pm))
+    assert_close(logits(converted, batch), want)
+    pm.save_pretrained(tmp_path / "peft")
+    ours = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert_close(logits(ours, batch), want)
+    grads = {}
+    for model in (pm, ours):
+        model.zero_grad(set_to_none=True)
+        logits(model, batch).square().mean().backward()
+        grads[model is pm] = {n.removeprefix("base_model.model."): p.grad
+                              for n, p in model.named_parameters() if p.requires_grad}
+    assert_same_grads(grads[True], grads[False])
+    fastpeft.save_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert_close(logits(again, batch), want)
+    assert generate(ours, name, batch).tolist() == generate(pm, name, batch).tolist()
+
+
+def test_moe_experts_are_refused_by_inject_and_kept_as_peft_by_from_peft(tmp_path):
+    """Experts held as 3-D parameters (transformers 5's MoE layout) have no fused LoRA
+    layer: inject says so rather than skip them; from_peft keeps PEFT's forward for them,
+    with one warning, and leaves saving to PEFT."""
+    base = tiny("mixtral")
+    experts = [n for n, m in base.named_modules()
+               if any(p.dim() == 3 for p in m.parameters(recurse=False))]
+    if not experts:
+        pytest.skip("this transformers keeps Mixtral's experts as nn.Linear layers")
+    with pytest.raises(NotImplementedError, match="3-D parameters"):
+        fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(target_modules="all-linear"))
+    batch = inputs("mixtral")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, target_modules="all-linear"))
+    want = logits(pm, batch)
+    with pytest.warns(UserWarning, match="keep PEFT's forward"):
+        fastpeft.from_peft(pm)
+    assert_close(logits(pm, batch), want)
+    with pytest.raises(ValueError, match="save_pretrained"):
+        fastpeft.save_adapter(pm, tmp_path)
+
+
+def test_lora_errors_read_right():
+    base = tiny("llama")
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="carry a LoRA adapter already"):
+        fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(target_modules=["nope"]))
+    # None: PEFT's default targets for the model type, as in PEFT
+    default = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(target_modules=None))
+    adapted = {n.rpartition(".")[2] for n, m in default.named_modules()
+               if isinstance(m, fastpeft.LoRALinear)}
+    assert adapted == {"q_proj", "v_proj"}

@@ -4,6 +4,7 @@ generate(), on tiny transformers Llama models built from configs (fp32, CPU kern
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import pytest
@@ -624,7 +625,9 @@ def test_refusals_found_in_review(base, tmp_path):
     with pytest.raises(ValueError, match="before the BottleneckConfig"):
         fastpeft.inject(houlsby, fastpeft.AdaptionPromptConfig())
     model = fastpeft.inject(base, fastpeft.AdaptionPromptConfig(adapter_len=2))
-    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    extra = {"max_batch_size": 1} if "max_batch_size" in inspect.signature(
+        transformers.StaticCache.__init__).parameters else {}  # transformers < 4.56
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16, **extra)
     with pytest.raises(NotImplementedError, match="static cache"):
         model(input_ids=torch.randint(0, 101, (1, 4)), past_key_values=cache)
     gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(

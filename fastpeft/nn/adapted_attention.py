@@ -1,5 +1,5 @@
-"""``AdaptedAttention``: a Llama-style attention layer of a ``transformers`` model with
-LLaMA-Adapter's gated adaption prompt, computed by the fused gated prefix attention."""
+"""``AdaptedAttention``: a Llama-style or GPT-2 attention layer of a ``transformers`` model
+with LLaMA-Adapter's gated adaption prompt, computed by the fused gated prefix attention."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.gated_prefix_attention import gated_prefix_attention
-from .adaption_prompt import prompt_prefix
 
 __all__ = ["AdaptedAttention", "compute_dtype"]
 
@@ -19,9 +18,17 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 class AdaptedAttention(nn.Module):
     """Wraps a Llama-style attention module (``q_proj``, ``k_proj``, ``v_proj``,
-    ``o_proj``, rotary embeddings; Llama, Mistral and their relatives in ``transformers``)
-    and replaces its attention by :func:`fastpeft.gated_prefix_attention`: the sequence
-    attention plus a gated, separately normalised attention over a learnable prompt.
+    ``o_proj``, rotary embeddings, optional per-head or whole-projection q/k norms; Llama,
+    Mistral, Qwen, Gemma, OLMo2 and their relatives in ``transformers``) and replaces its
+    attention by :func:`fastpeft.gated_prefix_attention`: the sequence attention plus a
+    gated, separately normalised attention over a learnable prompt, whose keys and values
+    are the prompt through the layer's own k/v projections (and key norm), without
+    rotary embeddings.
+
+    A GPT-2 attention (``GPT2Attention``) is wrapped as PEFT does it: GPT-2's own
+    attention runs (its cache, mask and ``c_proj``) and the gated prompt attention, fused,
+    is added to its output after ``c_proj``, with the prompt's keys and values from
+    ``c_attn``.
 
     The layout is PEFT's ``AdaptedAttention``: the wrapped layer is ``self.model`` and the
     trainable parameters are ``adaption_prompt (1, adapter_len, hidden_size)`` and
@@ -29,8 +36,9 @@ class AdaptedAttention(nn.Module):
     attention), so state-dict keys are the same as PEFT's.
 
     The forward has the wrapped layer's signature (``hidden_states``,
-    ``position_embeddings``, ``attention_mask``, ``past_key_values``) and returns
-    ``(output, None)``. It handles grouped-query attention natively and the KV cache
+    ``position_embeddings``, ``attention_mask``, and the cache as ``cache``,
+    ``past_key_values`` or ``past_key_value``, whichever the installed transformers
+    passes) and returns ``(output, None)`` (GPT-2: what its attention returns). It handles grouped-query attention natively and the KV cache
     (``generate()``, single-token decode included). The attention mask must be what
     ``transformers`` builds for causal language models: causal plus key padding (a 4D
     bool or additive mask, or ``None``), with the default dynamic cache; sliding windows
@@ -64,39 +72,34 @@ class AdaptedAttention(nn.Module):
         super().__init__()
         if isinstance(attn, AdaptedAttention):
             raise TypeError("attn: this attention layer already has an adaption prompt")
-        missing = [n for n in _PROJECTIONS if not isinstance(getattr(attn, n, None), nn.Module)]
         config = getattr(attn, "config", None)
-        if missing or config is None or not hasattr(attn, "head_dim"):
-            raise TypeError(
-                f"attn: expected a Llama-style transformers attention module with "
-                f"{', '.join(_PROJECTIONS)}, head_dim and config; {type(attn).__name__} "
-                f"lacks {', '.join(missing) or 'config/head_dim'}")
-        if any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
-            raise NotImplementedError(
-                f"attn: {type(attn).__name__} normalises q/k per head; only plain "
-                f"Llama-style attention is supported")
-        if getattr(config, "attention_dropout", 0.0):
-            raise NotImplementedError(
-                "attn: the model's attention_dropout is not supported by the fused attention")
-        if getattr(config, "attn_logit_softcapping", None):
-            raise NotImplementedError(
-                "attn: the model caps its attention logits (attn_logit_softcapping), which "
-                "the fused attention does not")
-        self.rotary = _rotary_of(attn)
+        self.gpt2 = _is_gpt2_attention(attn)
+        if self.gpt2:
+            if attn.is_cross_attention:
+                raise NotImplementedError("attn: a GPT-2 cross-attention layer has no "
+                                          "adaption prompt (PEFT's neither)")
+            self.num_heads = self.num_kv_heads = int(attn.num_heads)
+            self.head_dim = int(attn.head_dim)
+            self.scaling = self.head_dim ** -0.5  # PEFT's, whatever GPT-2's own scale
+            self.sliding_window = None
+            proj = attn.c_attn
+        else:
+            self._check_llama_style(attn, config)
+            self.rotary = _rotary_of(attn)
+            self.num_heads = int(config.num_attention_heads)
+            self.num_kv_heads = int(getattr(config, "num_key_value_heads", None)
+                                    or self.num_heads)
+            self.head_dim = int(attn.head_dim)
+            self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+            self.sliding_window = _sliding_window(attn, config)
+            proj = attn.q_proj
         self.model = attn
-        self.num_heads = int(config.num_attention_heads)
-        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
-        self.head_dim = int(attn.head_dim)
-        self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
-        # per layer where the family mixes full and sliding layers (Qwen2), else the config's
-        self.sliding_window = getattr(attn, "sliding_window",
-                                      getattr(config, "sliding_window", None))
         self.gate_tanh = bool(gate_tanh)
         if gate not in ("scalar", "per_head"):
             raise ValueError(f"gate: expected 'scalar' or 'per_head', got {gate!r}")
         factory = {"device": next(attn.parameters()).device,
-                   "dtype": dtype or compute_dtype(attn.q_proj)}
-        hidden = int(config.hidden_size)
+                   "dtype": dtype or compute_dtype(proj)}
+        hidden = int(attn.embed_dim if self.gpt2 else config.hidden_size)
         if adaption_prompt is None:
             if isinstance(adapter_len, bool) or not isinstance(adapter_len, int) \
                     or adapter_len < 1:
@@ -115,6 +118,22 @@ class AdaptedAttention(nn.Module):
         self.adaption_prompt = adaption_prompt
         self.adaption_gate = adaption_gate
 
+    @staticmethod
+    def _check_llama_style(attn: nn.Module, config) -> None:
+        missing = [n for n in _PROJECTIONS if not isinstance(getattr(attn, n, None), nn.Module)]
+        if missing or config is None or not hasattr(attn, "head_dim"):
+            raise TypeError(
+                f"attn: expected a Llama-style transformers attention module with "
+                f"{', '.join(_PROJECTIONS)}, head_dim and config, or GPT-2's; "
+                f"{type(attn).__name__} lacks {', '.join(missing) or 'config/head_dim'}")
+        if getattr(config, "attention_dropout", 0.0):
+            raise NotImplementedError(
+                "attn: the model's attention_dropout is not supported by the fused attention")
+        if getattr(config, "attn_logit_softcapping", None):
+            raise NotImplementedError(
+                "attn: the model caps its attention logits (attn_logit_softcapping), which "
+                "the fused attention does not")
+
     @property
     def adapter_len(self) -> int:
         return self.adaption_prompt.shape[1]
@@ -123,7 +142,34 @@ class AdaptedAttention(nn.Module):
     def layer_idx(self) -> int | None:
         return getattr(self.model, "layer_idx", None)
 
-    def forward(
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> tuple:
+        if self.gpt2:
+            return self._forward_gpt2(hidden_states, *args, **kwargs)
+        return self._forward_llama(hidden_states, *args, **kwargs)
+
+    def _forward_gpt2(self, hidden_states: Tensor, *args, **kwargs) -> tuple:
+        """PEFT's GPT-2 adaption prompt: GPT-2's own attention (its cache, mask and
+        output projection), plus the gated prompt attention added after ``c_proj``."""
+        if kwargs.get("encoder_hidden_states") is not None:
+            raise NotImplementedError("encoder_hidden_states: GPT-2 cross-attention has no "
+                                      "adaption prompt")
+        attn = self.model
+        outputs = attn(hidden_states, *args, **kwargs)
+        batch, m, embed = hidden_states.shape
+        q = attn.c_attn(hidden_states)[..., :embed]
+        q = q.view(batch, m, self.num_heads, self.head_dim).transpose(1, 2)
+        prompt = self.adaption_prompt.to(hidden_states.dtype)
+        _, prefix_k, prefix_v = attn.c_attn(prompt).split(embed, dim=2)
+        heads = (1, -1, self.num_heads, self.head_dim)
+        none = q.new_empty(batch, self.num_heads, 0, self.head_dim)  # no sequence keys
+        out = gated_prefix_attention(
+            q, none, none, prefix_k.view(heads).transpose(1, 2),
+            prefix_v.view(heads).transpose(1, 2), self.adaption_gate.to(q.dtype),
+            causal=False, scale=self.scaling, gate_tanh=self.gate_tanh)
+        out = out.transpose(1, 2).reshape(batch, m, embed)
+        return (outputs[0] + out, *outputs[1:])
+
+    def _forward_llama(
         self,
         hidden_states: Tensor,
         position_embeddings: tuple[Tensor, Tensor] | None = None,
@@ -139,10 +185,9 @@ class AdaptedAttention(nn.Module):
                              "(transformers passes them to the attention layer)")
         attn = self.model
         batch, m = hidden_states.shape[:2]
-        shape = (batch, m, -1, self.head_dim)
-        q = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q = _heads(attn.q_proj(hidden_states), getattr(attn, "q_norm", None), self.head_dim)
+        k = _heads(attn.k_proj(hidden_states), getattr(attn, "k_norm", None), self.head_dim)
+        v = _heads(attn.v_proj(hidden_states), None, self.head_dim)
         cos, sin = position_embeddings
         q, k = self.rotary(q, k, cos, sin)
         past_key_values = _cache_argument(past_key_values, kwargs)
@@ -159,11 +204,12 @@ class AdaptedAttention(nn.Module):
             raise NotImplementedError(
                 f"sliding_window: {n} keys exceed the model's sliding window of "
                 f"{self.sliding_window}; the fused attention has no sliding window")
+        # the prompt's keys and values: the layer's projections (and key norm), no rotary
         prompt = self.adaption_prompt.to(hidden_states.dtype)
         out = gated_prefix_attention(
             q, k, v,
-            prompt_prefix(prompt, attn.k_proj, self.num_kv_heads, self.head_dim),
-            prompt_prefix(prompt, attn.v_proj, self.num_kv_heads, self.head_dim),
+            _heads(attn.k_proj(prompt), getattr(attn, "k_norm", None), self.head_dim),
+            _heads(attn.v_proj(prompt), None, self.head_dim),
             self.adaption_gate.to(q.dtype), causal=True, scale=self.scaling,
             gate_tanh=self.gate_tanh, key_padding_mask=key_padding_from_mask(attention_mask, n),
         )
@@ -173,6 +219,42 @@ class AdaptedAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"adapter_len={self.adapter_len}, gate={tuple(self.adaption_gate.shape)}, "
                 f"gate_tanh={self.gate_tanh}")
+
+
+def _heads(projected: Tensor, norm: nn.Module | None, head_dim: int) -> Tensor:
+    """``(B, M, heads * head_dim)`` projections as ``(B, heads, M, head_dim)``, through
+    the layer's q/k norm where it has one: per head (Qwen3, Gemma3) or over the whole
+    projection (OLMo2), as its weight's size says."""
+    if norm is not None and getattr(norm, "weight", None) is not None \
+            and norm.weight.numel() == projected.shape[-1] != head_dim:
+        projected = norm(projected)
+        norm = None
+    heads = projected.view(*projected.shape[:-1], -1, head_dim)
+    if norm is not None:
+        heads = norm(heads)
+    return heads.transpose(1, 2)
+
+
+def _sliding_window(attn: nn.Module, config) -> int | None:
+    """The layer's sliding window, None for full attention: the layer's own attribute
+    where the family mixes full and sliding layers, else the config's (``layer_types``,
+    ``use_sliding_window``, ``sliding_window``; 0 means none)."""
+    if hasattr(attn, "sliding_window"):
+        window = attn.sliding_window
+    else:
+        layer_types = getattr(config, "layer_types", None)
+        idx = getattr(attn, "layer_idx", None)
+        if layer_types is not None and idx is not None and idx < len(layer_types):
+            sliding = layer_types[idx] == "sliding_attention"
+        else:
+            sliding = getattr(config, "use_sliding_window", True)
+        window = getattr(config, "sliding_window", None) if sliding else None
+    return window or None
+
+
+def _is_gpt2_attention(attn: nn.Module) -> bool:
+    module = sys.modules.get("transformers.models.gpt2.modeling_gpt2")
+    return module is not None and isinstance(attn, module.GPT2Attention)
 
 
 def _cache_argument(past_key_values, kwargs: dict):
