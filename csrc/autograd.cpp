@@ -140,7 +140,11 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
           op.call(dy, x, saved[1], saved[2], saved[3], saved[4], saved_double(ctx, "scaling"),
                   saved_double(ctx, "dropout_p"), optional_of(saved[5]), need_x);
       out[0] = need_x ? dx : at::Tensor();
-      if (needs_grad(ctx, 1)) out[1] = dy.t().mm(x);  // a trainable base (frozen is the rule)
+      // A trainable base (frozen is the rule). d weight is laid out as weight is: for the
+      // transposed view of an (in, out) tensor (Conv1D's weight.t()) its gradient is then a
+      // contiguous (in, out) tensor, which autograd accumulates without a copy.
+      if (needs_grad(ctx, 1))
+        out[1] = saved[1].is_contiguous() ? dy.t().mm(x) : x.t().mm(dy).t();
       if (needs_grad(ctx, 2)) out[2] = dy.sum(0);
       out[3] = d_a;
       out[4] = d_b;

@@ -122,7 +122,8 @@ def lora_linear(
 ) -> Tensor:
     """``y = x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``.
 
-    x: (..., in), weight: (out, in), bias: (out,) or None, lora_A: (r, in),
+    x: (..., in), weight: (out, in) in any layout (``F.linear`` reads the transposed view
+    of Conv1D's (in, out) weight in place), bias: (out,) or None, lora_A: (r, in),
     lora_B: (out, r). With ``seed`` the dropout mask is the fused kernels' Philox mask;
     without it, ``torch.nn.functional.dropout``'s.
     """

@@ -202,6 +202,191 @@ def test_gradcheck_float64(backend_device, p):
     assert torch.autograd.gradcheck(f, (x, w, b, a, bb))
 
 
+# --- a transposed weight: GPT-2's Conv1D stores (in, out), PEFT's fan_in_fan_out ---------
+
+
+def with_reference(op: str) -> list:
+    """The fused backends plus the reference path (FASTPEFT_BACKEND=reference)."""
+    return [*backend_params(op), pytest.param(("reference", "cpu"), id="reference")]
+
+
+def transposed(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(storage, view): a contiguous (in, out) leaf holding w's values, and its transposed
+    view, the (out, in) weight passed to lora_linear (as conv1d.weight.t())."""
+    storage = w.detach().t().contiguous().requires_grad_(w.requires_grad)
+    return storage, storage.t()
+
+
+@pytest.mark.parametrize("backend_device", with_reference("lora_linear"))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], *s[1:]))))
+@pytest.mark.parametrize("grad_base", [False, True], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_transposed_weight_matches_reference(backend_device, shape, grad_base, dropout_p):
+    """weight = (in, out) storage .t(): output and every gradient (d weight reaching the
+    (in, out) storage) as the reference computes them with a contiguous (out, in) weight."""
+    backend, device = backend_device
+    lead, d_in, d_out, r = shape
+    for dtype in dtypes_for("cpu" if backend == "reference" else backend, device):
+        inputs = make_inputs(lead, d_in, d_out, r, dtype, device, grad_base=grad_base)
+        x, w, b, a, bb = inputs
+        w_store, w_t = transposed(w)
+        assert w_t.stride() == (1, d_out) and torch.equal(w_t, w)
+        scaling = 16 / math.sqrt(r)
+        torch.manual_seed(123)
+        with forced(backend):
+            y = fastpeft.lora_linear(x, w_t, b, a, bb, scaling, dropout_p)
+        torch.manual_seed(123)
+        seed = draw_seed(torch.device(device)) if dropout_p else None
+        fused = grads(y, (x, w_store, b, a, bb))
+        ref = run_reference(inputs, scaling, dropout_p, seed, dtype)
+        names = ["dx", "dW", "db", "dA", "dB"] if grad_base else ["dx", "dA", "dB"]
+        assert len(fused) == len(names)
+        assert_close_to_ref(f"y [{dtype}]", y, ref["ref64"][0], ref["lowp"][0])
+        for name, g, r64, rlow in zip(names, fused, ref["ref64"][1], ref["lowp"][1],
+                                      strict=True):
+            if name == "dW":  # the storage is (in, out)
+                assert g.shape == (d_in, d_out)
+                r64, rlow = r64.t(), rlow.t()
+            assert_close_to_ref(f"{name} [{dtype}]", g, r64, rlow)
+
+
+class _WeightArgs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the weight argument (data_ptr, strides) of every fastpeft op called."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastpeft":
+            w = args[2] if "backward" in func.name() else args[1]
+            self.seen.append((func.name(), w.data_ptr(), w.stride()))
+        return func(*args, **(kwargs or {}))
+
+
+def _weight_sized_copies(prof, shapes) -> list[str]:
+    """Profiled ops that copy or allocate like a tensor of one of ``shapes``."""
+    copying = ("aten::clone", "aten::contiguous", "aten::copy_", "aten::empty_like",
+               "aten::empty_strided", "aten::new_empty_strided", "aten::_to_copy")
+    return [
+        f"{e.name}{e.input_shapes}" for e in prof.events()
+        if e.name in copying and any(list(s) in shapes for s in e.input_shapes if s)
+    ]
+
+
+@pytest.mark.parametrize("backend_device", with_reference("lora_linear"))
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_conv1d_weight_is_not_copied(backend_device, trainable):
+    """A GPT-2 Conv1D's weight (in, out) passed as weight.t() reaches the kernels as that
+    very view (same data_ptr, transposed strides), forward and backward, and no op of the
+    call copies or allocates a weight-sized tensor (weight.contiguous(), a copy inside the
+    op or ATen's GEMM, or a d weight that autograd must re-lay out would all show)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers.pytorch_utils import Conv1D
+
+    backend, device = backend_device
+    d_in, d_out, r = 123, 77, 3
+    conv = Conv1D(d_out, d_in).to(device)  # weight (in, out)
+    conv.weight.requires_grad_(trainable)
+    conv.bias.requires_grad_(trainable)
+    x = torch.randn(5, d_in, device=device, requires_grad=True)
+    a = (torch.randn(r, d_in, device=device) * d_in**-0.5).requires_grad_()
+    bb = torch.randn(d_out, r, device=device).requires_grad_()
+    weight = conv.weight.t()
+    assert linear_args_ok(x, weight, None, conv.bias, a, bb, 2.0, 0.1)  # the one-pass check
+    with _WeightArgs() as seen, profile(activities=[ProfilerActivity.CPU],
+                                        record_shapes=True) as prof, forced(backend):
+        y = fastpeft.lora_linear(x, weight, conv.bias, a, bb, 2.0, 0.1)
+        y.square().sum().backward()
+    assert _weight_sized_copies(prof, ([d_out, d_in], [d_in, d_out])) == []
+    if backend != "reference":  # the reference calls no fastpeft op
+        suffix = "" if backend == "cpu" else "_triton"
+        ptr = conv.weight.data_ptr()
+        assert seen.seen == [(f"fastpeft::lora_linear{suffix}", ptr, (1, d_out)),
+                             (f"fastpeft::lora_linear_backward{suffix}", ptr, (1, d_out))]
+    if trainable:
+        assert conv.weight.grad.shape == (d_in, d_out) and conv.weight.grad.is_contiguous()
+    with torch.no_grad():  # with lora_B = 0 the layer is the Conv1D
+        bb.zero_()
+        with forced(backend):
+            y0 = fastpeft.lora_linear(x, weight, conv.bias, a, bb, 2.0, 0.1, training=False)
+        torch.testing.assert_close(y0, conv(x))
+
+
+@pytest.mark.parametrize("backend_device", with_reference("lora_linear"))
+def test_strided_weight_is_copied(backend_device):
+    """Any layout other than (out, in) or (in, out).t() (here a strided column slice) is
+    copied to a contiguous (out, in) weight by lora_linear: still the right results."""
+    backend, device = backend_device
+    x, w, b, a, bb = make_inputs((5,), 24, 20, 3, torch.float32, device, grad_base=True)
+    wide = torch.zeros(20, 48, device=device)
+    wide[:, ::2] = w.detach()
+    w_slice = wide[:, ::2].requires_grad_()  # a leaf view: strides (48, 2)
+    torch.manual_seed(5)
+    with forced(backend):
+        y = fastpeft.lora_linear(x, w_slice, b, a, bb, 0.5, 0.25)
+    torch.manual_seed(5)
+    seed = draw_seed(torch.device(device))
+    ref = run_reference((x, w, b, a, bb), 0.5, 0.25, seed, torch.float32)
+    got = grads(y, (x, w_slice, b, a, bb))
+    assert_close_to_ref("y", y, ref["ref64"][0], ref["lowp"][0])
+    for name, g, r64, rlow in zip("xWbAB", got, ref["ref64"][1], ref["lowp"][1], strict=True):
+        assert_close_to_ref(f"d{name}", g, r64, rlow)
+
+
+def test_native_op_refuses_other_weight_layouts():
+    """The native CPU op (called directly, without lora_linear's copy) reads (out, in)
+    and (in, out).t() in place and refuses other layouts with an error naming weight."""
+    if ("lora_linear", "cpu") not in fastpeft._backend._kernels:
+        pytest.skip("fastpeft._C has no lora_linear kernel (not built)")
+    x, w, b, a, bb, s, p, seed = _op_args("cpu", p=0.0)
+    op = torch.ops.fastpeft.lora_linear
+    torch.testing.assert_close(op(x, transposed(w)[1], b, a, bb, s, p, seed)[0],
+                               op(x, w, b, a, bb, s, p, seed)[0])
+    w_slice = torch.zeros(w.shape[0], 2 * w.shape[1])[:, ::2]
+    with pytest.raises(RuntimeError, match=r"weight must be contiguous \(out, in\) or the "
+                                           r"transpose of a contiguous \(in, out\) tensor"):
+        op(x, w_slice, b, a, bb, s, p, seed)
+
+
+def _transposed_op_args(device, dtype=torch.float32, p=0.2, shape=((6,), 24, 20, 4)):
+    x, w, b, a, bb, s, p, seed = _op_args(device, dtype, p, shape)
+    return (x, transposed(w)[1], b, a, bb, s, p, seed)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("lora_linear"))
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck_transposed_weight(backend_device, p):
+    backend, device = backend_device
+    op = (
+        torch.ops.fastpeft.lora_linear
+        if backend == "cpu"
+        else torch.ops.fastpeft.lora_linear_triton
+    )
+    torch.library.opcheck(op, _transposed_op_args(device, p=p))
+
+
+@pytest.mark.parametrize("backend_device", backend_params("lora_linear"))
+def test_gradcheck_float64_transposed_weight(backend_device, p=0.3):
+    """gradcheck through weight = storage.t(), the gradient checked on the (in, out)
+    storage (with dropout: the layout only changes the base GEMMs, which it leaves alone;
+    one p and a smaller shape than test_gradcheck_float64's keep the interpreted run short)."""
+    backend, device = backend_device
+    x, w, b, a, bb, s, p, seed = _op_args(device, torch.float64, p, ((3,), 7, 5, 2))
+    w_store = w.detach().t().contiguous().requires_grad_()
+    b.requires_grad_(True)
+    op = (
+        torch.ops.fastpeft.lora_linear
+        if backend == "cpu"
+        else torch.ops.fastpeft.lora_linear_triton
+    )
+
+    def f(x, w_store, b, a, bb):
+        return op(x, w_store.t(), b, a, bb, s, p, seed)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w_store, b, a, bb))
+
+
 # --- the module -----------------------------------------------------------------------
 
 

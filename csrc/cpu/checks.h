@@ -34,6 +34,22 @@ inline void check_matrix(const char* op, const at::Tensor& t, const char* name,
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+// A linear layer's float weight, (N, K) = (out, in): 2-D, CPU, x's dtype, and laid out
+// as either a row-major (N, K) tensor or the transposed view of a row-major (K, N) one
+// (GPT-2's Conv1D stores (in, out): weight.t()). ATen's GEMMs read both in place; any
+// other layout (a strided slice, an expanded tensor) is refused, and the Python wrapper
+// makes such a weight contiguous before it gets here.
+inline void check_linear_weight(const char* op, const at::Tensor& w, const char* name,
+                                const at::Tensor& like) {
+  TORCH_CHECK(w.dim() == 2, op, ": ", name, " must be 2-D, got shape ", w.sizes());
+  TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", w.device());
+  TORCH_CHECK(w.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
+              like.scalar_type(), " (the dtype of x), got ", w.scalar_type());
+  TORCH_CHECK(w.is_contiguous() || w.t().is_contiguous(), op, ": ", name,
+              " must be contiguous (out, in) or the transpose of a contiguous (in, out) "
+              "tensor, got shape ", w.sizes(), " with strides ", w.strides());
+}
+
 inline void check_size(const char* op, const at::Tensor& t, const char* name, int64_t dim,
                        int64_t expected, const char* what) {
   TORCH_CHECK(t.size(dim) == expected, op, ": ", name, " has shape ", t.sizes(),

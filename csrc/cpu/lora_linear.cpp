@@ -1,6 +1,9 @@
 // Fused LoRA linear, CPU: the ops fastpeft::lora_linear and lora_linear_backward.
 //
 //   x (T, K)  weight W (N, K)  bias b (N,)  lora_A A (R, K)  lora_B B (N, R)  scaling s
+//   W is row-major (N, K) or the transposed view of a row-major (K, N) tensor (GPT-2's
+//   Conv1D weight.t(), PEFT's fan_in_fan_out); the ATen GEMMs read either in place. Every
+//   other argument is contiguous.
 //   m = keep mask of x (Philox, philox.h),  c = 1 / (1 - p),  xd = c * m ⊙ x
 //
 // Forward:   xa = xd @ A^T                       (T, R)  lora_fwd_kernel
@@ -33,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
   constexpr const char* op = "fastpeft::lora_linear";
   check_dtype(op, x);
   check_matrix(op, x, "x", x);
-  check_matrix(op, weight, "weight", x);
+  check_linear_weight(op, weight, "weight", x);
   check_size(op, weight, "weight", 1, x.size(1), "in_features of x");
   const int64_t N = weight.size(0);
   check_lora_branch(op, x, lora_A, lora_B, N, "weight");
@@ -53,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
   constexpr const char* op = "fastpeft::lora_linear_backward";
   check_dtype(op, x);
   check_matrix(op, x, "x", x);
-  check_matrix(op, weight, "weight", x);
+  check_linear_weight(op, weight, "weight", x);
   check_size(op, weight, "weight", 1, x.size(1), "in_features of x");
   const int64_t N = weight.size(0);
   check_lora_branch(op, x, lora_A, lora_B, N, "weight");

@@ -11,6 +11,14 @@ Backward (dy = dL/dy, T rows; keep = mask / (1 - p)):
     d lora_A = scaling * dyB.T @ (keep * x)                  (r, in)
     dx       = dy @ weight + scaling * keep * (dyB @ lora_A) (T, in)
     d weight = dy.T @ x,  d bias = dy.sum(0)    (only when they require grad)
+
+``weight`` is ``(out, in)``, laid out either row-major or as the transposed view of a
+row-major ``(in, out)`` tensor (GPT-2's ``Conv1D`` stores its weight that way, PEFT's
+``fan_in_fan_out``: pass ``conv1d.weight.t()``). Every backend reads both layouts in place,
+never copying the base weight; ``d weight`` of a trainable transposed view reaches its
+``(in, out)`` storage through autograd's transpose. Any other layout (a strided slice, an
+expanded tensor) is copied to a contiguous ``(out, in)`` tensor first (see
+:func:`base_weight`).
 """
 
 from __future__ import annotations
@@ -54,8 +62,12 @@ def _autograd_backward(backward_op):
         dx, d_a, d_b = backward_op(
             grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, need_x
         )
-        # The frozen base is the common case; a trainable base gets the plain formulas.
-        d_w = grad_y.t().mm(x) if need_w else None
+        # The frozen base is the common case; a trainable base gets the plain formulas,
+        # d weight laid out as weight is (a transposed view's gradient is then a contiguous
+        # (in, out) tensor, which autograd accumulates into its storage without a copy).
+        d_w = None
+        if need_w:
+            d_w = grad_y.t().mm(x) if weight.is_contiguous() else x.t().mm(grad_y).t()
         d_bias = grad_y.sum(0) if need_b else None
         return dx if need_x else None, d_w, d_bias, d_a, d_b, None, None, None
 
@@ -121,6 +133,15 @@ def linear_args_ok(x, weight, weight_scale, bias, lora_A, lora_B, scaling, dropo
         return False
 
 
+def base_weight(weight: Tensor) -> Tensor:
+    """``weight`` itself when the kernels read it in place: a contiguous ``(out, in)``
+    tensor or the transposed view of a contiguous ``(in, out)`` one (``Conv1D.weight.t()``);
+    any other layout as a contiguous copy (the native CPU op refuses other layouts)."""
+    if weight.is_contiguous() or weight.t().is_contiguous():
+        return weight
+    return weight.contiguous()
+
+
 def draw_seed(device: torch.device) -> Tensor:
     """A fresh dropout seed from torch's generator for ``device`` (so ``torch.manual_seed``
     makes runs reproducible); kept on the device so no kernel waits on the host."""
@@ -141,7 +162,9 @@ def lora_linear(
 
     Args:
         x: ``(..., in)`` activations, fp32 / fp16 / bf16 (fp64 for gradcheck).
-        weight: ``(out, in)`` frozen base weight, same dtype and device as ``x``.
+        weight: ``(out, in)`` frozen base weight, same dtype and device as ``x``: row-major,
+            or the transposed view of a row-major ``(in, out)`` tensor (``Conv1D.weight.t()``),
+            both read in place; any other layout is copied to row-major first.
         bias: ``(out,)`` or ``None``.
         lora_A: ``(r, in)``; lora_B: ``(out, r)``.
         scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
@@ -167,6 +190,5 @@ def lora_linear(
     if op is None:
         y = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scaling, p, True, seed)
     else:
-        y, _ = op(x2, weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(),
-                  scaling, p, seed)
+        y, _ = op(x2, base_weight(weight), bias, lora_A.contiguous(), lora_B.contiguous(), scaling, p, seed)
     return y.reshape(*lead, weight.shape[0])
