@@ -31,9 +31,9 @@ class LoraConfig:
         lora_alpha: scaling numerator (``scaling = lora_alpha / r``, or
             ``lora_alpha / sqrt(r)`` with ``use_rslora``).
         lora_dropout: dropout on the LoRA branch input.
-        target_modules: which linear layers (``nn.Linear``, ``Conv1D``) get LoRA: a list of names (a layer
-            matches when its qualified name equals a name or ends with ``"." + name``), a
-            string that is a regular expression matched against the whole qualified name,
+        target_modules: which linear layers (``nn.Linear``, ``Conv1D``) get LoRA: a list
+            of names (a layer matches when its qualified name equals a name or ends with
+            ``"." + name``), a string that is a regular expression matched against the whole qualified name,
             ``"all-linear"`` (every linear layer except the output layer ``lm_head``), or
             ``None``: PEFT's default targets for the model type (needs peft).
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.

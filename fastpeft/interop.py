@@ -289,7 +289,8 @@ def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str]) -> 
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.pop(),
         "use_rslora": rslora.pop(), "target_modules": sorted(full), "bias": "none",
         # PEFT sets it per layer from the layer type (with a warning where it disagrees)
-        "fan_in_fan_out": any(p.fan_in_fan_out for p in full.values()), "init_lora_weights": True, "use_dora": False,
+        "fan_in_fan_out": any(p.fan_in_fan_out for p in full.values()),
+        "init_lora_weights": True, "use_dora": False,
         "modules_to_save": None,
         "rank_pattern": {n: p.r for n, p in full.items() if p.r != r},
         "alpha_pattern": {n: p.lora_alpha for n, p in full.items() if p.lora_alpha != alpha},

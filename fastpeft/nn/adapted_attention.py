@@ -38,7 +38,8 @@ class AdaptedAttention(nn.Module):
     The forward has the wrapped layer's signature (``hidden_states``,
     ``position_embeddings``, ``attention_mask``, and the cache as ``cache``,
     ``past_key_values`` or ``past_key_value``, whichever the installed transformers
-    passes) and returns ``(output, None)`` (GPT-2: what its attention returns). It handles grouped-query attention natively and the KV cache
+    passes) and returns ``(output, None)`` (GPT-2: what its attention returns). It
+    handles grouped-query attention natively and the KV cache
     (``generate()``, single-token decode included). The attention mask must be what
     ``transformers`` builds for causal language models: causal plus key padding (a 4D
     bool or additive mask, or ``None``), with the default dynamic cache; sliding windows

@@ -190,5 +190,6 @@ def lora_linear(
     if op is None:
         y = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scaling, p, True, seed)
     else:
-        y, _ = op(x2, base_weight(weight), bias, lora_A.contiguous(), lora_B.contiguous(), scaling, p, seed)
+        y, _ = op(x2, base_weight(weight), bias, lora_A.contiguous(), lora_B.contiguous(),
+                  scaling, p, seed)
     return y.reshape(*lead, weight.shape[0])
