@@ -33,9 +33,10 @@ class LoraConfig:
         lora_dropout: dropout on the LoRA branch input.
         target_modules: which linear layers (``nn.Linear``, ``Conv1D``) get LoRA: a list
             of names (a layer matches when its qualified name equals a name or ends with
-            ``"." + name``), a string that is a regular expression matched against the whole qualified name,
-            ``"all-linear"`` (every linear layer except the output layer ``lm_head``), or
-            ``None``: PEFT's default targets for the model type (needs peft).
+            ``"." + name``), a string that is a regular expression matched against the
+            whole qualified name, ``"all-linear"`` (every linear layer except the output
+            layer ``lm_head``), or ``None``: PEFT's default targets for the model type
+            (needs peft).
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         base_dtype: ``None`` keeps the base layers as they are (:class:`fastpeft.LoRALinear`);
             ``"int8"`` quantises them to per-row int8 (:class:`fastpeft.Int8LoRALinear`).
