@@ -21,6 +21,7 @@ from fastpeft.inject import adapter_layers
 from fastpeft.nn import peft_lora
 
 peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
 
 # What "all-linear" means is the same in both libraries, except for MoE experts, which
 # PEFT adapts as 3-D parameters (fastpeft has no fused layer for them; see test_moe_*).
@@ -239,7 +240,7 @@ def test_adaption_prompt_in_every_decoder(name):
     """Zero gate: the base model exactly (on positions that are not padding); an open
     gate: the cached decode of generate() agrees with the uncached one."""
     base = tiny(name)
-    batch = inputs(name)
+    batch = {**inputs(name), "use_cache": False}  # a training forward
     keep = batch["attention_mask"].bool()
     model = fastpeft.inject(copy.deepcopy(base), fastpeft.AdaptionPromptConfig(
         adapter_len=3, adapter_layers=2))
@@ -249,8 +250,12 @@ def test_adaption_prompt_in_every_decoder(name):
     logits(model, batch).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in model.named_parameters() if "adaption_" in n)
-    cached = generate(model, name, batch)
-    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "use_cache": False}
+    try:
+        cached = generate(model, name, batch)
+    except NotImplementedError as err:  # transformers 4.x: Gemma3 generates with a HybridCache
+        assert "static cache" in str(err) and transformers.__version__ < "5"
+        pytest.skip(f"transformers {transformers.__version__}: {err}")
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     assert cached.tolist() == model.generate(**batch, **kwargs).tolist()
 
 

@@ -3,7 +3,10 @@ with LLaMA-Adapter's gated adaption prompt, computed by the fused gated prefix a
 
 from __future__ import annotations
 
+import ast
+import inspect
 import sys
+import textwrap
 from collections.abc import Callable
 
 import torch
@@ -14,6 +17,9 @@ from ..ops.gated_prefix_attention import gated_prefix_attention
 __all__ = ["AdaptedAttention", "compute_dtype"]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# caches of transformers 4.x that hold a fixed number of slots without saying so
+# (is_compileable False): Gemma2/3's default in generate() there
+_FIXED_SIZE_CACHES = ("HybridCache", "HybridChunkedCache", "SlidingWindowCache")
 
 
 class AdaptedAttention(nn.Module):
@@ -93,6 +99,7 @@ class AdaptedAttention(nn.Module):
             self.head_dim = int(attn.head_dim)
             self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
             self.sliding_window = _sliding_window(attn, config)
+            self._arity = _result_arity(attn)
             proj = attn.q_proj
         self.model = attn
         self.gate_tanh = bool(gate_tanh)
@@ -192,7 +199,8 @@ class AdaptedAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = self.rotary(q, k, cos, sin)
         past_key_values = _cache_argument(past_key_values, kwargs)
-        if getattr(past_key_values, "is_compileable", False):
+        if getattr(past_key_values, "is_compileable", False) or \
+                type(past_key_values).__name__ in _FIXED_SIZE_CACHES:
             # a static cache holds max_cache_len slots, not the keys seen so far: the
             # bottom-right causal alignment of the fused attention would be wrong
             raise NotImplementedError(
@@ -215,7 +223,20 @@ class AdaptedAttention(nn.Module):
             gate_tanh=self.gate_tanh, key_padding_mask=key_padding_from_mask(attention_mask, n),
         )
         out = out.transpose(1, 2).reshape(batch, m, -1)
-        return attn.o_proj(out), None
+        # as many results as the wrapped layer returns (some families in transformers 4.x
+        # return the cache third): no attention weights, the cache updated in place
+        return (attn.o_proj(out), None, past_key_values)[:self._arity]
+
+    def __getattr__(self, name: str):
+        """Attributes the model code reads on its attention (``is_sliding``,
+        ``layer_idx``, ...) come from the wrapped layer."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self._modules.get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
 
     def extra_repr(self) -> str:
         return (f"adapter_len={self.adapter_len}, gate={tuple(self.adaption_gate.shape)}, "
@@ -251,6 +272,18 @@ def _sliding_window(attn: nn.Module, config) -> int | None:
             sliding = getattr(config, "use_sliding_window", True)
         window = getattr(config, "sliding_window", None) if sliding else None
     return window or None
+
+
+def _result_arity(attn: nn.Module) -> int:
+    """How many results the attention's forward returns (2, or 3 where transformers 4.x
+    returned the cache too), read from its ``return`` statements; 2 if unreadable."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(attn).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return 2
+    sizes = [len(node.value.elts) for node in ast.walk(tree)
+             if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple)]
+    return max(sizes, default=2)
 
 
 def _is_gpt2_attention(attn: nn.Module) -> bool:
