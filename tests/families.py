@@ -19,6 +19,9 @@ _DECODER = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB,
             "max_position_embeddings": 64}
 
+_ENCODER = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": VOCAB, "max_position_embeddings": 64}
+
 # name -> (config class, model class, config kwargs)
 FAMILIES: dict[str, tuple[str, str, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", _DECODER),
@@ -57,14 +60,8 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "falcon": ("FalconConfig", "FalconForCausalLM",
                {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "vocab_size": VOCAB}),
-    "bert": ("BertConfig", "BertForMaskedLM",
-             {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "vocab_size": VOCAB,
-              "max_position_embeddings": 64}),
-    "roberta": ("RobertaConfig", "RobertaForMaskedLM",
-                {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-                 "num_attention_heads": 4, "vocab_size": VOCAB,
-                 "max_position_embeddings": 64}),
+    "bert": ("BertConfig", "BertForMaskedLM", _ENCODER),
+    "roberta": ("RobertaConfig", "RobertaForMaskedLM", _ENCODER),
     "t5": ("T5Config", "T5ForConditionalGeneration",
            {"d_model": 32, "d_ff": 48, "d_kv": 8, "num_layers": 2, "num_heads": 4,
             "vocab_size": VOCAB, "decoder_start_token_id": 0, "pad_token_id": 0}),

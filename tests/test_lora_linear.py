@@ -171,14 +171,18 @@ def _op_args(device, dtype=torch.float32, p=0.2, shape=((6,), 24, 20, 4)):
 
 @pytest.mark.parametrize("backend_device", backend_params("lora_linear"))
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_opcheck(backend_device, p):
+@pytest.mark.parametrize("layout", ["out_in", "transposed"])
+def test_opcheck(backend_device, p, layout):
     backend, device = backend_device
     op = (
         torch.ops.fastpeft.lora_linear
         if backend == "cpu"
         else torch.ops.fastpeft.lora_linear_triton
     )
-    torch.library.opcheck(op, _op_args(device, p=p))
+    args = _op_args(device, p=p)
+    if layout == "transposed":  # weight = the .t() view of an (in, out) storage
+        args = (args[0], transposed(args[1])[1], *args[2:])
+    torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("backend_device", backend_params("lora_linear"))
@@ -347,23 +351,6 @@ def test_native_op_refuses_other_weight_layouts():
     with pytest.raises(RuntimeError, match=r"weight must be contiguous \(out, in\) or the "
                                            r"transpose of a contiguous \(in, out\) tensor"):
         op(x, w_slice, b, a, bb, s, p, seed)
-
-
-def _transposed_op_args(device, dtype=torch.float32, p=0.2, shape=((6,), 24, 20, 4)):
-    x, w, b, a, bb, s, p, seed = _op_args(device, dtype, p, shape)
-    return (x, transposed(w)[1], b, a, bb, s, p, seed)
-
-
-@pytest.mark.parametrize("backend_device", backend_params("lora_linear"))
-@pytest.mark.parametrize("p", [0.0, 0.2])
-def test_opcheck_transposed_weight(backend_device, p):
-    backend, device = backend_device
-    op = (
-        torch.ops.fastpeft.lora_linear
-        if backend == "cpu"
-        else torch.ops.fastpeft.lora_linear_triton
-    )
-    torch.library.opcheck(op, _transposed_op_args(device, p=p))
 
 
 @pytest.mark.parametrize("backend_device", backend_params("lora_linear"))
