@@ -1,5 +1,5 @@
-// `import fastpeft._C` loads this shared library; the kernels (csrc/cpu/*.cpp) and their
-// autograd (csrc/autograd.cpp) register themselves with the dispatcher through static
+// `import fastpeft._C` loads this shared library; the CPU kernels (csrc/cpu/*.cpp)
+// register themselves with the dispatcher through static
 // TORCH_LIBRARY_IMPL initialisers.
 // The Python module itself is empty.
 #include <Python.h>

@@ -5,29 +5,24 @@ kernels when they were built (a single ``RuntimeWarning`` says so when they were
 it changes no other global state.
 """
 
-from . import _backend
-from ._backend import use_backend
-from .ops import (  # schemas, then _C, then the Python registrations
-    _library,
-    bottleneck_adapter,
-    gated_prefix_attention,
-    int8_lora_linear,
-    lora_linear,
-    quantize_int8,
-)
-
-_backend.index_kernels(list(_library.SCHEMAS))
-
-from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig  # noqa: E402
-from .inject import inject  # noqa: E402
-from .interop import from_peft, load_adapter, merge_and_unload, save_adapter  # noqa: E402
-from .nn import (  # noqa: E402
+from ._backend import available_backends, use_backend
+from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
+from .inject import inject
+from .interop import from_peft, load_adapter, merge_and_unload, save_adapter
+from .nn import (
     ADAPTER_PRESETS,
     AdapterPreset,
     AdaptionPrompt,
     BottleneckAdapter,
     Int8LoRALinear,
     LoRALinear,
+)
+from .ops import (
+    bottleneck_adapter,
+    gated_prefix_attention,
+    int8_lora_linear,
+    lora_linear,
+    quantize_int8,
 )
 
 __version__ = "0.1.0"
@@ -43,6 +38,7 @@ __all__ = [
     "LoRALinear",
     "LoraConfig",
     "__version__",
+    "available_backends",
     "bottleneck_adapter",
     "from_peft",
     "gated_prefix_attention",

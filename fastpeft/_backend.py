@@ -4,8 +4,11 @@ the unfused PyTorch reference.
 ``auto`` (the default) picks Triton for CUDA tensors and the compiled kernels for CPU
 tensors, and the reference where neither is available. ``FASTPEFT_BACKEND`` (read once,
 at import) or the :func:`use_backend` context manager forces one, for tests and
-benchmarks. Triton kernels run on CPU tensors only under ``TRITON_INTERPRET=1``, which
-must be set before Triton is first imported.
+benchmarks; ``use_backend`` holds in the thread that entered it only. Triton
+kernels run on CPU tensors only under ``TRITON_INTERPRET=1``, which must be set before
+Triton is first imported.
+
+The ops' variants are recorded here by :func:`fastpeft.ops._library.declare`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -28,57 +32,70 @@ def _validate(name: str, source: str) -> str:
 
 
 _ENV_BACKEND = _validate(os.environ.get("FASTPEFT_BACKEND", "auto") or "auto", "FASTPEFT_BACKEND")
-_forced: str | None = None
+# use_backend's choice, per thread (a threading.local, which torch.compile reads and guards
+# on, where it cannot read a contextvars.ContextVar)
+_forced = threading.local()
 _native_loaded = False
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+BUILD_HINT = ("build them with `pip install --no-build-isolation -e .` from a source checkout "
+              "(needs torch and a C++ compiler)")
+
 
 def load_native() -> bool:
-    """Import ``fastpeft._C`` (whose import registers the C++ kernels); warn once if absent."""
+    """Import ``fastpeft._C`` (whose import registers the C++ kernels); warn once when it
+    is missing or cannot be loaded."""
     global _native_loaded
-    try:
-        from fastpeft import _C  # noqa: F401
-    except ImportError as err:
-        warnings.warn(
-            f"fastpeft: the compiled kernels (fastpeft._C) are not available ({err}); CPU "
-            "tensors use the unfused reference path. Rebuild with "
-            "`pip install --no-build-isolation -e .` to get the fused CPU kernels.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        _native_loaded = False
+    if importlib.util.find_spec("fastpeft._C") is None:
+        reason = "the compiled CPU kernels (fastpeft._C) were not built"
     else:
-        _native_loaded = True
-    return _native_loaded
+        try:
+            from fastpeft import _C  # noqa: F401
+        except ImportError as err:
+            reason = f"the compiled CPU kernels (fastpeft._C) failed to load ({err})"
+        else:
+            _native_loaded = True
+            return True
+    warnings.warn(f"fastpeft: {reason}; CPU tensors use the unfused reference path. To get "
+                  f"the fused CPU kernels, {BUILD_HINT}.", RuntimeWarning, stacklevel=3)
+    return False
 
 
-_kernels: frozenset[tuple[str, str]] = frozenset()
-
-
-def index_kernels(op_names: list[str]) -> None:
-    """Record which ops have a compiled CPU kernel and a Triton variant (called once at
-    import, after ``load_native``, so the hot path only does a set lookup)."""
-    global _kernels
-    _resolved.clear()
-    found = set()
-    for name in op_names:
-        if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastpeft::{name}", "CPU"):
-            found.add((name, "cpu"))
-        if hasattr(torch.ops.fastpeft, f"{name}_triton"):
-            found.add((name, "triton"))
-    _kernels = frozenset(found)
-
-
+_variants: dict[str, dict[str, object]] = {}
 _resolved: dict[tuple[str, str, str], object] = {}
+
+
+def add_variant(op: str, backend: str, overload: object) -> None:
+    """Record that ``backend`` ("cpu" or "triton") has kernels for ``op``."""
+    _variants.setdefault(op, {})[backend] = overload
+    _resolved.clear()
+
+
+def available_backends(op: str) -> tuple[str, ...]:
+    """The backends that can run ``op`` here: ``"reference"`` always, ``"cpu"`` when the
+    compiled kernels have it, ``"triton"`` when Triton is installed and a GPU is present
+    or ``TRITON_INTERPRET=1`` is set."""
+    if op not in _variants:
+        raise ValueError(f"op: unknown fastpeft op {op!r}; expected one of {sorted(_variants)}")
+    found = ["reference"]
+    if "cpu" in _variants[op]:
+        found.append("cpu")
+    if "triton" in _variants[op] and (TRITON_INTERPRET or torch.cuda.is_available()):
+        found.append("triton")
+    return tuple(found)
 
 
 def resolve(op: str, device: torch.device):
     """The registered op that runs ``op`` for tensors on ``device`` (native C++ or Triton
-    variant), or ``None`` for the reference path. Memoised per (op, device type, backend
+    variant), or ``None`` for the reference path (also under ``torch.func`` transforms,
+    which cannot transform a custom op's autograd). Memoised per (op, device type, backend
     in force): it is on every call's path, and a decode step calls the linear ops once
     per projection."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack():
+        _warn_functorch(op)
+        return None
     key = (op, device.type, current())
     try:
         return _resolved[key]
@@ -87,8 +104,8 @@ def resolve(op: str, device: torch.device):
     backend = select(device)
     if backend == "reference":
         found = None
-    elif (op, backend) in _kernels:
-        found = getattr(torch.ops.fastpeft, op + ("" if backend == "cpu" else "_triton"))
+    elif backend in _variants[op]:
+        found = _variants[op][backend]
     elif key[2] == "auto":
         found = None  # e.g. a compiled library older than this op: the reference runs
     else:
@@ -97,30 +114,39 @@ def resolve(op: str, device: torch.device):
     return found
 
 
+def _warn_functorch(op: str) -> None:
+    warnings.warn(
+        f"fastpeft.{op}: called under a torch.func transform (grad, vmap, jacrev, ...), "
+        "which cannot transform the fused kernels' autograd; the unfused PyTorch reference "
+        "runs instead (same results).", UserWarning, stacklevel=4)
+
+
 def native_available() -> bool:
     """True when the compiled C++ kernels were imported."""
     return _native_loaded
 
 
 def current() -> str:
-    """The backend name in force: ``use_backend`` beats ``FASTPEFT_BACKEND``."""
-    return _forced if _forced is not None else _ENV_BACKEND
+    """The backend name in force in this thread: ``use_backend`` beats
+    ``FASTPEFT_BACKEND``."""
+    forced = getattr(_forced, "name", None)
+    return forced if forced is not None else _ENV_BACKEND
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force a backend (``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``) in a block.
+    """Force a backend (``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"``) in a block,
+    for the calling thread only.
 
     >>> with fastpeft.use_backend("reference"):
     ...     y = fastpeft.lora_linear(x, w, None, a, b, 2.0)
     """
-    global _forced
-    previous = _forced
-    _forced = _validate(name, "use_backend")
+    previous = getattr(_forced, "name", None)
+    _forced.name = _validate(name, "use_backend")
     try:
         yield
     finally:
-        _forced = previous
+        _forced.name = previous
 
 
 def select(device: torch.device) -> str:
@@ -136,10 +162,8 @@ def select(device: torch.device) -> str:
         if device.type != "cpu":
             raise RuntimeError(f"fastpeft backend 'cpu' runs CPU tensors only, got {device}")
         if not _native_loaded:
-            raise RuntimeError(
-                "fastpeft backend 'cpu' was forced but fastpeft._C is not built; "
-                "reinstall with `pip install --no-build-isolation -e .`"
-            )
+            raise RuntimeError(f"fastpeft backend 'cpu' was forced but the compiled kernels "
+                               f"(fastpeft._C) are not loaded; {BUILD_HINT}")
     if name == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("fastpeft backend 'triton' was forced but triton is not installed")

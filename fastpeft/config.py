@@ -35,8 +35,16 @@ class LoraConfig:
             of names (a layer matches when its qualified name equals a name or ends with
             ``"." + name``), a string that is a regular expression matched against the
             whole qualified name, ``"all-linear"`` (every linear layer except the output
-            layer ``lm_head``), or ``None``: PEFT's default targets for the model type
-            (needs peft).
+            layer ``lm_head``; on transformers 5 MoE models whatever PEFT's "all-linear"
+            also adapts as parameters, see ``target_parameters``), or ``None``: PEFT's
+            default targets for the model type (needs peft). ``[]`` adapts no layer (with
+            ``target_parameters``).
+        target_parameters: parameters to adapt directly, as PEFT's ``target_parameters``:
+            a parameter matches when its qualified name (``module.param``, e.g.
+            ``model.layers.0.mlp.experts.gate_up_proj``) equals a name or ends with
+            ``"." + name``. Meant for what is not a linear layer, like transformers 5's MoE
+            experts (3-D ``gate_up_proj`` / ``down_proj``) and routers: they get PEFT's own
+            ``ParamWrapper`` and its unfused forward (needs peft >= 0.17; one warning).
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         base_dtype: ``None`` keeps the base layers as they are (:class:`fastpeft.LoRALinear`);
             ``"int8"`` quantises them to per-row int8 (:class:`fastpeft.Int8LoRALinear`).
@@ -53,6 +61,7 @@ class LoraConfig:
     base_dtype: str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         _positive_int("r", self.r)
@@ -62,6 +71,14 @@ class LoraConfig:
             raise ValueError(f"lora_alpha: expected a finite number, got {self.lora_alpha}")
         if self.base_dtype not in (None, "int8"):
             raise ValueError(f"base_dtype: expected None or 'int8', got {self.base_dtype!r}")
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str):  # as PEFT: a list, never a regex
+                raise TypeError(f"target_parameters: expected a list of names, got the "
+                                f"string {self.target_parameters!r}")
+            params = list(self.target_parameters)
+            if not all(isinstance(n, str) and n for n in params):
+                raise ValueError(f"target_parameters: expected non-empty names, got {params!r}")
+            self.target_parameters = params or None
         if self.target_modules is None:
             pass  # resolved against the model by inject (PEFT's table)
         elif isinstance(self.target_modules, str):
@@ -69,14 +86,18 @@ class LoraConfig:
                 raise ValueError("target_modules: expected names, a regex or 'all-linear'")
         else:
             names = list(self.target_modules)
-            if not names or not all(isinstance(n, str) and n for n in names):
+            if not all(isinstance(n, str) and n for n in names):
                 raise ValueError(f"target_modules: expected non-empty names, got {names!r}")
+            if not names and not self.target_parameters:
+                raise ValueError("target_modules: [] adapts no layer, which only makes sense "
+                                 "with target_parameters")
             self.target_modules = names
         for key, r in self.rank_pattern.items():
             _positive_int(f"rank_pattern[{key!r}]", r)
 
     def rank_and_alpha(self, name: str) -> tuple[int, float]:
-        """``(r, lora_alpha)`` of the layer with qualified name ``name``."""
+        """``(r, lora_alpha)`` of the layer with qualified name ``name`` (of a parameter
+        target: the parameter's, ``module.param``, as PEFT)."""
         return (_pattern_value(self.rank_pattern, name, self.r),
                 _pattern_value(self.alpha_pattern, name, self.lora_alpha))
 

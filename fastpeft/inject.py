@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -13,10 +15,10 @@ from .nn.adapted_attention import AdaptedAttention, compute_dtype
 from .nn.bottleneck import BottleneckAdapter
 from .nn.int8_lora import Int8LoRALinear
 from .nn.lora import LoRALinear, is_conv1d
-from .nn.peft_lora import FusedPeftLora, lora_parts
+from .nn.peft_lora import FusedPeftLora, is_param_wrapper, lora_parts, param_wrapper_class
 from .placement import adaption_prompt_sites, bottleneck_sites
 
-__all__ = ["adapter_layers", "inject"]
+__all__ = ["adapter_layers", "inject", "is_lora_layer"]
 
 AnyConfig = LoraConfig | AdaptionPromptConfig | BottleneckConfig
 
@@ -32,7 +34,13 @@ def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
       become :class:`fastpeft.LoRALinear` (sharing their weight) or, with
       ``base_dtype="int8"`` (and for bitsandbytes ``Linear8bitLt`` layers),
       :class:`fastpeft.Int8LoRALinear`. ``target_modules=None`` takes PEFT's default
-      targets for the model type.
+      targets for the model type. Parameters (``target_parameters``, and what PEFT's
+      ``"all-linear"`` adapts as parameters: on transformers 5, the 3-D experts and the
+      router of Mixtral-style MoE layers) are wrapped with PEFT's own ``ParamWrapper``,
+      nested and keyed as PEFT does, and run PEFT's unfused forward (float, also under
+      ``base_dtype="int8"``); one warning per call names them, or the 3-D experts that
+      PEFT's ``"all-linear"`` leaves out (Qwen2-MoE). Needs peft >= 0.17 for those: an
+      ``ImportError`` naming the module otherwise, before anything changes.
     - :class:`AdaptionPromptConfig`: the self-attention modules of the top
       ``adapter_layers`` blocks are wrapped in :class:`fastpeft.nn.AdaptedAttention`
       (Llama-style attention and GPT-2's; :mod:`fastpeft.placement`).
@@ -63,15 +71,16 @@ def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(qualified name, layer)`` of every fastpeft adapter layer in ``model``: LoRA
-    layers (PEFT's converted by :func:`fastpeft.from_peft` included), adapted attentions
-    and bottleneck adapters, in module order."""
+    layers (PEFT's converted by :func:`fastpeft.from_peft` and PEFT's ``ParamWrapper``
+    included: :func:`is_lora_layer`), adapted attentions and bottleneck adapters, in module
+    order (an outer ``ParamWrapper`` before the one it wraps)."""
     for name, module in model.named_modules():
-        if isinstance(module, (*LORA_TYPES, AdaptedAttention, BottleneckAdapter)):
+        if is_lora_layer(module) or isinstance(module, (AdaptedAttention, BottleneckAdapter)):
             yield name, module
 
 
 def _adapter_params(layer: nn.Module) -> Iterator[Tensor]:
-    if isinstance(layer, LORA_TYPES):
+    if is_lora_layer(layer):
         parts = lora_parts(layer)
         yield from (parts.lora_A, parts.lora_B)
     elif isinstance(layer, AdaptedAttention):
@@ -83,26 +92,55 @@ def _adapter_params(layer: nn.Module) -> Iterator[Tensor]:
 # --- LoRA -------------------------------------------------------------------------------
 
 def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
+    all_linear = config.target_modules == "all-linear"
+    config = _with_peft_targets(model, config)
     target_modules = config.target_modules
-    if target_modules is None:
-        target_modules = default_target_modules(model)
-    _refuse_moe_experts(model, target_modules)
-    adapted = [n for n, m in model.named_modules() if isinstance(m, LORA_TYPES)]
+    adapted = [n for n, m in model.named_modules() if is_lora_layer(m)]
     inside = set(adapted)
+    params = _parameter_targets(model, config.target_parameters, inside)
     output_layer = _output_layer(model)
     targets = [
         (name, module) for name, module in model.named_modules()
         if _is_linear(module) and name.rpartition(".")[0] not in inside
         and module is not output_layer and _matches(name, target_modules)
     ]
-    if not targets:
+    left_out = _unadapted_experts(model, target_modules, all_linear, params, inside)
+    source = "what PEFT's 'all-linear' adapts" if all_linear else "target_parameters"
+    if config.target_parameters or left_out:  # needs PEFT's ParamWrapper: refuse before changes
+        if params:
+            what = f"adapting {_names(f'{m}.{p}' for m, p in params)} ({source})"
+        elif config.target_parameters:
+            what = f"target_parameters {config.target_parameters!r}"
+        else:
+            name, module, stacked = left_out[0]
+            what = (f"target_modules='all-linear' on {name} ({type(module).__name__}), whose "
+                    f"experts are 3-D parameters ({', '.join(stacked)}),")
+        param_wrapper_class(what)
+    if not targets and not params:
         again = [n for n in adapted if _matches(n, target_modules)]
         if again:
             raise ValueError(f"target_modules: the layers {target_modules!r} matches carry a "
                              f"LoRA adapter already ({', '.join(again[:3])}"
                              f"{', ...' if len(again) > 3 else ''})")
-        raise ValueError(f"target_modules: {target_modules!r} matches no linear layer "
-                         f"(nn.Linear or Conv1D) of {type(model).__name__}")
+        what = f"target_modules: {target_modules!r} matches no linear layer (nn.Linear or Conv1D)"
+        if config.target_parameters:
+            what += f" and target_parameters {config.target_parameters!r} no parameter"
+        raise ValueError(f"{what} of {type(model).__name__}")
+    linear_names = {name for name, _ in targets}
+    for owner, param in params:
+        if owner in linear_names:
+            raise ValueError(f"target_parameters: {owner}.{param} belongs to {owner}, which "
+                             f"target_modules adapts as a linear layer already (PEFT refuses "
+                             f"this too); name it in one of the two")
+        shape = tuple(getattr(model.get_submodule(owner), param).shape)
+        if len(shape) not in (2, 3):
+            raise ValueError(f"target_parameters: {owner}.{param} has shape {shape}; PEFT's "
+                             f"ParamWrapper adapts 2-D (out, in) and 3-D (experts, ...) ones")
+    if params and config.lora_dropout:
+        raise ValueError(f"lora_dropout: PEFT's ParamWrapper, which adapts {params[0][0]}."
+                         f"{params[0][1]} ({source}), does not work with lora_dropout != 0 "
+                         f"({config.lora_dropout}), in PEFT either; set lora_dropout=0.0 or "
+                         f"name only linear layers")
     for name, linear in targets:
         r, alpha = config.rank_and_alpha(name)
         args = (r, alpha, config.lora_dropout, config.use_rslora)
@@ -117,12 +155,223 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         else:
             layer = LoRALinear(linear, *args)
         replace(model, name, layer)
+    notes = []
+    if params:
+        notes.append(_wrapped_note(model, params, config.base_dtype))
+        _wrap_parameters(model, config, params)
+    if left_out:
+        notes.append(f"target_modules='all-linear' leaves the 3-D expert parameters of "
+                     f"{_names(_describe(e) for e in left_out)} unadapted and frozen, as PEFT "
+                     f"does for model type {_model_type(model)!r}; name them in "
+                     f"target_parameters to adapt them")
+    if params and not targets and target_modules:
+        notes.append(f"target_modules {target_modules!r} matched no linear layer")
+    if targets and config.target_parameters and not params:
+        notes.append(f"target_parameters {config.target_parameters!r} matched no parameter")
+    if notes:  # one warning per call
+        warnings.warn("inject: " + "; ".join(notes), UserWarning, stacklevel=3)
 
 
-def default_target_modules(model: nn.Module) -> list[str] | str:
+def is_lora_layer(module: nn.Module) -> bool:
+    """A LoRA layer: fastpeft's (:class:`fastpeft.LoRALinear`,
+    :class:`fastpeft.Int8LoRALinear`), PEFT's converted by :func:`fastpeft.from_peft`, or
+    PEFT's ``ParamWrapper`` (LoRA on a parameter, with PEFT's forward)."""
+    return isinstance(module, LORA_TYPES) or is_param_wrapper(module)
+
+
+def param_target_key(name: str, wrapper: nn.Module) -> str:
+    """The qualified name PEFT gives the parameter a ``ParamWrapper`` at ``name`` adapts
+    (matched against ``target_parameters`` / ``rank_pattern``): the wrapper's name without
+    the ``.base_layer`` of nested wrappers, then the parameter's, e.g.
+    ``model.layers.0.mlp.experts.gate_up_proj`` for ``...experts.base_layer``."""
+    return f"{_strip_base_layer(name)}.{wrapper.parameter_name}"
+
+
+def _strip_base_layer(name: str) -> str:
+    # PEFT's strip_base_layer_from_name (tuners_utils), to match parameters as PEFT does
+    while ".base_layer" in name:
+        prefix, _, suffix = name.rpartition(".base_layer")
+        name = prefix + suffix
+    return name
+
+
+def _with_peft_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """``config`` with its targets resolved as PEFT resolves them: ``None`` -> PEFT's
+    default targets for the model type; then, on transformers 5, PEFT's own conversion of
+    the config for models whose MoE layers changed layout (``"all-linear"`` or the
+    transformers 4 expert / router names become ``target_parameters``, with doubled rank
+    and alpha for fused ``gate_up_proj``), where the installed PEFT has it."""
+    target_modules = config.target_modules
+    if target_modules is None:
+        target_modules = default_target_modules(model, optional=bool(config.target_parameters))
+    config = dataclasses.replace(config, target_modules=target_modules)
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft.import_utils import is_transformers_ge_v5
+    except ImportError:
+        return config
+    if not is_transformers_ge_v5 or _model_type(model) is None:
+        return config
+    try:  # PEFT >= 0.18 with transformers 5
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:
+        return config
+    peft_config = PeftLoraConfig(
+        r=config.r, lora_alpha=config.lora_alpha,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        target_parameters=list(config.target_parameters or []) or None,
+        rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern))
+    try:
+        convert_peft_config_for_transformers(peft_config, model=model,
+                                             conversions=get_model_conversion_mapping(model))
+    except ValueError as err:  # e.g. w1 named without w3, which are one parameter now
+        raise ValueError(f"target_modules: {err}") from err
+    modules, params = peft_config.target_modules, peft_config.target_parameters
+    modules = modules if isinstance(modules, str) else sorted(modules or [])
+    params = sorted(params) if params else None
+    if not modules and not params:
+        return config
+    return dataclasses.replace(config, target_modules=modules, target_parameters=params,
+                               rank_pattern=dict(peft_config.rank_pattern or {}),
+                               alpha_pattern=dict(peft_config.alpha_pattern or {}))
+
+
+def _parameter_targets(model: nn.Module, names: list[str] | None,
+                       inside: set[str]) -> list[tuple[str, str]]:
+    """``(module name, parameter name)`` of every parameter ``target_parameters`` matches,
+    by PEFT's rule (the qualified name equals a name or ends with ``"." + name``), in PEFT's
+    order."""
+    if not names:
+        return []
+    wanted = set(names)
+    found = []
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            key = f"{_strip_base_layer(module_name)}.{param_name}"
+            if key not in wanted and not any(key.endswith("." + n) for n in wanted):
+                continue
+            if not module_name:
+                raise ValueError(f"target_parameters: {param_name} is a parameter of the "
+                                 f"top-level module, which PEFT cannot wrap either")
+            carrier = _lora_ancestor(module_name, inside)
+            if carrier is not None or is_lora_layer(module):
+                raise ValueError(f"target_parameters: {key} belongs to "
+                                 f"{carrier or module_name}, which carries a LoRA adapter "
+                                 f"already")
+            found.append((module_name, param_name))
+    return found
+
+
+def _lora_ancestor(name: str, inside: set[str]) -> str | None:
+    parts = name.split(".")
+    for i in range(len(parts)):
+        prefix = ".".join(parts[:i + 1])
+        if prefix in inside:
+            return prefix
+    return None
+
+
+def _unadapted_experts(model: nn.Module, target_modules: list[str] | str, all_linear: bool,
+                       params: list[tuple[str, str]],
+                       inside: set[str]) -> list[tuple[str, nn.Module, list[str]]]:
+    """Modules holding 3-D parameters (experts, the MoE layout of transformers 5) that the
+    LoRA targets leave out: ``"all-linear"`` leaves out what PEFT's "all-linear" does not
+    turn into ``target_parameters`` (returned, for the warning); a module named in
+    ``target_modules`` is refused (no LoRA layer for it; PEFT refuses it too)."""
+    wrapped = set(params)
+    left_out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) or _lora_ancestor(name, inside):
+            continue
+        stacked = [p for p, t in module.named_parameters(recurse=False) if t.dim() == 3]
+        if not stacked:
+            continue
+        if not all_linear and _matches(name, target_modules):
+            raise NotImplementedError(
+                f"target_modules: {name} ({type(module).__name__}) holds its experts as 3-D "
+                f"parameters ({', '.join(stacked)}), which have no LoRA layer; adapt them as "
+                f"PEFT does, with target_parameters="
+                f"{[f'{name}.{p}' for p in stacked]!r} (PEFT's ParamWrapper)")
+        rest = [p for p in stacked if (name, p) not in wrapped]
+        if all_linear and rest:
+            left_out.append((name, module, rest))
+    return left_out
+
+
+def _wrap_parameters(model: nn.Module, config: LoraConfig,
+                     params: list[tuple[str, str]]) -> None:
+    """Wraps the parameters with PEFT's ``ParamWrapper`` (nested where a module has several,
+    as PEFT nests them), by PEFT's own injection: its state-dict keys and forward. Each
+    parameter's ``r`` / ``lora_alpha`` is ``config.rank_and_alpha`` of its qualified name."""
+    import peft
+
+    keys = [f"{owner}.{param}" for owner, param in params]
+    rank_pattern, alpha_pattern = {}, {}
+    for key in keys:
+        rank_pattern[re.escape(key)], alpha_pattern[re.escape(key)] = config.rank_and_alpha(key)
+    peft_config = peft.LoraConfig(
+        r=config.r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+        use_rslora=config.use_rslora, target_modules=[], target_parameters=keys,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=True,
+        bias="none")
+    modes = {owner: model.get_submodule(owner).training for owner, _ in params}
+    missing = object()
+    previous = model.__dict__.get("peft_config", missing)
+    with warnings.catch_warnings():
+        # PEFT checks rank_pattern against the modules it adapted, never the parameters
+        warnings.filterwarnings("ignore", message=".*did not match any targeted module",
+                                category=RuntimeWarning)
+        peft.inject_adapter_in_model(peft_config, model)
+    if previous is missing:  # PEFT's injection leaves its config on the model
+        model.__dict__.pop("peft_config", None)
+    else:
+        model.__dict__["peft_config"] = previous
+    for owner, training in modes.items():
+        model.get_submodule(owner).train(training)
+
+
+def _wrapped_note(model: nn.Module, params: list[tuple[str, str]],
+                  base_dtype: str | None) -> str:
+    """The warning's words on the parameters PEFT's ``ParamWrapper`` adapts (before they
+    are wrapped)."""
+    by_module: dict[str, list[str]] = {}
+    for owner, param in params:
+        by_module.setdefault(owner, []).append(param)
+    listed = _names(f"{m} ({', '.join(p)})" for m, p in by_module.items())
+    note = (f"{len(params)} parameters of {len(by_module)} modules are adapted with PEFT's "
+            f"ParamWrapper and run PEFT's unfused forward (fastpeft has no fused kernel for "
+            f"a LoRA on a parameter): {listed}")
+    if base_dtype == "int8":
+        dtypes = sorted({str(getattr(model.get_submodule(owner), param).dtype)
+                         for owner, param in params})
+        note += (f"; base_dtype='int8' quantises only the linear layers: these parameters "
+                 f"stay {'/'.join(d.removeprefix('torch.') for d in dtypes)}")
+    return note
+
+
+def _describe(entry: tuple[str, nn.Module, list[str]]) -> str:
+    name, module, stacked = entry
+    return f"{name} ({type(module).__name__}: {', '.join(stacked)})"
+
+
+def _names(items: Iterable[str], limit: int = 4) -> str:
+    items = list(items)
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit
+                                       else "")
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def default_target_modules(model: nn.Module, optional: bool = False) -> list[str] | str:
     """PEFT's default LoRA targets for the model's type (what ``target_modules=None``
-    means in PEFT)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    means in PEFT); with ``optional`` (there are ``target_parameters``), ``[]`` where PEFT
+    has none, as PEFT then adapts only the parameters."""
+    model_type = _model_type(model)
     try:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     except ImportError as err:
@@ -130,6 +379,8 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
                          "type, which needs peft installed; name the targets instead") from err
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
     if targets is None:
+        if optional:
+            return []
         raise ValueError(f"target_modules: PEFT has no default targets for model type "
                          f"{model_type!r} ({type(model).__name__}); name them")
     return targets if isinstance(targets, str) else list(targets)
@@ -137,23 +388,6 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def _refuse_moe_experts(model: nn.Module, target_modules: list[str] | str) -> None:
-    """Mixture-of-experts layers whose experts are one 3-D parameter per projection (the
-    layout of transformers 5) have no linear layer to wrap: fastpeft refuses to adapt
-    them rather than skip them (PEFT adapts some through ``target_parameters``)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            continue
-        stacked = [p for p, t in module.named_parameters(recurse=False) if t.dim() == 3]
-        if stacked and (target_modules == "all-linear" or _matches(name, target_modules)):
-            raise NotImplementedError(
-                f"target_modules: {name} ({type(module).__name__}) holds its experts as 3-D "
-                f"parameters ({', '.join(stacked)}), which fastpeft has no LoRA layer for; "
-                f"name the linear layers to adapt (e.g. the attention projections), or "
-                f"adapt the experts with PEFT and convert with fastpeft.from_peft, which "
-                f"keeps PEFT's forward for them")
 
 
 def replace(model: nn.Module, name: str, layer: nn.Module) -> None:

@@ -23,12 +23,19 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
-from .inject import BOTTLENECK_CHILD, LORA_TYPES, adapter_layers, inject, replace
+from .inject import (
+    BOTTLENECK_CHILD,
+    adapter_layers,
+    inject,
+    is_lora_layer,
+    param_target_key,
+    replace,
+)
 from .nn.adapted_attention import AdaptedAttention
 from .nn.bottleneck import BottleneckAdapter
 from .nn.int8_lora import Int8LoRALinear
 from .nn.lora import LoRALinear
-from .nn.peft_lora import fuse_peft_lora, lora_parts
+from .nn.peft_lora import fuse_peft_lora, is_param_wrapper, lora_parts
 
 __all__ = ["from_peft", "load_adapter", "merge_and_unload", "save_adapter"]
 
@@ -112,7 +119,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     prefix = "" if _is_peft_model(model) else PEFT_PREFIX
     state = {}
     for name, layer in adapter_layers(model):
-        if isinstance(layer, LORA_TYPES):
+        if is_lora_layer(layer):  # a nested ParamWrapper's keys have its `.base_layer` too
             parts = lora_parts(layer)
             tensors = {"lora_A.weight": parts.lora_A, "lora_B.weight": parts.lora_B}
         elif isinstance(layer, AdaptedAttention):
@@ -128,12 +135,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """Writes ``model``'s adapters to ``directory`` in PEFT's format.
 
     LoRA and adaption-prompt adapters load into PEFT with ``PeftModel.from_pretrained``
-    (an adaption prompt only with PEFT's convention: scalar gate, no tanh). Bottleneck
-    adapters, which PEFT lacks, use the same layout with ``peft_type``
+    (an adaption prompt only with PEFT's convention: scalar gate, no tanh). LoRA on
+    parameters (PEFT's ``ParamWrapper``: MoE experts and routers, see
+    :class:`fastpeft.LoraConfig`'s ``target_parameters``) is saved as PEFT saves it: the
+    tensors under PEFT's keys (``...experts.base_layer.lora_A.weight`` for the inner of two
+    nested wrappers) and the parameters' qualified names as ``target_parameters``.
+    Bottleneck adapters, which PEFT lacks, use the same layout with ``peft_type``
     ``"FASTPEFT_BOTTLENECK"``. A model with adapters of more than one method is refused:
     PEFT's format holds one method per directory; so is a PEFT model with LoRA layers
-    that :func:`from_peft` left as PEFT's (MoE expert parameters, DoRA, ...), whose
-    tensors only PEFT's own ``save_pretrained`` knows how to write.
+    that :func:`from_peft` left as PEFT's for a reason fastpeft cannot save (DoRA, LoRA
+    biases, embeddings, ...), whose tensors only PEFT's own ``save_pretrained`` knows how
+    to write.
     """
     from safetensors.torch import save_file
 
@@ -155,12 +167,13 @@ def _unconverted_peft_layers(model: nn.Module) -> list[str]:
     from peft.tuners.lora import LoraLayer
 
     return [n for n, m in model.named_modules()
-            if isinstance(m, LoraLayer) and not isinstance(m, LORA_TYPES)]
+            if isinstance(m, LoraLayer) and not is_lora_layer(m)]
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Loads adapters saved by :func:`save_adapter` or by PEFT's ``save_pretrained``
-    (LoRA, adaption prompt) into ``model`` and returns it.
+    (LoRA, ``target_parameters`` included, and adaption prompt) into ``model`` and
+    returns it.
 
     A model without adapters of that method gets them first (:func:`fastpeft.inject`
     with the saved configuration). Every adapter tensor of that method must be in the file
@@ -206,6 +219,14 @@ def _configure(model: nn.Module, config: Any) -> None:
             layer.lora_alpha, layer.use_rslora = alpha, config.use_rslora
             layer.scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
             layer.lora_dropout = float(config.lora_dropout)
+        elif is_param_wrapper(layer) and isinstance(config, LoraConfig):
+            # PEFT's per-adapter dicts (its dropout is always 0: PEFT refuses any other)
+            r, alpha = config.rank_and_alpha(param_target_key(name, layer))
+            for a in [a for a in layer.active_adapters if a in layer.lora_A]:
+                layer.lora_alpha[a] = alpha
+                layer.scaling[a] = alpha / (math.sqrt(r) if config.use_rslora else r)
+                if isinstance(getattr(layer, "use_rslora", None), dict):
+                    layer.use_rslora[a] = config.use_rslora
         elif isinstance(layer, AdaptedAttention) and isinstance(config, AdaptionPromptConfig):
             layer.gate_tanh = config.gate_tanh
         elif isinstance(layer, BottleneckAdapter) and isinstance(config, BottleneckConfig):
@@ -221,7 +242,7 @@ def _is_peft_model(model: nn.Module) -> bool:
 
 
 def _kind(layer: nn.Module) -> str:
-    if isinstance(layer, LORA_TYPES):
+    if is_lora_layer(layer):
         return "LORA"
     if isinstance(layer, AdaptedAttention):
         return "ADAPTION_PROMPT"
@@ -276,7 +297,12 @@ def _adapter_config(model: nn.Module) -> dict[str, Any]:
 
 
 def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str]) -> dict:
-    full = {names[id(layer)]: lora_parts(layer) for _, layer in layers}  # names in the base
+    # names in the base; a ParamWrapper's is its parameter's qualified name, as PEFT's
+    # target_parameters and rank_pattern name it
+    full = {param_target_key(names[id(layer)], layer) if is_param_wrapper(layer)
+            else names[id(layer)]: lora_parts(layer) for _, layer in layers}
+    wrapped = {param_target_key(names[id(layer)], layer)
+               for _, layer in layers if is_param_wrapper(layer)}
     r = Counter(p.r for p in full.values()).most_common(1)[0][0]
     alpha = Counter(p.lora_alpha for p in full.values()).most_common(1)[0][0]
     dropouts = {p.lora_dropout for p in full.values()}
@@ -284,10 +310,13 @@ def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str]) -> 
     if len(dropouts) > 1 or len(rslora) > 1:
         raise ValueError("model: its LoRA layers differ in lora_dropout or use_rslora, which "
                          "PEFT's config cannot express")
-    int8 = {isinstance(layer, Int8LoRALinear) for _, layer in layers}
+    # a ParamWrapper keeps its float parameter under an int8 base (fastpeft.LoraConfig)
+    int8 = {isinstance(layer, Int8LoRALinear) for _, layer in layers
+            if not is_param_wrapper(layer)}
     config = {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.pop(),
-        "use_rslora": rslora.pop(), "target_modules": sorted(full), "bias": "none",
+        "use_rslora": rslora.pop(), "target_modules": sorted(set(full) - wrapped),
+        "bias": "none",
         # PEFT sets it per layer from the layer type (with a warning where it disagrees)
         "fan_in_fan_out": any(p.fan_in_fan_out for p in full.values()),
         "init_lora_weights": True, "use_dora": False,
@@ -295,6 +324,8 @@ def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str]) -> 
         "rank_pattern": {n: p.r for n, p in full.items() if p.r != r},
         "alpha_pattern": {n: p.lora_alpha for n, p in full.items() if p.lora_alpha != alpha},
     }
+    if wrapped:  # PEFT before 0.17 knows no such key: only where there are some
+        config["target_parameters"] = sorted(wrapped)
     if int8 == {True}:  # extra keys make PEFT warn: only when there is something to say
         config["fastpeft"] = {"base_dtype": "int8"}
     return config
@@ -327,7 +358,8 @@ def _config_from_saved(saved: dict[str, Any]):
             lora_dropout=saved.get("lora_dropout", 0.0),
             target_modules=saved["target_modules"], use_rslora=saved.get("use_rslora", False),
             base_dtype=extra.get("base_dtype"), rank_pattern=saved.get("rank_pattern") or {},
-            alpha_pattern=saved.get("alpha_pattern") or {})
+            alpha_pattern=saved.get("alpha_pattern") or {},
+            target_parameters=saved.get("target_parameters") or None)
     if kind == "ADAPTION_PROMPT":
         return AdaptionPromptConfig(
             adapter_len=saved["adapter_len"], adapter_layers=saved["adapter_layers"],
@@ -353,19 +385,30 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     :class:`fastpeft.LoRALinear` becomes its (merged) ``nn.Linear``, an
     :class:`fastpeft.Int8LoRALinear` a float ``nn.Linear`` holding the dequantised weight
     plus the LoRA product (:meth:`Int8LoRALinear.merge` keeps int8 instead), a PEFT layer
-    converted by :func:`from_peft` its base layer after PEFT's own merge. Returns the
-    model without PEFT's wrapper, like PEFT's ``merge_and_unload``.
+    converted by :func:`from_peft` its base layer after PEFT's own merge, PEFT's
+    ``ParamWrapper`` (LoRA on MoE experts / routers, nested ones included) the module it
+    wraps after PEFT's merge into the parameters. Returns the model without PEFT's
+    wrapper, like PEFT's ``merge_and_unload``.
 
     Adaption prompts and bottleneck adapters cannot be folded into weights: a model with
     them is refused before anything changes.
     """
     layers = list(adapter_layers(model))
-    unmergeable = [n for n, layer in layers if not isinstance(layer, LORA_TYPES)]
+    unmergeable = [n for n, layer in layers if not is_lora_layer(layer)]
     if unmergeable:
         raise ValueError(f"model: {', '.join(unmergeable[:3])} cannot be merged into the "
                          f"base weights (only LoRA can)")
+    unwrapped: list[str] = []
     for name, layer in layers:
-        if isinstance(layer, LoRALinear):
+        if any(name.startswith(outer + ".") for outer in unwrapped):
+            continue  # inside a nested ParamWrapper merged with its outer one
+        if is_param_wrapper(layer):  # PEFT's merge, into each wrapped parameter
+            plain = layer
+            while is_param_wrapper(plain):
+                plain.merge()
+                plain = plain.base_layer
+            unwrapped.append(name)
+        elif isinstance(layer, LoRALinear):
             if not layer.merged:
                 layer.merge()
             plain = layer.base_layer

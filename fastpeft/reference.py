@@ -101,7 +101,7 @@ def dropout_keep_mask(
 
 
 def _lora_dropout(x: Tensor, p: float, training: bool, seed: int | Tensor | None) -> Tensor:
-    if not training or p == 0.0:
+    if not training or p == 0.0 or x.numel() == 0:
         return x
     if seed is None:  # the dropout a PEFT layer applies: a fresh mask, stored for backward
         return F.dropout(x, p, training=True)
@@ -233,10 +233,10 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
     ``weight_scale = absmax(row) / 127`` (float32) and ``qweight = round(weight / scale)``,
     bitsandbytes' row-wise format (``CB``, ``SCB = 127 * weight_scale``). A row of zeros
-    gets scale 0 and zeros.
+    gets scale 0 and zeros (so does every row of a weight with no columns).
     """
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / 127.0
+    scale = w.abs().amax(dim=1) / 127.0 if w.shape[1] else w.new_zeros(w.shape[0])
     q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(-127, 127)
     return q.to(torch.int8), scale
 

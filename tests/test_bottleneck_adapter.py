@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_close_to_ref, backend_params, dtypes_for, forced
+from helpers import TRITON_INTERPRETED, assert_close_to_ref, backend_params, dtypes_for, forced
 
 import fastpeft
-from fastpeft import _backend, reference
+from fastpeft import reference
 
 # (leading dims, d, m): odd sizes that are not multiples of any block, a 3-D input,
 # a bottleneck of 1, and a bottleneck wider than a 16-wide tile
@@ -194,7 +194,7 @@ def test_gradcheck_float64(backend_device, activation):
         return op(*ts, *rest)[0]
 
     # the interpreter is slow: a random projection of the Jacobian there (fast_mode)
-    fast = backend == "triton" and _backend.TRITON_INTERPRET
+    fast = backend == "triton" and TRITON_INTERPRETED
     assert torch.autograd.gradcheck(f, tensors, fast_mode=fast)
 
 
@@ -209,7 +209,7 @@ def test_gradcheck_separate_residual_no_ln(backend_device):
     def f(x, dw, db, uw, ub, res):
         return op(x, dw, db, uw, ub, res, None, None, *args[8:])[0]
 
-    fast = backend == "triton" and _backend.TRITON_INTERPRET
+    fast = backend == "triton" and TRITON_INTERPRETED
     assert torch.autograd.gradcheck(f, (x, dw, db, uw, ub, res), fast_mode=fast)
 
 

@@ -11,20 +11,23 @@ gradients. Greedy ``generate()`` with the cache is compared where the model gene
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 
 import pytest
 import torch
 from families import DECODERS, ENCODER_DECODERS, ENCODERS, FAMILIES, inputs, tiny
 
 import fastpeft
-from fastpeft.inject import adapter_layers
+from fastpeft.inject import adapter_layers, param_target_key
 from fastpeft.nn import peft_lora
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-# What "all-linear" means is the same in both libraries, except for MoE experts, which
-# PEFT adapts as 3-D parameters (fastpeft has no fused layer for them; see test_moe_*).
+# The fused path on every family: "all-linear" except, on MoE models, the experts and
+# the router, which transformers 5 holds as 3-D parameters / a router module that PEFT
+# (and fastpeft, through PEFT's ParamWrapper) adapts as parameters: see test_moe_*.
 MOE_TARGETS = {
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -291,26 +294,262 @@ def test_adaption_prompt_matches_peft(name, tmp_path):
     assert generate(ours, name, batch).tolist() == generate(pm, name, batch).tolist()
 
 
-def test_moe_experts_are_refused_by_inject_and_kept_as_peft_by_from_peft(tmp_path):
-    """Experts held as 3-D parameters (transformers 5's MoE layout) have no fused LoRA
-    layer: inject says so rather than skip them; from_peft keeps PEFT's forward for them,
-    with one warning, and leaves saving to PEFT."""
+# --- MoE: experts and routers as parameters (transformers 5) -----------------------------
+
+MOE = ("mixtral", "qwen2_moe")
+
+
+def has_param_wrapper() -> bool:
+    import peft.tuners.lora.layer as peft_layer
+
+    return hasattr(peft_layer, "ParamWrapper")
+
+
+def stacked_experts(model) -> list[str]:
+    """Modules holding 3-D (per-expert) parameters: transformers 5's MoE layout."""
+    return [n for n, m in model.named_modules()
+            if any(p.dim() == 3 for p in m.parameters(recurse=False))]
+
+
+def moe_base(name):
+    base = tiny(name)
+    if stacked_experts(base) and not has_param_wrapper():
+        pytest.skip(f"peft {peft.__version__} has no ParamWrapper for 3-D experts")
+    return base
+
+
+def adapted(model) -> dict[str, str]:
+    """What carries LoRA, under PEFT-independent names -> "linear" / "parameter": a linear
+    layer's name, a wrapped parameter's qualified name (``...experts.gate_up_proj``)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for n, m in model.named_modules():
+        n = n.removeprefix("base_model.model.")
+        if peft_lora.is_param_wrapper(m):
+            out[param_target_key(n, m)] = "parameter"
+        elif isinstance(m, (LoraLayer, fastpeft.LoRALinear, fastpeft.Int8LoRALinear)):
+            out[n] = "linear"
+    return out
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    return {n.removeprefix("base_model.model.").replace(".default", ""): p
+            for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def copy_lora(src, dst) -> None:
+    want, got = lora_weights(src), lora_weights(dst)
+    assert want.keys() == got.keys()
+    with torch.no_grad():
+        for key, p in got.items():
+            p.copy_(want[key])
+
+
+def fastpeft_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if str(w.message).startswith("inject:")]
+
+
+def peft_all_linear(base, **kwargs):
+    with warnings.catch_warnings():  # PEFT's own notes on its MoE conversion
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", **kwargs))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.2)
+    return pm
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_all_linear_matches_peft(name, tmp_path):
+    """"all-linear" on a MoE model adapts what PEFT adapts: linear layers fused, the
+    experts / router parameters PEFT adapts (transformers 5) with PEFT's ParamWrapper and
+    one warning; PEFT's logits, gradients, save / load both ways, generate(), merge."""
+    base = moe_base(name)
+    batch = inputs(name)
+    pm = peft_all_linear(base)
+    targets = adapted(pm)
+    wrapped = sorted(k for k, kind in targets.items() if kind == "parameter")
+    left_out = [n for n in stacked_experts(base)
+                if not any(w.startswith(n + ".") for w in wrapped)]
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ours = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear"))
+    said = fastpeft_warnings(record)
+    if wrapped or left_out:  # transformers 5: one warning, naming what PEFT's forward runs
+        assert len(said) == 1, said
+        if wrapped:
+            assert "PEFT's unfused forward" in said[0]
+            assert all(w.rpartition(".")[0] in said[0] for w in wrapped[:4])
+        if left_out:
+            assert "unadapted" in said[0] and left_out[0] in said[0]
+    else:  # transformers 4: experts are nn.Linear layers, all fused, nothing to say
+        assert said == []
+        assert all(isinstance(m, fastpeft.LoRALinear) for _, m in adapter_layers(ours))
+    assert adapted(ours) == targets
+    copy_lora(pm, ours)
+    want = logits(pm, batch).detach()
+    assert_close(logits(ours, batch), want)
+    assert_same_grads(lora_grads(ours, batch), lora_grads(pm, batch))
+    assert generate(ours, name, batch).tolist() == generate(pm, name, batch).tolist()
+
+    # fastpeft's adapter into PEFT, PEFT's into fastpeft
+    fastpeft.save_adapter(ours, tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert sorted(saved.get("target_parameters") or []) == wrapped
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert adapted(again) == targets
+    assert_close(logits(again, batch), want)
+    pm.save_pretrained(tmp_path / "peft")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        loaded = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    # PEFT saved the linear layers by name: only a wrapped parameter leaves something to say
+    assert len(fastpeft_warnings(record)) == (1 if wrapped else 0)
+    assert adapted(loaded) == targets
+    assert_close(logits(loaded, batch), want)
+
+    # merged: plain modules, PEFT's merge into the experts' parameters
+    merged = fastpeft.merge_and_unload(loaded)
+    assert not list(adapter_layers(merged)) and not adapted(merged)
+    assert_close(logits(merged, batch), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_int8_base(name):
+    """int8 base: the linear layers are Int8LoRALinear, the parameters PEFT's wrapper
+    adapts stay float (the warning says so); the same as PEFT on the dequantised base."""
+    base = moe_base(name)
+    batch = inputs(name)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", base_dtype="int8"))
+    kinds = adapted(model)
+    linear = [n for n, m in model.named_modules() if isinstance(m, fastpeft.Int8LoRALinear)]
+    assert sorted(linear) == sorted(k for k, kind in kinds.items() if kind == "linear")
+    said = fastpeft_warnings(record)
+    if "parameter" in kinds.values():
+        assert len(said) == 1 and "stay float32" in said[0]
+        for m in model.modules():
+            if peft_lora.is_param_wrapper(m):
+                assert m.get_param().dtype == torch.float32
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.2)
+    # PEFT on the dequantised base, with the same LoRA weights
+    reference = copy.deepcopy(base)
+    for n in linear:
+        layer = model.get_submodule(n)
+        w = reference.get_submodule(n).weight
+        with torch.no_grad():
+            w.copy_(layer.dequantized_weight(w.dtype))
+    pm = peft_all_linear(reference)
+    assert adapted(pm) == kinds
+    copy_lora(model, pm)
+    assert_close(logits(model, batch), logits(pm, batch), atol=1e-4)
+
+
+def test_moe_target_parameters_as_peft(tmp_path):
+    """Explicit target_parameters, with rank_pattern / alpha_pattern and rsLoRA, adapt what
+    PEFT adapts with the same ranks and scalings (on Qwen2-MoE too, whose "all-linear"
+    leaves the experts out); the refusals name what to change."""
+    base = tiny("qwen2_moe")
+    if not stacked_experts(base):
+        pytest.skip("this transformers keeps Qwen2-MoE's experts as nn.Linear layers")
+    if not has_param_wrapper():
+        pytest.skip(f"peft {peft.__version__} has no ParamWrapper")
+    batch = inputs("qwen2_moe")
+    kwargs = {"r": 2, "lora_alpha": 4, "use_rslora": True, "target_modules": ["q_proj"],
+              "target_parameters": ["experts.gate_up_proj", "experts.down_proj"],
+              "rank_pattern": {"gate_up_proj": 3}, "alpha_pattern": {"down_proj": 5}}
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    with pytest.warns(UserWarning, match="PEFT's unfused forward") as record:
+        ours = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(**kwargs))
+    assert len(fastpeft_warnings(record)) == 1
+    assert adapted(ours) == adapted(pm)
+    scalings = {}
+    for model in (pm, ours):
+        for n, m in model.named_modules():
+            if peft_lora.is_param_wrapper(m):
+                parts = peft_lora.lora_parts(m)
+                key = param_target_key(n.removeprefix("base_model.model."), m)
+                scalings.setdefault(key, []).append((parts.r, parts.scaling))
+    assert scalings and all(a == b for a, b in scalings.values())
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.2)
+    copy_lora(pm, ours)
+    want = logits(pm, batch).detach()
+    assert_close(logits(ours, batch), want)
+    assert_same_grads(lora_grads(ours, batch), lora_grads(pm, batch))
+    # loaded into layers that exist already: the saved alpha / rsLoRA decide the scalings
+    fastpeft.save_adapter(ours, tmp_path)
+    with pytest.warns(UserWarning, match="PEFT's unfused forward"):
+        other = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+            **{**kwargs, "lora_alpha": 1, "alpha_pattern": {}, "use_rslora": False}))
+    assert_close(logits(fastpeft.load_adapter(other, tmp_path), batch), want)
+
+    with pytest.raises(ValueError, match="carries a LoRA adapter already"):
+        fastpeft.inject(ours, fastpeft.LoraConfig(target_modules=[],
+                                                  target_parameters=["experts.down_proj"]))
+    with pytest.raises(ValueError, match="lora_dropout"):  # as PEFT's ParamWrapper
+        fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(**kwargs, lora_dropout=0.1))
+    with pytest.raises(ValueError, match="has shape"):  # PEFT: 2-D and 3-D only
+        fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+            target_modules=[], target_parameters=["input_layernorm.weight"]))
+    with pytest.raises(NotImplementedError, match="target_parameters="):
+        fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(target_modules=["experts"]))
+    with pytest.raises(TypeError, match="target_parameters"):
+        fastpeft.LoraConfig(target_parameters="experts.down_proj")
+
+
+def test_moe_parameters_need_peft_with_param_wrapper(monkeypatch):
+    """Where the installed PEFT has no ParamWrapper (peft < 0.17) or there is no peft,
+    parameter targets are refused with the module and what to install, before any change;
+    the transformers 4 layout (experts as nn.Linear) needs none of it."""
     base = tiny("mixtral")
-    experts = [n for n, m in base.named_modules()
-               if any(p.dim() == 3 for p in m.parameters(recurse=False))]
-    if not experts:
+    if has_param_wrapper():  # the newest versions: pretend it is missing
+        monkeypatch.setattr(peft_lora, "_PARAM_WRAPPER", ("peft.tuners.lora.layer", "Gone"))
+    with pytest.raises(ImportError, match=r"peft>=0\.17"):
+        fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+            target_modules=[], target_parameters=["mlp.gate.weight"]))
+    if stacked_experts(base):
+        untouched = copy.deepcopy(base)
+        with pytest.raises(ImportError, match=r"model\.layers\.0\.mlp\.experts.*peft>=0\.17"):
+            fastpeft.inject(untouched, fastpeft.LoraConfig(target_modules="all-linear"))
+        assert not list(adapter_layers(untouched))
+    else:
+        model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+            target_modules="all-linear"))
+        assert any(n.endswith("experts.0.w1") for n, _ in adapter_layers(model))
+
+
+def test_from_peft_keeps_peft_forward_for_moe_parameters(tmp_path):
+    """PEFT's ParamWrapper layers (transformers 5's experts and router) keep PEFT's forward
+    under from_peft, with one warning; fastpeft saves them under PEFT's keys and merges
+    them with PEFT's merge."""
+    base = tiny("mixtral")
+    if not stacked_experts(base):
         pytest.skip("this transformers keeps Mixtral's experts as nn.Linear layers")
-    with pytest.raises(NotImplementedError, match="3-D parameters"):
-        fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(target_modules="all-linear"))
     batch = inputs("mixtral")
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=2, target_modules="all-linear"))
-    want = logits(pm, batch)
+    pm = peft_all_linear(base)
+    want = logits(pm, batch).detach()
     with pytest.warns(UserWarning, match="keep PEFT's forward"):
         fastpeft.from_peft(pm)
     assert_close(logits(pm, batch), want)
-    with pytest.raises(ValueError, match="save_pretrained"):
-        fastpeft.save_adapter(pm, tmp_path)
+    fastpeft.save_adapter(pm, tmp_path)
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert_close(logits(again, batch), want)
+    merged = fastpeft.merge_and_unload(pm)
+    assert not adapted(merged)
+    assert_close(logits(merged, batch), want, atol=1e-4)
 
 
 def test_lora_errors_read_right():

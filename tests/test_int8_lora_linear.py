@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close_to_ref, backend_params, dtypes_for, forced
+from helpers import TRITON_INTERPRETED, assert_close_to_ref, backend_params, dtypes_for, forced
 from torch import nn
 
 import fastpeft
-from fastpeft import _backend, reference
-from fastpeft.ops.lora_linear import draw_seed
+from fastpeft import reference
+from fastpeft.ops._linear import draw_seed
 
 # (leading dims, in, out, r): the small-batch (decode) path at T = 1, 16 and 17 (on the
 # CPU the GEMV, in 1, 4 and 5 passes; the tile kernel, used without it, stops at 16), the
@@ -112,7 +112,7 @@ def test_gemv_chunks(tokens, out):
     256 KiB, 63 rows, past 4 rows, in passes of 4, 4 and 1 at T = 9), with tails of rows
     after its streams (4 at T = 1: 255 = 4 * 63 + 3; 3 at T = 4: the last chunk, 91 =
     3 * 30 + 1) and of columns."""
-    if ("int8_lora_linear", "cpu") not in _backend._kernels:
+    if "cpu" not in fastpeft.available_backends("int8_lora_linear"):
         pytest.skip("fastpeft._C has no int8_lora_linear kernel (not built)")
     check_matches_reference("cpu", "cpu", ((tokens,), 4109, out, 8), True, 0.0,
                             dtypes_for("cpu", "cpu"))
@@ -178,7 +178,7 @@ def test_gradcheck_float64(backend_device, p, tokens):
     def f(x, b, a, bb):
         return op(x, q, s, b, a, bb, scaling, p, seed)[0]
 
-    fast = backend == "triton" and _backend.TRITON_INTERPRET
+    fast = backend == "triton" and TRITON_INTERPRETED
     assert torch.autograd.gradcheck(f, (x, b, a, bb), fast_mode=fast)
 
 

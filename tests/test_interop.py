@@ -506,6 +506,8 @@ def test_adapted_attention_compiles_fullgraph():
     ({"target_modules": []}, "target_modules"),
     ({"base_dtype": "int4"}, "base_dtype"),
     ({"lora_alpha": float("nan")}, "lora_alpha"),
+    ({"target_modules": [], "target_parameters": []}, "target_modules"),
+    ({"target_parameters": ["experts.down_proj", ""]}, "target_parameters"),
 ])
 def test_lora_config_refuses(kwargs, match):
     with pytest.raises(ValueError, match=match):

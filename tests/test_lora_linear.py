@@ -11,7 +11,7 @@ from torch import nn
 
 import fastpeft
 from fastpeft import reference
-from fastpeft.ops.lora_linear import draw_seed, linear_args_ok
+from fastpeft.ops._linear import draw_seed, linear_args_ok
 
 # (leading dims of x, in, out, r): the odd shape, a 3-D input, rank 1, rank > in/4
 SHAPES = [((5,), 123, 77, 3), ((2, 3), 64, 40, 16), ((7,), 33, 65, 1), ((4,), 20, 24, 8)]
@@ -341,7 +341,7 @@ def test_strided_weight_is_copied(backend_device):
 def test_native_op_refuses_other_weight_layouts():
     """The native CPU op (called directly, without lora_linear's copy) reads (out, in)
     and (in, out).t() in place and refuses other layouts with an error naming weight."""
-    if ("lora_linear", "cpu") not in fastpeft._backend._kernels:
+    if "cpu" not in fastpeft.available_backends("lora_linear"):
         pytest.skip("fastpeft._C has no lora_linear kernel (not built)")
     x, w, b, a, bb, s, p, seed = _op_args("cpu", p=0.0)
     op = torch.ops.fastpeft.lora_linear

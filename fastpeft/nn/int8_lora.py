@@ -191,6 +191,11 @@ class Int8LoRALinear(nn.Module):
         # kept in another (PEFT keeps them in float32 on a bf16 model) and are cast, the
         # scale stays float32 (Module.to(dtype) casts float buffers too). All are small.
         # Merged: the LoRA product is inside qweight already; scaling 0 drops the branch.
+        if x.dtype == torch.float64 and self.lora_A.weight.dtype != torch.float64:
+            # as LoRALinear (and nn.Linear): float64 only in a float64 layer (.double())
+            raise TypeError(f"x: expected {self.lora_A.weight.dtype} or a 16-bit float dtype "
+                            "(this layer's LoRA weights are not float64; call .double() on "
+                            "it for float64), got torch.float64")
         a, b = lora_weights(self, x.dtype)
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype \
             else self.bias.to(x.dtype)

@@ -1,10 +1,12 @@
 """PEFT's own LoRA layers with fastpeft's fused forward (what :func:`fastpeft.from_peft`
-turns them into), and one view of the LoRA hyperparameters of either kind of layer."""
+turns them into), PEFT's ``ParamWrapper`` (LoRA on a parameter, which keeps PEFT's
+forward), and one view of the LoRA hyperparameters of any of these layers."""
 
 from __future__ import annotations
 
 import importlib
 import math
+import sys
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -14,7 +16,13 @@ from ..ops.lora_linear import lora_linear
 from .int8_lora import Int8LoRALinear, bnb_int8_weight
 from .lora import LoRALinear, is_conv1d
 
-__all__ = ["FusedPeftLora", "LoraParts", "fuse_peft_lora", "lora_parts"]
+__all__ = ["FusedPeftLora", "LoraParts", "fuse_peft_lora", "is_param_wrapper", "lora_parts",
+           "param_wrapper_class"]
+
+#: Where PEFT keeps ``ParamWrapper`` (PEFT >= 0.17), LoRA on an ``nn.Parameter``.
+_PARAM_WRAPPER = ("peft.tuners.lora.layer", "ParamWrapper")
+#: The oldest PEFT with ``ParamWrapper``, for the error that asks to install it.
+PARAM_WRAPPER_PEFT = "peft>=0.17"
 
 # PEFT layer classes that get a fused forward: name of the fused class -> (module, class)
 _PEFT_CLASSES = {
@@ -100,6 +108,30 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def is_param_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is PEFT's ``ParamWrapper`` (LoRA on one parameter of the module it
+    wraps, e.g. the 3-D experts of a transformers 5 MoE layer). Imports nothing: where
+    PEFT's LoRA layers were never imported, no module can be one."""
+    layer = sys.modules.get(_PARAM_WRAPPER[0])
+    cls = getattr(layer, _PARAM_WRAPPER[1], None)
+    return cls is not None and isinstance(module, cls)
+
+
+def param_wrapper_class(what: str) -> type:
+    """PEFT's ``ParamWrapper`` class; ``ImportError`` naming ``what`` needs it and what to
+    install where peft is missing or older than 0.17."""
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError(f"{what} needs PEFT's ParamWrapper: pip install "
+                          f"'{PARAM_WRAPPER_PEFT}'") from err
+    try:
+        return getattr(importlib.import_module(_PARAM_WRAPPER[0]), _PARAM_WRAPPER[1])
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"{what} needs PEFT's ParamWrapper, which peft {peft.__version__} "
+                          f"lacks: pip install '{PARAM_WRAPPER_PEFT}'") from err
+
+
 @dataclass(frozen=True)
 class LoraParts:
     """The LoRA hyperparameters and weights of a layer, fastpeft's or (fused) PEFT's."""
@@ -116,7 +148,7 @@ class LoraParts:
 
 def lora_parts(layer: nn.Module) -> LoraParts:
     """:class:`LoraParts` of a :class:`fastpeft.LoRALinear` / :class:`fastpeft.Int8LoRALinear`,
-    or of a PEFT LoRA layer's active adapter."""
+    or of a PEFT LoRA layer's active adapter (a ``ParamWrapper``'s included)."""
     if isinstance(layer, (LoRALinear, Int8LoRALinear)):
         return LoraParts(layer.r, layer.lora_alpha, layer.lora_dropout, layer.use_rslora,
                          layer.scaling, layer.lora_A.weight, layer.lora_B.weight,

@@ -1,7 +1,7 @@
-"""Registered operators: schemas (``_library``), then one module per op that adds fake
-and autograd implementations and the public function."""
+"""The fused ops: one module per op declares it (schema, fake, autograd, Triton kernels;
+see :mod:`._library`) and defines its public function. Importing this package boots the
+``fastpeft`` operator namespace and loads the compiled CPU kernels."""
 
-from . import _library  # noqa: F401  (defines the schemas first)
 from .bottleneck_adapter import bottleneck_adapter
 from .gated_prefix_attention import gated_prefix_attention
 from .int8_lora_linear import int8_lora_linear, quantize_int8

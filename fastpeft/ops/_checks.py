@@ -4,7 +4,8 @@ was expected, so a bad call fails in Python rather than inside a kernel."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -61,14 +62,55 @@ def check_scalar(
     lo: float | None = None,
     hi: float | None = None,
     hi_inclusive: bool = True,
+    lo_inclusive: bool = True,
 ) -> float:
-    """A finite Python number within ``[lo, hi]`` (or ``[lo, hi)``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number (a Python or NumPy int or float) within the bounds given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     v = float(value)
-    bad = not math.isfinite(v) or (lo is not None and v < lo)
-    bad = bad or (hi is not None and (v > hi if hi_inclusive else v >= hi))
-    if bad:
-        rng = f"[{lo}, {hi}{']' if hi_inclusive else ')'}" if hi is not None else "finite"
-        raise ValueError(f"{name}: expected a value in {rng}, got {value}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    too_low = lo is not None and (v < lo if lo_inclusive else v <= lo)
+    too_high = hi is not None and (v > hi if hi_inclusive else v >= hi)
+    if too_low or too_high:
+        if lo is not None and hi is not None:
+            rng = f"in {'[' if lo_inclusive else '('}{lo}, {hi}{']' if hi_inclusive else ')'}"
+        elif lo is not None:
+            rng = f"{'>=' if lo_inclusive else '>'} {lo}"
+        else:
+            rng = f"{'<=' if hi_inclusive else '<'} {hi}"
+        raise ValueError(f"{name}: expected a value {rng}, got {value}")
     return v
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """An int >= 1 (a sizes' or rank's check; bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def check_same_dtype(tensors: Mapping[str, Tensor | None]) -> None:
+    """All given tensors (``None`` skipped) share one dtype. The odd one out is named: the
+    dtype most of them have is taken as intended (on a tie, the first one's)."""
+    _check_same("dtype {}", "dtype {}", {n: t.dtype for n, t in tensors.items() if t is not None},
+                TypeError)
+
+
+def check_same_device(tensors: Mapping[str, Tensor | None]) -> None:
+    """All given tensors (``None`` skipped) are on one device; the odd one out is named."""
+    _check_same("a tensor on {}", "one on {}",
+                {n: t.device for n, t in tensors.items() if t is not None}, ValueError)
+
+
+def _check_same(expected: str, got: str, values: dict[str, object],
+                error: type[Exception]) -> None:
+    distinct = list(dict.fromkeys(values.values()))
+    if len(distinct) < 2:
+        return
+    counts = {v: sum(1 for x in values.values() if x == v) for v in distinct}
+    want = max(distinct, key=lambda v: counts[v])  # max keeps the first of equal counts
+    odd = next(n for n, v in values.items() if v != want)
+    agree = ", ".join(n for n, v in values.items() if v == want)
+    raise error(f"{odd}: expected {expected.format(want)} (like {agree}), got "
+                f"{got.format(values[odd])}")

@@ -1,23 +1,37 @@
-"""The ``fastpeft`` operator namespace: every op schema is declared here.
+"""How a fastpeft op is declared, and the boot of the ``fastpeft`` operator namespace.
 
-Each fused op exists as two registered operators with one schema:
+An op is declared once, by an :class:`OpSpec` in ``fastpeft/ops/<op>.py``: its schema,
+its fake (shape) functions, what it saves for backward and its backward formulas, and its
+Triton kernels. :func:`declare` turns the spec into registered operators, all with the
+same schema, the same fake and the same autograd:
 
-* ``fastpeft::<op>`` / ``fastpeft::<op>_backward`` — the native kernels; the CPU
-  implementation is C++ registered by ``fastpeft._C`` (``TORCH_LIBRARY_IMPL``);
-* ``fastpeft::<op>_triton`` / ``fastpeft::<op>_backward_triton`` — the Triton kernels,
-  declared with ``torch.library.triton_op`` in ``fastpeft/triton/`` (schema inferred from
-  the same signature) so that ``torch.compile`` sees through them.
+========================================  ===============================================
+``fastpeft::<op>``, ``<op>_backward``     native: the C++ CPU kernels (``csrc/cpu/<op>.cpp``,
+                                          registered when ``fastpeft._C`` loads)
+``fastpeft::<op>_triton``,                Triton: ``fastpeft/triton/<op>.py`` (CUDA tensors;
+``<op>_backward_triton``                  CPU tensors under ``TRITON_INTERPRET=1``)
+========================================  ===============================================
 
-Forward ops return the output plus the small tensors the backward needs. Fake
-implementations are registered on both variants by ``fastpeft/ops/<op>.py``, and so is
-autograd, except on the native ops when ``fastpeft._C`` registers theirs in C++
-(``csrc/autograd.cpp``: same formulas, a fraction of the per-call cost).
+Autograd is Python (``torch.library.register_autograd``) for every variant: one
+``setup_context`` and one ``backward``, which receives the variant's own backward op.
+Forward ops return the output plus the small tensors that backward needs (marked
+non-differentiable). The backward ops have no derivative: differentiating them (double
+backward) raises. :func:`declare` then tells :mod:`fastpeft._backend` which variants have
+kernels, and the public function (``fastpeft.<op>``) asks :func:`fastpeft._backend.resolve`
+which one to call.
+
+Booting is this module's import: it creates the namespace and loads ``fastpeft._C``
+(whose C++ kernels register under the op names before the names are declared, which the
+dispatcher allows); each ``fastpeft/ops/<op>.py`` then declares its op.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -25,87 +39,64 @@ from .. import _backend
 
 lib = torch.library.Library("fastpeft", "DEF")
 
-SCHEMAS = {
-    # y (T, out) and xa = dropout(x) @ lora_A.T (T, r), saved for backward
-    "lora_linear": (
-        "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-        "float scaling, float dropout_p, Tensor? seed) -> (Tensor, Tensor)"
-    ),
-    # (dx or an empty tensor when not compute_dx, d lora_A, d lora_B)
-    "lora_linear_backward": (
-        "lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, "
-        "Tensor lora_B, Tensor xa, float scaling, float dropout_p, Tensor? seed, "
-        "bool compute_dx) -> (Tensor, Tensor, Tensor)"
-    ),
-    # out (B, H, M, D); lse, prompt_lse (B, H, M) fp32 log-sum-exps of the two softmaxes
-    # (lse = +inf for a row with no visible sequence key, so its probabilities are 0)
-    "gated_prefix_attention": (
-        "gated_prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
-        "Tensor prefix_v, Tensor gate, Tensor? key_padding_mask, bool causal, float scale, "
-        "bool gate_tanh) -> (Tensor, Tensor, Tensor)"
-    ),
-    # (dq, dk, dv, dprefix_k, dprefix_v, dgate)
-    "gated_prefix_attention_backward": (
-        "gated_prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-        "Tensor prefix_k, Tensor prefix_v, Tensor gate, Tensor? key_padding_mask, "
-        "Tensor out, Tensor lse, Tensor prompt_lse, bool causal, float scale, "
-        "bool gate_tanh) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-    ),
-    # y (T, d); mean, rstd (T,) layer-norm statistics of x (empty when ln_weight is None),
-    # float32 (float64 for float64 x). The (T, m) bottleneck is recomputed in backward.
-    "bottleneck_adapter": (
-        "bottleneck_adapter(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
-        "Tensor? up_bias, Tensor? residual, Tensor? ln_weight, Tensor? ln_bias, "
-        "str activation, float scaling, float ln_eps) -> (Tensor, Tensor, Tensor)"
-    ),
-    # (dx, d down_weight, d down_bias (m,), d up_weight, d up_bias (d,), d ln_weight,
-    # d ln_bias); the last two are empty when ln_weight is None. dx includes grad_y when
-    # the residual is x (residual_is_x); otherwise d residual = grad_y needs no kernel.
-    "bottleneck_adapter_backward": (
-        "bottleneck_adapter_backward(Tensor grad_y, Tensor x, Tensor down_weight, "
-        "Tensor? down_bias, Tensor up_weight, Tensor? ln_weight, Tensor? ln_bias, "
-        "Tensor mean, Tensor rstd, str activation, float scaling, bool residual_is_x) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-    ),
-    # int8 weight-only base: weight = qweight (out, in) int8 * weight_scale (out,) fp32 per
-    # row. y (T, out) and xa (T, r) as in lora_linear; the float weight is never built.
-    "int8_lora_linear": (
-        "int8_lora_linear(Tensor x, Tensor qweight, Tensor weight_scale, Tensor? bias, "
-        "Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor? seed) "
-        "-> (Tensor, Tensor)"
-    ),
-    # (dx or an empty tensor when not compute_dx, d lora_A, d lora_B)
-    "int8_lora_linear_backward": (
-        "int8_lora_linear_backward(Tensor grad_y, Tensor x, Tensor qweight, "
-        "Tensor weight_scale, Tensor lora_A, Tensor lora_B, Tensor xa, float scaling, "
-        "float dropout_p, Tensor? seed, bool compute_dx) -> (Tensor, Tensor, Tensor)"
-    ),
-}
-
-for _schema in SCHEMAS.values():
-    lib.define(_schema)
-
-# The compiled kernels register against these schemas; loading them here, before the op
-# modules add their Python registrations, lets register_autograd see the C++ ones.
 _backend.load_native()
 
 
-def register_autograd(op: str, make_backward: Callable, setup_context: Callable) -> None:
-    """Register autograd on ``fastpeft::<op>`` and, where Triton is installed, on
-    ``fastpeft::<op>_triton`` (importing ``fastpeft.triton.<op>`` defines it): one
-    ``setup_context``, and ``make_backward(backward_op)`` bound to each variant's own
-    backward op. The native op keeps the autograd that ``fastpeft._C`` registers in C++
-    (``csrc/autograd.cpp``), where it is built."""
-    ops = torch.ops.fastpeft
-    variants = [""]
-    if _backend.TRITON_AVAILABLE:
-        importlib.import_module(f"fastpeft.triton.{op}")
-        variants.append("_triton")
-    for suffix in variants:
-        native = f"fastpeft::{op}"  # only _C registers an Autograd kernel on the native ops
-        if not suffix and torch._C._dispatch_has_kernel_for_dispatch_key(native, "Autograd"):
-            continue
-        backward_op = getattr(ops, f"{op}_backward{suffix}").default
+@dataclass(frozen=True)
+class OpSpec:
+    """Everything that defines one fused op (apart from its kernels and public function).
+
+    Attributes:
+        name: the op's name, ``fastpeft::<name>``.
+        schema: the forward's signature without its name, ``"(Tensor x, ...) -> (...)"``.
+        backward_schema: the backward op's signature; it takes the saved tensors and the
+            output gradient and returns the input gradients.
+        fake: the forward's shape function (``torch.library.register_fake``).
+        backward_fake: the backward op's shape function.
+        setup_context: ``(ctx, inputs, output)``: saves what ``backward`` needs.
+        backward: ``(backward_op, ctx, *grad_outputs)`` -> one gradient per input;
+            ``backward_op`` is the backward op of the variant that ran the forward.
+        triton: the module with the Triton kernels' ``forward`` and ``backward`` (taking
+            the schemas' arguments), or ``None`` when Triton is not installed.
+    """
+
+    name: str
+    schema: str
+    backward_schema: str
+    fake: Callable[..., Any]
+    backward_fake: Callable[..., Any]
+    setup_context: Callable[[Any, tuple, Any], None]
+    backward: Callable[..., tuple]
+    triton: ModuleType | None
+
+
+def declare(spec: OpSpec) -> None:
+    """Register ``spec``'s operators (native, and Triton when its module is given) with
+    their fakes and autograd, the Triton kernels, and the variants in :mod:`_backend`."""
+    suffixes = {"cpu": ""} | ({"triton": "_triton"} if spec.triton is not None else {})
+    for backend, suffix in suffixes.items():
+        forward, backward = f"{spec.name}{suffix}", f"{spec.name}_backward{suffix}"
+        lib.define(forward + spec.schema)
+        lib.define(backward + spec.backward_schema)
+        torch.library.register_fake(f"fastpeft::{forward}", spec.fake, lib=lib)
+        torch.library.register_fake(f"fastpeft::{backward}", spec.backward_fake, lib=lib)
+        backward_op = getattr(torch.ops.fastpeft, backward).default
         torch.library.register_autograd(
-            f"fastpeft::{op}{suffix}", make_backward(backward_op), setup_context=setup_context
-        )
+            f"fastpeft::{forward}", functools.partial(spec.backward, backward_op),
+            setup_context=spec.setup_context, lib=lib)
+        torch.library.register_autograd(
+            f"fastpeft::{backward}", functools.partial(_no_double_backward, spec.name), lib=lib)
+        if spec.triton is not None and backend == "triton":
+            torch.library.register_kernel(f"fastpeft::{forward}", ("cpu", "cuda"),
+                                          spec.triton.forward, lib=lib)
+            torch.library.register_kernel(f"fastpeft::{backward}", ("cpu", "cuda"),
+                                          spec.triton.backward, lib=lib)
+        op = getattr(torch.ops.fastpeft, forward).default
+        if backend == "triton" or torch._C._dispatch_has_kernel_for_dispatch_key(
+                op.name(), "CPU"):
+            _backend.add_variant(spec.name, backend, op)
+
+
+def _no_double_backward(name: str, ctx: Any, *grads: Any) -> tuple:
+    raise RuntimeError(f"fastpeft.{name}: its backward has no derivative; double backward "
+                       "(create_graph=True, then differentiating a gradient) is not supported")

@@ -23,28 +23,44 @@ from torch import Tensor
 
 from .. import _backend, reference
 from ._checks import check_float_input, check_scalar, check_tensor
-from ._library import register_autograd
+from ._library import OpSpec, declare
+
+if _backend.TRITON_AVAILABLE:
+    from ..triton import bottleneck_adapter as triton_kernels
+else:
+    triton_kernels = None
 
 __all__ = ["bottleneck_adapter"]
 
 ACTIVATIONS = reference.ACTIVATIONS
+
+# y (T, d); mean, rstd (T,) layer-norm statistics of x (empty when ln_weight is None),
+# float32 (float64 for float64 x). The (T, m) bottleneck is recomputed in backward.
+SCHEMA = ("(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
+          "Tensor? up_bias, Tensor? residual, Tensor? ln_weight, Tensor? ln_bias, "
+          "str activation, float scaling, float ln_eps) -> (Tensor, Tensor, Tensor)")
+# (dx, d down_weight, d down_bias (m,), d up_weight, d up_bias (d,), d ln_weight,
+# d ln_bias); the last two are empty when ln_weight is None. dx includes grad_y when the
+# residual is x (residual_is_x); otherwise d residual = grad_y needs no kernel.
+BACKWARD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor down_weight, Tensor? down_bias, "
+                   "Tensor up_weight, Tensor? ln_weight, Tensor? ln_bias, Tensor mean, "
+                   "Tensor rstd, str activation, float scaling, bool residual_is_x) "
+                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("fastpeft::bottleneck_adapter")
-def _bottleneck_adapter_fake(x, down_weight, down_bias, up_weight, up_bias, residual,
-                             ln_weight, ln_bias, activation, scaling, ln_eps):
+def _fake(x, down_weight, down_bias, up_weight, up_bias, residual, ln_weight, ln_bias,
+          activation, scaling, ln_eps):
     rows = x.shape[0] if ln_weight is not None else 0
     stats = x.new_empty(rows, dtype=_stats_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@torch.library.register_fake("fastpeft::bottleneck_adapter_backward")
-def _bottleneck_adapter_backward_fake(grad_y, x, down_weight, down_bias, up_weight, ln_weight,
-                                      ln_bias, mean, rstd, activation, scaling, residual_is_x):
+def _backward_fake(grad_y, x, down_weight, down_bias, up_weight, ln_weight, ln_bias, mean,
+                   rstd, activation, scaling, residual_is_x):
     d = x.shape[1]
     d_ln = d if ln_weight is not None else 0
     return (
@@ -68,33 +84,32 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _autograd_backward(backward_op):
-    def backward(ctx, grad_y: Tensor, _grad_mean, _grad_rstd):
-        x, down_weight, down_bias, up_weight, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        dx, d_dw, d_db, d_uw, d_ub, d_lnw, d_lnb = backward_op(
-            grad_y, x, down_weight, down_bias, up_weight, ln_weight, ln_bias, mean, rstd,
-            ctx.activation, ctx.scaling, ctx.residual_is_x,
-        )
-        need = ctx.needs_input_grad
-        return (
-            dx if need[0] else None,
-            d_dw if need[1] else None,
-            d_db if need[2] else None,
-            d_uw if need[3] else None,
-            d_ub if need[4] else None,
-            grad_y if need[5] else None,
-            d_lnw if need[6] else None,
-            d_lnb if need[7] else None,
-            None,
-            None,
-            None,
-        )
-
-    return backward
+def _backward(backward_op, ctx, grad_y: Tensor, _grad_mean, _grad_rstd):
+    x, down_weight, down_bias, up_weight, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    dx, d_dw, d_db, d_uw, d_ub, d_lnw, d_lnb = backward_op(
+        grad_y, x, down_weight, down_bias, up_weight, ln_weight, ln_bias, mean, rstd,
+        ctx.activation, ctx.scaling, ctx.residual_is_x,
+    )
+    need = ctx.needs_input_grad
+    return (
+        dx if need[0] else None,
+        d_dw if need[1] else None,
+        d_db if need[2] else None,
+        d_uw if need[3] else None,
+        d_ub if need[4] else None,
+        grad_y if need[5] else None,
+        d_lnw if need[6] else None,
+        d_lnb if need[7] else None,
+        None,
+        None,
+        None,
+    )
 
 
-register_autograd("bottleneck_adapter", _autograd_backward, _setup_context)
+
+declare(OpSpec("bottleneck_adapter", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake,
+               _setup_context, _backward, triton_kernels))
 
 
 def check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, residual,
@@ -166,20 +181,19 @@ def bottleneck_adapter(
     check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, residual,
                        ln_weight, ln_bias)
     scaling = check_scalar("scaling", scaling)
-    ln_eps = check_scalar("ln_eps", ln_eps, lo=0.0)
-    if ln_eps == 0.0:
-        raise ValueError("ln_eps: expected a value > 0, got 0.0")
+    ln_eps = check_scalar("ln_eps", ln_eps, lo=0.0, lo_inclusive=False)
 
     shape = x.shape
     op = _backend.resolve("bottleneck_adapter", x.device)
-    if op is None:
+    if op is None or x.numel() == 0:  # an empty x: the reference gives the empty result
         return reference.bottleneck_adapter(
             x, down_weight, down_bias, up_weight, up_bias, activation=activation,
             residual=residual, scaling=scaling, ln_weight=ln_weight, ln_bias=ln_bias,
             ln_eps=ln_eps,
         )
-    x2 = x.reshape(-1, shape[-1]).contiguous()
-    res2 = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+    rows = shape[:-1].numel()
+    x2 = x.reshape(rows, shape[-1]).contiguous()
+    res2 = None if residual is None else residual.reshape(rows, shape[-1]).contiguous()
 
     def c(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.contiguous()

@@ -23,19 +23,33 @@ from torch import Tensor
 
 from .. import _backend, reference
 from ._checks import check_float_input, check_scalar, check_tensor
-from ._library import register_autograd
+from ._library import OpSpec, declare
+
+if _backend.TRITON_AVAILABLE:
+    from ..triton import gated_prefix_attention as triton_kernels
+else:
+    triton_kernels = None
 
 __all__ = ["gated_prefix_attention"]
 
+# out (B, H, M, D); lse, prompt_lse (B, H, M) fp32 log-sum-exps of the two softmaxes
+# (lse = +inf for a row with no visible sequence key, so its probabilities are 0)
+SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor gate, "
+          "Tensor? key_padding_mask, bool causal, float scale, bool gate_tanh) "
+          "-> (Tensor, Tensor, Tensor)")
+# (dq, dk, dv, dprefix_k, dprefix_v, dgate)
+BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
+                   "Tensor prefix_v, Tensor gate, Tensor? key_padding_mask, Tensor out, "
+                   "Tensor lse, Tensor prompt_lse, bool causal, float scale, bool gate_tanh) "
+                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
-@torch.library.register_fake("fastpeft::gated_prefix_attention")
+
 def _fake(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, gate_tanh):
     stats = q.new_empty(q.shape[:3], dtype=torch.float32)
     return torch.empty_like(q), stats, torch.empty_like(stats)
 
 
-@torch.library.register_fake("fastpeft::gated_prefix_attention_backward")
-def _fake_backward(grad_out, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
+def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
                    prompt_lse, causal, scale, gate_tanh):
     return tuple(torch.empty_like(t) for t in (q, k, v, prefix_k, prefix_v, gate))
 
@@ -49,17 +63,15 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse, prompt_lse)
 
 
-def _autograd_backward(backward_op):
-    def backward(ctx, grad_out: Tensor, _grad_lse, _grad_prompt_lse):
-        q, k, v, prefix_k, prefix_v, gate, kpm, out, lse, prompt_lse = ctx.saved_tensors
-        grads = backward_op(grad_out.contiguous(), q, k, v, prefix_k, prefix_v, gate, kpm, out,
-                            lse, prompt_lse, ctx.causal, ctx.scale, ctx.gate_tanh)
-        return (*grads, None, None, None, None)
-
-    return backward
+def _backward(backward_op, ctx, grad_out: Tensor, _grad_lse, _grad_prompt_lse):
+    q, k, v, prefix_k, prefix_v, gate, kpm, out, lse, prompt_lse = ctx.saved_tensors
+    grads = backward_op(grad_out.contiguous(), q, k, v, prefix_k, prefix_v, gate, kpm, out,
+                        lse, prompt_lse, ctx.causal, ctx.scale, ctx.gate_tanh)
+    return (*grads, None, None, None, None)
 
 
-register_autograd("gated_prefix_attention", _autograd_backward, _setup_context)
+declare(OpSpec("gated_prefix_attention", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake,
+               _setup_context, _backward, triton_kernels))
 
 
 def _check_args(q, k, v, prefix_k, prefix_v, gate, key_padding_mask) -> None:
@@ -123,9 +135,12 @@ def gated_prefix_attention(
         prompt part (never NaN). Gradients flow to q, k, v, prefix_k, prefix_v and gate.
     """
     _check_args(q, k, v, prefix_k, prefix_v, gate, key_padding_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else check_scalar("scale", scale)
+    if scale is None:  # 1/sqrt(D); with D = 0 the output is empty and the scale moot
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
+    else:
+        scale = check_scalar("scale", scale)
     op = _backend.resolve("gated_prefix_attention", q.device)
-    if op is None:
+    if op is None or q.numel() == 0:  # an empty output: the reference gives it
         return reference.gated_prefix_attention(
             q, k, v, prefix_k, prefix_v, gate, causal=causal, scale=scale,
             gate_tanh=gate_tanh, key_padding_mask=key_padding_mask)

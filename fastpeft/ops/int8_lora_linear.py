@@ -19,23 +19,33 @@ from torch import Tensor
 
 from .. import _backend, reference
 from ._checks import check_float_input, check_scalar, check_tensor
-from ._library import register_autograd
-from .lora_linear import _lora_linear_backward_fake, check_lora_args, draw_seed, linear_args_ok
+from ._library import OpSpec, declare
+from ._linear import check_lora_args, draw_seed, linear_args_ok, linear_backward_fake
+
+if _backend.TRITON_AVAILABLE:
+    from ..triton import int8_lora_linear as triton_kernels
+else:
+    triton_kernels = None
 
 __all__ = ["int8_lora_linear", "quantize_int8"]
 
+# int8 weight-only base: weight = qweight (out, in) int8 * weight_scale (out,) fp32 per row.
+# y (T, out) and xa (T, r) as in lora_linear; the float weight is never built.
+SCHEMA = ("(Tensor x, Tensor qweight, Tensor weight_scale, Tensor? bias, Tensor lora_A, "
+          "Tensor lora_B, float scaling, float dropout_p, Tensor? seed) -> (Tensor, Tensor)")
+# (dx or an empty tensor when not compute_dx, d lora_A, d lora_B)
+BACKWARD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor qweight, Tensor weight_scale, "
+                   "Tensor lora_A, Tensor lora_B, Tensor xa, float scaling, float dropout_p, "
+                   "Tensor? seed, bool compute_dx) -> (Tensor, Tensor, Tensor)")
 
-@torch.library.register_fake("fastpeft::int8_lora_linear")
-def _int8_lora_linear_fake(x, qweight, weight_scale, bias, lora_A, lora_B, scaling, dropout_p,
-                           seed):
+
+def _fake(x, qweight, weight_scale, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return x.new_empty(x.shape[0], qweight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
-@torch.library.register_fake("fastpeft::int8_lora_linear_backward")
-def _int8_lora_linear_backward_fake(grad_y, x, qweight, weight_scale, lora_A, lora_B, xa,
-                                    scaling, dropout_p, seed, compute_dx):
-    return _lora_linear_backward_fake(grad_y, x, None, lora_A, lora_B, xa, scaling, dropout_p,
-                                      seed, compute_dx)
+def _backward_fake(grad_y, x, qweight, weight_scale, lora_A, lora_B, xa, scaling, dropout_p,
+                   seed, compute_dx):
+    return linear_backward_fake(x, lora_A, lora_B, compute_dx)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -45,23 +55,20 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward_adapter(backward_op):
-    """The int8 backward op behind lora_linear's autograd formula (the quantised weight
-    and its scale are frozen buffers: no gradient)."""
-
-    def backward(ctx, grad_y: Tensor, _grad_xa: Tensor | None):
-        x, qweight, weight_scale, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        grad_y = grad_y.contiguous()
-        dx, d_a, d_b = backward_op(grad_y, x, qweight, weight_scale, lora_A, lora_B, xa,
-                                   ctx.scaling, ctx.dropout_p, seed, need_x)
-        d_bias = grad_y.sum(0) if need_bias else None
-        return dx if need_x else None, None, None, d_bias, d_a, d_b, None, None, None
-
-    return backward
+def _backward(backward_op, ctx, grad_y: Tensor, _grad_xa: Tensor | None):
+    """lora_linear's formulas, ``dx`` through the dequantised weight; the quantised weight
+    and its scale are frozen buffers (refused as trainable by :func:`int8_lora_linear`)."""
+    x, qweight, weight_scale, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    grad_y = grad_y.contiguous()
+    dx, d_a, d_b = backward_op(grad_y, x, qweight, weight_scale, lora_A, lora_B, xa,
+                               ctx.scaling, ctx.dropout_p, seed, need_x)
+    d_bias = grad_y.sum(0) if need_bias else None
+    return dx if need_x else None, None, None, d_bias, d_a, d_b, None, None, None
 
 
-register_autograd("int8_lora_linear", _backward_adapter, _setup_context)
+declare(OpSpec("int8_lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake,
+               _setup_context, _backward, triton_kernels))
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,13 +85,24 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     check_float_input("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D tensor, got shape {tuple(weight.shape)}")
+    finite = torch.isfinite(weight).all(dim=1)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten()
+        raise ValueError(f"weight: expected finite values, got inf or NaN in {rows.numel()} "
+                         f"row(s) (first: row {int(rows[0])}); a row's int8 scale would be "
+                         "inf or NaN and every output of that row NaN")
     return reference.quantize_int8(weight)
 
 
 def check_int8_weight(x: Tensor, qweight: Tensor, weight_scale: Tensor) -> None:
+    """The quantised base: int8 codes and float32 per-row scales, frozen, on x's device."""
     check_tensor("qweight", qweight, ndim=2, dtype=torch.int8, like=x)
     check_tensor("weight_scale", weight_scale, shape=(qweight.shape[0],), dtype=torch.float32,
                  like=x)
+    if weight_scale.requires_grad:
+        raise ValueError("weight_scale: the quantised base is frozen and gets no gradient, but "
+                         "weight_scale requires grad; pass weight_scale.detach() (or train a "
+                         "float base with fastpeft.lora_linear)")
 
 
 def int8_lora_linear(
@@ -128,9 +146,9 @@ def int8_lora_linear(
     # autograd view, and at T = 1 the Python around the kernel is a sizeable part of a call.
     flat = x.dim() == 2
     lead = x.shape[:-1]
-    x2 = x.contiguous() if flat else x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.contiguous() if flat else x.reshape(lead.numel(), x.shape[-1]).contiguous()
     op = _backend.resolve("int8_lora_linear", x.device)
-    if op is None:
+    if op is None or x2.numel() == 0 or qweight.numel() == 0:  # empty: reference
         y = reference.int8_lora_linear(x2, qweight, weight_scale, bias, lora_A, lora_B, scaling,
                                        p, True, seed)
     else:

@@ -1,13 +1,13 @@
-"""Launcher helpers shared by the Triton ops: configs, autotuning, precision flags and the
-interpreter workarounds (``TRITON_INTERPRET=1`` runs the kernels on CPU tensors)."""
+"""Launcher helpers shared by the Triton ops: autotune configs, precision flags, block
+sizes, the dropout arguments (``TRITON_INTERPRET=1`` runs the kernels on CPU tensors)."""
 
 import os
 
 import torch
 import triton
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
-from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+from ..reference import dropout_threshold
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -24,11 +24,13 @@ def tuned(configs: list[triton.Config], key: list[str]):
     return lambda fn: triton.autotune(configs=configs, key=key)(fn)
 
 
-def skip_launch(t: Tensor) -> bool:
-    """Under the interpreter wrap_triton returns the kernel itself, which cannot run on
-    fake tensors; skip the launches there so the op's function still serves as its fake
-    (on a GPU, wrap_triton's traceable wrapper handles fake and traced tensors)."""
-    return INTERPRET and is_fake(t)
+def mnk(bm: int, bn: int, bk: int) -> dict:
+    """Meta-parameters of a grouped-order GEMM tile (see ``_common_kernels.grouped_tile``)."""
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+
+
+# The interpreter's GEMM tile (lora_linear and int8_lora_linear).
+GEMM_INTERPRETED = mnk(16, 32, 32)
 
 
 def allow_tf32(dtype: torch.dtype) -> bool:
@@ -39,30 +41,35 @@ def allow_tf32(dtype: torch.dtype) -> bool:
     return dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
 
 
-def size_bucket(n) -> int:
-    """Power of two >= n (16 .. 65536): the eager autotune key for a row count, so
-    variable sequence lengths reuse a tuned config instead of re-tuning for every n.
-    A symbolic n (torch.compile, dynamic shapes) is passed through: Inductor tunes user
-    kernels itself, and comparing it here would only add shape guards."""
-    if isinstance(n, torch.SymInt):
-        return n
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_block(n: int) -> int:
+    """n padded to a power of two >= 16 (tl.dot's minimum dimension): a whole-dimension
+    tile (LoRA rank, head dim, bottleneck width)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def size_bucket(n: int) -> int:
+    """Power of two >= n (16 .. 65536): the autotune key for a row count, so variable
+    sequence lengths reuse a tuned config instead of re-tuning for every n."""
     b = 16
     while b < n and b < 65536:
         b *= 2
     return b
 
 
-def keep_opaque(mode, op, types, args, kwargs):
-    """FunctionalTensorMode handler that keeps a triton_op opaque (see ``register_opaque``)."""
-    return mode.__torch_dispatch__(op, types, args, kwargs)
-
-
-def register_opaque(*ops) -> None:
-    """Under the interpreter only: triton_op decomposes into its kernel launches under
-    AOTDispatcher (torch.compile, opcheck), but interpreted kernels cannot be captured in
-    a graph (wrap_triton hands them back unwrapped). Keep the ops opaque there instead:
-    the graph calls the eager op, which runs the interpreter, and the fake path is the
-    op's own function."""
-    if INTERPRET:
-        for op in ops:
-            op.register_torch_dispatch(FunctionalTensorMode, keep_opaque)
+def dropout_args(dropout_p: float, seed: Tensor | None, like: Tensor):
+    """(has_dropout, seed tensor or a never-read placeholder, threshold, 1 / (1 - p)) of the
+    seeded dropout mask (:mod:`._dropout`)."""
+    if dropout_p == 0.0:
+        return False, like, 0, 1.0
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError("seed: expected an int64 1-element tensor when dropout_p > 0, got "
+                         f"{None if seed is None else (seed.dtype, tuple(seed.shape))}")
+    if seed.device != like.device:
+        raise ValueError(f"seed: expected a tensor on {like.device}, got one on {seed.device}")
+    threshold = dropout_threshold(dropout_p)
+    return True, seed, threshold, 1.0 / (1.0 - dropout_p)

@@ -1,6 +1,6 @@
-"""Backward kernels of ``fastpeft::gated_prefix_attention_backward_triton``.
+"""Backward jit kernels of ``gated_prefix_attention``.
 
-Shapes as in :mod:`.gated_prefix_attention`; dO = dL/dout (B, H, M, D). With
+Shapes as in :mod:`.gated_prefix_attention_kernels`; dO = dL/dout (B, H, M, D). With
 S = q k^T scale (+ mask), Sp = q prefix_k^T scale, and the saved natural-log lse /
 prompt_lse, the probabilities are recomputed tile by tile, never stored:
     P = exp(S - lse)  (0 where masked; lse = +inf makes a whole row 0),  Pp = exp(Sp - lse_p)
@@ -15,22 +15,23 @@ Precision: P is recomputed from an fp32 lse, so its relative error is ~eps * |ls
 every FlashAttention backward); fp64 inputs get lse recomputed in fp64 by the launcher.
 
 Three launches (FlashAttention-2 layout: no atomics, every output written once):
-  gpa_bwd_preprocess_kernel  grid (cdiv(M, BM), B*H): delta_s, delta_p per row.
-  gpa_bwd_dq_kernel          grid (cdiv(M, BM), B*H): dq of a query tile, looping over
-                             the sequence keys up to its causal limit, then the prompt keys.
-  gpa_bwd_dkdv_kernel        grid (cdiv(P, BLOCK_P) + cdiv(N, BN), B*Hkv): a program owns
-                             one block of keys of one (batch, kv head) and loops over the
-                             query tiles of all H/Hkv grouped heads, so grouped heads sum in
-                             registers. The first programs own a block of prompt keys
-                             instead (same loop, g-scaled, unmasked) and write a
-                             (B, Hkv, P, D) partial that the launcher sums over B when the
-                             prefix is batch-shared (P is small: no atomics needed either).
+  gated_prefix_attention_backward_preprocess_kernel, grid (cdiv(M, BM), B*H): delta_s,
+      delta_p per row.
+  gated_prefix_attention_backward_dq_kernel, grid (cdiv(M, BM), B*H): dq of a query tile,
+      looping over the sequence keys up to its causal limit, then the prompt keys.
+  gated_prefix_attention_backward_dkdv_kernel, grid (cdiv(P, BLOCK_P) + cdiv(N, BN), B*Hkv):
+      a program owns one block of keys of one (batch, kv head) and loops over the query
+      tiles of all H/Hkv grouped heads, so grouped heads sum in registers. The first
+      programs own a block of prompt keys instead (same loop, g-scaled, unmasked) and write
+      a (B, Hkv, P, D) partial that the launcher sums over B when the prefix is
+      batch-shared (P is small: no atomics needed either).
 """
 
 import triton
 import triton.language as tl
 
 from ._common import cfgs, tuned
+from .gated_prefix_attention_kernels import prompt_accumulate, prompt_softmax_stats
 
 # preprocess: memory-bound row reductions; dO, out and O_p tiles live at once.
 _PRE_CONFIGS = cfgs({"BLOCK_M": 16}, [({"BLOCK_M": 32}, 4, 2), ({"BLOCK_M": 64}, 8, 2)])
@@ -60,63 +61,15 @@ _DKDV_CONFIGS = cfgs(
 )
 
 
-@triton.jit
-def _prompt_scores(q, pk_base, start, P, qk_scale, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, ALLOW_TF32: tl.constexpr):
-    """s = q prefix_k[start:start + BLOCK_P]^T * scale * log2(e), (BLOCK_M, BLOCK_P), -inf
-    past the P prompt keys (prompt keys are never masked otherwise)."""
-    cols = start + tl.arange(0, BLOCK_P)
-    dd = tl.arange(0, BLOCK_D)
-    pk = tl.load(pk_base + cols[:, None] * HEAD_DIM + dd[None, :],
-                 mask=(cols < P)[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(pk), input_precision="tf32" if ALLOW_TF32 else "ieee")
-    return tl.where((cols < P)[None, :], s * qk_scale, float("-inf"))
-
-
-@triton.jit
-def prompt_softmax_stats(q, pk_base, P, qk_scale, ACC_TY: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-                         ALLOW_TF32: tl.constexpr):
-    """Pass 1 of the prompt softmax: row max m and l_sum = sum_j 2^(s_j - m) (no values)."""
-    m = tl.full((q.shape[0],), float("-inf"), dtype=ACC_TY)
-    l_sum = tl.zeros((q.shape[0],), dtype=ACC_TY)
-    for start in range(0, P, BLOCK_P):  # one tile in practice (P <= BLOCK_P)
-        s = _prompt_scores(q, pk_base, start, P, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_P,
-                           ALLOW_TF32)
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite from the first tile on (P >= 1)
-        l_sum = l_sum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-        m = m_new
-    return m, l_sum
-
-
-@triton.jit
-def prompt_accumulate(o, q, pk_base, pv_base, m, w, P, qk_scale, HEAD_DIM: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, ALLOW_TF32: tl.constexpr):
-    """Pass 2: o += (2^(s - m) * w) prefix_v with a per-row weight w (g / l in the forward,
-    1 / l in the backward preprocess). Accumulating straight into the caller's o keeps one
-    (BLOCK_M, D) accumulator live instead of two (D = 128 would spill). The forward and
-    the preprocess share these two helpers, so the preprocess's O_p is the forward's up to
-    the rounding of w: exp(Sp - prompt_lse) would differ by ~eps * |prompt_lse|, and that
-    difference would reach every dS of the row through delta_s."""
-    dd = tl.arange(0, BLOCK_D)
-    for start in range(0, P, BLOCK_P):
-        s = _prompt_scores(q, pk_base, start, P, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_P,
-                           ALLOW_TF32)
-        p = tl.exp2(s - m[:, None]) * w[:, None]
-        cols = start + tl.arange(0, BLOCK_P)
-        pv = tl.load(pv_base + cols[:, None] * HEAD_DIM + dd[None, :],
-                     mask=(cols < P)[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
-        o = tl.dot(p.to(pv.dtype), pv, o, input_precision="tf32" if ALLOW_TF32 else "ieee")
-    return o
-
-
 @tuned(_PRE_CONFIGS, key=["M_BUCKET", "HEAD_DIM", "BLOCK_P"])
 @triton.jit
-def gpa_bwd_preprocess_kernel(do_ptr, out_ptr, q_ptr, pk_ptr, pv_ptr, g_ptr, ds_ptr, dp_ptr, H,
-                              HKV, M, P, PB_STRIDE, M_BUCKET, qk_scale, HEAD_DIM: tl.constexpr,
-                              BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-                              IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr,
-                              BLOCK_M: tl.constexpr):
+def gated_prefix_attention_backward_preprocess_kernel(do_ptr, out_ptr, q_ptr, pk_ptr, pv_ptr, g_ptr,
+                                                      ds_ptr, dp_ptr, H, HKV, M, P, PB_STRIDE,
+                                                      M_BUCKET, qk_scale, HEAD_DIM: tl.constexpr,
+                                                      BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                                                      IS_FP64: tl.constexpr,
+                                                      ALLOW_TF32: tl.constexpr,
+                                                      BLOCK_M: tl.constexpr):
     """delta_p = rowsum(dO * O_p) and delta_s = rowsum(dO * out) - g * delta_p for BLOCK_M
     rows of one (batch, head); O_p is recomputed as the forward computed it (see
     prompt_accumulate)."""
@@ -185,12 +138,14 @@ def _dq_key_loop(dq, q, do, lse2, delta, G, k_base, v_base, kpm_base, rows, lo, 
 
 @tuned(_DQ_CONFIGS, key=["M_BUCKET", "N_BUCKET", "HEAD_DIM", "BLOCK_P", "CAUSAL", "HAS_KPM"])
 @triton.jit
-def gpa_bwd_dq_kernel(do_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, g_ptr, kpm_ptr, lse_ptr,
-                      plse_ptr, ds_ptr, dp_ptr, dq_ptr, H, HKV, M, N, P, PB_STRIDE, M_BUCKET,
-                      N_BUCKET, qk_scale, scale, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-                      IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def gated_prefix_attention_backward_dq_kernel(do_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, g_ptr,
+                                              kpm_ptr, lse_ptr, plse_ptr, ds_ptr, dp_ptr, dq_ptr, H,
+                                              HKV, M, N, P, PB_STRIDE, M_BUCKET, N_BUCKET, qk_scale,
+                                              scale, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                              BLOCK_P: tl.constexpr, IS_FP64: tl.constexpr,
+                                              ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+                                              BLOCK_N: tl.constexpr):
     """dq for BLOCK_M query rows of one (batch, head): sequence keys, then prompt keys."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -325,13 +280,15 @@ def _dkdv_block(k_base, v_base, kpm_base, g_base, q_base, do_base, lse_base, del
 
 @tuned(_DKDV_CONFIGS, key=["M_BUCKET", "N_BUCKET", "HEAD_DIM", "BLOCK_P", "CAUSAL", "HAS_KPM"])
 @triton.jit
-def gpa_bwd_dkdv_kernel(do_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, g_ptr, kpm_ptr, lse_ptr,
-                        plse_ptr, ds_ptr, dp_ptr, dk_ptr, dv_ptr, dpk_ptr, dpv_ptr, H, HKV, M,
-                        N, P, PB_STRIDE, M_BUCKET, N_BUCKET, qk_scale, scale,
-                        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, IS_FP64: tl.constexpr,
-                        ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+def gated_prefix_attention_backward_dkdv_kernel(do_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, g_ptr,
+                                                kpm_ptr, lse_ptr, plse_ptr, ds_ptr, dp_ptr, dk_ptr,
+                                                dv_ptr, dpk_ptr, dpv_ptr, H, HKV, M, N, P,
+                                                PB_STRIDE, M_BUCKET, N_BUCKET, qk_scale, scale,
+                                                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                                BLOCK_P: tl.constexpr, IS_FP64: tl.constexpr,
+                                                ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+                                                BLOCK_N: tl.constexpr):
     """Program (i, b * Hkv + hkv): the first cdiv(P, BLOCK_P) own prompt keys -> the dpk,
     dpv partials (first: like the early causal key blocks they visit every query row);
     the rest own sequence keys [(i - cdiv(P, BLOCK_P)) * BLOCK_N, ...) -> dk, dv."""
