@@ -11,15 +11,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .nn.bottleneck import ADAPTER_PRESETS
+from .nn.bottleneck_adapter import ADAPTER_PRESETS
+from .ops._checks import check_positive_int as _positive_int
 from .reference import ACTIVATIONS
 
 __all__ = ["AdaptionPromptConfig", "BottleneckConfig", "LoraConfig"]
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
 
 
 @dataclass

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
 from .nn.adapted_attention import AdaptedAttention, compute_dtype
-from .nn.bottleneck import BottleneckAdapter
-from .nn.int8_lora import Int8LoRALinear
-from .nn.lora import LoRALinear, is_conv1d
+from .nn.bottleneck_adapter import BottleneckAdapter
+from .nn.int8_lora_linear import Int8LoRALinear, is_bnb, is_bnb_int8
+from .nn.lora_linear import LoRALinear, is_conv1d
 from .nn.peft_lora import FusedPeftLora, is_param_wrapper, lora_parts, param_wrapper_class
 from .placement import adaption_prompt_sites, bottleneck_sites
 
@@ -144,9 +144,9 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
     for name, linear in targets:
         r, alpha = config.rank_and_alpha(name)
         args = (r, alpha, config.lora_dropout, config.use_rslora)
-        if _is_bnb_int8(linear):
+        if is_bnb_int8(linear):
             layer = Int8LoRALinear.from_bnb(linear, *args, dtype=_model_dtype(model))
-        elif type(linear).__module__.startswith("bitsandbytes"):
+        elif is_bnb(linear):
             raise NotImplementedError(
                 f"target_modules: {name} is a bitsandbytes {type(linear).__name__}; fastpeft "
                 f"takes float nn.Linear and int8 Linear8bitLt layers")
@@ -421,9 +421,6 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else None
 
 
-def _is_bnb_int8(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes") and \
-        type(module).__name__ == "Linear8bitLt"
 
 
 # --- adaption prompt --------------------------------------------------------------------

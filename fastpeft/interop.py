@@ -32,9 +32,9 @@ from .inject import (
     replace,
 )
 from .nn.adapted_attention import AdaptedAttention
-from .nn.bottleneck import BottleneckAdapter
-from .nn.int8_lora import Int8LoRALinear
-from .nn.lora import LoRALinear
+from .nn.bottleneck_adapter import BottleneckAdapter
+from .nn.int8_lora_linear import Int8LoRALinear
+from .nn.lora_linear import LoRALinear
 from .nn.peft_lora import fuse_peft_lora, is_param_wrapper, lora_parts
 
 __all__ = ["from_peft", "load_adapter", "merge_and_unload", "save_adapter"]

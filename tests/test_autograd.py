@@ -1,6 +1,6 @@
-"""Autograd behaviour shared by the four ops, on every backend: the native ops' autograd
-is C++ (csrc/autograd.cpp), the Triton variants' Python (torch.library.register_autograd),
-and both must behave as one."""
+"""Autograd behaviour shared by the four ops, on every backend: one Python autograd per op
+(fastpeft/ops/<op>.py, registered by declare() on the native and the Triton variants),
+which must behave the same whichever kernels run under it."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_saved_only_outputs_need_no_gradient(op):
 @pytest.mark.parametrize("op", _native_ops())
 def test_compiled_autograd_matches_eager(op):
     """An eager forward with a compiled backward (compiled autograd) gives the eager
-    gradients: the C++ autograd nodes are accepted as they are."""
+    gradients: compiled autograd traces the ops' Python backward and the backward ops."""
     inputs, call, _ = CASES[op]("cpu")
     torch.manual_seed(7)
     eager = torch.autograd.grad(call().square().sum(), inputs)

@@ -2,9 +2,9 @@
 
 from .adapted_attention import AdaptedAttention
 from .adaption_prompt import AdaptionPrompt
-from .bottleneck import ADAPTER_PRESETS, AdapterPreset, BottleneckAdapter
-from .int8_lora import Int8LoRALinear
-from .lora import LoRALinear
+from .bottleneck_adapter import ADAPTER_PRESETS, AdapterPreset, BottleneckAdapter
+from .int8_lora_linear import Int8LoRALinear
+from .lora_linear import LoRALinear
 
 __all__ = [
     "ADAPTER_PRESETS",

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..ops._checks import check_positive_int
 from ..ops.gated_prefix_attention import gated_prefix_attention
 
 __all__ = ["AdaptedAttention", "compute_dtype"]
@@ -109,9 +110,7 @@ class AdaptedAttention(nn.Module):
                    "dtype": dtype or compute_dtype(proj)}
         hidden = int(attn.embed_dim if self.gpt2 else config.hidden_size)
         if adaption_prompt is None:
-            if isinstance(adapter_len, bool) or not isinstance(adapter_len, int) \
-                    or adapter_len < 1:
-                raise ValueError(f"adapter_len: expected a positive int, got {adapter_len!r}")
+            check_positive_int("adapter_len", adapter_len)
             adaption_prompt = nn.Parameter(torch.randn(1, adapter_len, hidden, **factory))
         elif adaption_prompt.dim() != 3 or adaption_prompt.shape[0] != 1 \
                 or adaption_prompt.shape[2] != hidden:

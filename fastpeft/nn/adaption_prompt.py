@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops._checks import check_positive_int
 from ..ops.gated_prefix_attention import gated_prefix_attention
 
 __all__ = ["AdaptionPrompt", "prompt_prefix"]
@@ -50,8 +51,7 @@ class AdaptionPrompt(nn.Module):
                              f"num_heads={num_heads}")
         if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
             raise ValueError(f"num_kv_heads: {num_kv_heads} must divide num_heads={num_heads}")
-        if adapter_len < 1:
-            raise ValueError(f"adapter_len: expected >= 1, got {adapter_len}")
+        check_positive_int("adapter_len", adapter_len)
         if gate not in ("per_head", "scalar"):
             raise ValueError(f"gate: expected 'per_head' or 'scalar', got {gate!r}")
         factory = {"device": device, "dtype": dtype}

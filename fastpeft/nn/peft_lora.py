@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from ..ops.int8_lora_linear import int8_lora_linear
 from ..ops.lora_linear import lora_linear
-from .int8_lora import Int8LoRALinear, bnb_int8_weight
-from .lora import LoRALinear, is_conv1d
+from .int8_lora_linear import Int8LoRALinear, bnb_int8_weight, is_bnb
+from .lora_linear import LoRALinear, is_conv1d
 
 __all__ = ["FusedPeftLora", "LoraParts", "fuse_peft_lora", "is_param_wrapper", "lora_parts",
            "param_wrapper_class"]
@@ -45,7 +45,7 @@ class FusedPeftLora:
         base = self.get_base_layer()
         lora_A, lora_B = self.lora_A[a].weight, self.lora_B[a].weight
         p = _dropout_p(self.lora_dropout[a])
-        if _is_bnb(base):
+        if is_bnb(base):
             # bitsandbytes int8, computed as weight-only int8 in the activations' dtype (its
             # threshold / outlier decomposition is not reproduced)
             qweight, scb = bnb_int8_weight(base)
@@ -171,5 +171,3 @@ def _dropout_p(dropout: nn.Module) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
 
-def _is_bnb(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes")

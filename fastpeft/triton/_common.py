@@ -1,15 +1,12 @@
 """Launcher helpers shared by the Triton ops: autotune configs, precision flags, block
 sizes, the dropout arguments (``TRITON_INTERPRET=1`` runs the kernels on CPU tensors)."""
 
-import os
-
 import torch
 import triton
 from torch import Tensor
 
+from .._backend import TRITON_INTERPRET as INTERPRET
 from ..reference import dropout_threshold
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def cfgs(interpreted: dict, gpu: list[tuple[dict, int, int]]) -> list[triton.Config]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..ops._checks import check_positive_int
 from ..ops.bottleneck_adapter import ACTIVATIONS, bottleneck_adapter
 
 __all__ = ["ADAPTER_PRESETS", "AdapterPreset", "BottleneckAdapter"]
@@ -79,8 +80,7 @@ class BottleneckAdapter(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("bottleneck_size", bottleneck_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            check_positive_int(name, value)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
         factory = {"device": device, "dtype": dtype}

@@ -8,6 +8,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from ..ops._checks import check_positive_int
 from ..ops.lora_linear import lora_linear
 
 __all__ = ["LoRALinear", "is_conv1d", "linear_weight", "lora_weights"]
@@ -73,8 +74,7 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear) and not is_conv1d(base):
             raise TypeError(f"base: expected an nn.Linear or a transformers Conv1D, got "
                             f"{type(base).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r: expected a positive int, got {r!r}")
+        check_positive_int("r", r)
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {lora_dropout}")
         factory = {

@@ -8,10 +8,21 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from ..ops._checks import check_positive_int
 from ..ops.int8_lora_linear import int8_lora_linear, quantize_int8
-from .lora import is_conv1d, linear_weight, lora_weights
+from .lora_linear import is_conv1d, linear_weight, lora_weights
 
-__all__ = ["Int8LoRALinear", "bnb_int8_weight"]
+__all__ = ["Int8LoRALinear", "bnb_int8_weight", "is_bnb", "is_bnb_int8"]
+
+
+def is_bnb(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes layer (checked without importing bitsandbytes)."""
+    return type(module).__module__.startswith("bitsandbytes")
+
+
+def is_bnb_int8(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes int8 ``Linear8bitLt``."""
+    return is_bnb(module) and type(module).__name__ == "Linear8bitLt"
 
 
 def bnb_int8_weight(layer: nn.Module) -> tuple[Tensor, Tensor]:
@@ -81,8 +92,7 @@ class Int8LoRALinear(nn.Module):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("r", r)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            check_positive_int(name, value)
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {lora_dropout}")
         factory = {"device": device, "dtype": dtype}
