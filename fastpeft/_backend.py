@@ -40,26 +40,44 @@ _native_loaded = False
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-BUILD_HINT = ("build them with `pip install --no-build-isolation -e .` from a source checkout "
-              "(needs torch and a C++ compiler)")
+BUILD_HINT = ("install a C++ compiler and ninja (pip install ninja) and import fastpeft "
+              "again, or build them ahead of time with `pip install --no-build-isolation .`")
+
+# How the C++ kernels were loaded (or why not), for `python -m fastpeft.info`.
+native_origin = "not loaded"
 
 
 def load_native() -> bool:
-    """Import ``fastpeft._C`` (whose import registers the C++ kernels); warn once when it
-    is missing or cannot be loaded."""
-    global _native_loaded
-    if importlib.util.find_spec("fastpeft._C") is None:
-        reason = "the compiled CPU kernels (fastpeft._C) were not built"
-    else:
+    """Load the C++ CPU kernels (their loading registers them with the dispatcher): the
+    prebuilt ``fastpeft._C`` when it loads with this torch, else a build of the shipped
+    sources on first use, cached (:mod:`fastpeft._build`; ``FASTPEFT_NO_JIT=1`` skips it).
+    Warns once when neither works: CPU tensors then run the reference."""
+    global _native_loaded, native_origin
+    prebuilt = "no prebuilt fastpeft._C is installed"
+    if importlib.util.find_spec("fastpeft._C") is not None:
         try:
-            from fastpeft import _C  # noqa: F401
-        except ImportError as err:
-            reason = f"the compiled CPU kernels (fastpeft._C) failed to load ({err})"
+            from fastpeft import _C
+        except ImportError as err:  # e.g. built for another torch: undefined symbols
+            prebuilt = f"the prebuilt fastpeft._C does not load ({err})"
         else:
-            _native_loaded = True
+            _native_loaded, native_origin = True, f"prebuilt ({_C.__file__})"
             return True
-    warnings.warn(f"fastpeft: {reason}; CPU tensors use the unfused reference path. To get "
-                  f"the fused CPU kernels, {BUILD_HINT}.", RuntimeWarning, stacklevel=3)
+    if os.environ.get("FASTPEFT_NO_JIT", "0") == "1":
+        reason = f"{prebuilt}, and FASTPEFT_NO_JIT=1 turns off the build on first use"
+    else:
+        from . import _build
+
+        try:
+            library = _build.jit_load()
+        except RuntimeError as err:
+            reason = f"{prebuilt}, and building them failed: {err}"
+        else:
+            _native_loaded, native_origin = True, f"built on first use ({library})"
+            return True
+    native_origin = f"unavailable: {reason}"
+    warnings.warn(f"fastpeft: the fused CPU kernels are unavailable ({reason}); CPU tensors "
+                  f"use the unfused reference path. To get them, {BUILD_HINT}.",
+                  RuntimeWarning, stacklevel=3)
     return False
 
 

@@ -4,6 +4,7 @@ torch.func transforms, argument messages, and the notice when the kernels are mi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -289,12 +290,27 @@ print(fastpeft.available_backends("lora_linear"))
 """
 
 
-def test_missing_kernels_notice():
-    out = subprocess.run([sys.executable, "-c", _HIDE_C], capture_output=True, text=True,
-                         check=True, timeout=120).stdout.splitlines()
+def _import_without_prebuilt(**env: str) -> list[str]:
+    """Import fastpeft in a fresh process that cannot see the prebuilt ``fastpeft._C``."""
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", _HIDE_C], capture_output=True, text=True,
+                          check=True, timeout=120, env=full).stdout.splitlines()
+
+
+def test_missing_kernels_notice_without_jit():
+    out = _import_without_prebuilt(FASTPEFT_NO_JIT="1")
     assert out[0] == "1", out
-    assert "were not built" in out[1] and "pip install --no-build-isolation" in out[1]
+    assert "no prebuilt fastpeft._C is installed" in out[1]
+    assert "FASTPEFT_NO_JIT=1" in out[1] and "pip install --no-build-isolation" in out[1]
     assert "circular" not in out[1]
+    assert "'cpu'" not in out[2]
+
+
+def test_missing_kernels_notice_without_compiler(tmp_path):
+    out = _import_without_prebuilt(CXX=str(tmp_path / "no-such-compiler"), PATH=str(tmp_path),
+                                   FASTPEFT_CACHE_DIR=str(tmp_path / "cache"))
+    assert out[0] == "1", out
+    assert "no C++ compiler found" in out[1] and "reference path" in out[1]
     assert "'cpu'" not in out[2]
 
 

@@ -57,7 +57,7 @@ def _z_bias(down_weight: Tensor, down_bias: Tensor | None, ln_bias: Tensor | Non
         zb = torch.mv(down_weight.to(acc), ln_bias.to(acc))
     if down_bias is not None:
         zb = down_bias.to(acc) if zb is None else zb + down_bias.to(acc)
-    return zb
+    return None if zb is None else zb.contiguous()  # a strided down_bias stays a view
 
 
 def _t_splits(T: int, D: int, m_pad: int) -> tuple[int, int]:

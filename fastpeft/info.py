@@ -1,0 +1,64 @@
+"""``python -m fastpeft.info``: which implementation each op will use here, and why.
+
+Prints the versions that matter, how the C++ CPU kernels were loaded (prebuilt, built on
+first use, or why not), whether Triton can run, and for each op the backend a CPU and a
+CUDA tensor would get under the backend in force (``FASTPEFT_BACKEND``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from . import _backend
+
+OPS = ("lora_linear", "int8_lora_linear", "gated_prefix_attention", "bottleneck_adapter")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _choice(op: str, device: str) -> str:
+    try:
+        backend = _backend.select(torch.device(device))
+    except RuntimeError as err:
+        return f"refused: {err}"
+    if backend != "reference" and backend not in _backend.available_backends(op):
+        return "reference (no kernel for it)"
+    return backend
+
+
+def report() -> str:
+    """The text ``python -m fastpeft.info`` prints."""
+    cuda = torch.cuda.is_available()
+    triton = ("not installed" if not _backend.TRITON_AVAILABLE else
+              _version("triton") + (" (interpreter: TRITON_INTERPRET=1)"
+                                    if _backend.TRITON_INTERPRET else ""))
+    lines = [
+        f"fastpeft {_version('fastpeft')}  torch {torch.__version__}  "
+        f"python {platform.python_version()}  {platform.machine()}",
+        f"C++ CPU kernels: {_backend.native_origin}",
+        f"triton: {triton}; CUDA device: "
+        f"{torch.cuda.get_device_name() if cuda else 'none'}",
+        f"backend in force: {_backend.current()} (FASTPEFT_BACKEND or use_backend)",
+        "",
+        f"{'op':<24}{'CPU tensors':<16}CUDA tensors",
+    ]
+    for op in OPS:
+        gpu = _choice(op, "cuda") if cuda else "(no GPU)"
+        lines.append(f"{op:<24}{_choice(op, 'cpu'):<16}{gpu}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
