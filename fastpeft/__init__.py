@@ -24,6 +24,7 @@ from .ops import (
     lora_linear,
     quantize_int8,
 )
+from .patch import patch_peft, unpatch_peft
 
 __version__ = "0.1.0"
 
@@ -47,7 +48,9 @@ __all__ = [
     "load_adapter",
     "lora_linear",
     "merge_and_unload",
+    "patch_peft",
     "quantize_int8",
     "save_adapter",
+    "unpatch_peft",
     "use_backend",
 ]

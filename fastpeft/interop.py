@@ -29,7 +29,6 @@ from .inject import (
     inject,
     is_lora_layer,
     param_target_key,
-    replace,
 )
 from .nn.adapted_attention import AdaptedAttention
 from .nn.bottleneck_adapter import BottleneckAdapter
@@ -68,37 +67,59 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     forward, with one warning.
     """
     try:
-        from peft.tuners.adaption_prompt import layer as peft_adaption
         from peft.tuners.lora import LoraLayer
     except ImportError as err:  # pragma: no cover - exercised without peft
         raise ImportError("from_peft needs peft (pip install fastpeft[hf])") from err
-    # PEFT's Llama-style wrapper, and its GPT-2 one (PEFT >= 0.17)
-    peft_adapted = tuple(getattr(peft_adaption, n) for n in ("AdaptedAttention",
-                                                             "AdaptedAttentionGPT")
-                         if hasattr(peft_adaption, n))
+    peft_adapted = peft_adapted_attention_classes()
     skipped = []
     configs = getattr(peft_model, "peft_config", {})
     for name, module in list(peft_model.named_modules()):
         if isinstance(module, LoraLayer):
-            if not isinstance(getattr(module, "use_rslora", None), dict):  # PEFT < 0.16
-                module.use_rslora = {a: bool(getattr(c, "use_rslora", False))
-                                     for a, c in configs.items()}
-            uncovered = any(module.use_dora.values()) or \
-                any(getattr(module, "lora_bias", {}).values())
-            if uncovered or not fuse_peft_lora(module):
+            if not fuse_lora_layer(module, configs):
                 skipped.append(name)
         elif isinstance(module, peft_adapted):
-            # the mode of the attention it wraps: PEFT leaves its own wrapper in training
-            # mode whatever the model's, which would switch GPT-2's attention dropout on
-            training = module.model.training
-            adapted = _convert_adaption_prompt(name, module)
-            replace(peft_model, name, adapted)
-            adapted.train(training)
+            # in the wrapped attention's mode, not in that of PEFT's wrapper (see below)
+            peft_model.set_submodule(name, convert_adapted_attention(name, module))
     if skipped:
         warnings.warn(f"from_peft: {len(skipped)} PEFT LoRA layers keep PEFT's forward "
                       f"(layer type or DoRA/LoRA bias not fused): {', '.join(skipped[:5])}"
                       + (", ..." if len(skipped) > 5 else ""), stacklevel=2)
     return peft_model
+
+
+def peft_adapted_attention_classes() -> tuple[type, ...]:
+    """PEFT's adaption-prompt attention wrappers: the Llama-style one, and GPT-2's
+    (PEFT >= 0.17)."""
+    from peft.tuners.adaption_prompt import layer as peft_adaption
+
+    return tuple(getattr(peft_adaption, n) for n in ("AdaptedAttention", "AdaptedAttentionGPT")
+                 if hasattr(peft_adaption, n))
+
+
+def fuse_lora_layer(layer: nn.Module, configs: dict[str, Any]) -> bool:
+    """Gives one PEFT LoRA layer the fused forward (see :func:`from_peft`); False where it
+    keeps PEFT's: a layer type the fused ops do not cover, DoRA or a LoRA bias. ``configs``:
+    the PEFT model's ``peft_config`` (read for rsLoRA where PEFT < 0.16 does not keep it on
+    the layer)."""
+    rslora = getattr(layer, "use_rslora", None)
+    if not isinstance(rslora, dict):  # PEFT < 0.16
+        rslora = layer.use_rslora = {}
+    for a, c in configs.items():
+        if a in layer.lora_A and a not in rslora:
+            rslora[a] = bool(getattr(c, "use_rslora", False))
+    uncovered = any(layer.use_dora.values()) or any(getattr(layer, "lora_bias", {}).values())
+    return not uncovered and fuse_peft_lora(layer)
+
+
+def convert_adapted_attention(name: str, layer: nn.Module) -> nn.Module:
+    """fastpeft's :class:`~fastpeft.nn.AdaptedAttention` holding PEFT's adaption-prompt
+    ``layer``'s parameters (the very same objects), in the training mode of the attention it
+    wraps (PEFT leaves its own wrapper in training mode whatever the model's, which would
+    switch GPT-2's attention dropout on). ``name`` is the layer's, for errors."""
+    training = layer.model.training
+    adapted = _convert_adaption_prompt(name, layer)
+    adapted.train(training)
+    return adapted
 
 
 def _convert_adaption_prompt(name: str, layer: nn.Module) -> nn.Module:

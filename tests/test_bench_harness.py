@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import io
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +18,19 @@ from fastpeft.bench import __main__ as cli
 from fastpeft.bench import gated_prefix_attention, int8_lora_linear, lora_linear
 from fastpeft.bench.peers import peft_style_prompt_attention
 from fastpeft.bench.report import Change, compare, summary_table
-from fastpeft.bench.results import COLUMNS, METRICS, ROLES, Record, append_csv, load, write_json
+from fastpeft.bench.results import (
+    COLUMNS,
+    METRICS,
+    ROLES,
+    Record,
+    ResultsFileError,
+    append_csv,
+    load,
+    write_json,
+)
 
 CPU = torch.device("cpu")
+COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 TINY = ["--shapes", "tiny", "--runs", "2", "--no-progress", "--threads", "1"]
 
 
@@ -41,6 +52,11 @@ def tiny_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bench-out")
     status, text = run_cli("--out", str(out_dir), "--modes", "forward", "backward", "full")
     return status, text, out_dir
+
+
+def flat(text: str) -> str:
+    """``text`` with every run of white space one space, as if never wrapped."""
+    return " ".join(text.split())
 
 
 def records_like(records: list[Record], factor: float, **changes: str) -> list[Record]:
@@ -107,32 +123,119 @@ def test_load_rejects_what_is_not_results(tmp_path):
 
 def test_compare_matches_fastpeft_medians_and_honours_threshold(tiny_run):
     records = load(tiny_run[2] / "results.csv")
-    changes = compare(records_like(records, 1 / 1.15), records)
+    faster = [dataclasses.replace(r, value=r.value / 1.15) if r.role == "fastpeft" else r
+              for r in records]
+    comparison = compare(faster, records)
     n_medians = sum(r.role == "fastpeft" and r.metric == "median_ms" for r in records)
-    assert len(changes) == n_medians
-    assert all(c.change == pytest.approx(0.15) for c in changes)
-    assert all(c.regressed(0.10) and not c.regressed(0.20) for c in changes)
-    assert not any(c.regressed(0.10) for c in compare(records_like(records, 2.0), records))
-    assert compare(records_like(records, 1.0, device="another GPU"), records) == []
+    assert len(comparison.changes) == n_medians and not comparison.skipped
+    assert all(c.relative and c.change == pytest.approx(0.15) for c in comparison.changes)
+    assert all(c.regressed(0.10) and not c.regressed(0.20) for c in comparison.changes)
+    assert compare(records_like(records, 1.0, device="another GPU"), records).changes == []
 
 
 def test_compare_takes_the_last_run_of_a_csv(tmp_path, tiny_run):
     records = load(tiny_run[2] / "results.csv")
-    append_csv(tmp_path / "results.csv", records_like(records, 1e-6))  # an old, fast run
-    append_csv(tmp_path / "results.csv", records_like(records, 1.0))  # then the same numbers
-    assert not any(c.regressed(0.01) for c in compare(load(tmp_path / "results.csv"), records))
+    old = [dataclasses.replace(r, value=r.value * (1e-6 if r.role == "fastpeft" else 1),
+                               timestamp="2020-01-01T00:00:00+00:00") for r in records]
+    append_csv(tmp_path / "results.csv", old)  # an old run where fastpeft was far faster
+    append_csv(tmp_path / "results.csv", records)  # then the same numbers
+    comparison = compare(load(tmp_path / "results.csv"), records)
+    assert comparison.changes and not comparison.regressions(0.01)
 
 
-def test_change_is_relative_to_the_old_median():
-    change = Change(("op", "shape", "fastpeft", "forward", "float32", "CPU"), 2.0, 2.5)
-    assert change.change == pytest.approx(0.25) and change.regressed(0.2)
+def test_change_is_relative_to_the_reference_of_its_own_run():
+    key = ("op", "shape", "forward", "float32", "CPU (2 threads)")
+    both_slower = Change(key, 2.0, 5.0, 4.0, 10.0)  # 2.5x each: fastpeft / reference holds
+    assert both_slower.relative and both_slower.change == pytest.approx(0.0)
+    alone = Change(key, 2.0, 3.0, 4.0, 4.0)  # fastpeft 1.5x slower, the reference not
+    assert alone.change == pytest.approx(0.5) and alone.regressed(0.2)
+    no_reference = Change(key, 2.0, 2.5, None, 4.0)  # falls back on the absolute time
+    assert not no_reference.relative and no_reference.change == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize(("factor", "expected"), [(1e-6, 1), (1e6, 0)])
+def synthetic_run(timestamp: str, fastpeft_ms: float, reference_ms: float | None, *,
+                  device: str = "Test CPU (2 threads)", dtype: str = "float32",
+                  modes: tuple[str, ...] = ("forward", "full")) -> list[Record]:
+    """The records a lora_linear run would write, with made-up medians (peer and floor
+    at fixed times); ``reference_ms=None``: a run without the reference."""
+    times = {"fastpeft": fastpeft_ms, "reference": reference_ms, "peft": 30.0, "base": 8.0}
+    roles = {"fastpeft": "fastpeft", "reference": "reference", "peft": "peer", "base": "floor"}
+    return [Record(timestamp, "lora_linear", "T=512 in=2048 out=2048 r=16 p=0.1", 2**20,
+                   provider, roles[provider], mode, metric, value * factor, dtype, device,
+                   "2.13.0+cpu", "3.9.0", "0.1.0")
+            for mode in modes for provider, value in times.items() if value is not None
+            for metric, factor in (("median_ms", 1.0), ("p20_ms", 0.9), ("p80_ms", 1.1))]
+
+
+def compare_files(tmp_path, old: list[Record], new: list[Record], *args: str,
+                  suffixes: tuple[str, str] = (".json", ".json")) -> tuple[int, str]:
+    """``fastpeft-bench --compare OLD NEW`` on two saved runs (nothing is timed)."""
+    paths = [tmp_path / f"old{suffixes[0]}", tmp_path / f"new{suffixes[1]}"]
+    for path, records in zip(paths, (old, new), strict=True):
+        (write_json if path.suffix == ".json" else append_csv)(path, records)
+    return run_cli("--compare", *map(str, paths), *args)
+
+
+def test_compare_a_busy_machine_is_no_regression(tmp_path):
+    """The issue's false alarm: the same code on a busy machine, fastpeft and the
+    reference both 2.5x slower in the second run. Judged by their ratio: no regression."""
+    old = synthetic_run("2026-01-01T00:00:00+00:00", 48.5, 60.0)
+    busy = synthetic_run("2026-01-02T00:00:00+00:00", 48.5 * 2.5, 60.0 * 2.5)
+    status, text = compare_files(tmp_path, old, busy)
+    assert status == 0 and "REGRESSION" not in text
+    assert "judged by fastpeft / reference in each run" in flat(text)
+    assert "0 regression(s) in 2 matched measurement(s)" in text
+    assert "121" in text and "150" in text  # the absolute medians, for information
+    assert "forward+backward" in text
+
+
+def test_compare_a_slowdown_of_fastpeft_alone_regresses(tmp_path):
+    old = synthetic_run("2026-01-01T00:00:00+00:00", 48.5, 60.0)
+    slower = synthetic_run("2026-01-02T00:00:00+00:00", 48.5 * 1.5, 60.0)
+    status, text = compare_files(tmp_path, old, slower, "--threshold", "10")
+    assert status == 1
+    assert text.count("REGRESSION") == 2 and "+50.0%" in text
+    assert compare_files(tmp_path, old, slower, "--threshold", "60")[0] == 0
+
+
+def test_compare_falls_back_on_absolute_times_without_a_reference(tmp_path):
+    old = synthetic_run("2026-01-01T00:00:00+00:00", 10.0, None)
+    new = synthetic_run("2026-01-02T00:00:00+00:00", 12.5, 50.0)
+    status, text = compare_files(tmp_path, old, new, suffixes=(".csv", ".json"))
+    assert status == 1 and "+25.0%*" in text
+    assert "judged by fastpeft's own median" in flat(text)
+
+
+def test_compare_skips_other_devices_dtypes_and_thread_counts(tmp_path):
+    old = [*synthetic_run("2026-01-01T00:00:00+00:00", 1.0, 2.0, device="Test CPU (4 threads)"),
+           *synthetic_run("2026-01-01T00:00:00+00:00", 1.0, 2.0, dtype="bfloat16")]
+    new = synthetic_run("2026-01-02T00:00:00+00:00", 10.0, 2.0)
+    comparison = compare(old, new)
+    assert comparison.changes == []
+    assert comparison.skipped == {"float32 on Test CPU (4 threads)": 2,
+                                  "bfloat16 on Test CPU (2 threads)": 2}
+    status, text = compare_files(tmp_path, old, new)
+    assert status == 0 and "nothing compared" in text
+    assert "float32 on Test CPU (4 threads) (2 measurements)" in flat(text)
+
+
+def test_compare_reads_the_committed_run():
+    """The format written by earlier versions of the harness still loads and compares."""
+    (committed,) = COMMITTED.glob("*.json")
+    records = load(committed)
+    assert {r.op for r in records} == set(cli.CASES)
+    comparison = compare(records, records)
+    assert comparison.changes and all(c.relative and c.change == 0 for c in comparison.changes)
+
+
+@pytest.mark.parametrize(("factor", "expected"), [(1e-3, 1), (1e3, 0)])
 def test_cli_compare_exit_status(tmp_path, tiny_run, factor, expected):
-    """A baseline a million times faster is a regression (exit 1); slower, an improvement."""
+    """Against a baseline where fastpeft alone was a thousand times faster: a regression
+    (exit 1); a thousand times slower: an improvement. A real (tiny) run."""
     baseline = tmp_path / "baseline.json"
-    write_json(baseline, records_like(load(tiny_run[2] / "results.csv"), factor))
+    write_json(baseline, [dataclasses.replace(r, value=r.value * factor)
+                          if r.role == "fastpeft" else r
+                          for r in load(tiny_run[2] / "results.csv")])
     status, text = run_cli("--ops", "lora_linear", "--modes", "forward", "--no-save",
                            "--compare", str(baseline))
     assert status == expected
@@ -147,13 +250,55 @@ def test_cli_compare_notes_when_nothing_matches(tmp_path, tiny_run):
     assert status == 0 and "nothing compared" in text
 
 
-def test_cli_rejects_a_bad_compare_file_before_running(tmp_path, capsys):
+BAD_FILES = {
+    "missing.json": (None, "no such file"),
+    "text.json": ("not json at all\n", "not JSON"),
+    "object.json": ('{"a": 1}', 'no "records" list'),
+    "empty.json": ('{"columns": [], "records": []}', "holds no records"),
+    "partial.json": ('{"records": [{"op": "x"}]}', "record 1 has no timestamp"),
+    "other.csv": ("a,b\n1,2\n", "no column timestamp"),
+    "binary.csv": (b"\x89PNG\r\n\x1a\n\xff\xfe", "not a text file"),
+    "run.txt": ("anything", "not a .json or .csv file"),
+    "a-directory.json": ("dir", "a directory"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_cli_rejects_a_bad_compare_file_in_one_line(tmp_path, capsys, name):
+    content, reason = BAD_FILES[name]
+    path = tmp_path / name
+    if content == "dir":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ResultsFileError, match=reason):
+        load(path)
     with pytest.raises(SystemExit) as exc:
-        cli.parse_args(["--compare", str(tmp_path / "missing.json")])
-    assert exc.value.code == 2 and "--compare" in capsys.readouterr().err
+        cli.parse_args(["--compare", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"fastpeft-bench: error: --compare {path}: ") and reason in err
+    assert "expected a run's .json or a results.csv" in err
+
+
+def test_cli_rejects_a_bad_value_and_a_third_compare_file(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    append_csv(path, synthetic_run("2026-01-01T00:00:00+00:00", 1.0, 2.0))
+    path.write_text(path.read_text().replace("1048576", "many", 1))
+    with pytest.raises(ResultsFileError, match="record 1: size 'many'"):
+        load(path)
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--compare", str(path), str(path), str(path)])
+    assert exc.value.code == 2 and "at most one NEW" in capsys.readouterr().err
 
 
 def test_missing_peers_are_skipped_columns(monkeypatch):
+    from fastpeft.bench import peers
+
+    monkeypatch.setattr(peers, "_IMPORTED", {})  # forget the peers imported so far
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     case = lora_linear.build(lora_linear.TINY_SHAPES[0], torch.float32, CPU)
@@ -191,6 +336,85 @@ def test_plot_writes_a_png_per_op(tmp_path, tiny_run):
     paths = plot_speedups(load(tiny_run[2] / "results.csv"), tmp_path)
     assert sorted(p.name for p in paths) == sorted(f"speedup-{op}.png" for op in cli.CASES)
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+
+
+def legend_texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_plot_of_one_shape_draws_bars_and_says_where_it_ran(tmp_path):
+    """--quick: one shape per op, so grouped bars per mode, not a dot on a size axis."""
+    pytest.importorskip("matplotlib")
+    from fastpeft.bench.report import plot_speedups, speedup_figure
+
+    records = synthetic_run("2026-01-01T00:00:00+00:00", 10.0, 20.0)
+    fig = speedup_figure(records, "lora_linear")
+    ax = fig.axes[0]
+    assert "Test CPU (2 threads), float32, torch 2.13.0+cpu" in ax.get_title()
+    assert legend_texts(fig) == ["vs reference", "vs peft (peer)"]
+    assert ax.get_yscale() == "log" and not ax.get_lines()[1:]  # only the line at 1
+    assert len(ax.containers) == 2 and all(len(bars) == 2 for bars in ax.containers)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["forward", "forward+backward"]
+    (path,) = plot_speedups(records, tmp_path)
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_of_a_sweep_draws_lines_on_log_axes_where_sizes_span_10x(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastpeft.bench.report import speedup_figure
+
+    (committed,) = COMMITTED.glob("*.json")
+    records = load(committed)
+    fig = speedup_figure(records, "int8_lora_linear")  # T = 1 ... 512: sizes over 500x
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log" and not ax.containers
+    assert "vs bnb+peft (peer), forward+backward" in legend_texts(fig)
+    assert "AMD EPYC (2 threads), float32, torch 2.13.0+cpu" in ax.get_title()
+    bottleneck = speedup_figure(records, "bottleneck_adapter")  # two shapes of one size
+    assert bottleneck.axes[0].containers and "vs reference" in legend_texts(bottleneck)
+
+
+def test_terminal_spells_forward_backward_and_explains_fp_floor(tiny_run):
+    _, text, _ = tiny_run
+    assert "  forward+backward " in text and "\n  full " not in text
+    assert "below 1: fastpeft beats a floor that does less work" in text
+    floor_beaten = [dataclasses.replace(r, value=r.value / 100) if r.role == "fastpeft" else r
+                    for r in synthetic_run("2026-01-01T00:00:00+00:00", 10.0, 20.0)]
+    table = summary_table([dataclasses.replace(r, op="int8_lora_linear") for r in floor_beaten])
+    assert "  fp/floor < 1: the floor, the float nn.Linear, reads 2 or 4 bytes" in table
+    assert "fp/floor < 1" not in summary_table(synthetic_run("2026-01-01T00:00:00+00:00",
+                                                             10.0, 20.0))
+    args = cli.parse_args(["--modes", "forward+backward", "forward", "full"])
+    assert args.modes == ["full", "forward"]  # records keep the name full
+
+
+def test_peer_imports_are_quiet_and_summarised_once(tmp_path, monkeypatch, capsys):
+    """What a peer library prints, logs or warns at import is captured, not shown; a
+    logging handler it makes meanwhile still writes to the real stderr afterwards."""
+    from fastpeft.bench import peers
+
+    (tmp_path / "noisy_peer_lib.py").write_text(
+        "import logging, sys, warnings\n"
+        "print('hello from stdout')\n"
+        "print('Failed to load CPU gemm_4bit_forward from kernels-community: no', "
+        "file=sys.stderr)\n"
+        "logging.getLogger('noisy_peer_lib.sub').warning('a logged %s', 'warning')\n"
+        "warnings.warn('a UserWarning')\n"
+        "handler = logging.StreamHandler()\n"
+        "logging.getLogger('noisy_peer_lib').addHandler(handler)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(peers, "_IMPORTED", {})
+    monkeypatch.delitem(sys.modules, "noisy_peer_lib", raising=False)
+    lib = peers.import_quietly("noisy_peer_lib")
+    assert capsys.readouterr() == ("", "")
+    assert set(lib.said) == {"hello from stdout", "a logged warning", "a UserWarning",
+                             "Failed to load CPU gemm_4bit_forward from kernels-community: no"}
+    described = lib.describe()
+    assert "its optional CPU 4-bit kernel is unavailable, not used here" in described
+    assert "said at import: hello from stdout" in described
+    assert sys.modules["noisy_peer_lib"].handler.stream is sys.stderr
+    assert peers.import_quietly("noisy_peer_lib") is lib  # once per process
+    assert peers.import_quietly("no_such_peer_lib").describe() == "no_such_peer_lib (not installed)"
 
 
 def test_progress_bar_is_optional(monkeypatch):

@@ -5,7 +5,15 @@ the floor) is timed side by side in one process. The run ends with a table of fa
 speedups over the reference and the peer and its cost over the floor; its records are
 appended to DIR/results.csv and written to DIR/<timestamp>.json (--out DIR).
 
-Exit status: 0, or 1 when --compare finds a regression beyond --threshold.
+Modes: forward, backward (replaying one retained graph) and full, printed as
+forward+backward (one call of each; --modes takes either spelling, records say full).
+
+--compare OLD judges fastpeft by its ratio to the reference timed in the same run, in OLD
+and in this run, so load on the machine, which slows both, raises no alarm; --compare OLD
+NEW compares two saved runs without running anything.
+
+Exit status: 0; 1 when --compare finds a regression beyond --threshold; 2 for a usage
+error or a --compare file that is not fastpeft-bench results.
 """
 
 from __future__ import annotations
@@ -13,14 +21,24 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import textwrap
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import torch
 
 from . import bottleneck_adapter, gated_prefix_attention, int8_lora_linear, lora_linear
-from .report import compare, compare_table, plot_speedups, summary_table
-from .results import Environment, Record, append_csv, case_records, load, write_json
+from .peers import peer_libraries
+from .report import BASIS, compare, compare_table, plot_speedups, summary_table
+from .results import (
+    Environment,
+    Record,
+    ResultsFileError,
+    append_csv,
+    case_records,
+    load,
+    write_json,
+)
 from .runner import MODES, SWEEPS, default_device, default_dtype, run_case, shapes_for
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,18 +48,32 @@ CASES = {
     "int8_lora_linear": int8_lora_linear,
     "lora_linear": lora_linear,
 }
+FORWARD_BACKWARD = "forward+backward"  # --modes: the printed name of the mode full
 QUICK_RUNS = 10  # --quick: the first shape of each op, 10 timed runs (all four ops in ~2 min)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; ``--compare OLD [NEW]`` (argparse would say
+    ``OLD [NEW ...]`` for the one-or-two files it takes)."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.dest == "compare":
+            return "OLD [NEW]"
+        return super()._format_args(action, default_metavar)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastpeft-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_Formatter)
     parser.add_argument("--ops", nargs="+", choices=sorted(CASES), default=sorted(CASES),
                         metavar="OP", help="default: all of " + ", ".join(sorted(CASES)))
     parser.add_argument("--device", default=str(default_device()), help="default: %(default)s")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["forward", "full"])
+    parser.add_argument("--modes", nargs="+", choices=[*MODES, FORWARD_BACKWARD],
+                        default=["forward", "full"], metavar="MODE",
+                        help="forward, backward, full (also spelled forward+backward: one "
+                             "call of both); default: forward full")
     parser.add_argument("--runs", type=int, default=None,
                         help=f"timed runs per provider (default 20; {QUICK_RUNS} with --quick)")
     parser.add_argument("--quick", action="store_true",
@@ -54,15 +86,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: %(default)s)")
     parser.add_argument("--no-save", action="store_true", help="write no files")
     parser.add_argument("--plot", action="store_true",
-                        help="PNG charts of speedup vs size per op in DIR (needs matplotlib)")
-    parser.add_argument("--compare", type=Path, default=None, metavar="FILE",
-                        help="an earlier run's .json or results .csv: report fastpeft's "
-                             "regressions, exit 1 if any")
+                        help="a PNG chart of fastpeft's speedups per op in DIR: against "
+                             "size, or bars for a single shape (needs matplotlib)")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None,
+                        metavar=("OLD", "NEW"),
+                        help="OLD: an earlier run's .json or a results.csv; report where "
+                             "fastpeft / reference got worse than in OLD, exit 1 if "
+                             "anywhere. With NEW (a saved run too) compare the two, run "
+                             "nothing")
     parser.add_argument("--threshold", type=float, default=10.0, metavar="PCT",
-                        help="--compare: a median slower by more than PCT percent regresses "
-                             "(default: %(default)s)")
+                        help="--compare: fastpeft / reference worse by more than PCT "
+                             "percent regresses (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
+    args.modes = list(dict.fromkeys("full" if m == FORWARD_BACKWARD else m for m in args.modes))
     if args.quick:
         args.shapes = "quick"
     if args.runs is None:
@@ -72,16 +109,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.plot and (args.no_save or importlib.util.find_spec("matplotlib") is None):
         parser.error("--plot needs matplotlib (pip install matplotlib, or fastpeft[bench]) "
                      "and an --out directory (not --no-save)")
+    args.baseline = args.later = None
     if args.compare is not None:
+        if len(args.compare) > 2:
+            parser.error("--compare takes OLD and at most one NEW file")
         try:  # read now: a bad file fails before the run, and --out may be the same CSV
-            args.baseline = load(args.compare)
-        except (OSError, ValueError, KeyError) as e:
-            parser.error(f"--compare: {e}")
+            args.baseline = load(args.compare[0])
+            args.later = load(args.compare[1]) if len(args.compare) == 2 else None
+        except ResultsFileError as e:
+            _file_error(parser, f"--compare {e}")
     return args
+
+
+def _file_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exit with status 2 and one line, as argparse does for a usage error, without the
+    usage: the command line was right, the file is not."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.later is not None:  # two saved runs: nothing to measure
+        return _report_comparison(args.baseline, args.later, args.compare[0],
+                                  args.threshold / 100)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     if args.threads:
@@ -89,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     env = Environment.current(device, dtype)
     print(f"fastpeft-bench on {env.device}, {env.dtype}, torch {env.torch}, "
           f"triton {env.triton}, fastpeft {env.fastpeft}", flush=True)
+    peers = peer_libraries(name for op in args.ops for name in CASES[op].PEER_LIBRARIES)
+    for peer in peers:
+        print(f"peer {peer.describe()}", flush=True)
 
     plan = [(op, shape) for op in args.ops
             for shape in shapes_for(CASES[op], device, args.shapes)]
@@ -117,22 +170,38 @@ def main(argv: list[str] | None = None) -> int:
             for path in plot_speedups(records, args.out):
                 print(f"chart: {path}")
     if args.compare is not None:
-        return _report_comparison(args.baseline, records, args.compare, args.threshold / 100)
+        return _report_comparison(args.baseline, records, args.compare[0],
+                                  args.threshold / 100)
     return 0
 
 
 def _report_comparison(baseline: list[Record], records: list[Record], path: Path,
                        threshold: float) -> int:
-    changes = compare(baseline, records)
-    if not changes:
-        print(f"\n--compare: no fastpeft median of this run matches one in {path} (same op, "
-              "shape, mode, dtype and device); nothing compared.")
+    """Print the comparison of ``records`` with ``baseline`` (read from ``path``); 1 if
+    it finds a regression beyond ``threshold`` (a fraction), else 0."""
+    comparison = compare(baseline, records)
+    skipped = [f"{where} ({n} measurement{'s' * (n != 1)})"
+               for where, n in comparison.skipped.items()]
+    print()
+    if skipped:
+        print(_wrap(f"--compare: not compared, measured on another device, dtype or "
+                    f"thread count in {path}: " + "; ".join(skipped)))
+    if not comparison.changes:
+        print(_wrap(f"--compare: no measurement of this run matches one in {path} "
+                    "(same op, shape, mode, dtype and device); nothing compared."))
         return 0
-    regressions = [c for c in changes if c.regressed(threshold)]
-    print(f"\nfastpeft's medians against {path} (regression: slower by > {threshold:.0%})")
-    print(compare_table(changes, threshold))
-    print(f"{len(regressions)} regression(s) in {len(changes)} matched measurement(s)")
+    regressions = comparison.regressions(threshold)
+    print(_wrap(f"--compare against {path}: {BASIS}. A regression: that ratio worse "
+                f"by more than {threshold:.0%}. Medians in ms, for information."))
+    print(compare_table(comparison, threshold))
+    print(f"{len(regressions)} regression(s) in {len(comparison.changes)} matched "
+          "measurement(s)")
     return 1 if regressions else 0
+
+
+def _wrap(text: str) -> str:
+    """``text`` in lines of at most 88 columns, paths unbroken."""
+    return textwrap.fill(text, 88, break_long_words=False, break_on_hyphens=False)
 
 
 class _Bar(Protocol):

@@ -36,6 +36,9 @@ CPU_SHAPES = [BottleneckShape(2048, 2048), BottleneckShape(2048, 2048, 64, "silu
 CUDA_SHAPES = [BottleneckShape(16384, 4096), BottleneckShape(16384, 4096, 64, "silu", True)]
 TINY_SHAPES = [BottleneckShape(16, 64, 8, "silu", True)]
 
+# no peer library: PEFT has no bottleneck adapter
+PEER_LIBRARIES: tuple[str, ...] = ()
+
 
 def build(shape: BottleneckShape, dtype: torch.dtype, device: torch.device) -> Case:
     factory = {"dtype": dtype, "device": device}

@@ -39,6 +39,9 @@ CPU_SHAPES = [AttentionShape(1, 16, 16, 1024, 64), AttentionShape(1, 8, 8, 512, 
 CUDA_SHAPES = [AttentionShape(4, 32, 32, 2048, 128), AttentionShape(4, 32, 8, 4096, 128)]
 TINY_SHAPES = [AttentionShape(1, 4, 2, 16, 16, prompt=4)]
 
+# no peer library: the PEFT-style peer replays its steps in torch
+PEER_LIBRARIES: tuple[str, ...] = ()
+
 
 def build(shape: AttentionShape, dtype: torch.dtype, device: torch.device) -> Case:
     factory = {"dtype": dtype, "device": device}

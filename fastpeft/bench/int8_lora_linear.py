@@ -37,6 +37,9 @@ CPU_SHAPES = [Int8Shape(1), Int8Shape(4), Int8Shape(16), Int8Shape(512)]
 CUDA_SHAPES = [Int8Shape(1), Int8Shape(16), Int8Shape(4096)]
 TINY_SHAPES = [Int8Shape(4, 64, 48, r=4)]
 
+# the peer libraries (imported quietly by the CLI before its header)
+PEER_LIBRARIES: tuple[str, ...] = ("bitsandbytes", "peft")
+
 
 def build(shape: Int8Shape, dtype: torch.dtype, device: torch.device) -> Case:
     factory = {"dtype": dtype, "device": device}

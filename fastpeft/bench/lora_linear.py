@@ -35,6 +35,9 @@ CPU_SHAPES = [LoRALinearShape(512, 2048, 2048), LoRALinearShape(128, 1024, 1024)
 CUDA_SHAPES = [LoRALinearShape(4096, 4096, 4096), LoRALinearShape(8192, 4096, 11008)]
 TINY_SHAPES = [LoRALinearShape(8, 64, 48, r=4)]
 
+# the peer libraries (imported quietly by the CLI before its header)
+PEER_LIBRARIES: tuple[str, ...] = ("peft",)
+
 
 def build(shape: LoRALinearShape, dtype: torch.dtype, device: torch.device) -> Case:
     factory = {"dtype": dtype, "device": device}

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import datetime
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -75,7 +76,8 @@ class Record:
 
     @property
     def key(self) -> tuple[str, str, str, str, str, str]:
-        """What ``--compare`` matches on: the same measurement in another run."""
+        """The same measurement in another run: op, shape, provider, mode, dtype and
+        device (on a CPU the device names torch's thread count)."""
         return (self.op, self.shape, self.provider, self.mode, self.dtype, self.device)
 
 
@@ -141,24 +143,78 @@ def write_json(path: str | os.PathLike, records: Iterable[Record]) -> None:
     Path(path).write_text(f'{{"columns": {json.dumps(COLUMNS)},\n"records": [\n{lines}\n]}}\n')
 
 
+class ResultsFileError(ValueError):
+    """A file that :func:`load` cannot read as fastpeft-bench results. The message names
+    the file, what is wrong with it and what was expected, on one line."""
+
+
+EXPECTED = "a run's .json or a results.csv written by fastpeft-bench --out"
+
+
 def load(path: str | os.PathLike) -> list[Record]:
     """Records from a ``.json`` written by :func:`write_json` or a ``.csv`` written by
-    :func:`append_csv` (in file order: later runs after earlier ones)."""
+    :func:`append_csv` (in file order: later runs after earlier ones). Every version of
+    the harness has written these same columns; columns a file has beyond them are
+    ignored. Raises :class:`ResultsFileError` for a file that is missing, unreadable,
+    malformed or not fastpeft-bench results."""
     path = Path(path)
-    if path.suffix == ".json":
-        rows = json.loads(path.read_text())["records"]
-    elif path.suffix == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"{path}: expected a .json or .csv file of fastpeft-bench results")
-    missing = set(COLUMNS) - set(rows[0]) if rows else set()
+    if path.suffix not in (".json", ".csv"):
+        raise ResultsFileError(f"{path}: not a .json or .csv file; expected {EXPECTED}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ResultsFileError(f"{path}: no such file; expected {EXPECTED}") from None
+    except IsADirectoryError:
+        raise ResultsFileError(f"{path}: a directory; expected {EXPECTED}") from None
+    except UnicodeDecodeError:
+        raise ResultsFileError(f"{path}: not a text file; expected {EXPECTED}") from None
+    except OSError as e:
+        raise ResultsFileError(f"{path}: cannot be read ({e.strerror}); expected "
+                               f"{EXPECTED}") from None
+    rows = _json_rows(path, text) if path.suffix == ".json" else _csv_rows(path, text)
+    if not rows:
+        raise ResultsFileError(f"{path}: holds no records; expected {EXPECTED}")
+    return [_record(path, i, row) for i, row in enumerate(rows, 1)]
+
+
+def _json_rows(path: Path, text: str) -> list[dict]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ResultsFileError(f"{path}: not JSON ({e.msg} at line {e.lineno} column "
+                               f"{e.colno}); expected {EXPECTED}") from None
+    rows = data.get("records") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ResultsFileError(f'{path}: JSON but not fastpeft-bench results (no "records" '
+                               f"list of objects); expected {EXPECTED}")
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[dict]:
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header, rows = reader.fieldnames or [], list(reader)
+    except csv.Error as e:
+        raise ResultsFileError(f"{path}: not CSV ({e}); expected {EXPECTED}") from None
+    missing = [name for name in COLUMNS if name not in header]
     if missing:
-        raise ValueError(f"{path}: not fastpeft-bench results (no {', '.join(sorted(missing))})")
-    return [_record(row) for row in rows]
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ResultsFileError(f"{path}: not fastpeft-bench results (no column "
+                               f"{', '.join(missing[:3])}{more}); expected {EXPECTED}")
+    return rows
 
 
-def _record(row: dict) -> Record:
-    values = {name: row[name] for name in COLUMNS}
-    values["size"], values["value"] = int(values["size"]), float(values["value"])
+def _record(path: Path, number: int, row: dict) -> Record:
+    """Record ``number`` (from 1) of the file at ``path``."""
+    missing = [name for name in COLUMNS if row.get(name) is None]
+    if missing:
+        raise ResultsFileError(f"{path}: record {number} has no {', '.join(missing)}; "
+                               f"expected {EXPECTED}")
+    values = {name: row[name] if name in ("size", "value") else str(row[name])
+              for name in COLUMNS}
+    try:
+        values["size"], values["value"] = int(values["size"]), float(values["value"])
+    except (TypeError, ValueError):
+        raise ResultsFileError(f"{path}: record {number}: size {row['size']!r} or value "
+                               f"{row['value']!r} is not a number; expected {EXPECTED}") from None
     return Record(**values)

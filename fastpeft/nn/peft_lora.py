@@ -7,8 +7,10 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..ops.int8_lora_linear import int8_lora_linear
@@ -17,7 +19,7 @@ from .int8_lora_linear import Int8LoRALinear, bnb_int8_weight, is_bnb
 from .lora_linear import LoRALinear, is_conv1d
 
 __all__ = ["FusedPeftLora", "LoraParts", "fuse_peft_lora", "is_param_wrapper", "lora_parts",
-           "param_wrapper_class"]
+           "param_wrapper_class", "weights_readable"]
 
 #: Where PEFT keeps ``ParamWrapper`` (PEFT >= 0.17), LoRA on an ``nn.Parameter``.
 _PARAM_WRAPPER = ("peft.tuners.lora.layer", "ParamWrapper")
@@ -32,17 +34,36 @@ _PEFT_CLASSES = {
 
 
 class FusedPeftLora:
-    """Mixed into a PEFT LoRA layer's class by :func:`fastpeft.from_peft`: the layer stays
-    PEFT's (its parameters, adapters, ``merge``, state-dict keys and saving are untouched)
-    and its forward runs fastpeft's fused op for the one active adapter. PEFT's own forward
-    runs wherever the fused one does not apply: adapters disabled or merged, several
-    active, DoRA or a LoRA bias, per-sample ``adapter_names``."""
+    """Mixed into a PEFT LoRA layer's class by :func:`fastpeft.from_peft` (and
+    :func:`fastpeft.patch_peft`): the layer stays PEFT's (its parameters, adapters,
+    ``merge``, state-dict keys and saving are untouched) and its forward runs fastpeft's
+    fused op for the one active adapter. PEFT's own forward runs wherever the fused one does
+    not apply: adapters disabled or merged, several active, DoRA or a LoRA bias, per-sample
+    ``adapter_names``; and, with one warning per process, wherever reading the weights
+    without calling their modules would bypass what a distributed engine or offloading put
+    on them (:func:`weights_readable`: DeepSpeed ZeRO-3's gathering hooks, accelerate's
+    offloading, a base layer sharded by itself)."""
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         a = self._fused_adapter(args, kwargs)
-        if a is None:
-            return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
+        if a is None or not (is_bnb(base) or is_conv1d(base) or isinstance(base, nn.Linear)):
+            return super().forward(x, *args, **kwargs)
+        if not (weights_readable(base) and weights_readable(self.lora_A[a])
+                and weights_readable(self.lora_B[a])):
+            _warn_hooked_once()
+            return super().forward(x, *args, **kwargs)
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            return self._fused_forward(x, a, base, None)
+        # under autocast, as PEFT's layers run there: every matmul in autocast's dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return self._fused_forward(x.to(dtype), a, base, dtype)
+
+    def _fused_forward(self, x: Tensor, a: str, base: nn.Module,
+                       dtype: torch.dtype | None) -> Tensor:
+        """The fused op on ``base`` and adapter ``a``; ``dtype``: autocast's, else None (the
+        base weight's dtype)."""
         lora_A, lora_B = self.lora_A[a].weight, self.lora_B[a].weight
         p = _dropout_p(self.lora_dropout[a])
         if is_bnb(base):
@@ -52,14 +73,15 @@ class FusedPeftLora:
             bias = None if base.bias is None else base.bias.to(x.dtype)
             return int8_lora_linear(x, qweight, scb.float() / 127.0, bias, lora_A.to(x.dtype),
                                     lora_B.to(x.dtype), self.scaling[a], p, self.training)
-        if is_conv1d(base):  # PEFT's fan_in_fan_out: the (in, out) weight, read in place
-            weight = base.weight.t()
-        elif isinstance(base, nn.Linear):
-            weight = base.weight
-        else:  # a layer type PEFT wraps in its Linear that the fused op does not know
-            return super().forward(x, *args, **kwargs)
-        dtype = weight.dtype
-        return lora_linear(x, weight, base.bias, lora_A.to(dtype), lora_B.to(dtype),
+        # PEFT's fan_in_fan_out (GPT-2's Conv1D): the (in, out) weight, read in place
+        weight = base.weight.t() if is_conv1d(base) else base.weight
+        bias = base.bias
+        if dtype is None:
+            dtype = weight.dtype
+        else:
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return lora_linear(x, weight, bias, lora_A.to(dtype), lora_B.to(dtype),
                            self.scaling[a], p, self.training)
 
     def _fused_adapter(self, args: tuple, kwargs: dict) -> str | None:
@@ -72,6 +94,51 @@ class FusedPeftLora:
         if self.use_dora.get(a) or getattr(self, "lora_bias", {}).get(a):
             return None
         return a
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes a linear layer in for ``x``; None outside autocast."""
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+            and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def weights_readable(module: nn.Module) -> bool:
+    """Whether a fused forward may read ``module``'s own parameters instead of calling it.
+
+    Not where calling it does more than its forward: hooks (DeepSpeed ZeRO-3 gathers a
+    module's parameters in its forward pre-hook and releases them in its post-hook; FSDP2
+    does the same on a module sharded by itself) or a forward replaced on the instance
+    (accelerate's offloading hooks); nor where a parameter is not there in full: empty
+    (ZeRO-3 outside its gather, FSDP1 outside forward), on the meta device, a ZeRO-3
+    parameter (``ds_id``) or a ``DTensor``. FSDP2 sharding a decoder layer (as accelerate
+    and the Hugging Face Trainer do) leaves its sublayers' parameters unsharded, plain
+    tensors during the layer's forward: readable."""
+    if (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+            or module._backward_hooks or "forward" in module.__dict__):
+        return False
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    for p in module._parameters.values():
+        if p is None:
+            continue
+        if p.numel() == 0 or p.is_meta or hasattr(p, "ds_id") \
+                or (dtensor is not None and isinstance(p, dtensor)):
+            return False
+    return True
+
+
+_warned_hooked = False
+
+
+def _warn_hooked_once() -> None:
+    global _warned_hooked
+    if not _warned_hooked:
+        _warned_hooked = True
+        warnings.warn("fastpeft: a PEFT LoRA layer's base or LoRA weights are managed by hooks "
+                      "or not materialised (DeepSpeed ZeRO-3, offloading, per-layer sharding): "
+                      "PEFT's own forward runs there instead of the fused one", UserWarning,
+                      stacklevel=3)
 
 
 def fuse_peft_lora(layer: nn.Module) -> bool:
