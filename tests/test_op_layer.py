@@ -323,3 +323,28 @@ def test_double_backward_names_the_op():
     (ga,) = torch.autograd.grad(y.square().sum(), (a,), create_graph=True)
     with pytest.raises(RuntimeError, match=r"fastpeft.lora_linear: its backward has no"):
         torch.autograd.grad(ga.sum(), (b,))
+
+
+# --- modules under autocast ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lora", "int8"])
+def test_modules_follow_autocast(kind):
+    """Under CPU autocast (bf16), as nn.Linear: bf16 or fp32 activations into an fp32 layer
+    compute in bf16 and return bf16, with gradients for the fp32 LoRA weights."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 12)
+    layer = (fastpeft.LoRALinear(linear, 4, 8) if kind == "lora"
+             else fastpeft.Int8LoRALinear.from_linear(linear, 4, 8))
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 16)
+    want = layer(x)
+    for given in (x, x.bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(given)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), want, atol=0.1, rtol=0.05)
+        y.float().sum().backward()
+        assert layer.lora_A.weight.grad is not None
+        assert layer.lora_A.weight.grad.dtype == torch.float32
+        layer.zero_grad()

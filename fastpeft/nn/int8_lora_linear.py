@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import reference
 from ..ops._checks import check_positive_int
 from ..ops.int8_lora_linear import int8_lora_linear, quantize_int8
-from .lora_linear import is_conv1d, linear_weight, lora_weights
+from .lora_linear import autocast_dtype, is_conv1d, linear_weight, lora_weights
 
 __all__ = ["Int8LoRALinear", "bnb_int8_weight", "is_bnb", "is_bnb_int8"]
 
@@ -201,6 +201,10 @@ class Int8LoRALinear(nn.Module):
         # kept in another (PEFT keeps them in float32 on a bf16 model) and are cast, the
         # scale stays float32 (Module.to(dtype) casts float buffers too). All are small.
         # Merged: the LoRA product is inside qweight already; scaling 0 drops the branch.
+        dtype = autocast_dtype(x)
+        if dtype is not None:  # under autocast: the activations in autocast's dtype
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.to(dtype))
         if x.dtype == torch.float64 and self.lora_A.weight.dtype != torch.float64:
             # as LoRALinear (and nn.Linear): float64 only in a float64 layer (.double())
             raise TypeError(f"x: expected {self.lora_A.weight.dtype} or a 16-bit float dtype "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
@@ -34,6 +35,14 @@ def lora_weights(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     if a.dtype != dtype:
         a, b = a.to(dtype), b.to(dtype)
     return a, b
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes a linear layer in for ``x``; None outside autocast."""
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+            and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
 
 
 class LoRALinear(nn.Module):
@@ -116,10 +125,17 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         base = self.base_layer
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        bias = base.bias
+        dtype = autocast_dtype(x)
+        if dtype is not None:  # as nn.Linear under autocast: every operand in its dtype
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         a, b = lora_weights(self, weight.dtype)
-        return lora_linear(
-            x, weight, base.bias, a, b, self.scaling, self.lora_dropout, self.training,
-        )
+        with torch.autocast(x.device.type, enabled=False) if dtype is not None \
+                else contextlib.nullcontext():
+            return lora_linear(
+                x, weight, bias, a, b, self.scaling, self.lora_dropout, self.training,
+            )
 
     def delta_weight(self) -> Tensor:
         """``scaling * lora_B @ lora_A`` computed in fp32, in the base dtype and the base

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..ops.int8_lora_linear import int8_lora_linear
 from ..ops.lora_linear import lora_linear
 from .int8_lora_linear import Int8LoRALinear, bnb_int8_weight, is_bnb
-from .lora_linear import LoRALinear, is_conv1d
+from .lora_linear import LoRALinear, autocast_dtype, is_conv1d
 
 __all__ = ["FusedPeftLora", "LoraParts", "fuse_peft_lora", "is_param_wrapper", "lora_parts",
            "param_wrapper_class", "weights_readable"]
@@ -53,7 +53,7 @@ class FusedPeftLora:
                 and weights_readable(self.lora_B[a])):
             _warn_hooked_once()
             return super().forward(x, *args, **kwargs)
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x)
         if dtype is None:
             return self._fused_forward(x, a, base, None)
         # under autocast, as PEFT's layers run there: every matmul in autocast's dtype
@@ -94,14 +94,6 @@ class FusedPeftLora:
         if self.use_dora.get(a) or getattr(self, "lora_bias", {}).get(a):
             return None
         return a
-
-
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast computes a linear layer in for ``x``; None outside autocast."""
-    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) \
-            and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
 
 
 def weights_readable(module: nn.Module) -> bool:
