@@ -1,8 +1,7 @@
 """Builds ``fastpeft._C``, the compiled kernels, from ``csrc/``.
 
-* CPU sources (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always built.
-* CUDA sources (``csrc/cuda/*.cu``) are built when ``CUDA_HOME`` is set and the
-  installed torch is a CUDA build (a GPU need not be present).
+* The C++ CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``, see ``csrc/README.md``) are
+  always built; the GPU kernels are Triton (``fastpeft/triton``), compiled at run time.
 * ``FASTPEFT_NO_NATIVE=1`` (or no torch at build time) skips native code: the
   package then installs as pure Python and runs on the reference path.
 
@@ -28,7 +27,6 @@ def native_extensions():
         _warn("FASTPEFT_NO_NATIVE=1: skipping the compiled kernels")
         return [], {}
     try:
-        import torch
         from torch.utils import cpp_extension
     except ImportError:
         _warn(
@@ -54,24 +52,12 @@ def native_extensions():
         cxx.append("-fopenmp-simd")
     if platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-DFASTPEFT_X86_MULTIVERSION")
-    macros = []
-    extension = cpp_extension.CppExtension
-    kwargs = {}
-    cuda_sources = rel("csrc/cuda/*.cu")
-    if cuda_sources and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None:
-        extension = cpp_extension.CUDAExtension
-        sources += cuda_sources
-        macros.append(("FASTPEFT_WITH_CUDA", None))
-        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]}
-    else:
-        kwargs["extra_compile_args"] = {"cxx": cxx}
-    ext = extension(
+    ext = cpp_extension.CppExtension(
         "fastpeft._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=macros,
+        extra_compile_args={"cxx": cxx},
         extra_link_args=link,
-        **kwargs,
     )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}

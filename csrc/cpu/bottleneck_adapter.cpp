@@ -1,5 +1,6 @@
 // Fused bottleneck adapter, CPU: the ops fastpeft::bottleneck_adapter and
-// bottleneck_adapter_backward.
+// bottleneck_adapter_backward (argument checks, blocking, the GEMMs); the row-block passes
+// are in bottleneck_adapter_kernels.h.
 //
 //   x (T, d)  Wd = down_weight (m, d)  bd (m,)  Wu = up_weight (d, m)  bu (d,)  s = scaling
 //   h = LN(x) = (x - mean) * rstd * ln_w + ln_b   (per row, biased variance) or h = x
@@ -16,30 +17,31 @@
 //           d ln_w = sum_t dh ⊙ xhat,  d ln_b = sum_t dh
 //   LN off: dx = dh;   and dx += dy when the residual is x.
 //
-// Structure: both ops run over blocks of `tb` rows (~1 MiB of x, see kBlockBytes), split
-// into one contiguous range of blocks per thread ("task"). Per block, while it is in cache,
-// everything (T, d)-sized is touched once from memory: forward reads x (and the residual)
-// and writes y; backward reads x and dy and writes dx. The (tb, m) bottleneck lives only
-// in per-task scratch, so nothing (T, m) is ever stored; the price is recomputing z in
-// backward (one extra (tb, d) x (d, m) product per block).
+// Structure: both ops run over blocks of up to ~1 MiB of x (see kBlockBytes). Per block,
+// while it is in cache, everything (T, d)-sized is touched once from memory: forward
+// reads x (and the residual) and writes y; backward reads x and dy and writes dx. The
+// (rows, m) bottleneck lives only in per-task scratch, so nothing (T, m) is ever stored;
+// the price is recomputing z in backward (one extra (rows, d) x (d, m) product per block).
 //
-// The products are ATen GEMMs (MKL) on the cached blocks; inside at::parallel_for they
-// run single-threaded, one per task, which is what we want. A CPU profile of fwd + bwd
-// (fp32, T = d = 2048, m = 64, one Zen 3 thread) has 41 ms in MKL's sgemm kernel (~90
-// GFLOP/s, about the core's FMA peak), 11 ms in MKL packing its operands and 2 ms in the
-// passes of bottleneck_adapter_kernels.h. A hand-written micro-kernel could save at most
-// the packing, and only by matching that kernel; it was not tried. The activation and its
-// derivative are ATen's vectorised kernels on the (tb, m) scratch; the (tb, d) passes
-// (layer norm, the residual epilogue, the layer-norm backward, conversions) are the loops
-// of bottleneck_adapter_kernels.h.
+// The products are ATen GEMMs (MKL) on the cached blocks, one block per call, each run
+// single-threaded by the thread that owns the block (parallel_for_aten, parallel.h). In a
+// profile of fwd + bwd most of the time is MKL's GEMM kernel running near the core's FMA
+// peak, the rest MKL packing its operands, and the passes of bottleneck_adapter_kernels.h
+// take a few percent: a hand-written micro-kernel could save at most the packing, and
+// only by matching MKL's kernel; it was not tried. The activation and its derivative are
+// ATen's vectorised kernels on the (rows, m) scratch; the (rows, d) passes (layer norm,
+// the residual epilogue, the layer-norm backward, conversions) are the loops of
+// bottleneck_adapter_kernels.h. `fastpeft-bench --ops bottleneck_adapter` measures it.
 //
-// Parameter gradients accumulate per task (dWd and dWu^T (m, d) in the accumulation type,
-// the bias and layer-norm gradients in double, see Partials) and are summed over the (few)
-// tasks at the end. dWu is accumulated transposed because a^T @ dy (m x tb times tb x d)
-// runs ~30% faster in MKL than dy^T @ a here. The alternative, storing a and dz (T, m)
-// and doing whole-T GEMMs afterwards, spent the same time in MKL (a profile of one
-// thread: 61.6 vs 60.1 ms per fwd + bwd, within noise) but reads x (or recomputes h) and
-// dy from memory a second time.
+// Parameter gradients are sums over the T rows. They accumulate per chunk, a fixed run of
+// consecutive blocks (dWd and dWu^T (m, d) in the accumulation type, the bias and
+// layer-norm gradients in double, see Partials), and the chunk partials are added in
+// chunk order at the end. The blocks and chunks depend only on T, d and the dtype, never
+// on the thread count, and threads take whole chunks, so the gradients (like y and dx)
+// are the same bits for any torch.set_num_threads. dWu is accumulated transposed because
+// a^T @ dy (m x rows times rows x d) runs faster in MKL than dy^T @ a. The alternative,
+// storing a and dz (T, m) and doing whole-T GEMMs afterwards, spends about the same time
+// in MKL but reads x (or recomputes h) and dy from memory a second time.
 //
 // Precision: fp32 / fp16 / bf16 accumulate in fp32 (fp16 / bf16 blocks are converted to
 // fp32 scratch as they are read, weights converted once per call), fp64 in fp64. mean and
@@ -57,9 +59,10 @@
 
 #include "cpu/bottleneck_adapter_kernels.h"
 #include "cpu/checks.h"
+#include "cpu/parallel.h"
 #include "cpu/simd.h"
 
-namespace fastpeft::cpu::bottleneck {
+namespace fastpeft::cpu::bottleneck_adapter {
 namespace {
 
 // ---------------------------------------------------------------------------------------
@@ -115,58 +118,57 @@ std::tuple<int64_t, int64_t, int64_t> check_common(
 }
 
 // ---------------------------------------------------------------------------------------
-// Blocks and tasks.
+// Blocks and chunks.
 
 // Rows per block. Each GEMM call has MKL pack its weight operand (m x d, 512 KiB at
-// d = 2048, m = 64) again, so a block needs enough rows to amortise that: one Zen 3 core
-// runs the block products at ~65-80 GFLOP/s with 32 rows and ~85 (its peak, about) from
-// 128 rows on. Hence one (tb, d) buffer of ~1 MiB: 128 rows at d = 2048. A block's two to
+// d = 2048, m = 64) again, so a block needs enough rows to amortise that: the block
+// products run well below the core's peak at a few dozen rows and close to it from ~128
+// rows on. Hence one (rows, d) buffer of ~1 MiB: 128 rows at d = 2048. A block's two to
 // four such buffers (x, dy, h, dh) then spill from L2 to L3, which costs little next to
-// the products and still reads x and dy from DRAM once. Measured, fp32 T = d = 2048,
-// m = 64, one thread, fwd + bwd (best CPU time of 15): 60 ms with 256 KiB blocks, 55 with
-// 1 MiB; 2 MiB blocks gain nothing more in a profile (MKL's packing time stays the same).
+// the products and still reads x and dy from DRAM once; smaller blocks were slower, larger
+// ones gained nothing in a profile (MKL's packing time stays the same).
 constexpr int64_t kBlockBytes = int64_t{1} << 20;
 constexpr int64_t kMinRows = 8, kMaxRows = 256;
+// Backward chunks: at most kChunks, so at most that many partial copies of the weight
+// gradients (and as many backward tasks), and at least kMinChunkRows rows each, so a short
+// input does not pay for partials it hardly needs. Adding up the partials costs
+// kChunks * m * d additions, next to the backward's ~10 * T * m * d multiply-adds.
+constexpr int64_t kChunks = 8, kMinChunkRows = 32;
 
+// The rows [0, T) in n blocks of tb rows (the last one shorter), grouped into chunks of
+// per_chunk consecutive blocks (the last one shorter). Forward tasks are blocks, backward
+// tasks are chunks.
 struct Blocks {
-  int64_t tb = 1, n = 0, tasks = 0;
-  // Blocks [first(task), first(task + 1)) belong to task.
-  int64_t first(int64_t task) const { return task * n / tasks; }
+  int64_t T = 0, tb = kMinRows, n = 0, per_chunk = 1, chunks = 0;
+  int64_t rows(int64_t blk) const { return std::min(tb, T - blk * tb); }
+  int64_t first_block(int64_t chunk) const { return std::min(n, chunk * per_chunk); }
 };
 
+// Depends on T, d and the element size only (see the header comment).
 Blocks make_blocks(int64_t T, int64_t d, int64_t elem_size) {
   Blocks b;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t tb = kBlockBytes / std::max<int64_t>(1, d * elem_size) / kMinRows * kMinRows;
-  tb = std::clamp(tb, kMinRows, kMaxRows);
-  // Then as many blocks as that needs, rounded up to a multiple of the thread count, and
-  // rows spread evenly over them: every thread gets the same number of blocks, of about
-  // the same size (short inputs get smaller blocks, down to kMinRows rows).
-  const int64_t n = round_up(div_up(T, tb), threads);
-  b.tb = std::max<int64_t>(1, round_up(div_up(T, std::max<int64_t>(n, 1)), kMinRows));
+  b.T = T;
+  const int64_t tb_max = std::clamp(
+      kBlockBytes / std::max<int64_t>(1, d * elem_size) / kMinRows * kMinRows, kMinRows,
+      kMaxRows);
+  // Chunks of about equal rows, each as few blocks as tb_max allows, the chunk's rows
+  // spread evenly over them (short inputs get smaller blocks, down to kMinRows rows).
+  const int64_t chunks = std::clamp<int64_t>(div_up(T, kMinChunkRows), 1, kChunks);
+  const int64_t chunk_rows = std::max<int64_t>(1, div_up(T, chunks));
+  b.per_chunk = div_up(chunk_rows, tb_max);
+  b.tb = round_up(div_up(chunk_rows, b.per_chunk), kMinRows);
   b.n = div_up(T, b.tb);
-  b.tasks = std::min(threads, b.n);
+  b.chunks = div_up(b.n, b.per_chunk);
   return b;
-}
-
-// Runs body(task) for every task on the intra-op threads (one task per thread). The
-// ATen calls inside run below autograd: at::parallel_for does not carry the caller's
-// dispatch-key state to its OpenMP threads, and without the guard an input that requires
-// grad would send the out= GEMMs of a worker thread through autograd (an error).
-template <typename Body>
-void for_each_task(const Blocks& blocks, const Body& body) {
-  at::parallel_for(0, blocks.tasks, 1, [&](int64_t begin, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t task = begin; task < end; ++task) body(task);
-  });
 }
 
 // ---------------------------------------------------------------------------------------
 // The weights in the accumulation type, converted once per call (no copy for fp32/fp64).
 
 // Each GEMM gets its weight operand contiguous in the layout it multiplies by (row-major
-// (K, N)): MKL packs that operand on every call, and packs a transposed view measurably
-// slower (z = h @ Wd^T: 65 vs 79 GFLOP/s at 32 rows, 83 vs 88 at 128, one Zen 3 core).
+// (K, N)): MKL packs that operand on every call, and packs a transposed view more slowly.
+// Every 1-D parameter may be strided (e.g. a column of a matrix): as_acc takes a
+// contiguous copy of it, d or m elements.
 struct Params {
   at::Tensor WdT;     // (d, m) = Wd^T  z = h @ Wd^T
   at::Tensor WuT;     // (m, d) = Wu^T  u = a @ Wu^T          (forward)
@@ -259,14 +261,14 @@ void forward_impl(const at::Tensor& x, const at::Tensor& res, const Params& p,
   acc_t* meanp = ln ? mean.mutable_data_ptr<acc_t>() : nullptr;
   acc_t* rstdp = ln ? rstd.mutable_data_ptr<acc_t>() : nullptr;
 
-  for_each_task(blocks, [&](int64_t task) {
+  parallel_for_aten(blocks.n, [&](int64_t begin, int64_t end) {
     const int64_t tb = blocks.tb;
     // Per-task scratch: x converted (fp16 / bf16), h (layer norm), z / a, u = a @ Wu^T.
     at::Tensor xs = kDirect ? at::Tensor() : at::empty({tb, d}, opts);
     at::Tensor hs = ln ? at::empty({tb, d}, opts) : at::Tensor();
     at::Tensor zs = at::empty({tb, m}, opts), us = at::empty({tb, d}, opts);
-    for (int64_t blk = blocks.first(task); blk < blocks.first(task + 1); ++blk) {
-      const int64_t r0 = blk * tb, rows = std::min(tb, T - r0);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * tb, rows = blocks.rows(blk);
       at::Tensor xb = kDirect ? x.narrow(0, r0, rows) : xs.narrow(0, 0, rows);
       if constexpr (!kDirect) load_block(xp + r0 * d, rows * d, xs.mutable_data_ptr<acc_t>());
       at::Tensor h = xb;
@@ -285,7 +287,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& res, const Params& p,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x_in, const at::Tensor& down_weight,
     const std::optional<at::Tensor>& down_bias, const at::Tensor& up_weight,
     const std::optional<at::Tensor>& up_bias, const std::optional<at::Tensor>& residual,
@@ -321,18 +323,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_adapter_cpu(
 // ---------------------------------------------------------------------------------------
 // Backward.
 
-// Per-task partial sums of the parameter gradients, with a leading task dimension, summed
-// at the end. The weight gradients are in the accumulation type (each block's GEMM adds
-// onto them, as a whole-T GEMM would accumulate over K); the vector gradients are summed
-// per block in the accumulation type and added up over blocks in double, so that their
-// rounding does not grow with T (a plain fp32 running sum over thousands of rows would be
-// several times less accurate than torch's cascaded sums).
+// Per-chunk partial sums of the parameter gradients, with a leading chunk dimension,
+// summed in chunk order at the end (sum_chunks). The weight gradients are in the
+// accumulation type: the chunk's first block writes them (beta = 0, so they start
+// uninitialised) and each later block's GEMM adds onto them, as a whole-T GEMM would
+// accumulate over K. The vector gradients are summed per block in the accumulation type
+// and added up over blocks in double, so that their rounding does not grow with T (a plain
+// fp32 running sum over thousands of rows would be several times less accurate than
+// torch's cascaded sums).
 struct Partials {
-  at::Tensor dWd, dWuT;  // (tasks, m, d) acc_t
-  at::Tensor dbd;        // (tasks, m) double
-  at::Tensor dbu;        // (tasks, d) double, sum of dy (times s at the end)
-  at::Tensor dln;        // (tasks, 2, d) or (tasks, 2, 0) double: d ln_weight, d ln_bias
+  at::Tensor dWd, dWuT;  // (chunks, m, d) acc_t
+  at::Tensor dbd;        // (chunks, m) double
+  at::Tensor dbu;        // (chunks, d) double, sum of dy (times s at the end)
+  at::Tensor dln;        // (chunks, 2, d) or (chunks, 2, 0) double: d ln_weight, d ln_bias
 };
+
+// parts[0] + parts[1] + ... in chunk order: elementwise adds, each output element on one
+// thread, so the sum is the same bits for any thread count (a reduction kernel may split
+// the chunk dimension between threads).
+at::Tensor sum_chunks(const at::Tensor& parts) {
+  if (parts.size(0) == 1) return parts[0];
+  at::Tensor sum = parts[0].clone();
+  for (int64_t c = 1; c < parts.size(0); ++c) sum.add_(parts[c]);
+  return sum;
+}
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& dy, const at::Tensor& x, const Params& p,
@@ -340,7 +354,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const Params& p,
                    bool residual_is_x, const Blocks& blocks, at::Tensor& dx, Partials& parts) {
   using acc_t = acc_of<scalar_t>;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // x, dy, dx used in place
-  const int64_t T = x.size(0), d = x.size(1), m = p.WdT.size(1);
+  const int64_t d = x.size(1), m = p.WdT.size(1);
   const bool ln = p.lnw.defined();
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const double s = scaling;
@@ -350,7 +364,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const Params& p,
   const acc_t* meanp = ln ? mean.const_data_ptr<acc_t>() : nullptr;
   const acc_t* rstdp = ln ? rstd.const_data_ptr<acc_t>() : nullptr;
 
-  for_each_task(blocks, [&](int64_t task) {
+  parallel_for_aten(blocks.chunks, [&](int64_t begin, int64_t end) {
     const int64_t tb = blocks.tb;
     // Scratch: x and dy converted (fp16 / bf16), h (layer norm), z, a, da, dz (tb, m),
     // and dh when it cannot go straight into dx.
@@ -359,68 +373,73 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const Params& p,
     at::Tensor hs = ln ? at::empty({tb, d}, opts) : at::Tensor();
     at::Tensor dhs = ln || !kDirect ? at::empty({tb, d}, opts) : at::Tensor();
     at::Tensor small = at::empty({4, tb, m}, opts);
-    // The block's sums of dy, dz, dh * xhat, dh (then added onto the task's partials).
+    // The block's sums of dy, dz, dh * xhat, dh (then added onto the chunk's partials).
     at::Tensor vec = at::empty({3 * d + m}, opts);
     acc_t *sum_dy = vec.mutable_data_ptr<acc_t>(), *sum_dz = sum_dy + d;
     acc_t *sum_lnw = sum_dz + m, *sum_lnb = sum_lnw + d;
-    at::Tensor dWd = parts.dWd[task], dWuT = parts.dWuT[task];
-    double* dbd = parts.dbd[task].mutable_data_ptr<double>();
-    double* dbu = parts.dbu[task].mutable_data_ptr<double>();
-    double* dln = ln ? parts.dln[task].mutable_data_ptr<double>() : nullptr;
-    for (int64_t blk = blocks.first(task); blk < blocks.first(task + 1); ++blk) {
-      const int64_t r0 = blk * tb, rows = std::min(tb, T - r0);
-      at::Tensor xb = kDirect ? x.narrow(0, r0, rows) : xs.narrow(0, 0, rows);
-      at::Tensor dyb = kDirect ? dy.narrow(0, r0, rows) : dys.narrow(0, 0, rows);
-      if constexpr (!kDirect) {
-        load_block(xp + r0 * d, rows * d, xs.mutable_data_ptr<acc_t>());
-        load_block(dyp + r0 * d, rows * d, dys.mutable_data_ptr<acc_t>());
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      at::Tensor dWd = parts.dWd[chunk], dWuT = parts.dWuT[chunk];
+      double* dbd = parts.dbd[chunk].mutable_data_ptr<double>();
+      double* dbu = parts.dbu[chunk].mutable_data_ptr<double>();
+      double* dln = ln ? parts.dln[chunk].mutable_data_ptr<double>() : nullptr;
+      const int64_t first = blocks.first_block(chunk), last = blocks.first_block(chunk + 1);
+      for (int64_t blk = first; blk < last; ++blk) {
+        const int64_t r0 = blk * tb, rows = blocks.rows(blk);
+        at::Tensor xb = kDirect ? x.narrow(0, r0, rows) : xs.narrow(0, 0, rows);
+        at::Tensor dyb = kDirect ? dy.narrow(0, r0, rows) : dys.narrow(0, 0, rows);
+        if constexpr (!kDirect) {
+          load_block(xp + r0 * d, rows * d, xs.mutable_data_ptr<acc_t>());
+          load_block(dyp + r0 * d, rows * d, dys.mutable_data_ptr<acc_t>());
+        }
+        const acc_t *xa = xb.const_data_ptr<acc_t>(), *dya = dyb.const_data_ptr<acc_t>();
+        // Recompute h and z, then a = act(z).
+        at::Tensor h = xb;
+        if (ln) {
+          ln_apply(xa, rows, d, meanp + r0, rstdp + r0, lnw, lnb, hs.mutable_data_ptr<acc_t>());
+          h = hs.narrow(0, 0, rows);
+        }
+        at::Tensor z = small[0].narrow(0, 0, rows), a = small[1].narrow(0, 0, rows);
+        at::Tensor da = small[2].narrow(0, 0, rows), dz = small[3].narrow(0, 0, rows);
+        down_projection(h, p, z);
+        activation_out(act, z, a);
+        // da = s * dy @ Wu (beta = 0: da's old contents are ignored), dz = da ⊙ act'(z).
+        at::addmm_out(da, da, dyb, p.Wu, 0, s);
+        activation_backward_out(act, da, z, dz);
+        // Parameter gradients of the block, onto the chunk's partials (written by its first
+        // block: beta = 0 ignores their uninitialised contents).
+        const double beta = blk == first ? 0.0 : 1.0;
+        dWuT.addmm_(a.t(), dyb, beta, s);
+        dWd.addmm_(dz.t(), h, beta);
+        colsum_block(dya, rows, d, sum_dy);
+        add_wide(sum_dy, d, dbu);
+        colsum_block(dz.const_data_ptr<acc_t>(), rows, m, sum_dz);
+        add_wide(sum_dz, m, dbd);
+        // dh = dz @ Wd, then dx.
+        if (!ln && kDirect) {  // straight into dx, onto dy when the residual is x
+          at::Tensor dxb = dx.narrow(0, r0, rows);
+          if (residual_is_x)
+            at::addmm_out(dxb, dyb, dz, p.Wd);
+          else
+            at::mm_out(dxb, dz, p.Wd);
+          continue;
+        }
+        at::Tensor dh = dhs.narrow(0, 0, rows);
+        at::mm_out(dh, dz, p.Wd);
+        const acc_t* dhp = dh.const_data_ptr<acc_t>();
+        if (ln) {
+          std::fill(sum_lnw, sum_lnw + 2 * d, acc_t(0));
+          ln_backward(dhp, xa, rows, d, meanp + r0, rstdp + r0, lnw,
+                      residual_is_x ? dya : nullptr, dxp + r0 * d, sum_lnw, sum_lnb);
+          add_wide(sum_lnw, 2 * d, dln);  // sum_lnb follows sum_lnw, as d ln_b follows d ln_w
+        } else
+          store_dx(dhp, residual_is_x ? dya : nullptr, rows * d, dxp + r0 * d);
       }
-      const acc_t *xa = xb.const_data_ptr<acc_t>(), *dya = dyb.const_data_ptr<acc_t>();
-      // Recompute h and z, then a = act(z).
-      at::Tensor h = xb;
-      if (ln) {
-        ln_apply(xa, rows, d, meanp + r0, rstdp + r0, lnw, lnb, hs.mutable_data_ptr<acc_t>());
-        h = hs.narrow(0, 0, rows);
-      }
-      at::Tensor z = small[0].narrow(0, 0, rows), a = small[1].narrow(0, 0, rows);
-      at::Tensor da = small[2].narrow(0, 0, rows), dz = small[3].narrow(0, 0, rows);
-      down_projection(h, p, z);
-      activation_out(act, z, a);
-      // da = s * dy @ Wu (beta = 0: da's old contents are ignored), dz = da ⊙ act'(z).
-      at::addmm_out(da, da, dyb, p.Wu, 0, s);
-      activation_backward_out(act, da, z, dz);
-      // Parameter gradients of the block, onto the task's partials.
-      dWuT.addmm_(a.t(), dyb, 1, s);
-      dWd.addmm_(dz.t(), h);
-      colsum_block(dya, rows, d, sum_dy);
-      add_wide(sum_dy, d, dbu);
-      colsum_block(dz.const_data_ptr<acc_t>(), rows, m, sum_dz);
-      add_wide(sum_dz, m, dbd);
-      // dh = dz @ Wd, then dx.
-      if (!ln && kDirect) {  // straight into dx, onto dy when the residual is x
-        at::Tensor dxb = dx.narrow(0, r0, rows);
-        if (residual_is_x)
-          at::addmm_out(dxb, dyb, dz, p.Wd);
-        else
-          at::mm_out(dxb, dz, p.Wd);
-        continue;
-      }
-      at::Tensor dh = dhs.narrow(0, 0, rows);
-      at::mm_out(dh, dz, p.Wd);
-      const acc_t* dhp = dh.const_data_ptr<acc_t>();
-      if (ln) {
-        std::fill(sum_lnw, sum_lnw + 2 * d, acc_t(0));
-        ln_backward(dhp, xa, rows, d, meanp + r0, rstdp + r0, lnw, residual_is_x ? dya : nullptr,
-                    dxp + r0 * d, sum_lnw, sum_lnb);
-        add_wide(sum_lnw, 2 * d, dln);  // sum_lnb follows sum_lnw, as d ln_b follows d ln_w
-      } else
-        store_dx(dhp, residual_is_x ? dya : nullptr, rows * d, dxp + r0 * d);
     }
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-bottleneck_adapter_backward_cpu(
+backward(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& down_weight,
     const std::optional<at::Tensor>& down_bias, const at::Tensor& up_weight,
     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
@@ -447,11 +466,14 @@ bottleneck_adapter_backward_cpu(
                                /*backward=*/true);
   const auto acc_opts = x.options().dtype(acc);
   const Blocks blocks = make_blocks(T, d, c10::elementSize(acc));
-  const int64_t tasks = std::max<int64_t>(blocks.tasks, 1), d_ln = ln ? d : 0;
+  const int64_t chunks = std::max<int64_t>(blocks.chunks, 1), d_ln = ln ? d : 0;
   const auto f64 = x.options().dtype(at::kDouble);
-  Partials parts{at::zeros({tasks, m, d}, acc_opts), at::zeros({tasks, m, d}, acc_opts),
-                 at::zeros({tasks, m}, f64), at::zeros({tasks, d}, f64),
-                 at::zeros({tasks, 2, d_ln}, f64)};
+  // The weight partials are written by each chunk's first block; with no rows, zeros.
+  auto weight_parts = [&] {
+    return T > 0 ? at::empty({chunks, m, d}, acc_opts) : at::zeros({chunks, m, d}, acc_opts);
+  };
+  Partials parts{weight_parts(), weight_parts(), at::zeros({chunks, m}, f64),
+                 at::zeros({chunks, d}, f64), at::zeros({chunks, 2, d_ln}, f64)};
   at::Tensor dx = at::empty({T, d}, x.options());
   if (T > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -459,14 +481,13 @@ bottleneck_adapter_backward_cpu(
                               parts);
     });
   }
-  // Sum the task partials, then to x's dtype (dWu un-transposed on the way).
+  // Sum the chunk partials, then to x's dtype (dWu un-transposed on the way).
   const auto dtype = x.scalar_type();
-  auto total = [&](const at::Tensor& t) { return tasks == 1 ? t[0] : t.sum(0); };
-  at::Tensor d_down_weight = total(parts.dWd).to(dtype);
-  at::Tensor d_up_weight = total(parts.dWuT).t().contiguous().to(dtype);
-  at::Tensor d_down_bias = total(parts.dbd).to(dtype);
-  at::Tensor d_up_bias = total(parts.dbu).mul_(scaling).to(dtype);
-  const at::Tensor dln = total(parts.dln);
+  at::Tensor d_down_weight = sum_chunks(parts.dWd).to(dtype);
+  at::Tensor d_up_weight = sum_chunks(parts.dWuT).t().contiguous().to(dtype);
+  at::Tensor d_down_bias = sum_chunks(parts.dbd).to(dtype);
+  at::Tensor d_up_bias = sum_chunks(parts.dbu).mul_(scaling).to(dtype);
+  const at::Tensor dln = sum_chunks(parts.dln);
   // (copies even when dtype is double: outputs must not share storage)
   at::Tensor d_ln_weight = dln[0].to(dtype, /*non_blocking=*/false, /*copy=*/true);
   at::Tensor d_ln_bias = dln[1].to(dtype, /*non_blocking=*/false, /*copy=*/true);
@@ -476,8 +497,8 @@ bottleneck_adapter_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
-  m.impl("bottleneck_adapter", &bottleneck_adapter_cpu);
-  m.impl("bottleneck_adapter_backward", &bottleneck_adapter_backward_cpu);
+  m.impl("bottleneck_adapter", &forward);
+  m.impl("bottleneck_adapter_backward", &backward);
 }
 
-}  // namespace fastpeft::cpu::bottleneck
+}  // namespace fastpeft::cpu::bottleneck_adapter

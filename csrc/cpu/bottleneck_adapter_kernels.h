@@ -1,5 +1,5 @@
-// The row-block passes of the bottleneck adapter on CPU (the op glue, the GEMMs and the
-// math are in bottleneck_adapter.cpp).
+// The kernels of bottleneck_adapter on CPU: the row-block passes (the op's checks, blocking,
+// GEMMs and math are in bottleneck_adapter.cpp).
 //
 // Every function works on one block of `rows` contiguous rows of width `d` (or `m`) that
 // is hot in cache, in the accumulation type acc_t (float, or double for double inputs);
@@ -9,30 +9,12 @@
 // at::parallel_for.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cmath>
-#include <cstring>
-#include <type_traits>
+#include <cstdint>
 
 #include "cpu/simd.h"
 
-namespace fastpeft::cpu::bottleneck {
-
-// float accumulation for fp32 / fp16 / bf16, double for double.
-template <typename scalar_t>
-using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-FASTPEFT_INLINE float to_acc(float v) { return v; }
-FASTPEFT_INLINE double to_acc(double v) { return v; }
-FASTPEFT_INLINE float to_acc(c10::Half v) { return static_cast<float>(v); }
-FASTPEFT_INLINE float to_acc(c10::BFloat16 v) {  // a shift, written out so that it vectorises
-  const uint32_t bits = uint32_t{v.x} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+namespace fastpeft::cpu::bottleneck_adapter {
 
 // dst[0 : n] = src[0 : n] in acc_t (fp16 / bf16 blocks into fp32 scratch).
 template <typename scalar_t, typename acc_t>
@@ -121,7 +103,7 @@ FASTPEFT_MULTIVERSION void colsum_block(const acc_t* __restrict a, int64_t rows,
   }
 }
 
-// partial[j] += v[j] in double: the per-task sums of the vector gradients over blocks.
+// partial[j] += v[j] in double: the per-chunk sums of the vector gradients over blocks.
 template <typename acc_t>
 FASTPEFT_MULTIVERSION void add_wide(const acc_t* __restrict v, int64_t n,
                                     double* __restrict partial) {
@@ -185,4 +167,4 @@ FASTPEFT_MULTIVERSION void ln_backward(const acc_t* __restrict dh, const acc_t* 
   }
 }
 
-}  // namespace fastpeft::cpu::bottleneck
+}  // namespace fastpeft::cpu::bottleneck_adapter

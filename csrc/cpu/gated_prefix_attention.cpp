@@ -1,5 +1,6 @@
 // Gated prefix attention (LLaMA-Adapter zero-init attention), CPU: the ops
-// fastpeft::gated_prefix_attention and gated_prefix_attention_backward.
+// fastpeft::gated_prefix_attention and gated_prefix_attention_backward (checks, blocking,
+// threading, reductions); the micro-kernels are in gated_prefix_attention_kernels.h.
 //
 //   q (B, H, M, D)   k, v (B, Hkv, N, D)   pk, pv (PB, Hkv, P, D), PB in {1, B}
 //   g (H) = tanh(gate) or gate;  head h reads kv head h / G, G = H / Hkv
@@ -43,10 +44,16 @@
 #include "cpu/gated_prefix_attention_kernels.h"
 #include "cpu/simd.h"
 
-namespace fastpeft::cpu::gpa {
+namespace fastpeft::cpu::gated_prefix_attention {
 namespace {
 
 constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
+
+// The backward splits the query blocks of a (batch, kv head) pair into chunks, with a
+// partial dk, dv each, until there are at least this many tasks: enough to occupy the
+// cores of a typical CPU. Chunks are not free (the partials are zeroed, then summed, and
+// dk, dv can no longer be accumulated in place), so no more than that.
+constexpr int64_t kMinTasks = 8;
 
 // Runs body(task, scratch) for tasks [0, n) on the intra-op threads, handed out one at a
 // time from a shared counter: causal blocks differ in cost, so static splits imbalance.
@@ -261,7 +268,7 @@ at::ScalarType acc_type(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 // The tensor in the accumulation type, contiguous (no copy for fp32/fp64 contiguous input).
-at::Tensor to_acc(const at::Tensor& t) { return t.to(acc_type(t)).contiguous(); }
+at::Tensor as_acc(const at::Tensor& t) { return t.to(acc_type(t)).contiguous(); }
 
 // Fills pr from tensors already in the accumulation type (kept alive by the caller).
 template <typename T>
@@ -298,15 +305,15 @@ at::Tensor mask_of(const std::optional<at::Tensor>& kpm) {
   return given(kpm) ? kpm->contiguous() : at::Tensor();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prefix_attention_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& pk_in, const at::Tensor& pv_in, const at::Tensor& gate_in,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
     bool gate_tanh) {
   constexpr const char* op = "fastpeft::gated_prefix_attention";
   check_inputs(op, q_in, k_in, v_in, pk_in, pv_in, gate_in, key_padding_mask);
-  const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in), pk = to_acc(pk_in),
-                   pv = to_acc(pv_in), gate = to_acc(gate_in), kpm = mask_of(key_padding_mask);
+  const at::Tensor q = as_acc(q_in), k = as_acc(k_in), v = as_acc(v_in), pk = as_acc(pk_in),
+                   pv = as_acc(pv_in), gate = as_acc(gate_in), kpm = mask_of(key_padding_mask);
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor lse = at::empty(q.sizes().slice(0, 3), f32), plse = at::empty_like(lse);
@@ -333,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_prefix_attention_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gated_prefix_attention_backward_cpu(
+backward(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& pk_in, const at::Tensor& pv_in,
     const at::Tensor& gate_in, const std::optional<at::Tensor>& key_padding_mask,
@@ -351,9 +358,9 @@ gated_prefix_attention_backward_cpu(
                     t->device().is_cpu(),
                 op, ": ", name, " must be a float32 CPU tensor of shape ",
                 q_in.sizes().slice(0, 3), ", got ", t->sizes(), " ", t->scalar_type());
-  const at::Tensor q = to_acc(q_in), k = to_acc(k_in), v = to_acc(v_in), pk = to_acc(pk_in),
-                   pv = to_acc(pv_in), gate = to_acc(gate_in), kpm = mask_of(key_padding_mask),
-                   dout = to_acc(grad_out_in), out = to_acc(out_in), lse = lse_in.contiguous();
+  const at::Tensor q = as_acc(q_in), k = as_acc(k_in), v = as_acc(v_in), pk = as_acc(pk_in),
+                   pv = as_acc(pv_in), gate = as_acc(gate_in), kpm = mask_of(key_padding_mask),
+                   dout = as_acc(grad_out_in), out = as_acc(out_in), lse = lse_in.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty_like(dk), dpk = at::empty(pk.sizes(), pk.options());
   at::Tensor dpv = at::empty_like(dpk), dgate = at::empty(gate.sizes(), gate.options());
@@ -366,9 +373,9 @@ gated_prefix_attention_backward_cpu(
     // Task = (b, kv head, chunk): the G query heads of a kv head and every C-th query block
     // (strided, so that causal chunks cost the same). A task owns its dq blocks outright
     // and accumulates dk, dv, dpk, dpv, dg in its own fp32 partials, summed over chunks
-    // below; C > 1 only when B * Hkv is too small to occupy the threads.
-    const int64_t threads = at::get_num_threads();
-    const int64_t C = std::clamp<int64_t>(div_up(2 * threads, std::max<int64_t>(B * Hkv, 1)), 1,
+    // in chunk order below; C > 1 only when B * Hkv gives fewer than kMinTasks tasks. C
+    // depends on the shapes only, not on the thread count, so neither do the sums.
+    const int64_t C = std::clamp<int64_t>(div_up(kMinTasks, std::max<int64_t>(B * Hkv, 1)), 1,
                                           std::max<int64_t>(nqb, 1));
     const int64_t tasks = B * Hkv * C;
     // One chunk and an unpadded fp32 / fp64 head dim: accumulate straight into dk, dv.
@@ -442,8 +449,8 @@ gated_prefix_attention_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
-  m.impl("gated_prefix_attention", &gated_prefix_attention_cpu);
-  m.impl("gated_prefix_attention_backward", &gated_prefix_attention_backward_cpu);
+  m.impl("gated_prefix_attention", &forward);
+  m.impl("gated_prefix_attention_backward", &backward);
 }
 
-}  // namespace fastpeft::cpu::gpa
+}  // namespace fastpeft::cpu::gated_prefix_attention

@@ -18,7 +18,7 @@
 
 #include "cpu/simd.h"
 
-namespace fastpeft::cpu::gpa {
+namespace fastpeft::cpu::gated_prefix_attention {
 
 template <typename T>
 using Vec = typename VecT<T>::type;
@@ -346,4 +346,4 @@ void prompt_softmax(const Problem<T>& pr, const T* pk, const T* qt, int64_t cols
   softmax_online(s, kBlockM, pr.P, cols, m, l, alpha);
 }
 
-}  // namespace fastpeft::cpu::gpa
+}  // namespace fastpeft::cpu::gated_prefix_attention

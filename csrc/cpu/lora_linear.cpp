@@ -2,34 +2,33 @@
 //
 //   x (T, K)  weight W (N, K)  bias b (N,)  lora_A A (R, K)  lora_B B (N, R)  scaling s
 //   W is row-major (N, K) or the transposed view of a row-major (K, N) tensor (GPT-2's
-//   Conv1D weight.t(), PEFT's fan_in_fan_out); the ATen GEMMs read either in place. Every
-//   other argument is contiguous.
-//   m = keep mask of x (Philox, philox.h),  c = 1 / (1 - p),  xd = c * m ⊙ x
+//   Conv1D weight.t(), PEFT's fan_in_fan_out); the ATen GEMMs read either in place. The
+//   bias may be strided (a contiguous copy of its N elements is taken); every other
+//   argument is contiguous.
 //
-// Forward:   xa = xd @ A^T                       (T, R)  lora_fwd_kernel
-//            y  = b + s * xa @ B^T               (T, N)  lora_fwd_kernel, same pass
-//            y += x @ W^T                                ATen GEMM, beta = 1
+//   y  = b + s * xd @ A^T @ B^T + x @ W^T         xd = dropout(x), regenerated in backward
+//   dx = c * m ⊙ (s * (dy @ B) @ A) + dy @ W,  dA, dB as derived in lora_branch.h
 //
-// Backward, with dy = dL/dy (T, N) and dyB = dy @ B (T, R); y depends on A, B and x
-// through xa = xd @ A^T and y += s * xa @ B^T, and xd = c * m ⊙ x:
-//   dL/dB  = s * dy^T @ xa                        (N, R)   lora_dy_kernel, with dyB
-//   dL/dxa = s * dy @ B = s * dyB                 (T, R)
-//   dL/dA  = (dL/dxa)^T @ xd = s * dyB^T @ xd     (R, K)   lora_bwd_kernel
-//   dL/dxd = dL/dxa @ A = s * dyB @ A             (T, K)   lora_bwd_kernel
-//   dL/dx  = dy @ W + c * m ⊙ dL/dxd              (T, K)   + ATen GEMM onto it
-// The heavy GEMMs (x @ W^T, dy @ W) stay in ATen (MKL / oneDNN); the kernels do the
-// rank-R parts, regenerate the dropout mask instead of storing it, and write the LoRA
-// terms into the output buffers that the big GEMMs then accumulate onto (beta = 1).
-// The LoRA parts live in lora_parts.cpp (lora_linear.h), shared with int8_lora_linear.
+// lora_linear has no kernels of its own: the LoRA branch (the rank-R parts, the dropout
+// mask) is the module shared with int8_lora_linear (lora_branch.h, lora_branch.cpp,
+// lora_branch_kernels.h), and the heavy GEMMs (x @ W^T, dy @ W) stay in ATen (MKL /
+// oneDNN), accumulating onto the LoRA terms the branch writes (beta = 1), so that the
+// LoRA term costs no extra pass over y or dx. ATen threads these GEMMs itself, and MKL
+// may split a GEMM's reduction over K differently for another thread count, so y and dx
+// can change in their last bits with torch.set_num_threads, as torch.nn.Linear's do (the
+// LoRA terms, d lora_A and d lora_B do not). Pinning them would take tiling the GEMMs
+// ourselves in thread-count-independent tiles, at the cost of repacking x and W per tile
+// and of capping the GEMMs' parallelism at the tile count.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "cpu/lora_linear.h"
+#include "cpu/checks.h"
+#include "cpu/lora_branch.h"
 
-namespace fastpeft::cpu {
+namespace fastpeft::cpu::lora_linear {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
+std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed) {
@@ -39,17 +38,17 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
   check_linear_weight(op, weight, "weight", x);
   check_size(op, weight, "weight", 1, x.size(1), "in_features of x");
   const int64_t N = weight.size(0);
-  check_lora_branch(op, x, lora_A, lora_B, N, "weight");
-  check_bias(op, bias, N, x);
-  const uint64_t seed_v = read_seed(op, dropout_p, seed);
+  lora_branch::check_branch(op, x, lora_A, lora_B, N, "weight");
+  const at::Tensor b = lora_branch::checked_bias(op, bias, N, x);
+  const uint64_t seed_v = lora_branch::read_seed(op, dropout_p, seed);
 
-  auto [y, xa] = lora_forward_part(x, bias, lora_A, lora_B, scaling, dropout_p, seed_v);
+  auto [y, xa] = lora_branch::forward(x, b, lora_A, lora_B, scaling, dropout_p, seed_v);
   // The base GEMM accumulates onto y = b + s * xa @ B^T (beta = 1): no extra pass over y.
   y.addmm_(x, weight.t());
   return {y, xa};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed, bool compute_dx) {
@@ -59,12 +58,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
   check_linear_weight(op, weight, "weight", x);
   check_size(op, weight, "weight", 1, x.size(1), "in_features of x");
   const int64_t N = weight.size(0);
-  check_lora_branch(op, x, lora_A, lora_B, N, "weight");
-  check_lora_grads(op, grad_y, x, xa, lora_A, N, "weight");
-  const uint64_t seed_v = read_seed(op, dropout_p, seed);
+  lora_branch::check_branch(op, x, lora_A, lora_B, N, "weight");
+  lora_branch::check_grads(op, grad_y, x, xa, lora_A, N, "weight");
+  const uint64_t seed_v = lora_branch::read_seed(op, dropout_p, seed);
 
-  auto [dx, dA, dB] = lora_backward_part(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p,
-                                         seed_v, compute_dx);
+  auto [dx, dA, dB] = lora_branch::backward(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p,
+                                            seed_v, compute_dx);
   if (compute_dx) dx.addmm_(grad_y, weight);  // beta = 1 onto the LoRA term
   return {dx, dA, dB};
 }
@@ -72,8 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
-  m.impl("lora_linear", &lora_linear_cpu);
-  m.impl("lora_linear_backward", &lora_linear_backward_cpu);
+  m.impl("lora_linear", &forward);
+  m.impl("lora_linear_backward", &backward);
 }
 
-}  // namespace fastpeft::cpu
+}  // namespace fastpeft::cpu::lora_linear

@@ -8,7 +8,12 @@
 // * VecT<T>: a 32-byte GCC/clang vector (8 floats or 4 doubles). The micro-kernels are
 //   written with these so that register blocking is explicit; each clone lowers them
 //   to its ISA (one ymm register with AVX2, two xmm registers with SSE2, NEON on Arm).
+// * acc_of<scalar_t> / to_acc: the accumulation type of every kernel (fp32 for fp32 /
+//   fp16 / bf16 tensors, fp64 for fp64) and the conversion into it.
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
@@ -90,6 +95,32 @@ FASTPEFT_INLINE V vbroadcast(T s) {
 #else
 #error "fastpeft's CPU kernels need GCC or clang vector extensions"
 #endif
+
+// Sum of the lanes of v, in lane order.
+template <typename acc_t, typename V = typename VecT<acc_t>::type>
+FASTPEFT_INLINE acc_t hsum(V v) {
+  constexpr int L = VecT<acc_t>::lanes;
+  acc_t lanes[L];
+  vstore(lanes, v);
+  acc_t s = 0;
+  for (int l = 0; l < L; ++l) s += lanes[l];
+  return s;
+}
+
+// The accumulation type of a tensor dtype: double for double, float for float / half /
+// bfloat16.
+template <typename scalar_t>
+using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+FASTPEFT_INLINE float to_acc(float v) { return v; }
+FASTPEFT_INLINE double to_acc(double v) { return v; }
+FASTPEFT_INLINE float to_acc(c10::Half v) { return static_cast<float>(v); }
+FASTPEFT_INLINE float to_acc(c10::BFloat16 v) {  // a shift, written out so it vectorises
+  const uint32_t bits = uint32_t{v.x} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 inline int64_t div_up(int64_t v, int64_t m) { return (v + m - 1) / m; }

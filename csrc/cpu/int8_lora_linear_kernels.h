@@ -1,5 +1,6 @@
-// int8 weight-only GEMM kernels of int8_lora_linear on CPU (the op glue is in
-// int8_lora_linear.cpp).
+// The kernels of int8_lora_linear on CPU: the int8 weight-only base GEMMs, and the rank-R
+// products of the decode forward, which fuses the LoRA branch (the op's orchestration is in
+// int8_lora_linear.cpp; at larger T the LoRA branch is lora_branch's).
 //
 // The weight is W = Q ⊙ scale[:, None], Q int8 (N, K), scale float32 (N,). The scale is
 // constant along a row of Q, so it factors out of the forward reduction over k and into
@@ -11,7 +12,7 @@
 // register-blocked on 32-byte vectors (simd.h) with fp32 accumulation (fp64 for double)
 // and multi-versioned for AVX2/FMA; the callers run them on disjoint ranges from
 // at::parallel_for. The forward with fp32 accumulation has its own GEMV kernel in AVX2
-// intrinsics (i8_gemv_avx2, up to 4 rows a pass), the tile kernel being its fallback.
+// intrinsics (gemv_avx2, up to 4 rows a pass), the tile kernel being its fallback.
 #pragma once
 
 #include <algorithm>
@@ -25,11 +26,7 @@
 #include <immintrin.h>
 #endif
 
-namespace fastpeft::cpu {
-
-// The accumulation type: double for double, float for float / half / bfloat16.
-template <typename scalar_t>
-using I8AccOf = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+namespace fastpeft::cpu::int8_lora_linear {
 
 // Widening int8 in registers. GCC 12 lowers __builtin_convertvector from an int8 vector
 // to a float vector element by element (scalar movsx + cvtsi2ss), so the kernels widen
@@ -39,10 +36,10 @@ using I8AccOf = std::conditional_t<std::is_same_v<scalar_t, double>, double, flo
 // byte * 2^24, which converts to acc_t exactly (8 significant bits). With AVX2 a part is
 // vpslld + vpand + vcvtdq2ps (only the shifts compete with the FMAs for ports; a sign
 // extending shift right would add one more). The factor 2^24 is taken out of the other
-// operand instead (x in the forward, dy in the backward, times kI8Unit = 2^-24: exact, a
+// operand instead (x in the forward, dy in the backward, times kUnit = 2^-24: exact, a
 // power of two). Part j holds the group's columns j, 4 + j, 8 + j, ...: the kernels work
-// in this lane-interleaved column order within a group (kI8Perm) and map back at the edges.
-constexpr double kI8Unit = 1.0 / 16777216.0;
+// in this lane-interleaved column order within a group (lane_order) and map back at the edges.
+constexpr double kUnit = 1.0 / 16777216.0;
 
 template <typename acc_t>
 struct QGroup;
@@ -59,7 +56,7 @@ struct QGroup<double> {
 
 // Bytes of Q per group: 32 (fp32, 8 lanes) or 16 (fp64, 4 lanes).
 template <typename acc_t>
-constexpr int64_t kI8GroupBytes = 4 * VecT<acc_t>::lanes;
+constexpr int64_t kGroupBytes = 4 * VecT<acc_t>::lanes;
 
 template <typename acc_t>
 FASTPEFT_INLINE typename QGroup<acc_t>::U load_group(const int8_t* p) {
@@ -79,53 +76,43 @@ FASTPEFT_INLINE V group_part(typename QGroup<acc_t>::U u, int j) {
 
 // Position in the lane-interleaved order of column c of a group: part c % 4, lane c / 4.
 template <typename acc_t>
-constexpr int64_t kI8Perm(int64_t c) {
+constexpr int64_t lane_order(int64_t c) {
   return (c % 4) * VecT<acc_t>::lanes + c / 4;
-}
-
-template <typename acc_t, typename V = typename VecT<acc_t>::type>
-FASTPEFT_INLINE acc_t hsum(V v) {
-  constexpr int L = VecT<acc_t>::lanes;
-  acc_t lanes[L];
-  vstore(lanes, v);
-  acc_t s = 0;
-  for (int l = 0; l < L; ++l) s += lanes[l];
-  return s;
 }
 
 // ---------------------------------------------------------------------------------------
 // Forward, small T: scale[n] * x[t, :] . Q[n, :] for all T rows and the rows n of
-// [n_begin, n_end). Rows of Q go in groups of kI8Rows; for each, K goes in chunks of
-// i8_fwd_chunk(T) columns and every (t, n) pair of the group takes the chunk's dot product
-// into a vector accumulator kept in `acc` (T, kI8Rows vectors) between chunks, so the
-// chunk of x (16 KiB) and of Q (kI8Rows x chunk bytes) stay in L1 while all pairs use
-// them, and Q is read from memory once. x comes lane-interleaved (i8_permute_rows) to match the
+// [n_begin, n_end). Rows of Q go in groups of kGroupRows; for each, K goes in chunks of
+// forward_chunk(T) columns and every (t, n) pair of the group takes the chunk's dot product
+// into a vector accumulator kept in `acc` (T, kGroupRows vectors) between chunks, so the
+// chunk of x (16 KiB) and of Q (kGroupRows x chunk bytes) stay in L1 while all pairs use
+// them, and Q is read from memory once. x comes lane-interleaved (permute_rows) to match the
 // widened parts of Q. The register tile is TR rows of x by NR rows of Q: TR x vectors,
 // one widened Q vector and TR * NR <= 9 accumulators. A widened vector serves TR rows of
 // x (4 at most: 8 rows as memory operands measured slower, load-bound); with one row of
 // x, 8 rows of Q give the independent FMA chains that hide the FMA latency.
-constexpr int64_t kI8Rows = 8;
+constexpr int64_t kGroupRows = 8;
 
 // Columns per chunk: x's chunk (T rows) fills 16 KiB of L1, at least 256 columns (fewer
 // would spend more on the accumulators' round trips than they save).
 template <typename acc_t>
-inline int64_t i8_fwd_chunk(int64_t T) {
+inline int64_t forward_chunk(int64_t T) {
   const int64_t bytes_per_col = static_cast<int64_t>(sizeof(acc_t)) * std::max<int64_t>(T, 1);
   const int64_t cols = int64_t{16384} / bytes_per_col;
-  return std::max<int64_t>(256, cols / kI8GroupBytes<acc_t> * kI8GroupBytes<acc_t>);
+  return std::max<int64_t>(256, cols / kGroupBytes<acc_t> * kGroupBytes<acc_t>);
 }
 
 template <int TR, int NR, typename acc_t, typename V = typename VecT<acc_t>::type>
-FASTPEFT_INLINE void i8_fwd_tile(const acc_t* __restrict x, int64_t K,
-                                 const int8_t* __restrict q, int64_t kc,
-                                 acc_t* __restrict acc /* [TR][kI8Rows] vectors */) {
+FASTPEFT_INLINE void forward_tile(const acc_t* __restrict x, int64_t K,
+                                  const int8_t* __restrict q, int64_t kc,
+                                  acc_t* __restrict acc /* [TR][kGroupRows] vectors */) {
   constexpr int L = VecT<acc_t>::lanes;
-  constexpr int64_t G = kI8GroupBytes<acc_t>;
+  constexpr int64_t G = kGroupBytes<acc_t>;
   V a[TR][NR];
 #pragma GCC unroll 8
   for (int i = 0; i < TR; ++i)
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) a[i][j] = vload(acc + (i * kI8Rows + j) * L);
+    for (int j = 0; j < NR; ++j) a[i][j] = vload(acc + (i * kGroupRows + j) * L);
   for (int64_t k = 0; k < kc; k += G) {
 #pragma GCC unroll 4
     for (int part = 0; part < 4; ++part) {
@@ -144,53 +131,86 @@ FASTPEFT_INLINE void i8_fwd_tile(const acc_t* __restrict x, int64_t K,
 #pragma GCC unroll 8
   for (int i = 0; i < TR; ++i)
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) vstore(acc + (i * kI8Rows + j) * L, a[i][j]);
+    for (int j = 0; j < NR; ++j) vstore(acc + (i * kGroupRows + j) * L, a[i][j]);
 }
 
 // TR rows of x against the ng rows of the group: NR rows at a time, then one at a time.
 template <int TR, int NR, typename acc_t>
-FASTPEFT_INLINE void i8_fwd_sweep(const acc_t* __restrict x, int64_t K,
-                                  const int8_t* __restrict q, int64_t ng, int64_t kc,
-                                  acc_t* __restrict acc) {
+FASTPEFT_INLINE void forward_sweep(const acc_t* __restrict x, int64_t K,
+                                   const int8_t* __restrict q, int64_t ng, int64_t kc,
+                                   acc_t* __restrict acc) {
   constexpr int L = VecT<acc_t>::lanes;
   int64_t j = 0;
-  for (; j + NR <= ng; j += NR) i8_fwd_tile<TR, NR>(x, K, q + j * K, kc, acc + j * L);
-  for (; j < ng; ++j) i8_fwd_tile<TR, 1>(x, K, q + j * K, kc, acc + j * L);
+  for (; j + NR <= ng; j += NR) forward_tile<TR, NR>(x, K, q + j * K, kc, acc + j * L);
+  for (; j < ng; ++j) forward_tile<TR, 1>(x, K, q + j * K, kc, acc + j * L);
 }
 
 // xp (T, K) = x in acc_t with each whole group of columns lane-interleaved and times
-// 2^-24 (xp[t, g + kI8Perm(c)] = x[t, g + c] * kI8Unit), the tail columns as they are.
+// 2^-24 (xp[t, g + lane_order(c)] = x[t, g + c] * kUnit), the tail columns as they are.
 template <typename scalar_t, typename acc_t>
-void i8_permute_rows(const scalar_t* __restrict x, int64_t T, int64_t K, acc_t* __restrict xp) {
-  constexpr int64_t G = kI8GroupBytes<acc_t>;
+void permute_rows(const scalar_t* __restrict x, int64_t T, int64_t K, acc_t* __restrict xp) {
+  constexpr int64_t G = kGroupBytes<acc_t>;
   const int64_t Kg = K / G * G;
-  const acc_t unit = static_cast<acc_t>(kI8Unit);
+  const acc_t unit = static_cast<acc_t>(kUnit);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t g = 0; g < Kg; g += G)
       for (int64_t c = 0; c < G; ++c)
-        xp[t * K + g + kI8Perm<acc_t>(c)] = static_cast<acc_t>(x[t * K + g + c]) * unit;
+        xp[t * K + g + lane_order<acc_t>(c)] = static_cast<acc_t>(x[t * K + g + c]) * unit;
     for (int64_t k = Kg; k < K; ++k) xp[t * K + k] = static_cast<acc_t>(x[t * K + k]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The decode forward's rank-R products.
+
+// xa (T, R) = xd @ A^T for the decode path, xd (T, K) and A (R, K) in acc_t: T x R dot
+// products, NR rows of A at a time sharing each vector of xd.
+template <int NR, typename acc_t, typename V = typename VecT<acc_t>::type>
+FASTPEFT_INLINE void lora_dots(const acc_t* __restrict xd, const acc_t* __restrict A,
+                               int64_t K, acc_t* __restrict out) {
+  constexpr int L = VecT<acc_t>::lanes;
+  const int64_t Kv = K / L * L;
+  V a[NR] = {};
+  for (int64_t k = 0; k < Kv; k += L) {
+    const V xv = vload(xd + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) a[j] += xv * vload(A + j * K + k);
+  }
+  for (int j = 0; j < NR; ++j) {
+    acc_t sum = hsum<acc_t>(a[j]);
+    for (int64_t k = Kv; k < K; ++k) sum += xd[k] * A[j * K + k];
+    out[j] = sum;
+  }
+}
+
+template <typename acc_t>
+FASTPEFT_MULTIVERSION void lora_down_kernel(const acc_t* __restrict xd,
+                                            const acc_t* __restrict A, int64_t T, int64_t K,
+                                            int64_t R, acc_t* __restrict xa) {
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) lora_dots<4>(xd + t * K, A + r * K, K, xa + t * R + r);
+    for (; r < R; ++r) lora_dots<1>(xd + t * K, A + r * K, K, xa + t * R + r);
   }
 }
 
 // The LoRA branch, fused into the decode forward: y = bias + sxa @ B^T + (x @ W^T).
 template <typename scalar_t, typename acc_t>
-struct I8LoraUp {
+struct LoraUp {
   const acc_t* sxa;       // (T, R): s * xa in acc_t
   const scalar_t* B;      // (N, R) lora_B
   const scalar_t* bias;   // (N,), or nullptr
   int64_t R;
 };
 
-// The LoRA terms of rows n0 .. n0 + ng - 1 (ng <= kI8Rows) of y, lo (T, kI8Rows) =
+// The LoRA terms of rows n0 .. n0 + ng - 1 (ng <= kGroupRows) of y, lo (T, kGroupRows) =
 // bias[n0 + j] + Σ_r sxa[t, r] * B[n0 + j, r]: a row of B converted to acc_t into brow
 // (R), then dot products vectorised over r. Rank-1 updates over r vectorised over j would
-// need B^T, and transposing B costs more than the products (measured, one thread,
-// N = K = 4096, R = 64 against R = 1: +0.6 ms at T = 1 and +0.8 ms at T = 4 with the
-// transpose; +0.07 and +0.2 ms with the dots).
+// need B^T, and at decode sizes transposing B costs more than the products themselves
+// (`fastpeft-bench --ops int8_lora_linear` measures the decode shapes).
 template <typename scalar_t, typename acc_t, typename V = typename VecT<acc_t>::type>
-FASTPEFT_INLINE void i8_lora_terms(const I8LoraUp<scalar_t, acc_t>& up, int64_t T, int64_t n0,
-                                   int64_t ng, acc_t* __restrict brow, acc_t* __restrict lo) {
+FASTPEFT_INLINE void lora_terms(const LoraUp<scalar_t, acc_t>& up, int64_t T, int64_t n0,
+                                int64_t ng, acc_t* __restrict brow, acc_t* __restrict lo) {
   constexpr int L = VecT<acc_t>::lanes;
   const int64_t R = up.R, Rv = R / L * L;
   for (int64_t j = 0; j < ng; ++j) {
@@ -203,96 +223,96 @@ FASTPEFT_INLINE void i8_lora_terms(const I8LoraUp<scalar_t, acc_t>& up, int64_t 
       for (int64_t r = 0; r < Rv; r += L) acc += vload(sx + r) * vload(brow + r);
       acc_t sum = hsum<acc_t>(acc);
       for (int64_t r = Rv; r < R; ++r) sum += sx[r] * brow[r];
-      lo[t * kI8Rows + j] = bias + sum;
+      lo[t * kGroupRows + j] = bias + sum;
     }
   }
 }
 
-// xp (T, K) from i8_permute_rows; y (T, N) in scalar_t, written: y[t, n] = bias[n] +
+// xp (T, K) from permute_rows; y (T, N) in scalar_t, written: y[t, n] = bias[n] +
 // sxa[t, :] . B[n, :] + scale[n] * x[t, :] . Q[n, :], rounded once. acc is per-thread
-// scratch of T * kI8Rows vectors + T * kI8Rows + R. Columns past the last whole group
+// scratch of T * kGroupRows vectors + T * kGroupRows + R. Columns past the last whole group
 // are a scalar tail.
 template <typename scalar_t, typename acc_t>
-FASTPEFT_MULTIVERSION void i8_linear_decode_kernel(
+FASTPEFT_MULTIVERSION void decode_forward_kernel(
     const acc_t* __restrict xp, const int8_t* __restrict q, const float* __restrict scale,
-    I8LoraUp<scalar_t, acc_t> up, scalar_t* __restrict y, int64_t T, int64_t K, int64_t N,
+    LoraUp<scalar_t, acc_t> up, scalar_t* __restrict y, int64_t T, int64_t K, int64_t N,
     int64_t n_begin, int64_t n_end, acc_t* __restrict acc) {
   constexpr int L = VecT<acc_t>::lanes;
-  constexpr int64_t G = kI8GroupBytes<acc_t>;
-  const int64_t Kg = K / G * G, chunk = i8_fwd_chunk<acc_t>(T);
-  acc_t* lo = acc + T * kI8Rows * L;  // (T, kI8Rows)  the group's bias + LoRA terms
-  acc_t* brow = lo + T * kI8Rows;     // (R)           a row of B
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kI8Rows) {
-    const int64_t ng = std::min(kI8Rows, n_end - n0);
-    std::fill(acc, acc + T * kI8Rows * L, acc_t(0));
+  constexpr int64_t G = kGroupBytes<acc_t>;
+  const int64_t Kg = K / G * G, chunk = forward_chunk<acc_t>(T);
+  acc_t* lo = acc + T * kGroupRows * L;  // (T, kGroupRows)  the group's bias + LoRA terms
+  acc_t* brow = lo + T * kGroupRows;     // (R)           a row of B
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kGroupRows) {
+    const int64_t ng = std::min(kGroupRows, n_end - n0);
+    std::fill(acc, acc + T * kGroupRows * L, acc_t(0));
     const int8_t* qg = q + n0 * K;
     for (int64_t k0 = 0; k0 < Kg; k0 += chunk) {
       const int64_t kc = std::min(chunk, Kg - k0);
       for (int64_t t0 = 0; t0 < T;) {
         const acc_t* xt = xp + t0 * K + k0;
-        acc_t* at = acc + t0 * kI8Rows * L;
+        acc_t* at = acc + t0 * kGroupRows * L;
         const int64_t rows = T - t0;
         if (rows >= 4) {
-          i8_fwd_sweep<4, 2>(xt, K, qg + k0, ng, kc, at);
+          forward_sweep<4, 2>(xt, K, qg + k0, ng, kc, at);
           t0 += 4;
           continue;
         }
         switch (rows) {  // the rest in one tile
-          case 1: i8_fwd_sweep<1, 8>(xt, K, qg + k0, ng, kc, at); break;
-          case 2: i8_fwd_sweep<2, 4>(xt, K, qg + k0, ng, kc, at); break;
-          default: i8_fwd_sweep<3, 3>(xt, K, qg + k0, ng, kc, at); break;
+          case 1: forward_sweep<1, 8>(xt, K, qg + k0, ng, kc, at); break;
+          case 2: forward_sweep<2, 4>(xt, K, qg + k0, ng, kc, at); break;
+          default: forward_sweep<3, 3>(xt, K, qg + k0, ng, kc, at); break;
         }
         t0 = T;
       }
     }
-    i8_lora_terms(up, T, n0, ng, brow, lo);
+    lora_terms(up, T, n0, ng, brow, lo);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < ng; ++j) {
         const int64_t n = n0 + j;
-        acc_t dot = hsum<acc_t>(vload(acc + (t * kI8Rows + j) * L));  // 2^24 x 2^-24
+        acc_t dot = hsum<acc_t>(vload(acc + (t * kGroupRows + j) * L));  // 2^24 x 2^-24
         for (int64_t k = Kg; k < K; ++k) dot += xp[t * K + k] * acc_t(q[n * K + k]);
         const acc_t base = static_cast<acc_t>(scale[n]) * dot;
-        y[t * N + n] = static_cast<scalar_t>(lo[t * kI8Rows + j] + base);
+        y[t * N + n] = static_cast<scalar_t>(lo[t * kGroupRows + j] + base);
       }
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward, T <= kI8GemvPassRows rows with fp32 accumulation, on AVX2 + FMA (a decode step
+// Forward, T <= kGemvPassRows rows with fp32 accumulation, on AVX2 + FMA (a decode step
 // of generation, or of a few sequences; the caller makes passes of up to this many rows
 // for more): the GEMV dots[t][i] = x[t, :] . Q[n_begin + i, :]
 // over the rows [n_begin, n_end), x fp32 in natural order. At T = 1 a widened vector of Q
 // serves a single FMA, so widening is most of the work, and it has to overlap the stream
-// of Q from memory. Two changes over the tile kernel above (measured on the 2-core Zen 3,
-// one thread, K = 4096):
+// of Q from memory. Two changes over the tile kernel above:
 // * Widening: vpmovsxbd from a 64-bit load + vcvtdq2ps, 2 instructions per 8 weights,
-//   against vpslld / vpand + vcvtdq2ps on a reloaded group: with Q in L2, 24.5 GB/s
-//   against 18 GB/s. Intrinsics, because GCC 12 scalarises __builtin_convertvector from
-//   int8 vectors; chosen at run time like the AVX2 Philox path.
-// * Streaming: with Q from DRAM, both schemes ran at only ~12 GB/s on adjacent rows, while
-//   an fp32 GEMV reads the same bytes at 22 GB/s: at ~4 instructions per 8 bytes the
-//   out-of-order window reaches only a few cache lines ahead, so the kernel waits on the
-//   hardware prefetchers, which restart at every 4 KiB page (a row of Q at K = 4096). So
-//   the kI8Streams rows in flight come from kI8Streams far-apart blocks of the range, each
-//   walked row after row (a long sequential stream), and each stream is prefetched
-//   kI8PrefetchBytes ahead, across rows and pages: 19.5 GB/s from 256 MiB of Q (15.0
-//   without the prefetch, 17.8 at 256 bytes ahead, 19.4 - 19.7 at 1 - 2 KiB; 12.9 on 4
-//   adjacent rows).
+//   against vpslld / vpand + vcvtdq2ps on a reloaded group, which makes it the faster of
+//   the two with Q in cache. Intrinsics, because GCC 12 scalarises
+//   __builtin_convertvector from int8 vectors; chosen at run time like the AVX2 Philox
+//   path.
+// * Streaming: with Q from DRAM and adjacent rows, both schemes read Q well below the rate
+//   of an fp32 GEMV over the same bytes: at ~4 instructions per 8 bytes the out-of-order
+//   window reaches only a few cache lines ahead, so the kernel waits on the hardware
+//   prefetchers, which restart at every 4 KiB page (a row of Q at K = 4096). So the
+//   kStreams rows in flight come from kStreams far-apart blocks of the range, each walked
+//   row after row (a long sequential stream), and each stream is prefetched
+//   kPrefetchBytes ahead, across rows and pages, which brings the rate close to the fp32
+//   GEMV's (1 - 2 KiB ahead being the sweet spot; `fastpeft-bench --ops int8_lora_linear`
+//   measures the decode shapes).
 // With T > 1 rows of x a widened vector serves T FMAs, so the same stream carries T times
 // the arithmetic; up to 4 rows the kernel stays near the stream's rate, where the tile
 // kernel was bound by its adjacent-row reads.
 #ifdef FASTPEFT_HAVE_AVX2_PATH
-constexpr int kI8Streams = 4;
-constexpr int64_t kI8PrefetchBytes = 1024;
-constexpr int64_t kI8GemvPassRows = 4;
+constexpr int kStreams = 4;
+constexpr int64_t kPrefetchBytes = 1024;
+constexpr int64_t kGemvPassRows = 4;
 
-inline bool i8_have_gemv_avx2() {
+inline bool have_gemv_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
 
 // 8 bytes of Q -> 8 floats, exactly.
-__attribute__((target("avx2"))) FASTPEFT_INLINE __m256 i8_widen8_avx2(const int8_t* p) {
+__attribute__((target("avx2"))) FASTPEFT_INLINE __m256 widen8_avx2(const int8_t* p) {
   const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
 }
@@ -303,7 +323,7 @@ __attribute__((target("avx2"))) FASTPEFT_INLINE __m256 i8_widen8_avx2(const int8
 // ymm registers room for a widened vector and x (at TR = 4 some rows of x are read from
 // L1 as the FMAs' memory operands).
 template <int TR, int NR>
-__attribute__((target("avx2,fma"))) FASTPEFT_INLINE void i8_gemv_rows_avx2(
+__attribute__((target("avx2,fma"))) FASTPEFT_INLINE void gemv_tile_avx2(
     const float* __restrict x, const int8_t* const (&row)[NR], int64_t K,
     float (&dot)[TR][NR]) {
   static_assert(TR * NR <= 12, "accumulators must fit the registers");
@@ -316,7 +336,7 @@ __attribute__((target("avx2,fma"))) FASTPEFT_INLINE void i8_gemv_rows_avx2(
   int64_t k = 0;
   for (; k < K64; k += 64) {  // a cache line of each row per step
     for (int j = 0; j < NR; ++j)
-      _mm_prefetch(reinterpret_cast<const char*>(row[j] + k + kI8PrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row[j] + k + kPrefetchBytes), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int p = 0; p < 8; ++p) {
       __m256 xv[TR];
@@ -324,7 +344,7 @@ __attribute__((target("avx2,fma"))) FASTPEFT_INLINE void i8_gemv_rows_avx2(
       for (int t = 0; t < TR; ++t) xv[t] = _mm256_loadu_ps(x + t * K + k + 8 * p);
 #pragma GCC unroll 4
       for (int j = 0; j < NR; ++j) {
-        const __m256 w = i8_widen8_avx2(row[j] + k + 8 * p);
+        const __m256 w = widen8_avx2(row[j] + k + 8 * p);
 #pragma GCC unroll 4
         for (int t = 0; t < TR; ++t) a[t][j][p % NA] = _mm256_fmadd_ps(xv[t], w, a[t][j][p % NA]);
       }
@@ -332,7 +352,7 @@ __attribute__((target("avx2,fma"))) FASTPEFT_INLINE void i8_gemv_rows_avx2(
   }
   for (; k < K8; k += 8) {
     for (int j = 0; j < NR; ++j) {
-      const __m256 w = i8_widen8_avx2(row[j] + k);
+      const __m256 w = widen8_avx2(row[j] + k);
       for (int t = 0; t < TR; ++t)
         a[t][j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), w, a[t][j][0]);
     }
@@ -352,87 +372,87 @@ __attribute__((target("avx2,fma"))) FASTPEFT_INLINE void i8_gemv_rows_avx2(
 
 // The TR-row GEMV over [n_begin, n_end): dots[t * ld + n - n_begin]. Stream s takes the
 // rows n_begin + s * M + [0, M), M = (n_end - n_begin) / S; the few rows past S * M go
-// one at a time. S = kI8Streams, 3 at TR = 4 (the accumulators' limit).
+// one at a time. S = kStreams, 3 at TR = 4 (the accumulators' limit).
 template <int TR>
-__attribute__((target("avx2,fma"))) void i8_gemv_avx2_rows(const float* __restrict x,
-                                                           const int8_t* __restrict q, int64_t K,
-                                                           int64_t n_begin, int64_t n_end,
-                                                           float* __restrict dots, int64_t ld) {
-  constexpr int S = TR * kI8Streams <= 12 ? kI8Streams : 12 / TR;
+__attribute__((target("avx2,fma"))) void gemv_avx2_rows(const float* __restrict x,
+                                                        const int8_t* __restrict q, int64_t K,
+                                                        int64_t n_begin, int64_t n_end,
+                                                        float* __restrict dots, int64_t ld) {
+  constexpr int S = TR * kStreams <= 12 ? kStreams : 12 / TR;
   const int64_t M = (n_end - n_begin) / S;
   for (int64_t i = 0; i < M; ++i) {
     const int8_t* row[S];
     float dot[TR][S];
     for (int s = 0; s < S; ++s) row[s] = q + (n_begin + s * M + i) * K;
-    i8_gemv_rows_avx2<TR, S>(x, row, K, dot);
+    gemv_tile_avx2<TR, S>(x, row, K, dot);
     for (int t = 0; t < TR; ++t)
       for (int s = 0; s < S; ++s) dots[t * ld + s * M + i] = dot[t][s];
   }
   for (int64_t n = n_begin + S * M; n < n_end; ++n) {
     const int8_t* row[1] = {q + n * K};
     float dot[TR][1];
-    i8_gemv_rows_avx2<TR, 1>(x, row, K, dot);
+    gemv_tile_avx2<TR, 1>(x, row, K, dot);
     for (int t = 0; t < TR; ++t) dots[t * ld + n - n_begin] = dot[t][0];
   }
 }
 
-// T (1 .. kI8GemvPassRows) rows of x: the GEMV above, with T a compile-time constant.
-inline void i8_gemv_avx2(const float* __restrict x, int64_t T, const int8_t* __restrict q,
-                         int64_t K, int64_t n_begin, int64_t n_end, float* __restrict dots,
-                         int64_t ld) {
+// T (1 .. kGemvPassRows) rows of x: the GEMV above, with T a compile-time constant.
+inline void gemv_avx2(const float* __restrict x, int64_t T, const int8_t* __restrict q,
+                      int64_t K, int64_t n_begin, int64_t n_end, float* __restrict dots,
+                      int64_t ld) {
   switch (T) {
-    case 1: return i8_gemv_avx2_rows<1>(x, q, K, n_begin, n_end, dots, ld);
-    case 2: return i8_gemv_avx2_rows<2>(x, q, K, n_begin, n_end, dots, ld);
-    case 3: return i8_gemv_avx2_rows<3>(x, q, K, n_begin, n_end, dots, ld);
-    default: return i8_gemv_avx2_rows<4>(x, q, K, n_begin, n_end, dots, ld);
+    case 1: return gemv_avx2_rows<1>(x, q, K, n_begin, n_end, dots, ld);
+    case 2: return gemv_avx2_rows<2>(x, q, K, n_begin, n_end, dots, ld);
+    case 3: return gemv_avx2_rows<3>(x, q, K, n_begin, n_end, dots, ld);
+    default: return gemv_avx2_rows<4>(x, q, K, n_begin, n_end, dots, ld);
   }
 }
 
 // Its epilogue: y[t, n] = bias[n] + sxa[t, :] . B[n, :] + scale[n] * dots[t * ld + n -
 // n_begin] for the T rows and the rows [n_begin, n_end) of y (row stride N), rounded
-// once; scratch holds T * kI8Rows + R floats.
+// once; scratch holds T * kGroupRows + R floats.
 template <typename scalar_t>
-FASTPEFT_MULTIVERSION void i8_gemv_epilogue(const float* __restrict dots, int64_t ld,
-                                            const float* __restrict scale,
-                                            I8LoraUp<scalar_t, float> up, scalar_t* __restrict y,
-                                            int64_t T, int64_t N, int64_t n_begin, int64_t n_end,
-                                            float* __restrict scratch) {
-  float* lo = scratch;                  // (T, kI8Rows)
-  float* brow = scratch + T * kI8Rows;  // (R)
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kI8Rows) {
-    const int64_t ng = std::min(kI8Rows, n_end - n0);
-    i8_lora_terms(up, T, n0, ng, brow, lo);
+FASTPEFT_MULTIVERSION void gemv_epilogue(const float* __restrict dots, int64_t ld,
+                                         const float* __restrict scale,
+                                         LoraUp<scalar_t, float> up, scalar_t* __restrict y,
+                                         int64_t T, int64_t N, int64_t n_begin, int64_t n_end,
+                                         float* __restrict scratch) {
+  float* lo = scratch;                  // (T, kGroupRows)
+  float* brow = scratch + T * kGroupRows;  // (R)
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kGroupRows) {
+    const int64_t ng = std::min(kGroupRows, n_end - n0);
+    lora_terms(up, T, n0, ng, brow, lo);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < ng; ++j)
         y[t * N + n0 + j] = static_cast<scalar_t>(
-            lo[t * kI8Rows + j] + scale[n0 + j] * dots[t * ld + n0 + j - n_begin]);
+            lo[t * kGroupRows + j] + scale[n0 + j] * dots[t * ld + n0 + j - n_begin]);
   }
 }
 #endif
 
 // ---------------------------------------------------------------------------------------
 // Backward, small T: dx[t, k] += Σ_n dyT[n, t] * Q[n, k] for all T rows and the column
-// blocks [block_begin, block_end) of kI8Cols columns, with dyT = (dy ⊙ scale)^T (N, T)
-// prepared by the caller (times kI8Unit, see group_part), so that the TR values a step
+// blocks [block_begin, block_end) of kDxCols columns, with dyT = (dy ⊙ scale)^T (N, T)
+// prepared by the caller (times kUnit, see group_part), so that the TR values a step
 // over n broadcasts share a cache line. A thread owns its columns of dx (no reduction
-// across threads) and takes them kI8Span blocks at a time, their sums waiting in `acc`
-// (T, kI8Span * kI8Cols, lane-interleaved per group). Rows of Q are K bytes apart (a page
+// across threads) and takes them kDxSpan blocks at a time, their sums waiting in `acc`
+// (T, kDxSpan * kDxCols, lane-interleaved per group). Rows of Q are K bytes apart (a page
 // each for K = 4096), so a column strip of many rows would miss the TLB and defeat the
-// hardware prefetchers at every row: instead N goes in chunks of kI8RowChunk rows, whose
-// Q segments (kI8RowChunk x kI8Span * kI8Cols bytes: few pages, in L2) all the blocks of
+// hardware prefetchers at every row: instead N goes in chunks of kDxRowChunk rows, whose
+// Q segments (kDxRowChunk x kDxSpan * kDxCols bytes: few pages, in L2) all the blocks of
 // the span sweep in turn, each row read front to back, and the first sweep of a block
 // prefetches the block after next. The register tile is TR rows by NV widened vectors
 // (TR * NV <= 12 accumulators); a widened vector serves TR rows, up to 12.
-constexpr int64_t kI8Cols = 64, kI8Span = 16, kI8RowChunk = 32;
+constexpr int64_t kDxCols = 64, kDxSpan = 16, kDxRowChunk = 32;
 
 // Vectors P0 .. P0 + NV - 1 of the widened columns from q (group v / 4, part v % 4), all
 // compile-time, so a group used by several vectors is loaded once per row.
 template <int TR, int NV, int P0, typename acc_t, typename V = typename VecT<acc_t>::type>
-FASTPEFT_INLINE void i8_dx_tile(const acc_t* __restrict dyT, int64_t T,
-                                const int8_t* __restrict q, int64_t K, int64_t nc,
-                                int64_t prefetch, acc_t* __restrict acc, int64_t lda) {
+FASTPEFT_INLINE void dx_tile(const acc_t* __restrict dyT, int64_t T,
+                             const int8_t* __restrict q, int64_t K, int64_t nc,
+                             int64_t prefetch, acc_t* __restrict acc, int64_t lda) {
   constexpr int L = VecT<acc_t>::lanes;
-  constexpr int64_t G = kI8GroupBytes<acc_t>;
+  constexpr int64_t G = kGroupBytes<acc_t>;
   V a[TR][NV];
 #pragma GCC unroll 12
   for (int i = 0; i < TR; ++i)
@@ -458,80 +478,80 @@ FASTPEFT_INLINE void i8_dx_tile(const acc_t* __restrict dyT, int64_t T,
 // TR rows against the ngr groups of a block: NV / 4 whole groups at a time when NV >= 4
 // (then one at a time), else NV parts of a group at a time. Only the first tile prefetches.
 template <int TR, int NV, typename acc_t>
-FASTPEFT_INLINE void i8_dx_sweep(const acc_t* __restrict dyT, int64_t T,
-                                 const int8_t* __restrict q, int64_t K, int64_t nc, int64_t ngr,
-                                 int64_t prefetch, acc_t* __restrict acc, int64_t lda) {
-  constexpr int64_t G = kI8GroupBytes<acc_t>;
+FASTPEFT_INLINE void dx_sweep(const acc_t* __restrict dyT, int64_t T,
+                              const int8_t* __restrict q, int64_t K, int64_t nc, int64_t ngr,
+                              int64_t prefetch, acc_t* __restrict acc, int64_t lda) {
+  constexpr int64_t G = kGroupBytes<acc_t>;
   if constexpr (NV >= 4) {
     constexpr int NG = NV / 4;
     int64_t g = 0;
     for (; g + NG <= ngr; g += NG, prefetch = 0)
-      i8_dx_tile<TR, NV, 0>(dyT, T, q + g * G, K, nc, prefetch, acc + g * G, lda);
+      dx_tile<TR, NV, 0>(dyT, T, q + g * G, K, nc, prefetch, acc + g * G, lda);
     for (; g < ngr; ++g, prefetch = 0)
-      i8_dx_tile<TR, 4, 0>(dyT, T, q + g * G, K, nc, prefetch, acc + g * G, lda);
+      dx_tile<TR, 4, 0>(dyT, T, q + g * G, K, nc, prefetch, acc + g * G, lda);
   } else {
     for (int64_t g = 0; g < ngr; ++g, prefetch = 0) {
       const int8_t* qg = q + g * G;
       acc_t* ag = acc + g * G;
-      i8_dx_tile<TR, NV, 0>(dyT, T, qg, K, nc, prefetch, ag, lda);
+      dx_tile<TR, NV, 0>(dyT, T, qg, K, nc, prefetch, ag, lda);
       if constexpr (NV == 1) {
-        i8_dx_tile<TR, 1, 1>(dyT, T, qg, K, nc, 0, ag, lda);
-        i8_dx_tile<TR, 1, 2>(dyT, T, qg, K, nc, 0, ag, lda);
-        i8_dx_tile<TR, 1, 3>(dyT, T, qg, K, nc, 0, ag, lda);
+        dx_tile<TR, 1, 1>(dyT, T, qg, K, nc, 0, ag, lda);
+        dx_tile<TR, 1, 2>(dyT, T, qg, K, nc, 0, ag, lda);
+        dx_tile<TR, 1, 3>(dyT, T, qg, K, nc, 0, ag, lda);
       } else {
         static_assert(NV == 2, "a tile covers 1, 2 or a multiple of 4 parts");
-        i8_dx_tile<TR, 2, 2>(dyT, T, qg, K, nc, 0, ag, lda);
+        dx_tile<TR, 2, 2>(dyT, T, qg, K, nc, 0, ag, lda);
       }
     }
   }
 }
 
-// Column blocks of i8_dx_decode_kernel over the whole groups of K (at least one block: it
+// Column blocks of dx_decode_kernel over the whole groups of K (at least one block: it
 // also does the scalar tail of the columns past the last whole group).
 template <typename acc_t>
-inline int64_t i8_dx_blocks(int64_t K) {
-  return std::max<int64_t>(1, div_up(K / kI8GroupBytes<acc_t> * kI8GroupBytes<acc_t>, kI8Cols));
+inline int64_t dx_blocks(int64_t K) {
+  return std::max<int64_t>(1, div_up(K / kGroupBytes<acc_t> * kGroupBytes<acc_t>, kDxCols));
 }
 
-// dyT (N, T) in acc_t, times kI8Unit; dx (T, K) in scalar_t, accumulated; acc is
-// per-thread scratch of T * kI8Span * kI8Cols acc_t.
+// dyT (N, T) in acc_t, times kUnit; dx (T, K) in scalar_t, accumulated; acc is
+// per-thread scratch of T * kDxSpan * kDxCols acc_t.
 template <typename scalar_t, typename acc_t>
-FASTPEFT_MULTIVERSION void i8_dx_decode_kernel(
+FASTPEFT_MULTIVERSION void dx_decode_kernel(
     const acc_t* __restrict dyT, const int8_t* __restrict q, scalar_t* __restrict dx,
     int64_t T, int64_t K, int64_t N, int64_t block_begin, int64_t block_end,
     acc_t* __restrict acc) {
-  constexpr int64_t G = kI8GroupBytes<acc_t>, lda = kI8Span * kI8Cols;
+  constexpr int64_t G = kGroupBytes<acc_t>, lda = kDxSpan * kDxCols;
   const int64_t Kg = K / G * G;
-  for (int64_t s0 = block_begin; s0 < block_end; s0 += kI8Span) {
-    const int64_t s1 = std::min(block_end, s0 + kI8Span);
+  for (int64_t s0 = block_begin; s0 < block_end; s0 += kDxSpan) {
+    const int64_t s1 = std::min(block_end, s0 + kDxSpan);
     std::fill(acc, acc + T * lda, acc_t(0));
-    for (int64_t n0 = 0; n0 < N; n0 += kI8RowChunk) {
-      const int64_t nc = std::min(kI8RowChunk, N - n0);
+    for (int64_t n0 = 0; n0 < N; n0 += kDxRowChunk) {
+      const int64_t nc = std::min(kDxRowChunk, N - n0);
       const acc_t* d = dyT + n0 * T;
       for (int64_t block = s0; block < s1; ++block) {
-        const int64_t k0 = block * kI8Cols, kb = std::min(kI8Cols, Kg - k0), ngr = kb / G;
-        const int64_t prefetch = block + 2 < s1 ? 2 * kI8Cols : 0;
+        const int64_t k0 = block * kDxCols, kb = std::min(kDxCols, Kg - k0), ngr = kb / G;
+        const int64_t prefetch = block + 2 < s1 ? 2 * kDxCols : 0;
         const int8_t* qs = q + n0 * K + k0;
-        acc_t* ab = acc + (block - s0) * kI8Cols;
+        acc_t* ab = acc + (block - s0) * kDxCols;
         for (int64_t t0 = 0; t0 < T;) {
           const int64_t rows = T - t0, pf = t0 == 0 ? prefetch : 0;
           const acc_t* dt = d + t0;
           acc_t* at = ab + t0 * lda;
           // row tiles: a widened vector serves TR rows; TR * NV <= 12 accumulators
           if (rows >= 12) {
-            i8_dx_sweep<12, 1>(dt, T, qs, K, nc, ngr, pf, at, lda);
+            dx_sweep<12, 1>(dt, T, qs, K, nc, ngr, pf, at, lda);
             t0 += 12;
           } else if (rows >= 4) {
-            i8_dx_sweep<4, 2>(dt, T, qs, K, nc, ngr, pf, at, lda);
+            dx_sweep<4, 2>(dt, T, qs, K, nc, ngr, pf, at, lda);
             t0 += 4;
           } else if (rows == 3) {
-            i8_dx_sweep<3, 4>(dt, T, qs, K, nc, ngr, pf, at, lda);
+            dx_sweep<3, 4>(dt, T, qs, K, nc, ngr, pf, at, lda);
             t0 += 3;
           } else if (rows == 2) {
-            i8_dx_sweep<2, 4>(dt, T, qs, K, nc, ngr, pf, at, lda);
+            dx_sweep<2, 4>(dt, T, qs, K, nc, ngr, pf, at, lda);
             t0 += 2;
           } else {
-            i8_dx_sweep<1, 8>(dt, T, qs, K, nc, ngr, pf, at, lda);
+            dx_sweep<1, 8>(dt, T, qs, K, nc, ngr, pf, at, lda);
             t0 += 1;
           }
         }
@@ -539,21 +559,21 @@ FASTPEFT_MULTIVERSION void i8_dx_decode_kernel(
     }
     for (int64_t t = 0; t < T; ++t)
       for (int64_t block = s0; block < s1; ++block) {
-        const int64_t k0 = block * kI8Cols, kb = std::min(kI8Cols, Kg - k0);
-        const acc_t* sums = acc + t * lda + (block - s0) * kI8Cols;
+        const int64_t k0 = block * kDxCols, kb = std::min(kDxCols, Kg - k0);
+        const acc_t* sums = acc + t * lda + (block - s0) * kDxCols;
         scalar_t* row = dx + t * K + k0;
         for (int64_t c = 0; c < kb; ++c) {
-          const acc_t v = sums[c / G * G + kI8Perm<acc_t>(c % G)];
+          const acc_t v = sums[c / G * G + lane_order<acc_t>(c % G)];
           row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) + v);
         }
       }
   }
-  if (block_end == i8_dx_blocks<acc_t>(K))
+  if (block_end == dx_blocks<acc_t>(K))
     for (int64_t t = 0; t < T; ++t)
       for (int64_t k = Kg; k < K; ++k) {
         acc_t sum = 0;
         for (int64_t n = 0; n < N; ++n) sum += dyT[n * T + t] * acc_t(q[n * K + k]);
-        sum /= static_cast<acc_t>(kI8Unit);  // exact
+        sum /= static_cast<acc_t>(kUnit);  // exact
         dx[t * K + k] = static_cast<scalar_t>(static_cast<acc_t>(dx[t * K + k]) + sum);
       }
 }
@@ -564,9 +584,9 @@ FASTPEFT_MULTIVERSION void i8_dx_decode_kernel(
 // float64 for double). A plain loop: GCC's loop vectoriser widens int8 well
 // (vpmovsxbw / vpmovsxwd), unlike __builtin_convertvector.
 template <typename acc_t>
-FASTPEFT_MULTIVERSION void i8_dequant_tile(const int8_t* __restrict q, int64_t K,
-                                           const float* __restrict scale, int64_t rows,
-                                           int64_t cols, acc_t* __restrict out) {
+FASTPEFT_MULTIVERSION void dequant_tile(const int8_t* __restrict q, int64_t K,
+                                        const float* __restrict scale, int64_t rows,
+                                        int64_t cols, acc_t* __restrict out) {
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t s = static_cast<acc_t>(scale[r]);
     const int8_t* qr = q + r * K;
@@ -575,4 +595,4 @@ FASTPEFT_MULTIVERSION void i8_dequant_tile(const int8_t* __restrict q, int64_t K
   }
 }
 
-}  // namespace fastpeft::cpu
+}  // namespace fastpeft::cpu::int8_lora_linear

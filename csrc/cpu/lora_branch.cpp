@@ -1,7 +1,8 @@
 // The LoRA branch shared by lora_linear and int8_lora_linear on CPU (declared, with its
-// math, in lora_linear.h): argument checks, and the forward / backward LoRA parts that
-// run the rank-R kernels of lora_linear_kernels.h. No op is registered here.
-#include "cpu/lora_linear.h"
+// math, in lora_branch.h): argument checks, and the forward / backward that run the
+// rank-R kernels of lora_branch_kernels.h on the intra-op threads. No op is registered
+// here.
+#include "cpu/lora_branch.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,25 +11,26 @@
 #include <string>
 #include <vector>
 
-#include "cpu/lora_linear_kernels.h"
+#include "cpu/checks.h"
+#include "cpu/lora_branch_kernels.h"
+#include "cpu/parallel.h"
 #include "cpu/philox.h"
 #include "cpu/simd.h"
 
-namespace fastpeft::cpu {
+namespace fastpeft::cpu::lora_branch {
 
 // ---------------------------------------------------------------------------------------
 // Argument checks
 
-bool check_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N,
-                const at::Tensor& x) {
-  if (!bias.has_value() || !bias->defined()) return false;
+at::Tensor checked_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t N,
+                        const at::Tensor& x) {
+  if (!given(bias)) return {};
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N,
               ",), got ", bias->sizes());
   TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device().is_cpu(), op,
               ": bias must be a CPU tensor of dtype ", x.scalar_type(), ", got ",
               bias->scalar_type(), " on ", bias->device());
-  TORCH_CHECK(bias->is_contiguous(), op, ": bias must be contiguous");
-  return true;
+  return bias->contiguous();
 }
 
 // The dropout seed as uint64 (two's complement of the int64 value, as the reference).
@@ -42,8 +44,8 @@ uint64_t read_seed(const char* op, double p, const std::optional<at::Tensor>& se
   return static_cast<uint64_t>(seed->item<int64_t>());
 }
 
-void check_lora_branch(const char* op, const at::Tensor& x, const at::Tensor& lora_A,
-                       const at::Tensor& lora_B, int64_t N, const char* base) {
+void check_branch(const char* op, const at::Tensor& x, const at::Tensor& lora_A,
+                  const at::Tensor& lora_B, int64_t N, const char* base) {
   check_matrix(op, lora_A, "lora_A", x);
   check_matrix(op, lora_B, "lora_B", x);
   const std::string out_of_base = std::string("out_features of ") + base;
@@ -52,9 +54,8 @@ void check_lora_branch(const char* op, const at::Tensor& x, const at::Tensor& lo
   check_size(op, lora_B, "lora_B", 1, lora_A.size(0), "rank of lora_A");
 }
 
-void check_lora_grads(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
-                      const at::Tensor& xa, const at::Tensor& lora_A, int64_t N,
-                      const char* base) {
+void check_grads(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                 const at::Tensor& xa, const at::Tensor& lora_A, int64_t N, const char* base) {
   check_matrix(op, grad_y, "grad_y", x);
   check_matrix(op, xa, "xa", x);
   const std::string out_of_base = std::string("out_features of ") + base;
@@ -67,23 +68,21 @@ void check_lora_grads(const char* op, const at::Tensor& grad_y, const at::Tensor
 // ---------------------------------------------------------------------------------------
 // Forward: xa and y = b + s * xa @ B^T, parallel over tiles of kFwdRows rows.
 
-std::tuple<at::Tensor, at::Tensor> lora_forward_part(
-    const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, double scaling, double dropout_p, uint64_t seed_v) {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& bias,
+                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                           double scaling, double dropout_p, uint64_t seed) {
   const int64_t T = x.size(0), K = x.size(1), N = lora_B.size(0), R = lora_A.size(0);
-  const bool has_bias = given(bias);
   const bool dropout = dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(dropout_p);
-  constexpr const char* op = "fastpeft::lora_forward_part";
 
   at::Tensor xa = at::empty({T, R}, x.options());
   at::Tensor y = at::empty({T, N}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using acc_t = typename AccOf<scalar_t>::type;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_branch", [&] {
+    using acc_t = acc_of<scalar_t>;
     constexpr int L = VecT<acc_t>::lanes;
     const int64_t Rp = round_up(R, L), Np = round_up(N, L), Np2 = round_up(N, 2 * L);
     // A^T (K, Rp), B^T in panels of 2L columns and the bias (Np) in acc_t, zero-padded
-    // (small: R x (K + N)); see lora_fwd_kernel.
+    // (small: R x (K + N)); see forward_kernel.
     std::vector<acc_t> At(static_cast<size_t>(K * Rp), acc_t(0));
     std::vector<acc_t> Bt(static_cast<size_t>(Rp * Np2), acc_t(0)), b(static_cast<size_t>(Np), 0);
     const scalar_t* A = lora_A.const_data_ptr<scalar_t>();
@@ -93,18 +92,19 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_part(
     for (int64_t r = 0; r < R; ++r)
       for (int64_t n = 0; n < N; ++n)
         Bt[(n / (2 * L) * Rp + r) * 2 * L + n % (2 * L)] = to_acc(B[n * R + r]);
-    if (has_bias) load_dropped<scalar_t, acc_t, false>(bias->const_data_ptr<scalar_t>(), N, N,
-                                                       nullptr, 1, b.data());
+    if (bias.defined())
+      load_dropped<scalar_t, acc_t, false>(bias.const_data_ptr<scalar_t>(), N, N, nullptr, 1,
+                                           b.data());
     const acc_t keep_scale = dropout ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
     const int64_t tiles = div_up(T, kFwdRows);
     const int64_t grain = work_grain((K + N) * Rp);
     at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> xs(static_cast<size_t>(kFwdRows * (K + Rp)));
       std::vector<float> keep(dropout ? static_cast<size_t>(kFwdRows * 4 * div_up(K, 4)) : 0);
-      auto* kernel = dropout ? &lora_fwd_kernel<scalar_t, true> : &lora_fwd_kernel<scalar_t, false>;
+      auto* kernel = dropout ? &forward_kernel<scalar_t, true> : &forward_kernel<scalar_t, false>;
       kernel(x.const_data_ptr<scalar_t>(), At.data(), Bt.data(), b.data(),
              xa.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), T, K, R, N,
-             static_cast<acc_t>(scaling), begin, end, seed_v, threshold, keep_scale, xs.data(),
+             static_cast<acc_t>(scaling), begin, end, seed, threshold, keep_scale, xs.data(),
              keep.data());
     });
   });
@@ -114,73 +114,78 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_part(
 // ---------------------------------------------------------------------------------------
 // Backward: dyB and dB in one pass over dy, then dx_lora and dA in one pass over x.
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_part(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
-    uint64_t seed_v, bool compute_dx) {
+    uint64_t seed, bool compute_dx) {
   const int64_t T = x.size(0), K = x.size(1), N = lora_B.size(0), R = lora_A.size(0);
   const bool dropout = dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(dropout_p);
-  constexpr const char* op = "fastpeft::lora_backward_part";
 
   at::Tensor dB = at::empty({N, R}, x.options());
   at::Tensor dA = at::empty({R, K}, x.options());
   at::Tensor dx = compute_dx ? at::empty({T, K}, x.options()) : x.new_empty({0});
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    using acc_t = typename AccOf<scalar_t>::type;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_branch", [&] {
+    using acc_t = acc_of<scalar_t>;
     constexpr int L = VecT<acc_t>::lanes;
     const int64_t Rp = round_up(R, L);
     const acc_t s = static_cast<acc_t>(scaling);
 
-    // dyB = dy @ B (kept in acc_t) and dB = s * dy^T @ xa, one pass over dy. Rows go in
-    // chunks of at most kDyChunk so the per-thread dyB partials stay small.
-    constexpr int64_t kDyCols = 128, kDyChunk = 4096;
-    const int64_t n_blocks = div_up(N, kDyCols), chunk = std::clamp<int64_t>(T, 1, kDyChunk);
-    const int64_t n_parts = at::get_num_threads();
+    // dyB = dy @ B (kept in acc_t) and dB = s * dy^T @ xa, one pass over dy, parallel
+    // over blocks of kDyCols columns of N. Each block writes its share of dyB into a
+    // partial of its own and the partials are summed in block order, so dyB does not
+    // depend on how the blocks were shared among the threads. Rows go in chunks sized so
+    // that the partials take at most kDyPartsElems elements (and at least kDyRows rows).
+    constexpr int64_t kDyCols = 128, kDyChunk = 4096, kDyPartsElems = int64_t{1} << 20;
+    const int64_t n_blocks = div_up(N, kDyCols);
+    const int64_t chunk = std::clamp<int64_t>(
+        kDyPartsElems / std::max<int64_t>(1, n_blocks * Rp), kDyRows, kDyChunk);
     std::vector<acc_t> dB_acc(static_cast<size_t>(N * Rp), acc_t(0));
-    std::vector<acc_t> parts(static_cast<size_t>(n_parts * chunk * Rp));
+    std::vector<acc_t> parts(static_cast<size_t>(n_blocks * std::min(T, chunk) * Rp));
     std::vector<acc_t> dyB(static_cast<size_t>(T * R));
     for (int64_t t_begin = 0; t_begin < T; t_begin += chunk) {
       const int64_t t_end = std::min(T, t_begin + chunk), rows = t_end - t_begin;
-      std::fill(parts.begin(), parts.end(), acc_t(0));
-      const int64_t grain = work_grain(rows * kDyCols * Rp);
+      const int64_t part_stride = rows * Rp, grain = work_grain(rows * kDyCols * Rp);
       at::parallel_for(0, n_blocks, grain, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> work(static_cast<size_t>((kDyCols + kDyRows) * Rp + kDyRows * kDyCols));
-        lora_dy_kernel<scalar_t>(grad_y.const_data_ptr<scalar_t>(),
-                                 lora_B.const_data_ptr<scalar_t>(), xa.const_data_ptr<scalar_t>(),
-                                 dB_acc.data(), parts.data() + at::get_thread_num() * chunk * Rp,
-                                 t_begin, t_end, N, R, kDyCols, begin, end, s, work.data());
+        dy_kernel<scalar_t>(grad_y.const_data_ptr<scalar_t>(), lora_B.const_data_ptr<scalar_t>(),
+                            xa.const_data_ptr<scalar_t>(), dB_acc.data(), parts.data(),
+                            part_stride, t_begin, t_end, N, R, kDyCols, begin, end, s,
+                            work.data());
       });
-      for (int64_t t = 0; t < rows; ++t)
-        for (int64_t r = 0; r < R; ++r) {
-          acc_t sum = 0;
-          for (int64_t p = 0; p < n_parts; ++p) sum += parts[(p * chunk + t) * Rp + r];
-          dyB[(t_begin + t) * R + r] = sum;
+      at::parallel_for(0, rows, work_grain(n_blocks * R), [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          acc_t* out = dyB.data() + (t_begin + t) * R;
+          std::fill_n(out, R, acc_t(0));
+          for (int64_t p = 0; p < n_blocks; ++p) {
+            const acc_t* part = parts.data() + p * part_stride + t * Rp;
+            for (int64_t r = 0; r < R; ++r) out[r] += part[r];
+          }
         }
+      });
     }
     scalar_t* dB_out = dB.mutable_data_ptr<scalar_t>();
     for (int64_t n = 0; n < N; ++n)
       for (int64_t r = 0; r < R; ++r) dB_out[n * R + r] = static_cast<scalar_t>(dB_acc[n * Rp + r]);
 
     // dx_lora and dA, parallel over column blocks of K.
-    const int64_t KB = bwd_block_cols(R), KBp = round_up(KB, L), k_blocks = div_up(K, KB);
+    const int64_t KB = backward_block_cols(R), KBp = round_up(KB, L), k_blocks = div_up(K, KB);
     const acc_t keep_scale = dropout ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
-    const int64_t grain = work_grain(T * KB * R);
-    at::parallel_for(0, k_blocks, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, k_blocks, work_grain(T * KB * R), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> work(static_cast<size_t>((2 * R + kBwdRows) * KBp + kBwdRows * R));
       std::vector<float> keep(static_cast<size_t>(kBwdRows * KBp), 0.0f);
-      using Kernel = decltype(&lora_bwd_kernel<scalar_t, true, true>);
+      using Kernel = decltype(&backward_kernel<scalar_t, true, true>);
       const Kernel kernels[2][2] = {
-          {&lora_bwd_kernel<scalar_t, false, false>, &lora_bwd_kernel<scalar_t, false, true>},
-          {&lora_bwd_kernel<scalar_t, true, false>, &lora_bwd_kernel<scalar_t, true, true>}};
+          {&backward_kernel<scalar_t, false, false>, &backward_kernel<scalar_t, false, true>},
+          {&backward_kernel<scalar_t, true, false>, &backward_kernel<scalar_t, true, true>}};
       kernels[dropout][compute_dx](
           x.const_data_ptr<scalar_t>(), lora_A.const_data_ptr<scalar_t>(), dyB.data(),
           compute_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr, dA.mutable_data_ptr<scalar_t>(),
-          T, K, R, KB, begin, end, s, seed_v, threshold, keep_scale, work.data(), keep.data());
+          T, K, R, KB, begin, end, s, seed, threshold, keep_scale, work.data(), keep.data());
     });
   });
   return {dx, dA, dB};
 }
 
-}  // namespace fastpeft::cpu
+}  // namespace fastpeft::cpu::lora_branch

@@ -1,39 +1,19 @@
-// The rank-R kernels of LoRA linear on CPU (the op glue is in lora_linear.cpp).
+// The rank-R kernels of the LoRA branch on CPU (lora_branch.h: its math; lora_branch.cpp:
+// the orchestration that runs these), shared by lora_linear and int8_lora_linear.
 //
 // All three are register-blocked micro-kernels on 32-byte vectors (simd.h) with fp32
 // accumulation (fp64 for double), multi-versioned for AVX2/FMA, called on disjoint
 // work ranges from at::parallel_for. Shapes: x (T, K), A (R, K), B (N, R), dy (T, N).
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "cpu/philox.h"
 #include "cpu/simd.h"
 
-namespace fastpeft::cpu {
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-FASTPEFT_INLINE float to_acc(float v) { return v; }
-FASTPEFT_INLINE double to_acc(double v) { return v; }
-FASTPEFT_INLINE float to_acc(c10::Half v) { return static_cast<float>(v); }
-FASTPEFT_INLINE float to_acc(c10::BFloat16 v) {  // a shift, written out so it vectorises
-  const uint32_t bits = uint32_t{v.x} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+namespace fastpeft::cpu::lora_branch {
 
 // dst[0 : n] = src[0 : n] in acc_t, times keep if kDropout; dst[n : n_pad] = 0. keep holds
 // c = 1/(1-p) for kept elements (float kernels) or 1 (double kernels, which multiply by
@@ -80,9 +60,9 @@ FASTPEFT_INLINE void store_vec(scalar_t* __restrict dst, V v, int64_t n) {
 constexpr int kFwdRows = 6;
 
 template <int NV, typename acc_t>
-FASTPEFT_INLINE void lora_down_tile(const acc_t* __restrict xs, int64_t K,
-                                    const acc_t* __restrict At, int64_t Rp,
-                                    acc_t* __restrict out /* (kFwdRows, ldo) */, int64_t ldo) {
+FASTPEFT_INLINE void down_tile(const acc_t* __restrict xs, int64_t K,
+                               const acc_t* __restrict At, int64_t Rp,
+                               acc_t* __restrict out /* (kFwdRows, ldo) */, int64_t ldo) {
   using V = typename VecT<acc_t>::type;
   constexpr int L = VecT<acc_t>::lanes;
   V acc[kFwdRows][NV];
@@ -108,10 +88,10 @@ FASTPEFT_INLINE void lora_down_tile(const acc_t* __restrict xs, int64_t K,
 }
 
 template <int NV, typename scalar_t, typename acc_t>
-FASTPEFT_INLINE void lora_up_tile(const acc_t* __restrict sxa, int64_t Rp,
-                                  const acc_t* __restrict Bt /* (Rp, 2 * lanes) panel */,
-                                  const acc_t* __restrict bias, scalar_t* __restrict y,
-                                  int64_t N, int64_t rows, int64_t cols) {
+FASTPEFT_INLINE void up_tile(const acc_t* __restrict sxa, int64_t Rp,
+                             const acc_t* __restrict Bt /* (Rp, 2 * lanes) panel */,
+                             const acc_t* __restrict bias, scalar_t* __restrict y,
+                             int64_t N, int64_t rows, int64_t cols) {
   using V = typename VecT<acc_t>::type;
   constexpr int L = VecT<acc_t>::lanes;
   V acc[kFwdRows][NV];
@@ -145,8 +125,8 @@ FASTPEFT_INLINE void lora_up_tile(const acc_t* __restrict sxa, int64_t Rp,
 // panels of 2 * lanes columns of B^T, panel p = Bt[p * Rp * 2 * lanes :] (Rp, 2 * lanes),
 // so that a tile of y reads its B^T slice contiguously. xs is per-thread scratch of
 // kFwdRows * (K + Rp); xa and y are written, not accumulated.
-template <typename scalar_t, bool kDropout, typename acc_t = typename AccOf<scalar_t>::type>
-FASTPEFT_MULTIVERSION void lora_fwd_kernel(
+template <typename scalar_t, bool kDropout, typename acc_t = acc_of<scalar_t>>
+FASTPEFT_MULTIVERSION void forward_kernel(
     const scalar_t* __restrict x, const acc_t* __restrict At, const acc_t* __restrict Bt,
     const acc_t* __restrict bias, scalar_t* __restrict xa, scalar_t* __restrict y, int64_t T,
     int64_t K, int64_t R, int64_t N, acc_t s, int64_t tile_begin, int64_t tile_end,
@@ -172,9 +152,9 @@ FASTPEFT_MULTIVERSION void lora_fwd_kernel(
     }
     for (int64_t r0 = 0; r0 < Rp; r0 += 2 * L) {
       if (r0 + 2 * L <= Rp)
-        lora_down_tile<2>(xs, K, At + r0, Rp, sxa + r0, Rp);
+        down_tile<2>(xs, K, At + r0, Rp, sxa + r0, Rp);
       else
-        lora_down_tile<1>(xs, K, At + r0, Rp, sxa + r0, Rp);
+        down_tile<1>(xs, K, At + r0, Rp, sxa + r0, Rp);
     }
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t r = 0; r < R; ++r) xa[(t0 + i) * R + r] = static_cast<scalar_t>(sxa[i * Rp + r]);
@@ -183,27 +163,29 @@ FASTPEFT_MULTIVERSION void lora_fwd_kernel(
       scalar_t* y_tile = y + t0 * N + n0;
       const acc_t* panel = Bt + (n0 / (2 * L)) * Rp * 2 * L;
       if (n0 + 2 * L <= Np)
-        lora_up_tile<2>(sxa, Rp, panel, bias + n0, y_tile, N, rows, N - n0);
+        up_tile<2>(sxa, Rp, panel, bias + n0, y_tile, N, rows, N - n0);
       else
-        lora_up_tile<1>(sxa, Rp, panel, bias + n0, y_tile, N, rows, N - n0);
+        up_tile<1>(sxa, Rp, panel, bias + n0, y_tile, N, rows, N - n0);
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // Backward, one pass over dy: dyB = dy @ B (T, R) and dB = s * dy^T @ xa (N, R). Parallel
-// over blocks of NB columns of N: a thread owns dB[block, :] (accumulated in dB_acc) and
-// adds its block's share of dyB into its own partial (T, Rp), summed by the caller.
+// over blocks of NB columns of N: a block owns dB[block, :] (accumulated in dB_acc) and
+// writes its share of dyB, dy[:, block] @ B[block, :], into a partial of its own (T, Rp),
+// which the caller sums over the blocks in block order: the sums do not depend on which
+// thread ran which block.
 // Per row tile and column n, with R vectorised:
 //   dyB[i][:] += dy[i][n] * B[n][:]        dB[n][:] += dy[i][n] * s * xa[i][:]
 // so one broadcast of dy[i][n] feeds both products.
 constexpr int kDyRows = 4;
 
 template <int NV, typename acc_t>
-FASTPEFT_INLINE void lora_dy_tile(const acc_t* __restrict dys, int64_t ldd, int64_t nb,
-                                  const acc_t* __restrict Bp, int64_t Rp,
-                                  const acc_t* __restrict sxa, acc_t* __restrict dB_acc,
-                                  acc_t* __restrict out /* (kDyRows, NV * lanes) */) {
+FASTPEFT_INLINE void dy_tile(const acc_t* __restrict dys, int64_t ldd, int64_t nb,
+                             const acc_t* __restrict Bp, int64_t Rp,
+                             const acc_t* __restrict sxa, acc_t* __restrict dB_acc,
+                             acc_t* __restrict out /* (kDyRows, NV * lanes) */) {
   using V = typename VecT<acc_t>::type;
   constexpr int L = VecT<acc_t>::lanes;
   V acc[kDyRows][NV], xr[kDyRows][NV];
@@ -232,12 +214,13 @@ FASTPEFT_INLINE void lora_dy_tile(const acc_t* __restrict dys, int64_t ldd, int6
 }
 
 // Rows [t_begin, t_end) of dy against column blocks [block_begin, block_end). dB_acc is
-// (N, Rp) in acc_t, persistent across calls; dyB_part is this thread's (t_end - t_begin,
-// Rp) partial of dyB[t_begin : t_end].
-template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
-FASTPEFT_MULTIVERSION void lora_dy_kernel(
+// (N, Rp) in acc_t, persistent across calls; block b writes its (t_end - t_begin, Rp)
+// partial of dyB[t_begin : t_end] at dyB_parts + b * part_stride.
+template <typename scalar_t, typename acc_t = acc_of<scalar_t>>
+FASTPEFT_MULTIVERSION void dy_kernel(
     const scalar_t* __restrict dy, const scalar_t* __restrict B, const scalar_t* __restrict xa,
-    acc_t* __restrict dB_acc, acc_t* __restrict dyB_part, int64_t t_begin, int64_t t_end,
+    acc_t* __restrict dB_acc, acc_t* __restrict dyB_parts, int64_t part_stride,
+    int64_t t_begin, int64_t t_end,
     int64_t N, int64_t R, int64_t NB, int64_t block_begin, int64_t block_end, acc_t s,
     acc_t* __restrict work) {
   constexpr int L = VecT<acc_t>::lanes;
@@ -248,6 +231,7 @@ FASTPEFT_MULTIVERSION void lora_dy_kernel(
   acc_t out[kDyRows * 2 * L];
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t n0 = block * NB, nb = std::min(NB, N - n0);
+    acc_t* part = dyB_parts + block * part_stride;
     for (int64_t n = 0; n < nb; ++n)
       load_dropped<scalar_t, acc_t, false>(B + (n0 + n) * R, R, Rp, nullptr, 1, Bp + n * Rp);
     for (int64_t t0 = t_begin; t0 < t_end; t0 += kDyRows) {
@@ -266,12 +250,12 @@ FASTPEFT_MULTIVERSION void lora_dy_kernel(
       for (int64_t r0 = 0; r0 < Rp;) {
         const int nv = r0 + 2 * L <= Rp ? 2 : 1;
         if (nv == 2)
-          lora_dy_tile<2>(dys, NB, nb, Bp + r0, Rp, sxa + r0, dB_acc + n0 * Rp + r0, out);
+          dy_tile<2>(dys, NB, nb, Bp + r0, Rp, sxa + r0, dB_acc + n0 * Rp + r0, out);
         else
-          lora_dy_tile<1>(dys, NB, nb, Bp + r0, Rp, sxa + r0, dB_acc + n0 * Rp + r0, out);
+          dy_tile<1>(dys, NB, nb, Bp + r0, Rp, sxa + r0, dB_acc + n0 * Rp + r0, out);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t l = 0; l < nv * L; ++l)
-            dyB_part[(t0 - t_begin + i) * Rp + r0 + l] += out[i * nv * L + l];
+            part[(t0 - t_begin + i) * Rp + r0 + l] = out[i * nv * L + l];
         r0 += nv * L;
       }
     }
@@ -288,7 +272,7 @@ FASTPEFT_MULTIVERSION void lora_dy_kernel(
 constexpr int kBwdRows = 4;
 
 template <bool kDropout, bool kDx, typename scalar_t, typename acc_t>
-FASTPEFT_INLINE void lora_bwd_tile(const acc_t* __restrict xs, const acc_t* __restrict sdyb,
+FASTPEFT_INLINE void backward_tile(const acc_t* __restrict xs, const acc_t* __restrict sdyb,
                                    const acc_t* __restrict Ab, const float* __restrict keep,
                                    acc_t keep_scale, int64_t R, int64_t KBp,
                                    acc_t* __restrict dA_acc, scalar_t* __restrict dx,
@@ -333,11 +317,11 @@ FASTPEFT_INLINE void lora_bwd_tile(const acc_t* __restrict xs, const acc_t* __re
   }
 }
 
-// dyB is (T, R) in acc_t (from lora_dy_kernel); dx (if kDx) and dA are written, not
+// dyB is (T, R) in acc_t (from dy_kernel); dx (if kDx) and dA are written, not
 // accumulated.
 template <typename scalar_t, bool kDropout, bool kDx,
-          typename acc_t = typename AccOf<scalar_t>::type>
-FASTPEFT_MULTIVERSION void lora_bwd_kernel(
+          typename acc_t = acc_of<scalar_t>>
+FASTPEFT_MULTIVERSION void backward_kernel(
     const scalar_t* __restrict x, const scalar_t* __restrict A, const acc_t* __restrict dyB,
     scalar_t* __restrict dx, scalar_t* __restrict dA, int64_t T, int64_t K, int64_t R,
     int64_t KB, int64_t block_begin, int64_t block_end, acc_t s, uint64_t seed,
@@ -377,7 +361,7 @@ FASTPEFT_MULTIVERSION void lora_bwd_kernel(
         load_dropped<scalar_t, acc_t, kDropout>(x + t * K + k0, kb, KBp, keep + i * KBp,
                                                 keep_scale, xs + i * KBp);
       }
-      lora_bwd_tile<kDropout, kDx>(xs, sdyb, Ab, keep, keep_scale, R, KBp, dA_acc,
+      backward_tile<kDropout, kDx>(xs, sdyb, Ab, keep, keep_scale, R, KBp, dA_acc,
                                    kDx ? dx + t0 * K + k0 : dx, K, rows, kb);
     }
     for (int64_t r = 0; r < R; ++r)
@@ -387,8 +371,8 @@ FASTPEFT_MULTIVERSION void lora_bwd_kernel(
 }
 
 // Columns per backward block: the A and dA blocks (2 x R x KB x 4 bytes) stay in L1.
-inline int64_t bwd_block_cols(int64_t R) {
+inline int64_t backward_block_cols(int64_t R) {
   return std::clamp<int64_t>((2048 / std::max<int64_t>(R, 1)) / 16 * 16, 16, 256);
 }
 
-}  // namespace fastpeft::cpu
+}  // namespace fastpeft::cpu::lora_branch

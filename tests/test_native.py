@@ -1,0 +1,252 @@
+"""Properties of the C++ CPU kernels (csrc/) that the reference comparisons do not pin:
+
+* strided 1-D parameters (a bias that is a column of a matrix, every other element of a
+  vector, ...) are accepted, as by the reference and Triton backends, with the same
+  outputs and gradients as their contiguous copies;
+* outputs and gradients are the same bits for every intra-op thread count.
+
+Everything runs through the public ops with ``fastpeft.use_backend("cpu")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import fastpeft
+
+OPS = ("lora_linear", "int8_lora_linear", "gated_prefix_attention", "bottleneck_adapter")
+pytestmark = pytest.mark.skipif(
+    not all("cpu" in fastpeft.available_backends(op) for op in OPS),
+    reason="fastpeft._C (the C++ kernels) is not built",
+)
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+def _strided(v: torch.Tensor, how: str) -> torch.Tensor:
+    """A view of the values of the 1-D ``v`` with a non-unit stride, as a leaf whose
+    gradient lands in a larger tensor: a column of a matrix, or every other element."""
+    n = v.numel()
+    if how == "column":
+        big = torch.randn(n, 5, dtype=v.dtype)
+        big[:, 3] = v
+        return big.requires_grad_()[:, 3]
+    big = torch.randn(2 * n, dtype=v.dtype)
+    big[::2] = v
+    return big.requires_grad_()[::2]
+
+
+def _leaf_grad(t: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``t``, read through its base when it is a strided view."""
+    if t._base is None:
+        return t.grad
+    index = (slice(None), 3) if t._base.dim() == 2 else slice(None, None, 2)
+    return t._base.grad[index]
+
+
+def _run(fn: Callable, tensors: dict[str, torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
+    """Forward and backward of ``fn(**tensors)`` on the C++ backend: the output, then the
+    gradient of every floating input that requires grad, in order."""
+    torch.manual_seed(seed)  # the dropout seed
+    with fastpeft.use_backend("cpu"):
+        out = fn(**tensors)
+    g = torch.Generator().manual_seed(1)
+    out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
+    return [out.detach()] + [_leaf_grad(t) for t in tensors.values() if t.requires_grad]
+
+
+def _assert_all_equal(got: list[torch.Tensor], want: list[torch.Tensor], what: str) -> None:
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.shape == b.shape, f"{what}: result {i}: shape {a.shape} != {b.shape}"
+        diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        assert torch.equal(a, b), f"{what}: result {i} differs, max |diff| = {diff:.3e}"
+
+
+# ---------------------------------------------------------------------------------------
+# Cases: (op function, tensors) builders. Parameters are the leaves that require grad.
+
+
+def _lora_case(T: int, K: int, N: int, R: int, dtype: torch.dtype, *, p: float = 0.1,
+               zero_weight: bool = False):
+    weight = torch.zeros(N, K, dtype=dtype) if zero_weight else _randn(N, K, dtype=dtype)
+    tensors = {
+        "x": _randn(T, K, dtype=dtype).requires_grad_(),
+        "weight": weight,
+        "bias": _randn(N, dtype=dtype).requires_grad_(),
+        "lora_A": _randn(R, K, dtype=dtype, scale=0.1).requires_grad_(),
+        "lora_B": _randn(N, R, dtype=dtype, scale=0.1).requires_grad_(),
+    }
+    return lambda **t: fastpeft.lora_linear(**t, scaling=0.5, dropout_p=p), tensors
+
+
+def _int8_case(T: int, K: int, N: int, R: int, dtype: torch.dtype, *, p: float = 0.1):
+    qweight, weight_scale = fastpeft.quantize_int8(torch.randn(N, K))
+    tensors = {
+        "x": _randn(T, K, dtype=dtype).requires_grad_(),
+        "bias": _randn(N, dtype=dtype).requires_grad_(),
+        "lora_A": _randn(R, K, dtype=dtype, scale=0.1).requires_grad_(),
+        "lora_B": _randn(N, R, dtype=dtype, scale=0.1).requires_grad_(),
+        "weight_scale": weight_scale,
+    }
+
+    def fn(*, x, bias, lora_A, lora_B, weight_scale):
+        return fastpeft.int8_lora_linear(x, qweight, weight_scale, bias, lora_A, lora_B, 0.5, p)
+
+    return fn, tensors
+
+
+def _attention_case(B: int, H: int, Hkv: int, M: int, N: int, P: int, D: int,
+                    dtype: torch.dtype):
+    tensors = {
+        "q": _randn(B, H, M, D, dtype=dtype).requires_grad_(),
+        "k": _randn(B, Hkv, N, D, dtype=dtype).requires_grad_(),
+        "v": _randn(B, Hkv, N, D, dtype=dtype).requires_grad_(),
+        "prefix_k": _randn(1, Hkv, P, D, dtype=dtype).requires_grad_(),
+        "prefix_v": _randn(1, Hkv, P, D, dtype=dtype).requires_grad_(),
+        "gate": _randn(H, dtype=dtype).requires_grad_(),
+    }
+    return lambda **t: fastpeft.gated_prefix_attention(**t, gate_tanh=True), tensors
+
+
+def _adapter_case(T: int, d: int, m: int, dtype: torch.dtype, *, ln: bool = True,
+                  residual: bool = False):
+    tensors = {
+        "x": _randn(T, d, dtype=dtype).requires_grad_(),
+        "down_weight": _randn(m, d, dtype=dtype, scale=d**-0.5).requires_grad_(),
+        "down_bias": _randn(m, dtype=dtype).requires_grad_(),
+        "up_weight": _randn(d, m, dtype=dtype, scale=m**-0.5).requires_grad_(),
+        "up_bias": _randn(d, dtype=dtype).requires_grad_(),
+    }
+    if ln:
+        tensors["ln_weight"] = _randn(d, dtype=dtype).requires_grad_()
+        tensors["ln_bias"] = _randn(d, dtype=dtype).requires_grad_()
+    if residual:
+        tensors["residual"] = _randn(T, d, dtype=dtype).requires_grad_()
+    return lambda **t: fastpeft.bottleneck_adapter(**t, activation="silu", scaling=0.5), tensors
+
+
+# ---------------------------------------------------------------------------------------
+# Strided 1-D parameters
+
+
+def _fresh(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous leaf copies of the tensors (same requires_grad)."""
+    return {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in tensors.items()}
+
+
+STRIDED_CASES = {
+    "lora_linear": (lambda dt: _lora_case(7, 24, 20, 4, dt), ["bias"]),
+    "int8_lora_linear-decode": (lambda dt: _int8_case(3, 40, 20, 4, dt), ["bias", "weight_scale"]),
+    "int8_lora_linear-blocked": (lambda dt: _int8_case(40, 40, 20, 4, dt),
+                                 ["bias", "weight_scale"]),
+    "gated_prefix_attention": (lambda dt: _attention_case(2, 4, 2, 5, 9, 3, 16, dt), ["gate"]),
+    "bottleneck_adapter": (lambda dt: _adapter_case(9, 24, 5, dt),
+                           ["down_bias", "up_bias", "ln_weight", "ln_bias"]),
+}
+
+
+@pytest.mark.parametrize("how", ["column", "every_other"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(STRIDED_CASES))
+def test_strided_vector_parameters(case: str, dtype: torch.dtype, how: str):
+    """A strided 1-D parameter gives the output and gradients of its contiguous copy."""
+    build, names = STRIDED_CASES[case]
+    fn, tensors = build(dtype)
+    want = _run(fn, _fresh(tensors))
+    strided = _fresh(tensors)
+    for name in names:
+        view = _strided(strided[name].detach(), how)
+        strided[name] = view if tensors[name].requires_grad else view.detach()
+        assert not strided[name].is_contiguous()
+    _assert_all_equal(_run(fn, strided), want, f"{case} with strided {', '.join(names)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Thread-count independence
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _assert_thread_count_independent(build: Callable, what: str) -> None:
+    fn, tensors = build()
+    results = {}
+    for n in (1, 2, 3):
+        with _num_threads(n):
+            results[n] = _run(fn, _fresh(tensors))
+    for n in (2, 3):
+        _assert_all_equal(results[n], results[1], f"{what}: {n} threads against 1")
+
+
+ROWS = [1, 7, 333]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "T, d, m, ln, residual",
+    [(T, 96, 16, True, False) for T in ROWS]
+    + [(333, 40, 8, False, True),  # no layer norm, a separate residual
+       (333, 8192, 8, True, False),  # chunks of several blocks, GEMMs with K = 8192
+       (2100, 64, 8, False, False)],  # the most chunks, partials summed over 8
+)
+def test_bottleneck_adapter_thread_count_independent(T, d, m, ln, residual, dtype):
+    _assert_thread_count_independent(
+        lambda: _adapter_case(T, d, m, dtype, ln=ln, residual=residual),
+        f"bottleneck_adapter T={T} d={d} m={m} ln={ln} residual={residual} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "T, K, N, R",
+    [(T, 300, 520, 16) for T in ROWS] + [(1100, 64, 2048, 64)],  # the last: chunks of rows
+)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_lora_linear_thread_count_independent(T, K, N, R, p, dtype):
+    """The fused kernels' results, with a zero base weight: the base GEMMs (x @ W^T,
+    dy @ W) are ATen's, which MKL threads itself and whose last bits may change with the
+    thread count, as torch.mm's do; with W = 0 they add exact zeros, and y, dx are the
+    LoRA branch's alone. d lora_A and d lora_B never involve the base GEMM."""
+    _assert_thread_count_independent(
+        lambda: _lora_case(T, K, N, R, dtype, p=p, zero_weight=True),
+        f"lora_linear T={T} K={K} N={N} R={R} p={p} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "T, K, N",
+    [(T, 600, 300) for T in ROWS]
+    + [(20, 600, 300),  # the forward's GEMV path (T <= 32), the blocked backward
+       (333, 600, 200)],  # one output tile: the blocked GEMMs in a region of their own
+)
+def test_int8_lora_linear_thread_count_independent(T, K, N, dtype):
+    """Every path of the int8 op (decode kernels, GEMV, dequantised tiles + GEMM)."""
+    _assert_thread_count_independent(
+        lambda: _int8_case(T, K, N, 8, dtype),
+        f"int8_lora_linear T={T} K={K} N={N} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("B, H, Hkv", [(2, 4, 2), (1, 2, 1), (2, 8, 4)])
+def test_gated_prefix_attention_thread_count_independent(B, H, Hkv, T, dtype):
+    """Grouped-query heads; B * Hkv = 4, 1 and 8: the backward splits the query blocks
+    into chunks (the first two) or not (the last)."""
+    _assert_thread_count_independent(
+        lambda: _attention_case(B, H, Hkv, T, T, 5, 40, dtype),
+        f"gated_prefix_attention B={B} H={H} Hkv={Hkv} M=N={T} {dtype}")
