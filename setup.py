@@ -1,16 +1,15 @@
-"""Builds ``fastpeft._C``, the compiled kernels, from ``csrc/``.
+"""Builds ``fastpeft._C``, the compiled C++ CPU kernels, from ``fastpeft/csrc`` (see its
+README) ahead of time, when torch is importable at build time
+(``pip install --no-build-isolation .``). The GPU kernels are Triton, compiled at run time.
 
-* The C++ CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``, see ``csrc/README.md``) are
-  always built; the GPU kernels are Triton (``fastpeft/triton``), compiled at run time.
-* ``FASTPEFT_NO_NATIVE=1`` (or no torch at build time) skips native code: the
-  package then installs as pure Python and runs on the reference path.
-
-Build against the installed torch with ``pip install --no-build-isolation -e .``.
+An isolated build (a plain ``pip install .``, a wheel) has no torch, so it installs the
+package with its C++ sources only: the kernels are then built on first import, against
+the torch that is installed (``fastpeft/_build.py``). ``FASTPEFT_NO_NATIVE=1`` skips the
+ahead-of-time build too.
 """
 
-import glob
+import importlib.util
 import os
-import platform
 import sys
 
 from setuptools import setup
@@ -18,46 +17,31 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _warn(msg: str) -> None:
-    sys.stderr.write(f"fastpeft setup: {msg}\n")
+def _load_build_module():
+    """fastpeft/_build.py by path (importing the package would need torch)."""
+    spec = importlib.util.spec_from_file_location(
+        "_fastpeft_build", os.path.join(ROOT, "fastpeft", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def native_extensions():
     if os.environ.get("FASTPEFT_NO_NATIVE", "0") == "1":
-        _warn("FASTPEFT_NO_NATIVE=1: skipping the compiled kernels")
+        sys.stderr.write("fastpeft setup: FASTPEFT_NO_NATIVE=1: no ahead-of-time build\n")
         return [], {}
     try:
         from torch.utils import cpp_extension
     except ImportError:
-        _warn(
-            "torch is not importable at build time, so the compiled kernels are skipped "
-            "(install torch first and use `pip install --no-build-isolation`)"
-        )
+        # the isolated build environment: the kernels are built on first import instead
         return [], {}
-
-    def rel(pattern):
-        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    # No -std: BuildExtension adds the standard the installed torch's headers need
-    # (C++20 for torch >= 2.10, C++17 before).
-    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
-    link = []
-    if sys.platform.startswith("linux"):
-        # at::parallel_for is inline OpenMP code: without -fopenmp it runs serially. The
-        # resulting libgomp dependency resolves to the copy torch has already loaded.
-        cxx.append("-fopenmp")
-        link.append("-fopenmp")
-    else:
-        cxx.append("-fopenmp-simd")
-    if platform.machine() in ("x86_64", "AMD64"):
-        cxx.append("-DFASTPEFT_X86_MULTIVERSION")
+    build = _load_build_module()
     ext = cpp_extension.CppExtension(
         "fastpeft._C",
-        sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx},
-        extra_link_args=link,
+        [os.path.relpath(p, ROOT) for p in build.sources()],
+        include_dirs=[str(build.SOURCE_DIR)],
+        extra_compile_args={"cxx": build.cxx_flags()},
+        extra_link_args=build.link_flags(),
     )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}

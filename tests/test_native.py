@@ -1,4 +1,4 @@
-"""Properties of the C++ CPU kernels (csrc/) that the reference comparisons do not pin:
+"""Properties of the C++ CPU kernels (fastpeft/csrc/) that the reference comparisons do not pin:
 
 * strided 1-D parameters (a bias that is a column of a matrix, every other element of a
   vector, ...) are accepted, as by the reference and Triton backends, with the same

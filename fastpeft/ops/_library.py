@@ -6,8 +6,8 @@ Triton kernels. :func:`declare` turns the spec into registered operators, all wi
 same schema, the same fake and the same autograd:
 
 ========================================  ===============================================
-``fastpeft::<op>``, ``<op>_backward``     native: the C++ CPU kernels (``csrc/cpu/<op>.cpp``,
-                                          registered when ``fastpeft._C`` loads)
+``fastpeft::<op>``, ``<op>_backward``     native: the C++ CPU kernels (``csrc/cpu/<op>.cpp``
+                                          in the package, registered when they load)
 ``fastpeft::<op>_triton``,                Triton: ``fastpeft/triton/<op>.py`` (CUDA tensors;
 ``<op>_backward_triton``                  CPU tensors under ``TRITON_INTERPRET=1``)
 ========================================  ===============================================
