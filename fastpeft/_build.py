@@ -97,7 +97,7 @@ def jit_load() -> Path:
     fresh = not library.exists()
     if fresh:
         sys.stderr.write(f"fastpeft: compiling the C++ CPU kernels for this torch "
-                         f"(first use only, a few minutes) into {build_dir} ...\n")
+                         f"(first use only; about a minute on 2 cores) into {build_dir} ...\n")
     start = time.perf_counter()
     try:
         cpp_extension.load(
