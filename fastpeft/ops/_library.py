@@ -12,8 +12,11 @@ same schema, the same fake and the same autograd:
 ``<op>_backward_triton``                  CPU tensors under ``TRITON_INTERPRET=1``)
 ========================================  ===============================================
 
-Autograd is Python (``torch.library.register_autograd``) for every variant: one
-``setup_context`` and one ``backward``, which receives the variant's own backward op.
+Autograd is Python for every variant: one ``setup_context`` and one ``backward``, which
+receives the variant's own backward op. It is registered at the ``Autograd`` dispatch key
+by :func:`_autograd_kernel`, which does what ``torch.library.register_autograd`` does
+minus its per-call argument rebinding (``fill_defaults``: our schemas have no defaults),
+about 25 us of Python per call that a decode step (int8 T=1) would pay in every layer.
 Forward ops return the output plus the small tensors that backward needs (marked
 non-differentiable). The backward ops have no derivative: differentiating them (double
 backward) raises. :func:`declare` then tells :mod:`fastpeft._backend` which variants have
@@ -80,21 +83,71 @@ def declare(spec: OpSpec) -> None:
         lib.define(backward + spec.backward_schema)
         torch.library.register_fake(f"fastpeft::{forward}", spec.fake, lib=lib)
         torch.library.register_fake(f"fastpeft::{backward}", spec.backward_fake, lib=lib)
+        forward_op = getattr(torch.ops.fastpeft, forward).default
         backward_op = getattr(torch.ops.fastpeft, backward).default
-        torch.library.register_autograd(
-            f"fastpeft::{forward}", functools.partial(spec.backward, backward_op),
-            setup_context=spec.setup_context, lib=lib)
-        torch.library.register_autograd(
-            f"fastpeft::{backward}", functools.partial(_no_double_backward, spec.name), lib=lib)
+        run_backward = functools.partial(_run_backward, backward_op)
+        lib.impl(forward, _autograd_kernel(
+            forward_op, spec.setup_context, functools.partial(spec.backward, run_backward)),
+            "Autograd", with_keyset=True)
+        lib.impl(backward, _autograd_kernel(
+            backward_op, None, functools.partial(_no_double_backward, spec.name)),
+            "Autograd", with_keyset=True)
         if spec.triton is not None and backend == "triton":
             torch.library.register_kernel(f"fastpeft::{forward}", ("cpu", "cuda"),
                                           spec.triton.forward, lib=lib)
             torch.library.register_kernel(f"fastpeft::{backward}", ("cpu", "cuda"),
                                           spec.triton.backward, lib=lib)
-        op = getattr(torch.ops.fastpeft, forward).default
         if backend == "triton" or torch._C._dispatch_has_kernel_for_dispatch_key(
-                op.name(), "CPU"):
-            _backend.add_variant(spec.name, backend, op)
+                forward_op.name(), "CPU"):
+            _backend.add_variant(spec.name, backend, forward_op)
+
+
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+
+
+def _autograd_kernel(op: torch._ops.OpOverload,
+                     setup_context: Callable[[Any, tuple, Any], None] | None,
+                     backward: Callable[..., tuple]) -> Callable[..., Any]:
+    """The ``Autograd`` kernel of ``op``: with grad enabled and an input that requires
+    grad, one ``autograd.Function`` node whose forward runs ``op``'s kernels below autograd
+    and calls ``setup_context(ctx, inputs, output)``; otherwise the kernels alone."""
+
+    class Node(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op(*args)
+            if setup_context is not None:
+                setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Node.__name__ = Node.__qualname__ = f"{op._opname}_node"
+    # autograd.Function.apply minus its Python prologue (unwrapping torch.func wrappers:
+    # under a transform the public functions run the reference, see _backend.resolve)
+    apply = super(torch.autograd.Function, Node).apply
+
+    def kernel(keyset: torch._C.DispatchKeySet, *args: Any) -> Any:
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+
+    return kernel
+
+
+def _run_backward(backward_op: torch._ops.OpOverload, *args: Any) -> Any:
+    """Calls a backward op from its forward's ``backward``: straight to its kernels when
+    grad is off (the usual backward pass), through its ``Autograd`` kernel under
+    ``create_graph=True``, so that differentiating its result raises, and when traced
+    (compiled autograd), where the dispatch guard cannot be traced and costs nothing."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return backward_op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return backward_op(*args)
 
 
 def _no_double_backward(name: str, ctx: Any, *grads: Any) -> tuple:
