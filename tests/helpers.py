@@ -14,16 +14,22 @@ HAS_CUDA = torch.cuda.is_available()
 TRITON_INTERPRETED = not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Ops whose C++ backend has two paths, FASTPEFT_CPU_PATH=fused|aten (csrc/cpu/cpu_path.h)
+CPU_PATH_OPS = ("lora_linear", "int8_lora_linear", "bottleneck_adapter")
+
+
 def backend_params(op: str) -> list:
     """The fused backends of ``op`` this machine can run, each with its tensors' device;
     a backend whose kernels were not built (or not installed) is skipped, with the reason."""
     available = fastpeft.available_backends(op)
     cpu_ok = "cpu" in available
-    cpu = pytest.param(
-        ("cpu", "cpu"),
-        id="cpu",
-        marks=pytest.mark.skipif(not cpu_ok, reason=f"fastpeft._C has no {op} kernel (not built)"),
-    )
+    not_built = pytest.mark.skipif(not cpu_ok, reason=f"fastpeft._C has no {op} kernel (not built)")
+    if op in CPU_PATH_OPS:  # both C++ paths, whichever this CPU would pick (cpu_path.h)
+        cpus = [pytest.param(("cpu", "cpu"), id=f"cpu-{path}",
+                             marks=[not_built, pytest.mark.cpu_path(path)])
+                for path in ("fused", "aten")]
+    else:
+        cpus = [pytest.param(("cpu", "cpu"), id="cpu", marks=not_built)]
     triton_device = "cuda" if HAS_CUDA else "cpu"
     triton_ok = "triton" in available
     triton = pytest.param(
@@ -31,7 +37,7 @@ def backend_params(op: str) -> list:
         id=f"triton-{triton_device}",
         marks=pytest.mark.skipif(not triton_ok, reason="triton (or its interpreter) unavailable"),
     )
-    return [cpu, triton]
+    return [*cpus, triton]
 
 
 def dtypes_for(backend: str, device: str) -> list[torch.dtype]:

@@ -217,11 +217,13 @@ def test_bottleneck_adapter_thread_count_independent(T, d, m, ln, residual, dtyp
     [(T, 300, 520, 16) for T in ROWS] + [(1100, 64, 2048, 64)],  # the last: chunks of rows
 )
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_lora_linear_thread_count_independent(T, K, N, R, p, dtype):
+def test_lora_linear_thread_count_independent(T, K, N, R, p, dtype, monkeypatch):
     """The fused kernels' results, with a zero base weight: the base GEMMs (x @ W^T,
     dy @ W) are ATen's, which MKL threads itself and whose last bits may change with the
     thread count, as torch.mm's do; with W = 0 they add exact zeros, and y, dx are the
-    LoRA branch's alone. d lora_A and d lora_B never involve the base GEMM."""
+    LoRA branch's alone. d lora_A and d lora_B never involve the base GEMM. The fused
+    path (FASTPEFT_CPU_PATH=fused): the aten path's rank-R products are ATen GEMMs too."""
+    monkeypatch.setenv("FASTPEFT_CPU_PATH", "fused")
     _assert_thread_count_independent(
         lambda: _lora_case(T, K, N, R, dtype, p=p, zero_weight=True),
         f"lora_linear T={T} K={K} N={N} R={R} p={p} {dtype}")
@@ -234,8 +236,10 @@ def test_lora_linear_thread_count_independent(T, K, N, R, p, dtype):
     + [(20, 600, 300),  # the forward's GEMV path (T <= 32), the blocked backward
        (333, 600, 200)],  # one output tile: the blocked GEMMs in a region of their own
 )
-def test_int8_lora_linear_thread_count_independent(T, K, N, dtype):
-    """Every path of the int8 op (decode kernels, GEMV, dequantised tiles + GEMM)."""
+def test_int8_lora_linear_thread_count_independent(T, K, N, dtype, monkeypatch):
+    """Every path of the int8 op (decode kernels, GEMV, dequantised tiles + GEMM), with
+    the LoRA branch's fused kernels (see test_lora_linear_thread_count_independent)."""
+    monkeypatch.setenv("FASTPEFT_CPU_PATH", "fused")
     _assert_thread_count_independent(
         lambda: _int8_case(T, K, N, 8, dtype),
         f"int8_lora_linear T={T} K={K} N={N} {dtype}")

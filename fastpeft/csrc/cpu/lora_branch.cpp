@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/checks.h"
+#include "cpu/cpu_path.h"
 #include "cpu/lora_branch_kernels.h"
 #include "cpu/parallel.h"
 #include "cpu/philox.h"
@@ -65,10 +66,12 @@ void check_grads(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
   check_size(op, xa, "xa", 1, lora_A.size(0), "rank of lora_A");
 }
 
-// ---------------------------------------------------------------------------------------
-// Forward: xa and y = b + s * xa @ B^T, parallel over tiles of kFwdRows rows.
+namespace {
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& bias,
+// ---------------------------------------------------------------------------------------
+// kFused forward: xa and y = b + s * xa @ B^T, parallel over tiles of kFwdRows rows.
+
+std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x, const at::Tensor& bias,
                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
                                            double scaling, double dropout_p, uint64_t seed) {
   const int64_t T = x.size(0), K = x.size(1), N = lora_B.size(0), R = lora_A.size(0);
@@ -112,9 +115,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward: dyB and dB in one pass over dy, then dx_lora and dA in one pass over x.
+// kFused backward: dyB and dB in one pass over dy, then dx_lora and dA in one pass over x.
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fused(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
     uint64_t seed, bool compute_dx) {
@@ -186,6 +189,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     });
   });
   return {dx, dA, dB};
+}
+
+// ---------------------------------------------------------------------------------------
+// kAten (cpu_path.h): the five rank-R products as ATen GEMMs, which oneDNN runs on AVX-512,
+// AVX512-BF16 or AMX; ours are the dropout passes. xd = c * m ⊙ x is materialised in x's
+// dtype (one pass over x per direction) and the mask is applied to dx's LoRA term in
+// place; both use the Philox words of the fused kernels (dropout_keep_rows), so the two
+// paths drop the same elements. Products are rounded to x's dtype between the GEMMs, as in
+// the unfused composition.
+
+// o[k] = src[k] * keep[k] * after, in src's dtype
+template <typename scalar_t, typename acc_t>
+void scale_row(const scalar_t* src, const float* keep, acc_t after, int64_t K, scalar_t* o) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k)
+    o[k] = static_cast<scalar_t>(to_acc(src[k]) * (static_cast<acc_t>(keep[k]) * after));
+}
+
+// out = c * m ⊙ src for src (T, K), out of src's shape and dtype (out may be src).
+void apply_dropout(const at::Tensor& src, at::Tensor& out, double dropout_p, uint64_t seed) {
+  const int64_t T = src.size(0), K = src.size(1), groups = div_up(K, 4);
+  const uint32_t threshold = dropout_threshold(dropout_p);
+  constexpr int64_t kRows = 4;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "lora_dropout", [&] {
+    using acc_t = acc_of<scalar_t>;
+    // keep holds c for kept elements (float) or 1 (double, scaled by the double c below)
+    const acc_t keep_scale = acc_t(1.0 / (1.0 - dropout_p));
+    const float keep_on = std::is_same_v<acc_t, float> ? static_cast<float>(keep_scale) : 1.0f;
+    const acc_t after = std::is_same_v<acc_t, float> ? acc_t(1) : keep_scale;
+    const scalar_t* in = src.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, div_up(T, kRows), work_grain(kRows * K * 8), [&](int64_t begin, int64_t end) {
+      std::vector<float> keep(static_cast<size_t>(kRows * 4 * groups));
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t t0 = tile * kRows, rows = std::min(kRows, T - t0);
+        dropout_keep_rows(seed, static_cast<uint64_t>(t0 * groups), groups, rows, groups,
+                          threshold, keep_on, keep.data(), 4 * groups);
+        for (int64_t i = 0; i < rows; ++i) {
+          const scalar_t* row = in + (t0 + i) * K;
+          const float* m = keep.data() + i * 4 * groups;
+          scale_row(row, m, after, K, dst + (t0 + i) * K);
+        }
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_aten(const at::Tensor& x, const at::Tensor& bias,
+                                                const at::Tensor& lora_A,
+                                                const at::Tensor& lora_B, double scaling,
+                                                double dropout_p, uint64_t seed) {
+  at::Tensor xd = x;
+  if (dropout_p > 0.0) {
+    xd = at::empty_like(x);
+    apply_dropout(x, xd, dropout_p, seed);
+  }
+  at::Tensor xa = at::mm(xd, lora_A.t());
+  at::Tensor y = bias.defined() ? at::addmm(bias, xa, lora_B.t(), 1.0, scaling)
+                                : at::mm(xa.mul(scaling), lora_B.t());
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_aten(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
+    uint64_t seed, bool compute_dx) {
+  at::Tensor dB = at::mm(grad_y.t(), xa.mul(scaling));   // s * dy^T @ xa
+  at::Tensor sdyB = at::mm(grad_y, lora_B).mul_(scaling);  // s * dy @ B
+  at::Tensor xd = x;
+  if (dropout_p > 0.0) {
+    xd = at::empty_like(x);
+    apply_dropout(x, xd, dropout_p, seed);
+  }
+  at::Tensor dA = at::mm(sdyB.t(), xd);
+  at::Tensor dx = x.new_empty({0});
+  if (compute_dx) {
+    dx = at::mm(sdyB, lora_A);
+    if (dropout_p > 0.0) apply_dropout(dx, dx, dropout_p, seed);
+  }
+  return {dx, dA, dB};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& bias,
+                                           const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                           double scaling, double dropout_p, uint64_t seed) {
+  if (cpu_path() == CpuPath::kAten)
+    return forward_aten(x, bias, lora_A, lora_B, scaling, dropout_p, seed);
+  return forward_fused(x, bias, lora_A, lora_B, scaling, dropout_p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
+    uint64_t seed, bool compute_dx) {
+  if (cpu_path() == CpuPath::kAten)
+    return backward_aten(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx);
+  return backward_fused(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx);
 }
 
 }  // namespace fastpeft::cpu::lora_branch

@@ -1,0 +1,50 @@
+// Which implementation a CPU op runs, chosen at run time from what the CPU has.
+//
+// Two ways to compute the same formulas:
+// * kFused: fastpeft's own register-blocked kernels (lora_branch_kernels.h, ...), one pass
+//   over x per direction with the dropout mask and the rank-R products fused. Written on
+//   32-byte vectors and built for AVX2 + FMA (simd.h): the fastest way on AVX2-only CPUs
+//   (AMD Zen 3, ...), where ATen's GEMMs have no wider units to use either.
+// * kAten: the products as ATen GEMMs (oneDNN / MKL), fused around with small kernels of
+//   ours (the dropout mask, the scaling). oneDNN runs its GEMMs on every unit the CPU has:
+//   AVX-512, AVX512-BF16 (vdpbf16ps), AMX tiles for bf16 / fp16 / int8. Where the CPU has
+//   AVX-512, those beat 8-wide kernels several times over, most of all in bf16 (with
+//   AMX, about 10x), and the extra pass the unfused composition takes costs less than
+//   that.
+//
+// Auto: kAten on CPUs with AVX-512F, kFused otherwise. FASTPEFT_CPU_PATH=fused|aten (read
+// at every call, so a test can switch it in one process) forces either; both compute the
+// same formulas on every CPU, and python -m fastpeft.info prints the choice.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace fastpeft::cpu {
+
+enum class CpuPath { kFused, kAten };
+
+inline bool cpu_has_avx512f() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// The path in force: FASTPEFT_CPU_PATH if set (fused, aten; empty or auto: the default),
+// else kAten with AVX-512F, else kFused.
+inline CpuPath cpu_path() {
+  const char* forced = std::getenv("FASTPEFT_CPU_PATH");
+  if (forced != nullptr && *forced != '\0' && std::strcmp(forced, "auto") != 0) {
+    if (std::strcmp(forced, "fused") == 0) return CpuPath::kFused;
+    if (std::strcmp(forced, "aten") == 0) return CpuPath::kAten;
+    TORCH_CHECK(false, "FASTPEFT_CPU_PATH must be auto, fused or aten, got '", forced, "'");
+  }
+  return cpu_has_avx512f() ? CpuPath::kAten : CpuPath::kFused;
+}
+
+}  // namespace fastpeft::cpu
