@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -202,13 +203,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fused(
 // o[k] = src[k] * keep[k] * after, in src's dtype
 template <typename scalar_t, typename acc_t>
 void scale_row(const scalar_t* src, const float* keep, acc_t after, int64_t K, scalar_t* o) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // c10's float -> bfloat16 conversion does not vectorise; the same rounding (to nearest
+    // even, NaN kept a quiet NaN) written on the bits does
+    const uint16_t* in = reinterpret_cast<const uint16_t*>(src);
+    uint16_t* out = reinterpret_cast<uint16_t*>(o);
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k)
-    o[k] = static_cast<scalar_t>(to_acc(src[k]) * (static_cast<acc_t>(keep[k]) * after));
+    for (int64_t k = 0; k < K; ++k) {
+      const uint32_t in_bits = uint32_t{in[k]} << 16;
+      float v;
+      std::memcpy(&v, &in_bits, sizeof(v));
+      v *= keep[k];
+      uint32_t bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+      out[k] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k)
+      o[k] = static_cast<scalar_t>(to_acc(src[k]) * (static_cast<acc_t>(keep[k]) * after));
+  }
 }
 
-// out = c * m ⊙ src for src (T, K), out of src's shape and dtype (out may be src).
-void apply_dropout(const at::Tensor& src, at::Tensor& out, double dropout_p, uint64_t seed) {
+// out = c * m ⊙ src for src (T, K), out of src's shape and dtype; and, if given,
+// also = c * m ⊙ also in place (the backward masks dx's LoRA term with the same draw).
+void apply_dropout(const at::Tensor& src, at::Tensor& out, double dropout_p, uint64_t seed,
+                   at::Tensor* also = nullptr) {
   const int64_t T = src.size(0), K = src.size(1), groups = div_up(K, 4);
   const uint32_t threshold = dropout_threshold(dropout_p);
   constexpr int64_t kRows = 4;
@@ -220,6 +241,7 @@ void apply_dropout(const at::Tensor& src, at::Tensor& out, double dropout_p, uin
     const acc_t after = std::is_same_v<acc_t, float> ? acc_t(1) : keep_scale;
     const scalar_t* in = src.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    scalar_t* also_ptr = also != nullptr ? also->mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, div_up(T, kRows), work_grain(kRows * K * 8), [&](int64_t begin, int64_t end) {
       std::vector<float> keep(static_cast<size_t>(kRows * 4 * groups));
       for (int64_t tile = begin; tile < end; ++tile) {
@@ -227,9 +249,10 @@ void apply_dropout(const at::Tensor& src, at::Tensor& out, double dropout_p, uin
         dropout_keep_rows(seed, static_cast<uint64_t>(t0 * groups), groups, rows, groups,
                           threshold, keep_on, keep.data(), 4 * groups);
         for (int64_t i = 0; i < rows; ++i) {
-          const scalar_t* row = in + (t0 + i) * K;
           const float* m = keep.data() + i * 4 * groups;
-          scale_row(row, m, after, K, dst + (t0 + i) * K);
+          scale_row(in + (t0 + i) * K, m, after, K, dst + (t0 + i) * K);
+          if (also_ptr != nullptr)
+            scale_row(also_ptr + (t0 + i) * K, m, after, K, also_ptr + (t0 + i) * K);
         }
       }
     });
@@ -257,17 +280,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_aten(
     uint64_t seed, bool compute_dx) {
   at::Tensor dB = at::mm(grad_y.t(), xa.mul(scaling));   // s * dy^T @ xa
   at::Tensor sdyB = at::mm(grad_y, lora_B).mul_(scaling);  // s * dy @ B
+  at::Tensor dx = compute_dx ? at::mm(sdyB, lora_A) : x.new_empty({0});  // before the mask
   at::Tensor xd = x;
-  if (dropout_p > 0.0) {
+  if (dropout_p > 0.0) {  // xd, and the mask onto dx, from one draw
     xd = at::empty_like(x);
-    apply_dropout(x, xd, dropout_p, seed);
+    apply_dropout(x, xd, dropout_p, seed, compute_dx ? &dx : nullptr);
   }
   at::Tensor dA = at::mm(sdyB.t(), xd);
-  at::Tensor dx = x.new_empty({0});
-  if (compute_dx) {
-    dx = at::mm(sdyB, lora_A);
-    if (dropout_p > 0.0) apply_dropout(dx, dx, dropout_p, seed);
-  }
   return {dx, dA, dB};
 }
 

@@ -145,6 +145,81 @@ inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
 }
+
+// The same on AVX-512F: eight groups per __m512i (one counter per 64-bit lane), twice
+// the AVX2 version's throughput; an unsigned compare into a mask register replaces the
+// sign-flip trick.
+template <int NB>
+__attribute__((target("avx512f"))) FASTPEFT_INLINE void philox_keep_avx512(
+    const uint64_t* c0, const __m512i* key0, const __m512i* key1, __m512i thr, __m512 onv,
+    float* const* out) {
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  __m512i x0[NB], x1[NB], x2[NB], x3[NB];
+  for (int b = 0; b < NB; ++b) {
+    x0[b] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c0[b])),
+                             _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+    x1[b] = _mm512_srli_epi64(x0[b], 32);
+    x2[b] = x3[b] = _mm512_setzero_si512();
+  }
+  for (int round = 0; round < 10; ++round) {
+    for (int b = 0; b < NB; ++b) {
+      const __m512i p0 = _mm512_mul_epu32(x0[b], m0), p1 = _mm512_mul_epu32(x2[b], m1);
+      x0[b] = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p1, 32), x1[b]), key0[round]);
+      x2[b] = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p0, 32), x3[b]), key1[round]);
+      x1[b] = p1;
+      x3[b] = p0;
+    }
+  }
+  // 128-bit lane j of even / odd: all four words of group 2j / 2j + 1
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);   // groups 0-3
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);  // groups 4-7
+  for (int b = 0; b < NB; ++b) {
+    const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, x0[b], _mm512_slli_epi64(x1[b], 32));
+    const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, x2[b], _mm512_slli_epi64(x3[b], 32));
+    const __m512i even = _mm512_unpacklo_epi64(w01, w23), odd = _mm512_unpackhi_epi64(w01, w23);
+    const __m512i g03 = _mm512_permutex2var_epi64(even, first, odd);
+    const __m512i g47 = _mm512_permutex2var_epi64(even, second, odd);
+    _mm512_storeu_ps(out[b], _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(g03, thr), onv));
+    _mm512_storeu_ps(out[b] + 16, _mm512_maskz_mov_ps(_mm512_cmpge_epu32_mask(g47, thr), onv));
+  }
+}
+
+__attribute__((target("avx512f"))) inline void dropout_keep_rows_avx512(
+    uint64_t seed, uint64_t c0, int64_t row_stride, int64_t nrows, int64_t ngroups,
+    uint32_t threshold, float on, float* out, int64_t out_stride) {
+  __m512i key0[10], key1[10];
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round, k0 += kPhiloxW0, k1 += kPhiloxW1) {
+    key0[round] = _mm512_set1_epi64(k0);
+    key1[round] = _mm512_set1_epi64(k1);
+  }
+  const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(threshold));
+  const __m512 onv = _mm512_set1_ps(on);
+  const int64_t per_row = ngroups / 8, batches = nrows * per_row;
+  constexpr int NB = 3;
+  uint64_t ctr[NB];
+  float* dst[NB];
+  for (int64_t b = 0; b < batches; b += NB) {
+    const int nb = static_cast<int>(std::min<int64_t>(NB, batches - b));
+    for (int u = 0; u < nb; ++u) {
+      const int64_t r = (b + u) / per_row, i = 8 * ((b + u) % per_row);
+      ctr[u] = c0 + static_cast<uint64_t>(r * row_stride + i);
+      dst[u] = out + r * out_stride + 4 * i;
+    }
+    if (nb == NB)
+      philox_keep_avx512<NB>(ctr, key0, key1, thr, onv, dst);
+    else
+      for (int u = 0; u < nb; ++u) philox_keep_avx512<1>(ctr + u, key0, key1, thr, onv, dst + u);
+  }
+  if (const int64_t done = 8 * per_row; done < ngroups)  // ragged ends of the rows
+    dropout_keep_rows_avx2(seed, c0 + static_cast<uint64_t>(done), row_stride, nrows,
+                           ngroups - done, threshold, on, out + 4 * done, out_stride);
+}
+
+inline bool cpu_has_avx512f_philox() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
 #endif
 
 // The scaled keep mask of a tile of row segments, each starting at a multiple of 4:
@@ -154,6 +229,9 @@ inline void dropout_keep_rows(uint64_t seed, uint64_t c0, int64_t row_stride, in
                               int64_t ngroups, uint32_t threshold, float on, float* out,
                               int64_t out_stride) {
 #ifdef FASTPEFT_HAVE_AVX2_PATH
+  if (cpu_has_avx512f_philox())
+    return dropout_keep_rows_avx512(seed, c0, row_stride, nrows, ngroups, threshold, on, out,
+                                    out_stride);
   if (cpu_has_avx2())
     return dropout_keep_rows_avx2(seed, c0, row_stride, nrows, ngroups, threshold, on, out,
                                   out_stride);
