@@ -8,6 +8,7 @@ CUDA tensor would get under the backend in force (``FASTPEFT_BACKEND``).
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 
 import torch
@@ -34,6 +35,18 @@ def _choice(op: str, device: str) -> str:
     return backend
 
 
+def cpu_path() -> str:
+    """The C++ path of lora_linear, int8_lora_linear and bottleneck_adapter (as
+    csrc/cpu/cpu_path.h decides): ``FASTPEFT_CPU_PATH`` if set, else "aten" (ATen / oneDNN
+    GEMMs) on CPUs with AVX-512, "fused" (fastpeft's AVX2 kernels) otherwise."""
+    forced = os.environ.get("FASTPEFT_CPU_PATH", "")
+    if forced not in ("", "auto"):
+        return f"{forced} (FASTPEFT_CPU_PATH)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    path = "aten" if capability.startswith("AVX512") else "fused"
+    return f"{path} (auto: CPU capability {capability}; FASTPEFT_CPU_PATH=fused|aten forces)"
+
+
 def report() -> str:
     """The text ``python -m fastpeft.info`` prints."""
     cuda = torch.cuda.is_available()
@@ -44,6 +57,7 @@ def report() -> str:
         f"fastpeft {_version('fastpeft')}  torch {torch.__version__}  "
         f"python {platform.python_version()}  {platform.machine()}",
         f"C++ CPU kernels: {_backend.native_origin}",
+        f"C++ CPU path: {cpu_path()}",
         f"triton: {triton}; CUDA device: "
         f"{torch.cuda.get_device_name() if cuda else 'none'}",
         f"backend in force: {_backend.current()} (FASTPEFT_BACKEND or use_backend)",
