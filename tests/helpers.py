@@ -48,6 +48,19 @@ def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
     return dtypes
 
 
+def skip_without_fp64_kernels(backend: str, device: str) -> None:
+    """Skip an fp64 test of int8_lora_linear / gated_prefix_attention on Triton-on-CUDA
+    where Triton is older than 3.9: their launchers refuse fp64 there (Triton cannot compile
+    those fp64 dots for the GPU; see fastpeft.triton._common.check_fp64_register_dots and
+    test_triton_compat.py). The interpreter runs them on every version."""
+    if backend != "triton" or device != "cuda":
+        return
+    from fastpeft.triton._common import FP64_REGISTER_DOTS
+
+    if not FP64_REGISTER_DOTS:
+        pytest.skip("fp64 Triton kernels of this op need Triton >= 3.9 on a GPU (refused)")
+
+
 def forced(backend: str):
     return fastpeft.use_backend(backend)
 

@@ -16,6 +16,7 @@ import torch
 from fastpeft import reference
 from fastpeft.bench import __main__ as cli
 from fastpeft.bench import gated_prefix_attention, int8_lora_linear, lora_linear
+from fastpeft.bench import model as model_bench
 from fastpeft.bench.peers import peft_style_prompt_attention
 from fastpeft.bench.report import Change, compare, summary_table
 from fastpeft.bench.results import (
@@ -34,13 +35,13 @@ COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 TINY = ["--shapes", "tiny", "--runs", "2", "--no-progress", "--threads", "1"]
 
 
-def run_cli(*argv: str) -> tuple[int, str]:
-    """``fastpeft-bench argv``: its exit status and what it printed on stdout."""
+def run_cli(*argv: str, common: list[str] = TINY) -> tuple[int, str]:
+    """``fastpeft-bench common argv``: its exit status and what it printed on stdout."""
     out = io.StringIO()
     threads = torch.get_num_threads()
     try:
         with contextlib.redirect_stdout(out):
-            status = cli.main([*TINY, *argv])
+            status = cli.main([*common, *argv])
     finally:
         torch.set_num_threads(threads)  # --threads sets it for the process
     return status, out.getvalue()
@@ -425,3 +426,142 @@ def test_progress_bar_is_optional(monkeypatch):
     assert isinstance(bar, cli._NoBar)
     bar.update()
     bar.close()
+
+
+# --- --model: whole training steps --------------------------------------------------------
+
+TINY_MODEL = ["--model", "--hidden", "64", "--layers", "2", "--heads", "4", "--vocab", "128",
+              "--seq", "16", "--runs", "1", "--warmup", "0", "--no-progress", "--threads", "1"]
+TINY_SHAPE = model_bench.ModelShape(hidden=64, layers=2, heads=4, vocab=128, seq=16)
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    """One --model run of every method on a tiny Llama, saved under a temporary --out."""
+    out_dir = tmp_path_factory.mktemp("bench-model")
+    status, text = run_cli("--out", str(out_dir), common=TINY_MODEL)
+    return status, text, load(next(out_dir.glob("*.json")))
+
+
+def test_model_runs_every_method_with_its_alternative_and_the_floor(model_run):
+    status, text, records = model_run
+    assert status == 0 and "MISMATCH" not in text
+    assert {r.op for r in records} == set(model_bench.METHODS)
+    assert {r.mode for r in records} == {"step"} and {r.shape for r in records} == {str(TINY_SHAPE)}
+    assert {r.metric for r in records} <= set(METRICS) and {r.size for r in records} == {16}
+    missing = model_bench.missing_alternatives(model_bench.METHODS)
+    for method in model_bench.METHODS:
+        values = {(r.role, r.metric): r.value for r in records if r.op == method}
+        roles = {role for role, _ in values}
+        alternative = "reference" if method == "bottleneck" else "peer"
+        assert roles == {"fastpeft", "floor"} | ({alternative} if method not in missing else set())
+        for role in roles:
+            for metric in ("median_ms", "p20_ms", "p80_ms", "tokens_per_s", "trainable_params",
+                           "loss"):
+                assert (role, metric) in values, (method, role, metric)
+            assert values[role, "tokens_per_s"] == pytest.approx(
+                16 / values[role, "median_ms"] * 1e3)
+            assert ((role, "held_bytes") in values) == (model_bench._heap_in_use() is not None)
+        assert values["floor", "trainable_params"] == 1  # the floor's one scalar
+        if method in missing:
+            continue
+        assert values["fastpeft", "trainable_params"] == values[alternative, "trainable_params"]
+        # the check: same loss and gradients, and adapters that move the loss
+        assert values["fastpeft", "loss_delta"] <= values["fastpeft", "loss_tol"]
+        assert values["fastpeft", "grad_error"] <= values["fastpeft", "grad_tol"]
+        assert values["fastpeft", "loss_delta"] == pytest.approx(
+            abs(values["fastpeft", "loss"] - values[alternative, "loss"]))
+        assert abs(values["fastpeft", "loss"] - values["floor", "loss"]) \
+            > values["fastpeft", "loss_tol"]
+    floors = {r.value for r in records if r.role == "floor" and r.metric == "median_ms"}
+    assert len(floors) == 1  # timed once, recorded under each method
+
+
+def test_model_table(model_run):
+    _, text, records = model_run
+    table = model_bench.model_table(records)
+    assert table in text and max(len(line) for line in table.splitlines()) <= 100
+    assert str(TINY_SHAPE) in table and "tokens/s" in table and "held MB" in table
+    for method in model_bench.METHODS:
+        assert f"\n{method} " in table
+    assert "\nfloor           frozen" in table
+    verdicts = [line.split()[-1] for line in table.split("verdict\n")[1].splitlines()]
+    assert len(verdicts) == len(model_bench.METHODS) and set(verdicts) <= {"ok", "alternative"}
+
+
+def test_model_check_catches_a_different_computation(monkeypatch):
+    """A fastpeft model that computes something else than PEFT's: the check says so (no
+    CLI: the tiny models are built and checked directly)."""
+
+    from_peft = model_bench.from_peft
+
+    def off_by_a_little(peft_model):
+        converted = from_peft(peft_model)
+        weight = next(p for n, p in converted.named_parameters() if "lora_B" in n)
+        with torch.no_grad():
+            weight.mul_(1.5)  # one layer's adapter, scaled
+        return converted
+
+    monkeypatch.setattr(model_bench, "from_peft", off_by_a_little)
+    _, (lora,) = model_bench.build(TINY_SHAPE, ["lora"], torch.float32, CPU)
+    check = model_bench.check(lora, model_bench.batch(TINY_SHAPE, CPU), CPU)
+    assert not check.ok and check.grad_error > check.grad_tol
+
+
+class RecordingBar:
+    """A progress bar that remembers what it was told."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.descriptions = total, 0, []
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+
+    def set_description(self, desc: str) -> None:
+        self.descriptions.append(desc)
+
+    def close(self) -> None: ...
+
+
+def test_model_without_bitsandbytes_times_fastpeft_alone(monkeypatch):
+    """The int8 method's alternative needs bitsandbytes: without it, fastpeft is timed
+    alone (from inject(LoraConfig(base_dtype="int8"))); the progress bar ends full."""
+    from fastpeft.bench import peers
+
+    bars = []
+
+    def progress_bar(total: int, disabled: bool, unit: str) -> RecordingBar:
+        bars.append(RecordingBar(total))
+        return bars[-1]
+
+    monkeypatch.setattr(cli, "_progress_bar", progress_bar)
+    monkeypatch.setattr(peers, "_IMPORTED", {})  # forget the peers imported so far
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes fails
+    status, text = run_cli("--methods", "int8_lora", "--no-save", "--runs", "2",
+                           common=TINY_MODEL)
+    assert status == 0
+    assert "alternative skipped: int8_lora: bitsandbytes (not installed)" in text
+    assert "no alternative" in text and "bnb+peft" not in text
+    (bar,) = bars
+    assert bar.done == bar.total == 2 * (2 + 0 + 2) + 1  # 2 models, 1 check
+    assert "run 2/2: int8_lora fastpeft" in bar.descriptions
+
+
+def test_model_options():
+    args = cli.parse_args(["--model"])
+    assert args.shape == model_bench.ModelShape() and args.shape.intermediate == 2816
+    assert (args.runs, args.warmup, args.methods) == (10, 2, list(model_bench.METHODS))
+    assert model_bench.ModelShape(hidden=4096).intermediate == 11008  # Llama 2 7B's
+    assert cli.parse_args(["--model", "--kv-heads", "4"]).shape.kv_heads == 4
+    with pytest.raises(ValueError, match="heads"):
+        model_bench.ModelShape(hidden=64, heads=5)
+
+
+@pytest.mark.parametrize("argv", [["--hidden", "64"], ["--methods", "lora"],
+                                  ["--model", "--ops", "lora_linear"], ["--model", "--quick"],
+                                  ["--model", "--heads", "5"], ["--model", "--runs", "0"],
+                                  ["--model", "--compare", "old.json"]])
+def test_model_options_are_checked(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err

@@ -213,6 +213,35 @@ def test_gradcheck_separate_residual_no_ln(backend_device):
     assert torch.autograd.gradcheck(f, (x, dw, db, uw, ub, res), fast_mode=fast)
 
 
+@pytest.mark.parametrize("path", ["fused", "aten"])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(("ln", "residual"), [("affine", False), ("none", True)],
+                         ids=["ln-x", "noln-residual"])
+def test_many_blocks_match_reference(path, threads, ln, residual, monkeypatch):
+    """Rows enough for several blocks on either C++ path (at d = 2048 the aten path's
+    fp16 / bf16 blocks hold 512 rows, their number a multiple of the thread count), with
+    the block sums and the whole-T weight-gradient GEMMs over all of them."""
+    if "cpu" not in fastpeft.available_backends("bottleneck_adapter"):
+        pytest.skip("fastpeft._C has no bottleneck_adapter kernel (not built)")
+    monkeypatch.setenv("FASTPEFT_CPU_PATH", path)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            inputs = make_inputs((1100,), 2048, 8, dtype, "cpu", ln=ln, residual=residual)
+            with forced("cpu"):
+                y = call(fastpeft.bottleneck_adapter, inputs, activation="gelu", scaling=0.5)
+            fused = (y, *grads(y, inputs))
+            ref = run_reference(inputs, dtype, activation="gelu", scaling=0.5)
+            for name, out, r64, rlow in zip(
+                ["y", *present_names(inputs)], fused, (ref["ref64"][0], *ref["ref64"][1]),
+                (ref["lowp"][0], *ref["lowp"][1]), strict=True,
+            ):
+                assert_close_to_ref(f"{name} [{dtype}]", out, r64, rlow, atol_eps=8)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_reference_backend_is_the_reference():
     inputs = make_inputs((4,), 12, 3, torch.float64, "cpu", ln="affine", residual=True)
     with forced("reference"):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_ref, backend_params, dtypes_for, forced
+from helpers import (
+    assert_close_to_ref,
+    backend_params,
+    dtypes_for,
+    forced,
+    skip_without_fp64_kernels,
+)
 from torch import nn
 
 import fastpeft
@@ -175,6 +181,7 @@ def test_opcheck(backend_device):
 @pytest.mark.parametrize("backend_device", backend_params("gated_prefix_attention"))
 def test_gradcheck_float64(backend_device):
     backend, device = backend_device
+    skip_without_fp64_kernels(backend, device)
     op = (
         torch.ops.fastpeft.gated_prefix_attention
         if backend == "cpu"

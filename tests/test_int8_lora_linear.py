@@ -7,7 +7,14 @@ import math
 
 import pytest
 import torch
-from helpers import TRITON_INTERPRETED, assert_close_to_ref, backend_params, dtypes_for, forced
+from helpers import (
+    TRITON_INTERPRETED,
+    assert_close_to_ref,
+    backend_params,
+    dtypes_for,
+    forced,
+    skip_without_fp64_kernels,
+)
 from torch import nn
 
 import fastpeft
@@ -171,6 +178,7 @@ def test_opcheck(backend_device, p, tokens):
 def test_gradcheck_float64(backend_device, p, tokens):
     """dx through the dequantised weight, dA, dB, d bias against finite differences."""
     backend, device = backend_device
+    skip_without_fp64_kernels(backend, device)
     x, q, s, b, a, bb, scaling, p, seed = _op_args(device, torch.float64, p,
                                                    ((tokens,), 12, 8, 2))
     op = _op(backend)

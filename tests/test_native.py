@@ -170,6 +170,16 @@ def test_strided_vector_parameters(case: str, dtype: torch.dtype, how: str):
     _assert_all_equal(_run(fn, strided), want, f"{case} with strided {', '.join(names)}")
 
 
+@pytest.mark.parametrize("how", ["column", "every_other"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["fused", "aten"])
+def test_bottleneck_adapter_strided_vector_parameters_per_path(path, dtype, how, monkeypatch):
+    """test_strided_vector_parameters on each C++ path of the adapter (that test runs the
+    path this CPU picks)."""
+    monkeypatch.setenv("FASTPEFT_CPU_PATH", path)
+    test_strided_vector_parameters("bottleneck_adapter", dtype, how)
+
+
 # ---------------------------------------------------------------------------------------
 # Thread-count independence
 
@@ -205,7 +215,12 @@ ROWS = [1, 7, 333]
        (333, 8192, 8, True, False),  # chunks of several blocks, GEMMs with K = 8192
        (2100, 64, 8, False, False)],  # the most chunks, partials summed over 8
 )
-def test_bottleneck_adapter_thread_count_independent(T, d, m, ln, residual, dtype):
+def test_bottleneck_adapter_thread_count_independent(T, d, m, ln, residual, dtype, monkeypatch):
+    """The fused path (FASTPEFT_CPU_PATH=fused), whose blocks and chunks depend on the
+    shapes alone. The aten path's fp16 / bf16 blocks follow the thread count and its weight
+    gradients are ATen-threaded GEMMs, so its last bits may change with the thread count,
+    as nn.Linear's do (in fp32 it runs the fused path's code)."""
+    monkeypatch.setenv("FASTPEFT_CPU_PATH", "fused")
     _assert_thread_count_independent(
         lambda: _adapter_case(T, d, m, dtype, ln=ln, residual=residual),
         f"bottleneck_adapter T={T} d={d} m={m} ln={ln} residual={residual} {dtype}")

@@ -12,8 +12,16 @@ forward+backward (one call of each; --modes takes either spelling, records say f
 and in this run, so load on the machine, which slows both, raises no alarm; --compare OLD
 NEW compares two saved runs without running anything.
 
+--model times whole training steps instead (forward, loss, backward, AdamW step,
+zero_grad) of a Llama-shaped model built from a config, per method (--methods: LoRA on
+every linear layer, LoRA on an int8 base, adaption prompt, Houlsby adapters), fastpeft
+against PEFT (or the unfused composition) and the frozen model as the floor, after
+checking that fastpeft's loss and gradients agree with the alternative's
+(fastpeft.bench.model says how).
+
 Exit status: 0; 1 when --compare finds a regression beyond --threshold; 2 for a usage
-error or a --compare file that is not fastpeft-bench results.
+error or a --compare file that is not fastpeft-bench results; 3 when --model finds
+fastpeft's loss or gradients disagreeing with the alternative's.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import NoReturn, Protocol
 
 import torch
 
-from . import bottleneck_adapter, gated_prefix_attention, int8_lora_linear, lora_linear
+from . import bottleneck_adapter, gated_prefix_attention, int8_lora_linear, lora_linear, model
 from .peers import peer_libraries
 from .report import BASIS, compare, compare_table, plot_speedups, summary_table
 from .results import (
@@ -50,6 +58,10 @@ CASES = {
 }
 FORWARD_BACKWARD = "forward+backward"  # --modes: the printed name of the mode full
 QUICK_RUNS = 10  # --quick: the first shape of each op, 10 timed runs (all four ops in ~2 min)
+MODEL_RUNS, MODEL_WARMUP = 10, 2  # --model: timed steps and warm-up rounds per provider
+MISMATCH_STATUS = 3  # --model: fastpeft's check against the alternative failed
+# --model's options: the model's shape (fastpeft.bench.model.ModelShape's fields)
+SHAPE_OPTIONS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq", "batch")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -65,17 +77,21 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastpeft-bench", description=__doc__,
                                      formatter_class=_Formatter)
-    parser.add_argument("--ops", nargs="+", choices=sorted(CASES), default=sorted(CASES),
+    parser.add_argument("--ops", nargs="+", choices=sorted(CASES), default=None,
                         metavar="OP", help="default: all of " + ", ".join(sorted(CASES)))
     parser.add_argument("--device", default=str(default_device()), help="default: %(default)s")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--modes", nargs="+", choices=[*MODES, FORWARD_BACKWARD],
-                        default=["forward", "full"], metavar="MODE",
+                        default=None, metavar="MODE",
                         help="forward, backward, full (also spelled forward+backward: one "
                              "call of both); default: forward full")
     parser.add_argument("--runs", type=int, default=None,
-                        help=f"timed runs per provider (default 20; {QUICK_RUNS} with --quick)")
+                        help=f"timed runs per provider (default 20; {QUICK_RUNS} with --quick, "
+                             f"{MODEL_RUNS} steps with --model)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"warm-up rounds before the timed runs (default 3; {MODEL_WARMUP} "
+                             f"steps with --model)")
     parser.add_argument("--quick", action="store_true",
                         help=f"the first shape of each op, {QUICK_RUNS} runs: --shapes quick")
     parser.add_argument("--shapes", choices=SWEEPS, default="full",
@@ -98,12 +114,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--compare: fastpeft / reference worse by more than PCT "
                              "percent regresses (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    steps = parser.add_argument_group(
+        "whole training steps", "--model: one optimizer step of a Llama-shaped model per "
+        "method, fastpeft vs PEFT (or the unfused composition) vs the frozen model")
+    steps.add_argument("--model", action="store_true",
+                       help="time whole training steps instead of single ops")
+    steps.add_argument("--methods", nargs="+", choices=model.METHODS, default=None,
+                       metavar="METHOD", help="default: all of " + ", ".join(model.METHODS))
+    defaults = model.ModelShape()
+    for name, what in (("hidden", "hidden size"), ("layers", "decoder layers"),
+                       ("heads", "attention heads"),
+                       ("kv_heads", "key/value heads (default: --heads)"),
+                       ("intermediate", "feed-forward size (default: Llama's, 8/3 hidden "
+                                        "rounded up to a multiple of 256)"),
+                       ("vocab", "vocabulary size"), ("seq", "tokens per sequence"),
+                       ("batch", "sequences per step")):
+        default = getattr(defaults, name)
+        steps.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, metavar="N",
+                           help=what if "default:" in what
+                           else f"{what} (default: {default})")
     args = parser.parse_args(argv)
-    args.modes = list(dict.fromkeys("full" if m == FORWARD_BACKWARD else m for m in args.modes))
+    _check_model_options(parser, args)
+    if args.model:
+        args.methods = args.methods or list(model.METHODS)
+        try:
+            args.shape = model.ModelShape(**{name: getattr(args, name) for name in SHAPE_OPTIONS
+                                             if getattr(args, name) is not None})
+        except ValueError as e:
+            parser.error(f"--model: {e}")
+        args.runs = MODEL_RUNS if args.runs is None else args.runs
+        args.warmup = MODEL_WARMUP if args.warmup is None else args.warmup
+    args.ops = args.ops or sorted(CASES)
+    args.modes = list(dict.fromkeys("full" if m == FORWARD_BACKWARD else m
+                                    for m in args.modes or ["forward", "full"]))
     if args.quick:
         args.shapes = "quick"
     if args.runs is None:
         args.runs = QUICK_RUNS if args.shapes == "quick" else 20
+    if args.warmup is None:
+        args.warmup = 3
+    if args.runs < 1 or args.warmup < 0:
+        parser.error("--runs must be at least 1 and --warmup at least 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device")
     if args.plot and (args.no_save or importlib.util.find_spec("matplotlib") is None):
@@ -119,6 +170,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except ResultsFileError as e:
             _file_error(parser, f"--compare {e}")
     return args
+
+
+def _check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--model's options only with --model, and none of the single-op ones with it."""
+    model_only = [f"--{name.replace('_', '-')}" for name in ("methods", *SHAPE_OPTIONS)
+                  if getattr(args, name) is not None]
+    if model_only and not args.model:
+        parser.error(f"{', '.join(model_only)}: only with --model")
+    if args.model:
+        op_only = [flag for flag, given in (("--ops", args.ops is not None),
+                                            ("--modes", args.modes is not None),
+                                            ("--quick", args.quick),
+                                            ("--shapes", args.shapes != "full"),
+                                            ("--plot", args.plot),
+                                            ("--compare", args.compare is not None)) if given]
+        if op_only:
+            parser.error(f"{', '.join(op_only)}: not with --model (whole steps have no ops, "
+                         f"modes or shape sweeps, and --compare judges fastpeft by the "
+                         f"unfused reference, which only the bottleneck method has)")
+        if importlib.util.find_spec("transformers") is None:
+            parser.error("--model needs transformers (pip install fastpeft[hf])")
 
 
 def _file_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
@@ -139,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     env = Environment.current(device, dtype)
     print(f"fastpeft-bench on {env.device}, {env.dtype}, torch {env.torch}, "
           f"triton {env.triton}, fastpeft {env.fastpeft}", flush=True)
+    if args.model:
+        return _main_model(args, env, device, dtype)
     peers = peer_libraries(name for op in args.ops for name in CASES[op].PEER_LIBRARIES)
     for peer in peers:
         print(f"peer {peer.describe()}", flush=True)
@@ -152,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_description(f"{op} {shape}")
         case = CASES[op].build(shape, dtype, device)
         results = run_case(case, device, tuple(args.modes), runs=args.runs,
-                           on_mode_done=lambda _: bar.update())
+                           warmup=args.warmup, on_mode_done=lambda _: bar.update())
         records += case_records(env, op, case, shape, shape.size, results)
         if case.missing_peer:
             missing[op] = case.missing_peer
@@ -160,19 +234,52 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(summary_table(records, [f"{op}: {peer}" for op, peer in missing.items()]))
-    if not args.no_save:
-        args.out.mkdir(parents=True, exist_ok=True)
-        run_json = args.out / f"{env.run_name}.json"
-        append_csv(args.out / "results.csv", records)
-        write_json(run_json, records)
-        print(f"\nresults: appended to {args.out / 'results.csv'}, written to {run_json}")
-        if args.plot:
-            for path in plot_speedups(records, args.out):
-                print(f"chart: {path}")
+    _save(args, env, records)
     if args.compare is not None:
         return _report_comparison(args.baseline, records, args.compare[0],
                                   args.threshold / 100)
     return 0
+
+
+def _main_model(args: argparse.Namespace, env: Environment, device: torch.device,
+                dtype: torch.dtype) -> int:
+    """--model: whole training steps (fastpeft.bench.model), the table, the files."""
+    for peer in peer_libraries(name for m in args.methods for name in model.NEEDS[m]):
+        print(f"peer {peer.describe()}", flush=True)
+    print(_wrap(f"model: {args.shape}; methods: {', '.join(args.methods)}; {args.warmup} "
+                f"warm-up and {args.runs} timed steps per provider, interleaved"), flush=True)
+    missing = model.missing_alternatives(args.methods)
+    bar = _progress_bar(model.steps_in_run(args.methods, missing, args.warmup, args.runs),
+                        args.no_progress, unit="step")
+    try:
+        result = model.run(env, args.shape, args.methods, dtype, device, warmup=args.warmup,
+                           runs=args.runs, progress=bar)
+    finally:
+        bar.close()
+    print()
+    print(model.model_table(result.records, result.missing))
+    _save(args, env, result.records)
+    if result.mismatches:
+        print(_wrap(f"\nMISMATCH: fastpeft's loss or gradients differ from the alternative's "
+                    f"beyond tolerance for {', '.join(result.mismatches)}: these timings "
+                    f"compare different computations."))
+        return MISMATCH_STATUS
+    return 0
+
+
+def _save(args: argparse.Namespace, env: Environment, records: list[Record]) -> None:
+    """Append ``records`` to DIR/results.csv and write DIR/<timestamp>.json (unless
+    --no-save), and draw the charts --plot asks for; say where."""
+    if args.no_save:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_json = args.out / f"{env.run_name}.json"
+    append_csv(args.out / "results.csv", records)
+    write_json(run_json, records)
+    print(f"\nresults: appended to {args.out / 'results.csv'}, written to {run_json}")
+    if args.plot:
+        for path in plot_speedups(records, args.out):
+            print(f"chart: {path}")
 
 
 def _report_comparison(baseline: list[Record], records: list[Record], path: Path,
@@ -220,15 +327,16 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress_bar(total: int, disabled: bool) -> _Bar:
-    """tqdm on stderr when it is installed, stderr is a terminal and not ``disabled``."""
+def _progress_bar(total: int, disabled: bool, unit: str = "mode") -> _Bar:
+    """tqdm on stderr when it is installed, stderr is a terminal and not ``disabled``;
+    ``total`` ``unit``s."""
     if disabled or not sys.stderr.isatty():
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, file=sys.stderr, unit="mode", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, file=sys.stderr, unit=unit, leave=False, dynamic_ncols=True)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,13 @@ import torch
 
 from .runner import Case, Result
 
-# peak_bytes on CUDA only; weight_bytes where a case reports it (the int8 op)
-METRICS = ("median_ms", "p20_ms", "p80_ms", "saved_bytes", "peak_bytes", "weight_bytes")
+# peak_bytes on CUDA only; weight_bytes where a case reports it (the int8 op). The rest
+# are --model's (whole training steps, mode "step"; see fastpeft.bench.model): throughput,
+# memory held after the forward, trainable parameters, the check's losses, differences and
+# tolerances.
+METRICS = ("median_ms", "p20_ms", "p80_ms", "saved_bytes", "peak_bytes", "weight_bytes",
+           "tokens_per_s", "held_bytes", "trainable_params", "loss", "loss_delta", "loss_tol",
+           "grad_error", "grad_tol")
 ROLES = ("fastpeft", "reference", "peer", "floor")
 
 

@@ -38,6 +38,31 @@ def allow_tf32(dtype: torch.dtype) -> bool:
     return dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
 
 
+def _version(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0" or "3.9.0+git1234"."""
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+# Triton before 3.9 cannot compile an fp64 tl.dot whose operand is computed in registers
+# (the int8 dequantised tile, the attention probabilities) for sm_90: its MMA lowering
+# asserts "fp64 don't support largeK MMA" (checked with benchmarks/compile_check.py on
+# 3.6, 3.7 and 3.8). The interpreter, and the ops whose dot operands come from memory
+# (lora_linear, bottleneck_adapter), run fp64 on every version.
+FP64_REGISTER_DOTS = _version(triton.__version__) >= (3, 9)
+
+
+def check_fp64_register_dots(op: str, like: Tensor) -> None:
+    """Refuse fp64 CUDA tensors for ``op``'s kernels on a Triton that cannot compile them,
+    naming the way out, rather than fail inside Triton's compiler."""
+    if like.dtype == torch.float64 and like.device.type == "cuda" and not FP64_REGISTER_DOTS:
+        raise RuntimeError(
+            f"fastpeft.{op}: float64 CUDA tensors need Triton >= 3.9 for the Triton kernels "
+            f"(Triton {triton.__version__} cannot compile their fp64 matrix products for "
+            "this GPU); use the unfused reference for float64 (fastpeft.use_backend("
+            "'reference') or FASTPEFT_BACKEND=reference), or a newer Triton")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

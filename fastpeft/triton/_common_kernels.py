@@ -77,7 +77,8 @@ def lora_branch_down_kernel(x_ptr, a_ptr, xa_ptr, seed_ptr, T, K, R, T_BUCKET, t
         # A^T tile (BLOCK_K, BLOCK_R) read straight from row-major A (R, K).
         at = tl.load(a_ptr + rr[None, :] * K + cols[:, None],
                      mask=col_ok[:, None] & (rr < R)[None, :], other=0.0)
-        acc = tl.dot(xt, at, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        acc = tl.dot(xt, at, acc, out_dtype=acc.dtype,
+                     input_precision="tf32" if ALLOW_TF32 else "ieee")
     if HAS_DROPOUT:
         acc = acc * keep_scale  # 1 / (1 - p), once per output instead of per x element
     tl.store(xa_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :],
@@ -110,7 +111,8 @@ def lora_branch_backward_lora_a_kernel(dyb_ptr, x_ptr, da_ptr, seed_ptr, T, K, R
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             xt = tl.where(dropout_keep_mask(seed, rows, cols, K, threshold), xt, 0.0)
-        acc = tl.dot(dybt, xt, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        acc = tl.dot(dybt, xt, acc, out_dtype=acc.dtype,
+                     input_precision="tf32" if ALLOW_TF32 else "ieee")
     tl.store(da_ptr + rr[:, None] * K + cols[None, :],
              (acc * lora_scale).to(da_ptr.dtype.element_ty),
              mask=r_ok[:, None] & col_ok[None, :])

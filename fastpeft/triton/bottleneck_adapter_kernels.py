@@ -247,7 +247,7 @@ def bottleneck_adapter_forward_kernel(x_ptr, wd_ptr, zb_ptr, wu_ptr, bu_ptr, res
         # Wd^T tile (BLOCK_D, M_PAD) read straight from row-major Wd (m, d).
         wdt = tl.load(wd_ptr + mm[None, :] * D + cols[:, None],
                       mask=col_ok[:, None] & m_ok[None, :], other=0.0)
-        z = tl.dot(xt, wdt, z, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        z = tl.dot(xt, wdt, z, out_dtype=z.dtype, input_precision="tf32" if ALLOW_TF32 else "ieee")
     if HAS_ZB:
         z += tl.load(zb_ptr + mm, mask=m_ok, other=0.0)[None, :]
     a, _ = _act_and_grad(z, ACT)  # the backward's formula; the unused act' is dropped
@@ -313,12 +313,13 @@ def bottleneck_adapter_backward_rows_kernel(dy_ptr, x_ptr, wd_ptr, zb_ptr, wu_pt
             xt = ((xt.to(acc_ty) - mean[:, None]) * rstd[:, None] * lnw[None, :]).to(in_ty)
         wdt = tl.load(wd_ptr + mm[None, :] * D + cols[:, None],
                       mask=col_ok[:, None] & m_ok[None, :], other=0.0)
-        q = tl.dot(xt, wdt, q, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        q = tl.dot(xt, wdt, q, out_dtype=q.dtype, input_precision="tf32" if ALLOW_TF32 else "ieee")
         dyt = tl.load(dy_ptr + row_off + cols[None, :], mask=mask, other=0.0)
         # Wu chunk (BLOCK_D, M_PAD): rows cols of row-major Wu (d, m).
         wuc = tl.load(wu_ptr + cols[:, None] * M + mm[None, :],
                       mask=col_ok[:, None] & m_ok[None, :], other=0.0)
-        da = tl.dot(dyt, wuc, da, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        da = tl.dot(dyt, wuc, da, out_dtype=da.dtype,
+                    input_precision="tf32" if ALLOW_TF32 else "ieee")
 
     z = q
     if HAS_ZB:
@@ -391,7 +392,8 @@ def bottleneck_adapter_backward_up_kernel(dy_ptr, a_ptr, dwu_ptr, dbu_ptr, T, D,
                       mask=col_ok[:, None] & row_ok[None, :], other=0.0)
         at = tl.load(a_ptr + rows.to(tl.int64)[:, None] * M + mm[None, :],
                      mask=row_ok[:, None] & m_ok[None, :], other=0.0)
-        acc = tl.dot(dyt, at, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        acc = tl.dot(dyt, at, acc, out_dtype=acc.dtype,
+                     input_precision="tf32" if ALLOW_TF32 else "ieee")
         bsum += tl.sum(dyt.to(acc_ty), axis=1)
     out = dwu_ptr + split.to(tl.int64) * D * M
     tl.store(out + cols[:, None] * M + mm[None, :], acc, mask=col_ok[:, None] & m_ok[None, :])
@@ -431,7 +433,8 @@ def bottleneck_adapter_backward_down_kernel(x_ptr, dz_ptr, mean_ptr, rstd_ptr, g
             src = ((src.to(acc_ty) - mean[None, :]) * rstd[None, :]).to(in_ty)
         dzt = tl.load(dz_ptr + rows.to(tl.int64)[:, None] * M + mm[None, :],
                       mask=row_ok[:, None] & m_ok[None, :], other=0.0)
-        acc = tl.dot(src, dzt, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        acc = tl.dot(src, dzt, acc, out_dtype=acc.dtype,
+                     input_precision="tf32" if ALLOW_TF32 else "ieee")
     out = g_ptr + split.to(tl.int64) * M * D
     tl.store(out + mm[None, :] * D + cols[:, None], acc, mask=col_ok[:, None] & m_ok[None, :])
 

@@ -15,7 +15,13 @@ import torch
 import triton
 from torch import Tensor
 
-from ._common import acc_dtype, allow_tf32, dot_block, size_bucket
+from ._common import (
+    acc_dtype,
+    allow_tf32,
+    check_fp64_register_dots,
+    dot_block,
+    size_bucket,
+)
 from .gated_prefix_attention_backward_kernels import (
     gated_prefix_attention_backward_dkdv_kernel,
     gated_prefix_attention_backward_dq_kernel,
@@ -73,6 +79,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
             key_padding_mask: Tensor | None, causal: bool, scale: float,
             gate_tanh: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(out (B, H, M, D), lse (B, H, M) fp32, prompt_lse (B, H, M) fp32)."""
+    check_fp64_register_dots("gated_prefix_attention", q)
     q, k, v, prefix_k, prefix_v = (t.contiguous() for t in (q, k, v, prefix_k, prefix_v))
     B, H, M = q.shape[:3]
     out = torch.empty_like(q)
@@ -92,6 +99,7 @@ def backward(
     prompt_lse: Tensor, causal: bool, scale: float, gate_tanh: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dprefix_k, dprefix_v, dgate); the math is in the backward kernels' module."""
+    check_fp64_register_dots("gated_prefix_attention", q)
     grad_out, q, k, v, prefix_k, prefix_v, out, lse, prompt_lse = (
         t.contiguous() for t in (grad_out, q, k, v, prefix_k, prefix_v, out, lse, prompt_lse))
     B, H, M, D = q.shape

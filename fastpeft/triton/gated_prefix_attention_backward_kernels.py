@@ -132,7 +132,8 @@ def _dq_key_loop(dq, q, do, lse2, delta, G, k_base, v_base, kpm_base, rows, lo, 
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="tf32" if ALLOW_TF32 else "ieee")
         ds = G * p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        dq = tl.dot(ds.to(k.dtype), k, dq, out_dtype=dq.dtype,
+                    input_precision="tf32" if ALLOW_TF32 else "ieee")
     return dq
 
 
@@ -222,10 +223,12 @@ def _dkdv_query_loop(dk, dv, k, v, keep_col, cols, G, q_base, do_base, lse_base,
         pt = tl.exp2(st - lse2[None, :].to(st.dtype))  # (BLOCK_KEYS, BLOCK_M)
         if SCALE_G:
             pt = pt * G
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        dv = tl.dot(pt.to(do.dtype), do, dv, out_dtype=dv.dtype,
+                    input_precision="tf32" if ALLOW_TF32 else "ieee")
         dpt = tl.dot(v, tl.trans(do), input_precision="tf32" if ALLOW_TF32 else "ieee")
         dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        dk = tl.dot(dst.to(q.dtype), q, dk, out_dtype=dk.dtype,
+                    input_precision="tf32" if ALLOW_TF32 else "ieee")
     return dk, dv
 
 

@@ -81,7 +81,7 @@ def online_softmax_loop(acc, m_i, l_i, q, k_base, v_base, kpm_base, rows, lo, hi
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None],
-                     input_precision="tf32" if ALLOW_TF32 else "ieee")
+                     out_dtype=acc.dtype, input_precision="tf32" if ALLOW_TF32 else "ieee")
         m_i = m_new
     return acc, m_i, l_i
 
@@ -132,7 +132,8 @@ def prompt_accumulate(o, q, pk_base, pv_base, m, w, P, qk_scale, HEAD_DIM: tl.co
         cols = start + tl.arange(0, BLOCK_P)
         pv = tl.load(pv_base + cols[:, None] * HEAD_DIM + dd[None, :],
                      mask=(cols < P)[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
-        o = tl.dot(p.to(pv.dtype), pv, o, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        o = tl.dot(p.to(pv.dtype), pv, o, out_dtype=o.dtype,
+                   input_precision="tf32" if ALLOW_TF32 else "ieee")
     return o
 
 

@@ -18,7 +18,15 @@ import torch
 import triton
 from torch import Tensor
 
-from ._common import INTERPRET, acc_dtype, allow_tf32, dot_block, dropout_args, size_bucket
+from ._common import (
+    INTERPRET,
+    acc_dtype,
+    allow_tf32,
+    check_fp64_register_dots,
+    dot_block,
+    dropout_args,
+    size_bucket,
+)
 from ._common_kernels import lora_branch_backward_lora_a_kernel, lora_branch_down_kernel
 from .int8_lora_linear_kernels import (
     int8_lora_linear_backward_dx_kernel_half,
@@ -100,6 +108,7 @@ def forward(x: Tensor, qweight: Tensor, weight_scale: Tensor, bias: Tensor | Non
             seed: Tensor | None) -> tuple[Tensor, Tensor]:
     """(y (T, N), xa (T, R)) = (x @ W^T + bias + s * xa @ B^T, dropout(x) @ A^T),
     W = qweight * weight_scale[:, None]."""
+    check_fp64_register_dots("int8_lora_linear", x)
     x, qweight, weight_scale, lora_A, lora_B = (
         t.contiguous() for t in (x, qweight, weight_scale, lora_A, lora_B))
     T, K = x.shape
@@ -148,6 +157,7 @@ def backward(grad_y: Tensor, x: Tensor, qweight: Tensor, weight_scale: Tensor, l
              lora_B: Tensor, xa: Tensor, scaling: float, dropout_p: float, seed: Tensor | None,
              compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx (T, K) or empty, dA (R, K), dB (N, R))."""
+    check_fp64_register_dots("int8_lora_linear", x)
     grad_y, x, qweight, weight_scale, lora_A, lora_B, xa = (
         t.contiguous() for t in (grad_y, x, qweight, weight_scale, lora_A, lora_B, xa))
     T, K = x.shape

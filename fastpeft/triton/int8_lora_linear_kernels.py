@@ -155,12 +155,14 @@ def _rank_product(acc, l_ptrs, l_r_stride, rt_ptrs, R, ALLOW_TF32: tl.constexpr,
             r_ok = rr < R - r0
             lt = tl.load(l_ptrs + (r0 + rr)[None, :] * l_r_stride, mask=r_ok[None, :], other=0.0)
             rt = tl.load(rt_ptrs + (r0 + rr)[:, None], mask=r_ok[:, None], other=0.0)
-            acc = tl.dot(lt, rt, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
+            acc = tl.dot(lt, rt, acc, out_dtype=acc.dtype,
+                         input_precision="tf32" if ALLOW_TF32 else "ieee")
     else:
         r_ok = rr < R
         lt = tl.load(l_ptrs + rr[None, :] * l_r_stride, mask=r_ok[None, :], other=0.0)
         rt = tl.load(rt_ptrs + rr[:, None], mask=r_ok[:, None], other=0.0)
-        acc = tl.dot(lt, rt, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        acc = tl.dot(lt, rt, acc, out_dtype=acc.dtype,
+                     input_precision="tf32" if ALLOW_TF32 else "ieee")
     return acc
 
 
@@ -193,7 +195,7 @@ def int8_lora_linear_forward_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, xa_ptr, b
         qt = tl.load(q_ptrs, mask=k_ok[None, :], other=0)
         xt = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(_convert(qt, xt.dtype), xt, acc,
-                     input_precision="tf32" if ALLOW_TF32 else "ieee")
+                     out_dtype=acc.dtype, input_precision="tf32" if ALLOW_TF32 else "ieee")
         q_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     acc *= tl.load(scale_ptr + cols_in).to(acc.dtype)[:, None]
@@ -244,7 +246,7 @@ def _gemv_step(acc, acc2, w_rows, x_ptr, seed, T, K, ks, k_end, threshold,
         if DROPOUT:
             xt = tl.where(dropout_keep_mask(seed, rt, ks, K, threshold), xt, 0.0)
         acc = tl.dot(_convert(w, xt.dtype), tl.trans(xt), acc,
-                     input_precision="tf32" if ALLOW_TF32 else "ieee")
+                     out_dtype=acc.dtype, input_precision="tf32" if ALLOW_TF32 else "ieee")
     else:
         # A row of x is loaded as a (BW, BLOCK_K) broadcast (stride 0 over the rows; the
         # repeats hit L1) so that it gets the int8 tile's register layout: a (1, BLOCK_K)
@@ -385,7 +387,8 @@ def int8_lora_linear_gemv_epilogue_kernel(part_ptr, part_xa_ptr, scale_ptr, bias
                      mask=t_ok[:, None] & r_ok[None, :])
         bt = tl.load(b_ptr + cols.to(tl.int64)[None, :] * R + rr[:, None],
                      mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # B^T (BLOCK_R, BLOCK_N)
-        lora = tl.dot(xa, bt, lora, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        lora = tl.dot(xa, bt, lora, out_dtype=lora.dtype,
+                      input_precision="tf32" if ALLOW_TF32 else "ieee")
     acc += scaling * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :].to(acc.dtype)
@@ -439,7 +442,8 @@ def int8_lora_linear_backward_dx_kernel(dy_ptr, q_ptr, scale_ptr, dyb_ptr, a_ptr
         sc = tl.load(scale_ptr + n0 + rn, mask=n_ok, other=0.0)
         wt = (_convert(qt, work_ty) * sc.to(work_ty)[None, :]).to(dot_ty)
         dyt = tl.load(dy_ptrs, mask=n_ok[:, None], other=0.0)
-        acc = tl.dot(wt, dyt, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        acc = tl.dot(wt, dyt, acc, out_dtype=acc.dtype,
+                     input_precision="tf32" if ALLOW_TF32 else "ieee")
         q_ptrs += BLOCK_K * K
         dy_ptrs += BLOCK_K
     tl.store(dx_ptr + rows.to(tl.int64)[None, :] * K + cols[:, None],

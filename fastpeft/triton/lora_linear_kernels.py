@@ -64,7 +64,8 @@ def lora_linear_forward_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr, T, 
         k_ok = rk < K - k0
         xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(xt, wt, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        acc = tl.dot(xt, wt, acc, out_dtype=acc.dtype,
+                     input_precision="tf32" if ALLOW_TF32 else "ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     # LoRA epilogue: (BLOCK_M, R) @ (R, BLOCK_N), R zero-padded to BLOCK_R >= 16.
@@ -124,7 +125,8 @@ def lora_linear_backward_dx_kernel(dy_ptr, w_ptr, dyb_ptr, a_ptr, dx_ptr, seed_p
         n_ok = rn < N - n0
         dyt = tl.load(dy_ptrs, mask=n_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        acc = tl.dot(dyt, wt, acc, input_precision="tf32" if ALLOW_TF32 else "ieee")
+        acc = tl.dot(dyt, wt, acc, out_dtype=acc.dtype,
+                     input_precision="tf32" if ALLOW_TF32 else "ieee")
         dy_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wn
     rr = tl.arange(0, BLOCK_R)

@@ -17,6 +17,10 @@
 //           d ln_w = sum_t dh ⊙ xhat,  d ln_b = sum_t dh
 //   LN off: dx = dh;   and dx += dy when the residual is x.
 //
+// Two implementations, chosen at every call by cpu_path() (cpu_path.h): kFused, described
+// here, and for fp16 / bf16 on kAten the one in namespace aten_path below (fp32 / fp64 run
+// kFused's code on either path).
+//
 // Structure: both ops run over blocks of up to ~1 MiB of x (see kBlockBytes). Per block,
 // while it is in cache, everything (T, d)-sized is touched once from memory: forward
 // reads x (and the residual) and writes y; backward reads x and dy and writes dx. The
@@ -59,6 +63,7 @@
 
 #include "cpu/bottleneck_adapter_kernels.h"
 #include "cpu/checks.h"
+#include "cpu/cpu_path.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
 
@@ -240,6 +245,214 @@ void activation_backward_out(Act act, const at::Tensor& da, const at::Tensor& z,
 }
 
 // ---------------------------------------------------------------------------------------
+// The kAten path (cpu_path.h) of fp16 / bf16. kFused converts fp16 / bf16 blocks to fp32
+// and multiplies them with fp32 GEMMs; here every GEMM takes its operands in their own
+// dtype, so that ATen hands it to oneDNN, which runs it on AVX512-BF16 / AVX512-FP16 / AMX
+// where the CPU has them (fp32 accumulation inside, the result rounded once). In fp32 and
+// fp64 kAten runs kFused's code: its GEMMs already are ATen's (MKL's sgemm / dgemm, on
+// AVX-512 where there is AVX-512), and its per-block weight-gradient partials, fp32 there,
+// cost less than the whole-T GEMMs below.
+//
+// The rows go in blocks, one thread per block, each block's GEMMs single-threaded
+// (parallel_for_aten): the (rows, d) intermediates (h, u, dh) are used while still in
+// cache, and x, the residual, y, dy and dx each make one trip to memory per direction.
+// Our passes (bottleneck_adapter_kernels.h, lowp_*) read and write x's dtype and compute
+// in fp32; z, a, da, dz, u and dh are in x's dtype, as the GEMMs return them (and as
+// nn.Linear gives them to the unfused composition).
+//
+//   forward, per block:  [h = LN(x) (pass), mean, rstd]   z = h @ Wd^T + bd   a = act(z)
+//                        u = a @ Wu^T,  then y = res + s * (u + bu)                 (pass)
+//   backward, per block: [h = LN(x) with the saved mean, rstd (pass)]   z = h @ Wd^T + bd
+//                        a = act(z),  da = s * dy @ Wu,  dz = act'(z) * da
+//                        LN on:  dh = dz @ Wd, then in one pass dx (+ dy when the
+//                                residual is x) and the block sums of dh * xhat, dh, dy
+//                        LN off: dx = dz @ Wd (+ dy, the GEMM's C operand); sum of dy (pass)
+//                        the block sum of dz
+//   then, over all T:    dWu = s * dy^T @ a,   dWd = dz^T @ h
+//
+// The weight gradients are one GEMM each over all T rows, rounded to x's dtype once as
+// nn.Linear's are, rather than per-block partials summed in x's dtype (rounded once per
+// block). That keeps a and dz (T, m) for the length of the call (small next to x), h
+// (T, d) too with a layer norm, and reads dy and h (or x) a second time. The vector
+// gradients are block sums in fp32, added in block order in double.
+//
+// Blocks of about kLowpBlockBytes of x, their number rounded up to a multiple of the
+// thread count so that the threads get equal work (and no fewer than there are threads,
+// down to kMinRows rows a block). Unlike kFused's, the blocks thus depend on the thread
+// count, and the sums over rows with them; with the weight gradients' threaded GEMMs, the
+// last bits of this path's results may change with torch.set_num_threads, as nn.Linear's
+// do.
+namespace aten_path {
+
+// Each GEMM call re-packs its weight operand (oneDNN's brgemm layout), which costs tens of
+// microseconds: blocks of ~2 MiB (512 rows at d = 2048 in bf16) amortise it; smaller
+// blocks were slower in fastpeft-bench, larger ones no faster.
+constexpr int64_t kLowpBlockBytes = int64_t{2} << 20;
+
+// The dtypes this path runs: bf16 always (oneDNN has bf16 kernels for every AVX-512 CPU,
+// with AVX512-BF16 / AMX where present); fp16 where the CPU has AVX512-FP16, which ATen
+// needs to hand fp16 GEMMs to oneDNN (without it they run ATen's generic fallback kernel,
+// and kFused's fp32 MKL GEMMs are the better choice). The others run kFused's code.
+bool handles(at::ScalarType dtype) {
+  if (dtype == at::kBFloat16) return true;
+  if (dtype != at::kHalf) return false;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  static const bool has_fp16 = __builtin_cpu_supports("avx512fp16");  // (GCC 12 knows it)
+  return has_fp16;
+#else
+  return false;
+#endif
+}
+
+// Blocks as above; the tasks are the blocks (per_chunk = 1).
+Blocks make_lowp_blocks(int64_t T, int64_t d, int64_t elem_size) {
+  const int64_t target =
+      std::max<int64_t>(kMinRows, kLowpBlockBytes / std::max<int64_t>(1, d * elem_size));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t n = std::min(div_up(div_up(T, target), threads) * threads,
+                             std::max<int64_t>(1, div_up(T, kMinRows)));
+  Blocks b;
+  b.T = T;
+  b.tb = round_up(div_up(T, n), kMinRows);
+  b.n = div_up(T, b.tb);
+  b.per_chunk = 1;
+  b.chunks = b.n;
+  return b;
+}
+
+template <typename scalar_t>
+void forward(const at::Tensor& x, const at::Tensor& res, const at::Tensor& down_weight,
+             const std::optional<at::Tensor>& down_bias, const at::Tensor& up_weight,
+             const std::optional<at::Tensor>& up_bias, const std::optional<at::Tensor>& ln_weight,
+             const std::optional<at::Tensor>& ln_bias, Act act, double scaling, double ln_eps,
+             at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t T = x.size(0), d = x.size(1), m = down_weight.size(0);
+  const bool ln = given(ln_weight);
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor lnw = as_acc(ln_weight, acc), lnb = as_acc(ln_bias, acc);
+  const at::Tensor bu =
+      given(up_bias) ? as_acc(*up_bias, acc) : at::zeros({d}, x.options().dtype(acc));
+  const at::Tensor bd = given(down_bias) ? down_bias->contiguous() : at::Tensor();
+  const at::Tensor WdT = down_weight.t(), WuT = up_weight.t();
+  const Blocks blocks = make_lowp_blocks(T, d, sizeof(scalar_t));
+  const acc_t s = static_cast<acc_t>(scaling), eps = static_cast<acc_t>(ln_eps);
+  const scalar_t *xp = x.const_data_ptr<scalar_t>(), *rp = res.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const acc_t* bup = bu.const_data_ptr<acc_t>();
+  const acc_t *lnwp = ptr_or_null<acc_t>(lnw), *lnbp = ptr_or_null<acc_t>(lnb);
+  acc_t* meanp = ln ? mean.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* rstdp = ln ? rstd.mutable_data_ptr<acc_t>() : nullptr;
+
+  parallel_for_aten(blocks.n, [&](int64_t begin, int64_t end) {
+    const int64_t tb = blocks.tb;
+    at::Tensor hs = ln ? at::empty({tb, d}, x.options()) : at::Tensor();
+    at::Tensor zs = at::empty({tb, m}, x.options()), us = at::empty({tb, d}, x.options());
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * tb, rows = blocks.rows(blk);
+      at::Tensor h = x.narrow(0, r0, rows);
+      if (ln) {
+        lowp_ln_rows<true>(xp + r0 * d, rows, d, eps, meanp + r0, rstdp + r0, lnwp, lnbp,
+                           hs.mutable_data_ptr<scalar_t>());
+        h = hs.narrow(0, 0, rows);
+      }
+      at::Tensor z = zs.narrow(0, 0, rows), u = us.narrow(0, 0, rows);
+      if (bd.defined())
+        at::addmm_out(z, bd, h, WdT);
+      else
+        at::mm_out(z, h, WdT);
+      activation_(act, z);
+      at::mm_out(u, z, WuT);
+      lowp_finish_rows(u.const_data_ptr<scalar_t>(), rp + r0 * d, bup, s, rows, d, yp + r0 * d);
+    }
+  });
+}
+
+// Returns (dx, d down_weight, d down_bias, d up_weight, d up_bias, d ln_weight, d ln_bias).
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& down_weight,
+         const std::optional<at::Tensor>& down_bias, const at::Tensor& up_weight,
+         const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+         const at::Tensor& mean, const at::Tensor& rstd, Act act, double scaling,
+         bool residual_is_x) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t T = x.size(0), d = x.size(1), m = down_weight.size(0);
+  const bool ln = given(ln_weight);
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor lnw = as_acc(ln_weight, acc), lnb = as_acc(ln_bias, acc);
+  const at::Tensor bd = given(down_bias) ? down_bias->contiguous() : at::Tensor();
+  const at::Tensor WdT = down_weight.t();
+  const Blocks blocks = make_lowp_blocks(T, d, sizeof(scalar_t));
+  // Each block's sums over its rows: dy (d), dz (m), then d ln_w, d ln_b (d each) with LN.
+  const int64_t nvec = d + m + (ln ? 2 * d : 0);
+  at::Tensor parts = at::zeros({blocks.n, nvec}, x.options().dtype(acc));
+  at::Tensor a_all = at::empty({T, m}, x.options()), dz_all = at::empty({T, m}, x.options());
+  at::Tensor h_all = ln ? at::empty_like(x) : x;
+  at::Tensor dx = at::empty_like(x);
+  const scalar_t *xp = x.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const acc_t *lnwp = ptr_or_null<acc_t>(lnw), *lnbp = ptr_or_null<acc_t>(lnb);
+  const acc_t* meanp = ln ? mean.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* rstdp = ln ? rstd.const_data_ptr<acc_t>() : nullptr;
+
+  parallel_for_aten(blocks.n, [&](int64_t begin, int64_t end) {
+    const int64_t tb = blocks.tb;
+    at::Tensor zs = at::empty({tb, m}, x.options()), das = at::empty({tb, m}, x.options());
+    at::Tensor dhs = ln ? at::empty({tb, d}, x.options()) : at::Tensor();
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * tb, rows = blocks.rows(blk);
+      acc_t* sum_dy = parts[blk].mutable_data_ptr<acc_t>();
+      acc_t *sum_dz = sum_dy + d, *sum_lnw = sum_dz + m, *sum_lnb = sum_lnw + d;
+      const at::Tensor dyb = dy.narrow(0, r0, rows);
+      at::Tensor h = h_all.narrow(0, r0, rows);
+      if (ln)
+        lowp_ln_rows<false>(xp + r0 * d, rows, d, acc_t(0), meanp + r0, rstdp + r0, lnwp, lnbp,
+                            h.mutable_data_ptr<scalar_t>());
+      at::Tensor z = zs.narrow(0, 0, rows), da = das.narrow(0, 0, rows);
+      at::Tensor a = a_all.narrow(0, r0, rows), dz = dz_all.narrow(0, r0, rows);
+      if (bd.defined())
+        at::addmm_out(z, bd, h, WdT);
+      else
+        at::mm_out(z, h, WdT);
+      activation_out(act, z, a);
+      at::addmm_out(da, da, dyb, up_weight, 0, scaling);  // s * dy @ Wu (beta 0: da unread)
+      activation_backward_out(act, da, z, dz);
+      lowp_colsum_rows(dz.const_data_ptr<scalar_t>(), rows, m, sum_dz);
+      if (ln) {
+        at::Tensor dh = dhs.narrow(0, 0, rows);
+        at::mm_out(dh, dz, down_weight);
+        lowp_ln_backward_rows(dh.const_data_ptr<scalar_t>(), xp + r0 * d, dyp + r0 * d,
+                              residual_is_x, meanp + r0, rstdp + r0, lnwp, rows, d,
+                              dxp + r0 * d, sum_lnw, sum_lnb, sum_dy);
+      } else {
+        at::Tensor dxb = dx.narrow(0, r0, rows);
+        if (residual_is_x)
+          at::addmm_out(dxb, dyb, dz, down_weight);
+        else
+          at::mm_out(dxb, dz, down_weight);
+        lowp_colsum_rows(dyp + r0 * d, rows, d, sum_dy);
+      }
+    }
+  });
+
+  // The weight gradients over all T (GEMMs threaded by ATen), then the block sums in order.
+  at::Tensor d_up_weight = at::empty({d, m}, x.options());
+  at::addmm_out(d_up_weight, d_up_weight, dy.t(), a_all, 0, scaling);  // s * dy^T @ a
+  at::Tensor d_down_weight = at::mm(dz_all.t(), h_all);
+  at::Tensor sums = parts[0].to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  for (int64_t blk = 1; blk < blocks.n; ++blk) sums.add_(parts[blk]);
+  const auto dtype = x.scalar_type();
+  at::Tensor d_up_bias = sums.narrow(0, 0, d).mul(scaling).to(dtype);
+  at::Tensor d_down_bias = sums.narrow(0, d, m).to(dtype);
+  at::Tensor d_ln_weight = ln ? sums.narrow(0, d + m, d).to(dtype) : at::empty({0}, x.options());
+  at::Tensor d_ln_bias = ln ? sums.narrow(0, 2 * d + m, d).to(dtype) : at::empty({0}, x.options());
+  return {dx, d_down_weight, d_down_bias, d_up_weight, d_up_bias, d_ln_weight, d_ln_bias};
+}
+
+}  // namespace aten_path
+
+// ---------------------------------------------------------------------------------------
 // Forward.
 
 template <typename scalar_t>
@@ -306,14 +519,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const at::ScalarType acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = x_in.contiguous();
   const at::Tensor res = given(residual) ? residual->contiguous() : x;
+  at::Tensor y = at::empty({T, d}, x.options());
+  at::Tensor mean = at::empty({ln ? T : 0}, x.options().dtype(acc)), rstd = at::empty_like(mean);
+  if (T == 0) return {y, mean, rstd};
+  if (cpu_path() == CpuPath::kAten && aten_path::handles(x.scalar_type())) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), op, [&] {
+      aten_path::forward<scalar_t>(x, res, down_weight, down_bias, up_weight, up_bias,
+                                   ln_weight, ln_bias, act, scaling, ln_eps, y, mean, rstd);
+    });
+    return {y, mean, rstd};
+  }
   const Params p = make_params(down_weight, down_bias, up_weight, ln_weight, ln_bias, acc,
                                /*backward=*/false);
   // The up bias as a full (d,) vector (zeros when absent): the epilogue has one form.
   const at::Tensor bu =
       given(up_bias) ? as_acc(*up_bias, acc) : at::zeros({d}, x.options().dtype(acc));
-  at::Tensor y = at::empty({T, d}, x.options());
-  at::Tensor mean = at::empty({ln ? T : 0}, x.options().dtype(acc)), rstd = at::empty_like(mean);
-  if (T == 0) return {y, mean, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     forward_impl<scalar_t>(x, res, p, bu, act, scaling, ln_eps, y, mean, rstd);
   });
@@ -462,6 +682,12 @@ backward(
 
   const at::Tensor x = x_in.contiguous(), dy = grad_y.contiguous();
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  if (cpu_path() == CpuPath::kAten && aten_path::handles(x.scalar_type()) && T > 0) {
+    return AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), op, [&] {
+      return aten_path::backward<scalar_t>(dy, x, down_weight, down_bias, up_weight, ln_weight,
+                                           ln_bias, mean, rstd, act, scaling, residual_is_x);
+    });
+  }
   const Params p = make_params(down_weight, down_bias, up_weight, ln_weight, ln_bias, acc,
                                /*backward=*/true);
   const auto acc_opts = x.options().dtype(acc);

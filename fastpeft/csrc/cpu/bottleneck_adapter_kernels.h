@@ -11,6 +11,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "cpu/simd.h"
 
@@ -162,6 +164,165 @@ FASTPEFT_MULTIVERSION void ln_backward(const acc_t* __restrict dh, const acc_t* 
       for (int64_t j = 0; j < d; ++j) {
         const acc_t xh = (xr[j] - mu) * r;
         dxr[j] = static_cast<scalar_t>(r * (dhr[j] * w[j] - mg - xh * mgx));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The passes of the kAten path's fp16 / bf16 version (bottleneck_adapter.cpp, namespace
+// aten_path). They read and write the tensors in their own dtype scalar_t (what the GEMMs
+// take and give) and compute in acc_t (float); like the passes above, each works on one
+// block of `rows` contiguous rows, hot in cache, owned by the calling thread.
+
+// The fp16 / bf16 passes convert every element in and out, and on AVX2 that costs more
+// instructions than the arithmetic (no 16-bit float conversions for bf16, a shuffle to pack
+// 32-bit lanes into 16-bit ones): they get a third clone for x86-64-v4 (AVX-512), where
+// the conversions take a few instructions per 16 elements. Same conditions as
+// FASTPEFT_MULTIVERSION (simd.h).
+#if defined(FASTPEFT_X86_MULTIVERSION) && defined(__x86_64__) && defined(__GNUC__) && \
+    !defined(__clang__) && __GNUC__ >= 12
+#define FASTPEFT_LOWP_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTPEFT_LOWP_MULTIVERSION
+#endif
+
+// acc_t to scalar_t, rounding to nearest even. For bfloat16 the rounding is written out
+// on the bits (c10's conversion has a NaN branch that keeps GCC from vectorising the loop
+// it is in); a NaN stays a (quiet) NaN.
+template <typename scalar_t, typename acc_t>
+FASTPEFT_INLINE scalar_t from_acc(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rounded),
+                         c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
+
+// Layer norm of a block of x into h, both in x's dtype. kStats (forward): each row's mean
+// and rstd are computed first (as ln_stats: the mean, then the mean of the squared
+// deviations) and stored; otherwise (backward) the stored ones are applied, so that h is
+// exactly the forward's. b may be null (no layer-norm bias).
+template <bool kStats, typename scalar_t, typename acc_t>
+FASTPEFT_LOWP_MULTIVERSION void lowp_ln_rows(
+    const scalar_t* __restrict x, int64_t rows, int64_t d, acc_t eps,
+    std::conditional_t<kStats, acc_t*, const acc_t*> __restrict mean,
+    std::conditional_t<kStats, acc_t*, const acc_t*> __restrict rstd, const acc_t* __restrict w,
+    const acc_t* __restrict b, scalar_t* __restrict h) {
+  const acc_t inv_d = acc_t(1) / static_cast<acc_t>(d);
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* xr = x + i * d;
+    scalar_t* hr = h + i * d;
+    if constexpr (kStats) {
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < d; ++j) sum += to_acc(xr[j]);
+      const acc_t mu = sum * inv_d;
+      acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < d; ++j) {
+        const acc_t c = to_acc(xr[j]) - mu;
+        sq += c * c;
+      }
+      mean[i] = mu;
+      rstd[i] = acc_t(1) / std::sqrt(sq * inv_d + eps);
+    }
+    const acc_t mu = mean[i], r = rstd[i];
+    if (b != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j)
+        hr[j] = from_acc<scalar_t>((to_acc(xr[j]) - mu) * r * w[j] + b[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) hr[j] = from_acc<scalar_t>((to_acc(xr[j]) - mu) * r * w[j]);
+    }
+  }
+}
+
+// The forward's epilogue: y = res + s * (u + bu), with u = act(z) @ Wu^T as the GEMM gave
+// it and bu the up bias in acc_t (zeros when there is none).
+template <typename scalar_t, typename acc_t>
+FASTPEFT_LOWP_MULTIVERSION void lowp_finish_rows(const scalar_t* __restrict u,
+                                                 const scalar_t* __restrict res,
+                                                 const acc_t* __restrict bu, acc_t s,
+                                                 int64_t rows, int64_t d,
+                                                 scalar_t* __restrict y) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t *ur = u + i * d, *rr = res + i * d;
+    scalar_t* yr = y + i * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j)
+      yr[j] = from_acc<scalar_t>(to_acc(rr[j]) + s * (to_acc(ur[j]) + bu[j]));
+  }
+}
+
+// out[j] += sum_i a[i, j] over a block: eight rows at a time, added pairwise, then onto
+// out (a chain of rows / 8 + 3 roundings per column, as colsum_block).
+template <typename scalar_t, typename acc_t>
+FASTPEFT_LOWP_MULTIVERSION void lowp_colsum_rows(const scalar_t* __restrict a, int64_t rows,
+                                                 int64_t cols, acc_t* __restrict out) {
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) {
+    const scalar_t* r = a + i * cols;
+    const int64_t c = cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j)
+      out[j] += ((to_acc(r[j]) + to_acc(r[c + j])) +
+                 (to_acc(r[2 * c + j]) + to_acc(r[3 * c + j]))) +
+                ((to_acc(r[4 * c + j]) + to_acc(r[5 * c + j])) +
+                 (to_acc(r[6 * c + j]) + to_acc(r[7 * c + j])));
+  }
+  for (; i < rows; ++i) {
+    const scalar_t* r = a + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) out[j] += to_acc(r[j]);
+  }
+}
+
+// Layer-norm backward of a block, as ln_backward but on x's dtype, and adding up dy too:
+//   dx    = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat))  (+ dy when dy_joins)
+//   dlnw += dh * xhat,   dlnb += dh,   dbu += dy              (block sums, onto the caller's)
+// with xhat = (x - mean) * rstd and g = dh * w; dy is read either way (for dbu).
+template <typename scalar_t, typename acc_t>
+FASTPEFT_LOWP_MULTIVERSION void lowp_ln_backward_rows(
+    const scalar_t* __restrict dh, const scalar_t* __restrict x, const scalar_t* __restrict dy,
+    bool dy_joins, const acc_t* __restrict mean, const acc_t* __restrict rstd,
+    const acc_t* __restrict w, int64_t rows, int64_t d, scalar_t* __restrict dx,
+    acc_t* __restrict dlnw, acc_t* __restrict dlnb, acc_t* __restrict dbu) {
+  const acc_t inv_d = acc_t(1) / static_cast<acc_t>(d);
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t *dhr = dh + i * d, *xr = x + i * d, *dyr = dy + i * d;
+    scalar_t* dxr = dx + i * d;
+    const acc_t mu = mean[i], r = rstd[i];
+    acc_t sg = 0, sgx = 0;
+#pragma omp simd reduction(+ : sg, sgx)
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t g = to_acc(dhr[j]), xh = (to_acc(xr[j]) - mu) * r;
+      sg += g * w[j];
+      sgx += g * w[j] * xh;
+      dlnw[j] += g * xh;
+      dlnb[j] += g;
+    }
+    const acc_t mg = sg * inv_d, mgx = sgx * inv_d;
+    if (dy_joins) {
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) {
+        const acc_t xh = (to_acc(xr[j]) - mu) * r, dyv = to_acc(dyr[j]);
+        dxr[j] = from_acc<scalar_t>(r * (to_acc(dhr[j]) * w[j] - mg - xh * mgx) + dyv);
+        dbu[j] += dyv;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) {
+        const acc_t xh = (to_acc(xr[j]) - mu) * r;
+        dxr[j] = from_acc<scalar_t>(r * (to_acc(dhr[j]) * w[j] - mg - xh * mgx));
+        dbu[j] += to_acc(dyr[j]);
       }
     }
   }
