@@ -32,6 +32,11 @@ from fastpeft.bench.results import (
 
 CPU = torch.device("cpu")
 COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _committed_op_sweeps() -> list:
+    """The committed op-sweep runs (the whole-step runs, ``*-model-*``, are not)."""
+    return [p for p in COMMITTED.glob("*.json") if "-model-" not in p.name]
 TINY = ["--shapes", "tiny", "--runs", "2", "--no-progress", "--threads", "1"]
 
 
@@ -222,7 +227,7 @@ def test_compare_skips_other_devices_dtypes_and_thread_counts(tmp_path):
 
 def test_compare_reads_the_committed_run():
     """The format written by earlier versions of the harness still loads and compares."""
-    (committed,) = COMMITTED.glob("*.json")
+    (committed,) = _committed_op_sweeps()
     records = load(committed)
     assert {r.op for r in records} == set(cli.CASES)
     comparison = compare(records, records)
@@ -364,7 +369,7 @@ def test_plot_of_a_sweep_draws_lines_on_log_axes_where_sizes_span_10x(tmp_path):
     pytest.importorskip("matplotlib")
     from fastpeft.bench.report import speedup_figure
 
-    (committed,) = COMMITTED.glob("*.json")
+    (committed,) = _committed_op_sweeps()
     records = load(committed)
     fig = speedup_figure(records, "int8_lora_linear")  # T = 1 ... 512: sizes over 500x
     ax = fig.axes[0]
