@@ -126,6 +126,20 @@ def test_gemv_chunks(tokens, out):
 
 
 @pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
+def test_blocked_tiles(backend_device):
+    """The blocked path over several tiles of W, the last one partial, in both directions.
+    The 16-bit GEMM tiles of the C++ kAten path (~2 MiB, spanning the reduction) are
+    2^20 / in = 64 rows wide in the forward (in = 16384: 80 = 64 + 16) and
+    2^20 / out = 13104 columns in dx (16384 = 13104 + 3280); the fp32 tiles (256 rows by
+    512 columns forward, 512 by 256 for dx) make 32 steps over in."""
+    backend, device = backend_device
+    if backend != "cpu":
+        pytest.skip("tile sizes of the C++ kernels; the Triton tiles are covered by SHAPES")
+    check_matches_reference(backend, device, ((40,), 16384, 80, 4), True, 0.25,
+                            [torch.float32, torch.bfloat16, torch.float16])
+
+
+@pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
 def test_empty_batch(backend_device):
     backend, device = backend_device
     x, q, s, b, a, bb = make_inputs((0,), 16, 8, 4, torch.float32, device)

@@ -289,20 +289,9 @@ namespace aten_path {
 // blocks were slower in fastpeft-bench, larger ones no faster.
 constexpr int64_t kLowpBlockBytes = int64_t{2} << 20;
 
-// The dtypes this path runs: bf16 always (oneDNN has bf16 kernels for every AVX-512 CPU,
-// with AVX512-BF16 / AMX where present); fp16 where the CPU has AVX512-FP16, which ATen
-// needs to hand fp16 GEMMs to oneDNN (without it they run ATen's generic fallback kernel,
-// and kFused's fp32 MKL GEMMs are the better choice). The others run kFused's code.
-bool handles(at::ScalarType dtype) {
-  if (dtype == at::kBFloat16) return true;
-  if (dtype != at::kHalf) return false;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-  static const bool has_fp16 = __builtin_cpu_supports("avx512fp16");  // (GCC 12 knows it)
-  return has_fp16;
-#else
-  return false;
-#endif
-}
+// The dtypes this path runs: those whose GEMMs oneDNN runs as they are
+// (aten_lowp_gemm); the others run kFused's code.
+bool handles(at::ScalarType dtype) { return aten_lowp_gemm(dtype); }
 
 // Blocks as above; the tasks are the blocks (per_chunk = 1).
 Blocks make_lowp_blocks(int64_t T, int64_t d, int64_t elem_size) {

@@ -18,6 +18,7 @@
 // same formulas on every CPU, and python -m fastpeft.info prints the choice.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -46,6 +47,22 @@ inline CpuPath cpu_path() {
     TORCH_CHECK(false, "FASTPEFT_CPU_PATH must be auto, fused or aten, got '", forced, "'");
   }
   return cpu_has_avx512f() ? CpuPath::kAten : CpuPath::kFused;
+}
+
+// Whether kAten runs GEMMs of this 16-bit dtype as they are (at::addmm with bf16 / fp16
+// operands, fp32 accumulation in oneDNN) rather than converting the operands to fp32: bf16
+// always (oneDNN has bf16 kernels for every AVX-512 CPU, with AVX512-BF16 / AMX where
+// present); fp16 where the CPU has AVX512-FP16, which ATen needs to hand fp16 GEMMs to
+// oneDNN (without it they run ATen's generic fallback kernel, slower than fp32 MKL).
+inline bool aten_lowp_gemm(c10::ScalarType dtype) {
+  if (dtype == c10::ScalarType::BFloat16) return true;
+  if (dtype != c10::ScalarType::Half) return false;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  static const bool has_fp16 = __builtin_cpu_supports("avx512fp16");  // (GCC 12 knows it)
+  return has_fp16;
+#else
+  return false;
+#endif
 }
 
 }  // namespace fastpeft::cpu

@@ -30,7 +30,10 @@
 //   LoRA part's y / dx (beta = 1); threads take disjoint tiles of the output columns, and
 //   each tile's GEMM runs single-threaded on its thread (parallel_for_aten). A tile
 //   is dequantised once per use, 1/T of the GEMM's work. fp16 / bf16 operands are
-//   converted to fp32 once, and the result rounded once at the end.
+//   converted to fp32 once, and the result rounded once at the end, except on the kAten
+//   path (cpu_path.h) where oneDNN has GEMMs of that dtype (lowp_gemm): there the tiles
+//   are dequantised to bf16 / fp16, span the whole reduction, and oneDNN's GEMM
+//   (AVX512-BF16, AMX; fp32 accumulation) adds onto y / dx with one rounding.
 // Every path computes an output element the same way whatever the thread count: the tiles
 // and row groups are fixed by the shapes, and each element's reduction over K (or N) runs
 // on one thread.
@@ -44,6 +47,7 @@
 #include <vector>
 
 #include "cpu/checks.h"
+#include "cpu/cpu_path.h"
 #include "cpu/int8_lora_linear_kernels.h"
 #include "cpu/lora_branch.h"
 #include "cpu/lora_branch_kernels.h"
@@ -76,6 +80,25 @@ bool gemv_applies(const at::Tensor& x) {
 // leaving room for the GEMM's packed panels of x / dy.
 constexpr int64_t kFwdTileN = 256, kFwdTileK = 512;  // forward: y[:, n-tile] +=
 constexpr int64_t kBwdTileN = 512, kBwdTileK = 256;  // backward: dx[:, k-tile] +=
+
+// The 16-bit blocked path (lowp_gemm): tiles of W that span the whole reduction (K in
+// the forward, N in the backward's dx), ~2 MiB of bf16 / fp16 each. Each GEMM call
+// re-packs its operands (oneDNN's brgemm layout), which larger tiles amortise; spanning
+// the reduction lets oneDNN add onto y / dx with one rounding.
+constexpr int64_t kLowpTileBytes = int64_t{2} << 20;
+
+// The blocked path's GEMMs in x's own 16-bit dtype (oneDNN: AVX512-BF16, AMX), not in
+// fp32: on the kAten path (cpu_path.h) for the dtypes whose GEMMs oneDNN runs natively.
+bool lowp_gemm(const at::Tensor& x) {
+  return cpu_path() == CpuPath::kAten && aten_lowp_gemm(x.scalar_type());
+}
+
+// Width of a 16-bit tile spanning `span` elements of the reduction: a multiple of 16,
+// at most `total`.
+int64_t lowp_tile(int64_t span, int64_t total) {
+  const int64_t width = std::max<int64_t>(16, kLowpTileBytes / (2 * std::max<int64_t>(span, 1)));
+  return std::min(total, width / 16 * 16);
+}
 
 // qweight (N, K) int8, contiguous; weight_scale (N,) fp32, any stride. Returns
 // weight_scale contiguous (a copy of its N elements only for a strided view).
@@ -225,6 +248,23 @@ std::tuple<at::Tensor, at::Tensor> decode_forward(
 void add_base(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, at::Tensor& y) {
   const int64_t T = x.size(0), K = x.size(1), N = q.size(0);
   if (T == 0 || N == 0 || K == 0) return;
+  if (lowp_gemm(x)) {  // tiles (nt, K) of W in x's dtype: y[:, tile] += x @ tile^T
+    const at::Tensor xc = x.contiguous();
+    const int64_t tile_n = lowp_tile(K, N);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "int8_linear_lowp", [&] {
+      parallel_for_aten(div_up(N, tile_n), [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> buf(static_cast<size_t>(tile_n * K));
+        for (int64_t tile = begin; tile < end; ++tile) {
+          const int64_t n0 = tile * tile_n, nt = std::min(tile_n, N - n0);
+          dequant_tile<scalar_t>(q.const_data_ptr<int8_t>() + n0 * K, K,
+                                 scale.const_data_ptr<float>() + n0, nt, K, buf.data());
+          const at::Tensor w = at::from_blob(buf.data(), {nt, K}, xc.options());
+          y.narrow(1, n0, nt).addmm_(xc, w.t());
+        }
+      });
+    });
+    return;
+  }
   const at::Tensor xc = x.to(acc_type(x)).contiguous();  // no copy for fp32 / fp64
   at::Tensor yc = y.scalar_type() == acc_type(x) ? y : y.to(acc_type(x));
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "int8_linear", [&] {
@@ -264,6 +304,23 @@ void add_base_dx(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& sc
         dx_decode_kernel<scalar_t, acc_t>(dyT.const_data_ptr<acc_t>(), q.const_data_ptr<int8_t>(),
                                           dx.mutable_data_ptr<scalar_t>(), T, K, N, begin, end,
                                           acc_buf.data());
+      });
+    });
+    return;
+  }
+  if (lowp_gemm(dy)) {  // tiles (N, kt) of W in dy's dtype: dx[:, tile] += dy @ tile
+    const at::Tensor dyc = dy.contiguous();
+    const int64_t tile_k = lowp_tile(N, K);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "int8_dx_lowp", [&] {
+      parallel_for_aten(div_up(K, tile_k), [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> buf(static_cast<size_t>(N * tile_k));
+        for (int64_t tile = begin; tile < end; ++tile) {
+          const int64_t k0 = tile * tile_k, kt = std::min(tile_k, K - k0);
+          dequant_tile<scalar_t>(q.const_data_ptr<int8_t>() + k0, K, scale.const_data_ptr<float>(),
+                                 N, kt, buf.data());
+          const at::Tensor w = at::from_blob(buf.data(), {N, kt}, dyc.options());
+          dx.narrow(1, k0, kt).addmm_(dyc, w);
+        }
       });
     });
     return;

@@ -580,18 +580,20 @@ FASTPEFT_MULTIVERSION void dx_decode_kernel(
 
 // ---------------------------------------------------------------------------------------
 // Large T: a tile of the dequantised weight, out (rows, cols) = Q[tile] * scale[rows],
-// for an ATen GEMM. In acc_t the product is that of reference.dequantize_int8 (float32,
-// float64 for double). A plain loop: GCC's loop vectoriser widens int8 well
-// (vpmovsxbw / vpmovsxwd), unlike __builtin_convertvector.
-template <typename acc_t>
+// for an ATen GEMM. The product is that of reference.dequantize_int8: in float32 (float64
+// for double), then rounded once to out_t (fp32, or bf16 / fp16 for the 16-bit GEMMs). A
+// plain loop: GCC's loop vectoriser widens int8 well (vpmovsxbw / vpmovsxwd), unlike
+// __builtin_convertvector.
+template <typename out_t>
 FASTPEFT_MULTIVERSION void dequant_tile(const int8_t* __restrict q, int64_t K,
                                         const float* __restrict scale, int64_t rows,
-                                        int64_t cols, acc_t* __restrict out) {
+                                        int64_t cols, out_t* __restrict out) {
+  using work_t = std::conditional_t<std::is_same_v<out_t, double>, double, float>;
   for (int64_t r = 0; r < rows; ++r) {
-    const acc_t s = static_cast<acc_t>(scale[r]);
+    const work_t s = static_cast<work_t>(scale[r]);
     const int8_t* qr = q + r * K;
-    acc_t* o = out + r * cols;
-    for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<acc_t>(qr[c]) * s;
+    out_t* o = out + r * cols;
+    for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<out_t>(static_cast<work_t>(qr[c]) * s);
   }
 }
 
