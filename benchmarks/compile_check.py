@@ -116,6 +116,20 @@ def int8_lora_linear(dtype, T, K, N, R, p, bias, backward=True):
         launchers.backward(torch.randn_like(y), x, q, scale, a, b, xa, 2.0, p, seed, True)
 
 
+def multi_lora_linear(dtype, T, K, N, R, n, p, bias, transposed):
+    from fastpeft.triton import multi_lora_linear as launchers
+
+    x = _randn(T, K, dtype=dtype)
+    a, b = _randn(n, R, K, dtype=dtype), _randn(n, N, R, dtype=dtype)
+    w = _randn(K, N, dtype=dtype).t() if transposed else _randn(N, K, dtype=dtype)
+    bias_t = _randn(N, dtype=dtype) if bias else None
+    scaling = torch.rand(n) + 0.5
+    ids = torch.arange(T) % (n + 1) - 1  # every adapter and the base alone
+    seed = _seed() if p > 0 else None
+    y, xa = launchers.forward(x, w, bias_t, a, b, scaling, ids, p, seed)
+    launchers.backward(torch.randn_like(y), x, w, a, b, xa, scaling, ids, p, seed, True)
+
+
 def bottleneck_adapter(dtype, T, D, M, activation, layer_norm):
     from fastpeft.triton import bottleneck_adapter as launchers
 
@@ -153,6 +167,11 @@ CASES = {
         dict(T=64, K=256, N=192, R=16, p=0.1, bias=True),
         dict(T=64, K=256, N=192, R=128, p=0.0, bias=False),
     ],
+    "multi_lora_linear": [  # BLOCK_A tiers 16 (n <= 16) and 256 (n > 128); rank tiers
+        dict(T=64, K=256, N=192, R=16, n=4, p=0.1, bias=True, transposed=False),
+        dict(T=64, K=256, N=192, R=64, n=4, p=0.0, bias=False, transposed=True),
+        dict(T=64, K=256, N=192, R=128, n=200, p=0.1, bias=False, transposed=False),
+    ],
     "bottleneck_adapter": [
         dict(T=64, D=256, M=64, activation="relu", layer_norm=True),
         dict(T=64, D=256, M=128, activation="gelu", layer_norm=False),
@@ -165,6 +184,7 @@ CASES = {
     ],
 }
 CASE_FNS = {"lora_linear": lora_linear, "int8_lora_linear": int8_lora_linear,
+            "multi_lora_linear": multi_lora_linear,
             "bottleneck_adapter": bottleneck_adapter,
             "gated_prefix_attention": gated_prefix_attention}
 

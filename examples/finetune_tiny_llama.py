@@ -30,6 +30,7 @@ import torch
 import transformers
 
 import fastpeft
+from fastpeft.bench.peers import import_quietly
 from fastpeft.bench.timing import saved_bytes
 
 METHODS = ("lora", "int8_lora", "adaption_prompt", "bottleneck")
@@ -171,13 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     batches = markov_batches(args.vocab, args.batch, args.seq, args.steps, device)
     print(f"tiny Llama: hidden {args.hidden}, {args.layers} layers, {args.heads} heads; "
           f"batch {args.batch} x {args.seq} tokens, {args.steps} steps, {device}, {dtype}")
+    # PEFT imports bitsandbytes when it is installed, which prints a note about its optional
+    # CPU 4-bit kernel that reads like an error of this script: import it first, quietly.
+    bnb = import_quietly("bitsandbytes")
     for method in args.methods:
-        if method == "int8_lora":
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                print(f"\n== {method}: skipped (bitsandbytes is not installed)")
-                continue
+        if method == "int8_lora" and bnb.version is None:
+            print(f"\n== {method}: skipped ({bnb.describe()})")
+            continue
         ref_name, ref_model, fast_model, lr = make_arms(method, args, device, dtype)
         ref, fast = Arm(ref_name), Arm("fastpeft")
         unfused = (lambda: fastpeft.use_backend("reference")) if ref_name == "unfused" \

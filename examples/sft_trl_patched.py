@@ -25,6 +25,7 @@ import torch
 import transformers
 
 import fastpeft
+from fastpeft.bench.peers import import_quietly
 
 
 def word_tokenizer(vocab: int) -> transformers.PreTrainedTokenizerFast:
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=64)
     args = parser.parse_args(argv)
+    # PEFT imports bitsandbytes when it is installed, which prints a note about its optional
+    # CPU 4-bit kernel that reads like an error of this script: import it first, quietly.
+    import_quietly("bitsandbytes")
     try:
         import trl  # noqa: F401
     except ImportError:

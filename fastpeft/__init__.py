@@ -16,12 +16,14 @@ from .nn import (
     BottleneckAdapter,
     Int8LoRALinear,
     LoRALinear,
+    MultiLoRALinear,
 )
 from .ops import (
     bottleneck_adapter,
     gated_prefix_attention,
     int8_lora_linear,
     lora_linear,
+    multi_lora_linear,
     quantize_int8,
 )
 from .patch import patch_peft, unpatch_peft
@@ -38,6 +40,7 @@ __all__ = [
     "Int8LoRALinear",
     "LoRALinear",
     "LoraConfig",
+    "MultiLoRALinear",
     "__version__",
     "available_backends",
     "bottleneck_adapter",
@@ -48,6 +51,7 @@ __all__ = [
     "load_adapter",
     "lora_linear",
     "merge_and_unload",
+    "multi_lora_linear",
     "patch_peft",
     "quantize_int8",
     "save_adapter",

@@ -91,6 +91,12 @@ def add_variant(op: str, backend: str, overload: object) -> None:
     _resolved.clear()
 
 
+def declared_ops() -> tuple[str, ...]:
+    """The fused ops declared so far (all of them once ``fastpeft`` is imported), in the
+    order they were declared."""
+    return tuple(_variants)
+
+
 def available_backends(op: str) -> tuple[str, ...]:
     """The backends that can run ``op`` here: ``"reference"`` always, ``"cpu"`` when the
     compiled kernels have it, ``"triton"`` when Triton is installed and a GPU is present

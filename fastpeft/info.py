@@ -15,8 +15,6 @@ import torch
 
 from . import _backend
 
-OPS = ("lora_linear", "int8_lora_linear", "gated_prefix_attention", "bottleneck_adapter")
-
 
 def _version(package: str) -> str:
     try:
@@ -64,7 +62,7 @@ def report() -> str:
         "",
         f"{'op':<24}{'CPU tensors':<16}CUDA tensors",
     ]
-    for op in OPS:
+    for op in _backend.declared_ops():
         gpu = _choice(op, "cuda") if cuda else "(no GPU)"
         lines.append(f"{op:<24}{_choice(op, 'cpu'):<16}{gpu}")
     return "\n".join(lines)

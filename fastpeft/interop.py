@@ -34,7 +34,7 @@ from .nn.adapted_attention import AdaptedAttention
 from .nn.bottleneck_adapter import BottleneckAdapter
 from .nn.int8_lora_linear import Int8LoRALinear
 from .nn.lora_linear import LoRALinear
-from .nn.peft_lora import fuse_peft_lora, is_param_wrapper, lora_parts
+from .nn.peft_lora import fuse_lora_model, fuse_peft_lora, is_param_wrapper, lora_parts
 
 __all__ = ["from_peft", "load_adapter", "merge_and_unload", "save_adapter"]
 
@@ -80,6 +80,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         elif isinstance(module, peft_adapted):
             # in the wrapped attention's mode, not in that of PEFT's wrapper (see below)
             peft_model.set_submodule(name, convert_adapted_attention(name, module))
+    base_model = getattr(peft_model, "base_model", None)
+    if isinstance(base_model, nn.Module):
+        fuse_lora_model(base_model)  # mixed-adapter batches in training too
     if skipped:
         warnings.warn(f"from_peft: {len(skipped)} PEFT LoRA layers keep PEFT's forward "
                       f"(layer type or DoRA/LoRA bias not fused): {', '.join(skipped[:5])}"

@@ -36,6 +36,7 @@ __all__ = [
     "gated_prefix_attention",
     "int8_lora_linear",
     "lora_linear",
+    "multi_lora_linear",
     "philox4x32",
     "quantize_int8",
 ]
@@ -130,6 +131,39 @@ def lora_linear(
     base = F.linear(x, weight, bias)
     x_lora = _lora_dropout(x, dropout_p, training, seed)
     return base + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
+
+
+def multi_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | Tensor | None = None,
+) -> Tensor:
+    """:func:`lora_linear` with a different adapter per row:
+    ``y[t] = x[t] @ weight.T + bias + scaling[i] * (dropout(x)[t] @ lora_A[i].T) @ lora_B[i].T``
+    with ``i = adapter_ids[t]``, and the base alone where ``i == -1``.
+
+    x: (..., in), weight: (out, in), bias: (out,) or None, lora_A: (n, r, in),
+    lora_B: (n, out, r), scaling: (n,) float32, adapter_ids: int64 of shape
+    ``x.shape[:-1]``. Computed adapter by adapter on the rows that name it; the dropout
+    mask is :func:`lora_linear`'s for the whole ``(T, in)`` input, so row ``t`` is dropped
+    as it would be in ``lora_linear`` with the same seed.
+    """
+    base = F.linear(x, weight, bias)
+    ids = adapter_ids.reshape(-1)
+    x_lora = _lora_dropout(x, dropout_p, training, seed).reshape(ids.numel(), x.shape[-1])
+    delta = torch.zeros(ids.numel(), base.shape[-1], dtype=base.dtype, device=base.device)
+    for i in range(lora_A.shape[0]):  # an adapter no row names gets zero gradients
+        rows = (ids == i).nonzero().reshape(-1)
+        xa = F.linear(x_lora.index_select(0, rows), lora_A[i])
+        delta = delta.index_add(0, rows, float(scaling[i]) * F.linear(xa, lora_B[i]))
+    return base + delta.reshape(base.shape)
 
 
 def gated_prefix_attention(

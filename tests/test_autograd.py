@@ -34,6 +34,16 @@ def _int8_lora_linear(dev):
         lambda: torch.ops.fastpeft.int8_lora_linear(x, q, s, bias, a, b, 0.5, 0.0, None)
 
 
+def _multi_lora_linear(dev):
+    x, a, b, bias = _rg(4, 8, device=dev), _rg(3, 2, 8, device=dev), _rg(3, 6, 2, device=dev), \
+        _rg(6, device=dev)
+    w = torch.randn(6, 8, device=dev)
+    s, ids = torch.tensor([0.5, 2.0, 1.0], device=dev), torch.tensor([2, -1, 0, 2], device=dev)
+    return (x, a, b, bias), \
+        lambda: fastpeft.multi_lora_linear(x, w, bias, a, b, s, ids, 0.25), \
+        lambda: torch.ops.fastpeft.multi_lora_linear(x, w, bias, a, b, s, ids, 0.0, None)
+
+
 def _gated_prefix_attention(dev):
     inputs = tuple(_rg(*shape, device=dev) for shape in
                    [(1, 2, 3, 16)] * 3 + [(1, 2, 2, 16)] * 2 + [(2,)])
@@ -54,6 +64,7 @@ def _bottleneck_adapter(dev):
 CASES = {
     "lora_linear": _lora_linear,
     "int8_lora_linear": _int8_lora_linear,
+    "multi_lora_linear": _multi_lora_linear,
     "gated_prefix_attention": _gated_prefix_attention,
     "bottleneck_adapter": _bottleneck_adapter,
 }

@@ -128,7 +128,10 @@ def test_load_rejects_what_is_not_results(tmp_path):
 
 
 def test_compare_matches_fastpeft_medians_and_honours_threshold(tiny_run):
-    records = load(tiny_run[2] / "results.csv")
+    # without p20/p80 the threshold alone judges (the spread rule: test_compare_judges_
+    # beyond_the_runs_spread; a tiny run's 2 calls make no useful spread)
+    records = [r for r in load(tiny_run[2] / "results.csv")
+               if r.metric not in ("p20_ms", "p80_ms")]
     faster = [dataclasses.replace(r, value=r.value / 1.15) if r.role == "fastpeft" else r
               for r in records]
     comparison = compare(faster, records)
@@ -161,16 +164,21 @@ def test_change_is_relative_to_the_reference_of_its_own_run():
 
 def synthetic_run(timestamp: str, fastpeft_ms: float, reference_ms: float | None, *,
                   device: str = "Test CPU (2 threads)", dtype: str = "float32",
-                  modes: tuple[str, ...] = ("forward", "full")) -> list[Record]:
+                  modes: tuple[str, ...] = ("forward", "full"),
+                  spread: tuple[float, float] | None = (0.9, 1.1)) -> list[Record]:
     """The records a lora_linear run would write, with made-up medians (peer and floor
-    at fixed times); ``reference_ms=None``: a run without the reference."""
+    at fixed times); ``reference_ms=None``: a run without the reference. p20 and p80 are
+    each median times ``spread``; ``spread=None``: none, as in a file without them."""
     times = {"fastpeft": fastpeft_ms, "reference": reference_ms, "peft": 30.0, "base": 8.0}
     roles = {"fastpeft": "fastpeft", "reference": "reference", "peft": "peer", "base": "floor"}
+    factors = [("median_ms", 1.0)]
+    if spread is not None:
+        factors += [("p20_ms", spread[0]), ("p80_ms", spread[1])]
     return [Record(timestamp, "lora_linear", "T=512 in=2048 out=2048 r=16 p=0.1", 2**20,
                    provider, roles[provider], mode, metric, value * factor, dtype, device,
                    "2.13.0+cpu", "3.9.0", "0.1.0")
             for mode in modes for provider, value in times.items() if value is not None
-            for metric, factor in (("median_ms", 1.0), ("p20_ms", 0.9), ("p80_ms", 1.1))]
+            for metric, factor in factors]
 
 
 def compare_files(tmp_path, old: list[Record], new: list[Record], *args: str,
@@ -202,6 +210,42 @@ def test_compare_a_slowdown_of_fastpeft_alone_regresses(tmp_path):
     assert status == 1
     assert text.count("REGRESSION") == 2 and "+50.0%" in text
     assert compare_files(tmp_path, old, slower, "--threshold", "60")[0] == 0
+
+
+def test_compare_judges_beyond_the_runs_spread(tmp_path):
+    """A ratio worse by more than the threshold regresses only where the two runs'
+    scatter cannot explain it: the ratio's range in the new run (fastpeft's p20 / the
+    reference's p80 to p80 / p20) wholly above the old run's. Runs without p20/p80 (an
+    older file): the threshold alone, as before."""
+    old = synthetic_run("2026-01-01T00:00:00+00:00", 48.5, 60.0)  # p20/p80: median -10%/+10%
+    later = "2026-01-02T00:00:00+00:00"
+    # the same code on a loaded machine: both 2x slower, the ratio 15% worse by chance,
+    # each provider's calls scattered -20%/+25% around its median
+    noisy = synthetic_run(later, 48.5 * 2 * 1.15, 60.0 * 2, spread=(0.8, 1.25))
+    for c in compare(old, noisy).changes:
+        assert c.change == pytest.approx(0.15) and c.has_spread
+        assert c.old_range == pytest.approx((48.5 / 60 * 0.9 / 1.1, 48.5 / 60 * 1.1 / 0.9))
+        assert c.within_spread(0.10) and not c.regressed(0.10)
+    status, text = compare_files(tmp_path, old, noisy)
+    assert status == 0 and "REGRESSION" not in text and text.count("  in spread") == 2
+    assert "0 regression(s) in 2 matched measurement(s)" in text
+    assert "(overlapping)" in text and "beyond both runs' spread" in flat(text)
+    # a real slowdown of fastpeft alone, 2x, under the same scatter: beyond it
+    slow = synthetic_run(later, 48.5 * 2, 60.0, spread=(0.8, 1.25))
+    assert all(c.beyond_spread and c.regressed(0.10) for c in compare(old, slow).changes)
+    status, text = compare_files(tmp_path, old, slow)
+    assert status == 1 and text.count("REGRESSION") == 2 and "(apart)" in text
+    # a small move out of tight ranges is a regression too
+    tight = [synthetic_run(t, ms, 60.0, spread=(0.99, 1.01))
+             for t, ms in (("2026-01-01T00:00:00+00:00", 48.5), (later, 48.5 * 1.15))]
+    assert compare_files(tmp_path, *tight)[0] == 1
+    # no p20/p80 in either run: the threshold alone judges, and the table says so
+    for bare in (synthetic_run("2026-01-01T00:00:00+00:00", 48.5, 60.0, spread=None),
+                 [r for r in old if r.role == "reference" or r.metric == "median_ms"]):
+        changes = compare(bare, noisy).changes
+        assert changes and all(not c.has_spread and c.regressed(0.10) for c in changes)
+        status, text = compare_files(tmp_path, bare, noisy)
+        assert status == 1 and "+15.0%~" in text and "judged by the 10% threshold alone" in text
 
 
 def test_compare_falls_back_on_absolute_times_without_a_reference(tmp_path):

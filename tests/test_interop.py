@@ -637,6 +637,20 @@ def test_refusals_found_in_review(base, tmp_path):
         num_key_value_heads=2, head_dim=16, vocab_size=101, attn_logit_softcapping=50.0))
     with pytest.raises(NotImplementedError, match="attn_logit_softcapping"):
         fastpeft.inject(gemma, fastpeft.AdaptionPromptConfig())
+    dropping = tiny_llama()
+    dropping.config.attention_dropout = 0.1
+    with pytest.raises(NotImplementedError, match="attention_dropout"):
+        fastpeft.inject(dropping, fastpeft.AdaptionPromptConfig())
+    ids = torch.randint(0, 101, (1, 6))
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        model(input_ids=ids, output_attentions=True)
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=101, sliding_window=4)).eval()
+    windowed = fastpeft.inject(mistral, fastpeft.AdaptionPromptConfig(adapter_len=2))
+    windowed(input_ids=ids[:, :4])  # within the window
+    with pytest.raises(NotImplementedError, match="sliding_window: 6 keys exceed"):
+        windowed(input_ids=ids)
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
         r=2, target_modules=["q_proj"], layers_to_transform=[0]))
     pm.save_pretrained(tmp_path)

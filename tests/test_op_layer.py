@@ -17,11 +17,12 @@ from helpers import backend_params, forced
 import fastpeft
 from fastpeft import _backend, reference
 
-OPS = ("lora_linear", "int8_lora_linear", "gated_prefix_attention", "bottleneck_adapter")
-
 
 def test_available_backends():
-    for op in OPS:
+    assert set(_backend.declared_ops()) == {"lora_linear", "int8_lora_linear",
+                                            "multi_lora_linear", "gated_prefix_attention",
+                                            "bottleneck_adapter"}
+    for op in _backend.declared_ops():
         found = fastpeft.available_backends(op)
         assert found[0] == "reference"
         assert set(found) <= {"reference", "cpu", "triton"}

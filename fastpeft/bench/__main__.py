@@ -9,8 +9,10 @@ Modes: forward, backward (replaying one retained graph) and full, printed as
 forward+backward (one call of each; --modes takes either spelling, records say full).
 
 --compare OLD judges fastpeft by its ratio to the reference timed in the same run, in OLD
-and in this run, so load on the machine, which slows both, raises no alarm; --compare OLD
-NEW compares two saved runs without running anything.
+and in this run, so load on the machine, which slows both, raises no alarm; a regression is
+that ratio worse by more than --threshold and beyond the scatter both runs recorded (its
+p20-p80 range in this run wholly above OLD's). --compare OLD NEW compares two saved runs
+without running anything.
 
 --model times whole training steps instead (forward, loss, backward, AdamW step,
 zero_grad) of a Llama-shaped model built from a config, per method (--methods: LoRA on
@@ -35,9 +37,16 @@ from typing import NoReturn, Protocol
 
 import torch
 
-from . import bottleneck_adapter, gated_prefix_attention, int8_lora_linear, lora_linear, model
+from . import (
+    bottleneck_adapter,
+    gated_prefix_attention,
+    int8_lora_linear,
+    lora_linear,
+    model,
+    multi_lora_linear,
+)
 from .peers import peer_libraries
-from .report import BASIS, compare, compare_table, plot_speedups, summary_table
+from .report import BASIS, compare, compare_table, plot_speedups, rule, summary_table
 from .results import (
     Environment,
     Record,
@@ -55,6 +64,7 @@ CASES = {
     "gated_prefix_attention": gated_prefix_attention,
     "int8_lora_linear": int8_lora_linear,
     "lora_linear": lora_linear,
+    "multi_lora_linear": multi_lora_linear,
 }
 FORWARD_BACKWARD = "forward+backward"  # --modes: the printed name of the mode full
 QUICK_RUNS = 10  # --quick: the first shape of each op, 10 timed runs (all four ops in ~2 min)
@@ -112,7 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "nothing")
     parser.add_argument("--threshold", type=float, default=10.0, metavar="PCT",
                         help="--compare: fastpeft / reference worse by more than PCT "
-                             "percent regresses (default: %(default)s)")
+                             "percent, and beyond both runs' p20-p80 spread, regresses "
+                             "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     steps = parser.add_argument_group(
         "whole training steps", "--model: one optimizer step of a Llama-shaped model per "
@@ -298,8 +309,8 @@ def _report_comparison(baseline: list[Record], records: list[Record], path: Path
                     "(same op, shape, mode, dtype and device); nothing compared."))
         return 0
     regressions = comparison.regressions(threshold)
-    print(_wrap(f"--compare against {path}: {BASIS}. A regression: that ratio worse "
-                f"by more than {threshold:.0%}. Medians in ms, for information."))
+    print(_wrap(f"--compare against {path}: {BASIS}. {rule(threshold)}. Medians in ms, "
+                "for information."))
     print(compare_table(comparison, threshold))
     print(f"{len(regressions)} regression(s) in {len(comparison.changes)} matched "
           "measurement(s)")

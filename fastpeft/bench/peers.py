@@ -166,6 +166,33 @@ def peft_lora_linear(base: nn.Linear, r: int, lora_alpha: float, lora_dropout: f
     return get_peft_model(holder, config).base_model.model.proj
 
 
+def peft_multi_lora_linear(base: nn.Linear, names: list[str], r: int, lora_alpha: float,
+                           lora_dropout: float) -> nn.Module | None:
+    """PEFT's LoRA ``Linear`` around ``base`` (shared, frozen) holding one adapter per name
+    (called with ``adapter_names``: PEFT's mixed batch), or None without PEFT."""
+    if peer_libraries(("peft",))[0].version is None:
+        return None
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+
+    holder = nn.Module()
+    holder.proj = base
+
+    def config():
+        return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          target_modules=["proj"])
+
+    model = get_peft_model(holder, config(), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config())
+    layer = model.base_model.model.proj
+    for p in layer.parameters():  # every adapter trainable, not the active one's only
+        p.requires_grad_(p is not base.weight and p is not base.bias)
+    return layer
+
+
 def bnb_int8_lora_linear(base: nn.Linear, r: int, lora_alpha: float,
                          lora_dropout: float) -> nn.Module | None:
     """bitsandbytes' ``Linear8bitLt`` (int8 weight, ``has_fp16_weights=False``) holding

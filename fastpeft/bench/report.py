@@ -133,24 +133,45 @@ def summary_table(records: Iterable[Record], missing_peers: Sequence[str] = ()) 
 # What --compare matches: the same op, shape and mode measured on the same device (which
 # on a CPU names torch's thread count) in the same dtype.
 MatchKey = tuple[str, str, str, str, str]  # (op, shape, mode, dtype, device)
+Band = tuple[float, float]  # the 20th and 80th percentiles of one provider's calls, in ms
 
 BASIS = ("judged by fastpeft / reference in each run (the reference is timed in the same "
          "run, interleaved with fastpeft, so a busy machine slows both and the ratio holds; "
          "a slowdown of fastpeft alone moves it)")
 
 
+def rule(threshold: float) -> str:
+    """What :meth:`Change.regressed` calls a regression, in words, for ``threshold``."""
+    return (f"A regression: that ratio worse by more than {threshold:.0%} and beyond both "
+            "runs' spread, its range in the new run (fastpeft's p20 / the reference's p80 "
+            "to p80 / p20) wholly above its range in the old run; a move within the "
+            "runs' own scatter is marked 'in spread', not counted")
+
+
 @dataclass(frozen=True)
 class Change:
     """One measurement in an earlier run (``old_*``) and in a later one (``new_*``):
-    fastpeft's median and the reference's median of the same run, in ms. Judged by the
-    ratio fastpeft / reference of each run; by fastpeft's own median where either run
-    lacks the reference."""
+    fastpeft's median and the reference's median of the same run, in ms, and where the
+    runs recorded them their 20th and 80th percentiles (``*_band``). Judged by the ratio
+    fastpeft / reference of each run; by fastpeft's own median where either run lacks the
+    reference.
+
+    A regression (:meth:`regressed`) is a change beyond the threshold that the runs'
+    scatter does not explain: the judged quantity's range in the new run lies wholly above
+    its range in the old one, a ratio's range going from fastpeft's p20 over the
+    reference's p80 to fastpeft's p80 over the reference's p20 (the widest the two
+    20-80% bands allow). Where a run has no percentiles (an older file), the threshold
+    alone judges."""
 
     key: MatchKey
     old_ms: float
     new_ms: float
     old_ref_ms: float | None = None
     new_ref_ms: float | None = None
+    old_band: Band | None = None
+    new_band: Band | None = None
+    old_ref_band: Band | None = None
+    new_ref_band: Band | None = None
 
     @property
     def relative(self) -> bool:
@@ -175,9 +196,44 @@ class Change:
             return self.new_ratio / self.old_ratio - 1
         return self.new_ms / self.old_ms - 1
 
+    def _range(self, band: Band | None, ref_band: Band | None) -> Band | None:
+        if not self.relative:
+            return band
+        if band is None or ref_band is None or not ref_band[0]:
+            return None
+        return band[0] / ref_band[1], band[1] / ref_band[0]
+
+    @property
+    def old_range(self) -> Band | None:
+        """The judged quantity's range in the earlier run (fastpeft / reference, or
+        fastpeft's ms without a reference), or None where that run has no percentiles."""
+        return self._range(self.old_band, self.old_ref_band)
+
+    @property
+    def new_range(self) -> Band | None:
+        """As :attr:`old_range`, in the later run."""
+        return self._range(self.new_band, self.new_ref_band)
+
+    @property
+    def has_spread(self) -> bool:
+        """Whether both runs recorded the percentiles the spread rule needs."""
+        return self.old_range is not None and self.new_range is not None
+
+    @property
+    def beyond_spread(self) -> bool:
+        """The new range wholly above the old one (False without percentiles)."""
+        old, new = self.old_range, self.new_range
+        return old is not None and new is not None and new[0] > old[1]
+
     def regressed(self, threshold: float) -> bool:
-        """Worse by more than ``threshold`` (a fraction: 0.1 is 10%)."""
-        return self.change > threshold
+        """Worse by more than ``threshold`` (a fraction: 0.1 is 10%) and, where both runs
+        recorded their spread, beyond it."""
+        return self.change > threshold and (self.beyond_spread or not self.has_spread)
+
+    def within_spread(self, threshold: float) -> bool:
+        """Worse by more than ``threshold`` but within the two runs' spread: no
+        regression."""
+        return self.change > threshold and self.has_spread and not self.beyond_spread
 
 
 @dataclass
@@ -193,35 +249,53 @@ class Comparison:
         return [c for c in self.changes if c.regressed(threshold)]
 
 
-def _latest_medians(records: Iterable[Record]) -> dict[MatchKey, tuple[float, float | None]]:
-    """Per measurement, fastpeft's median and the reference's median of the same run (or
-    None): of the last run that has fastpeft's, where the records hold several runs (an
-    appended CSV, in file order)."""
-    runs: dict[MatchKey, dict[str, dict[str, float]]] = {}  # key -> timestamp -> role -> ms
+_Run = dict[str, dict[str, float]]  # role -> metric -> value, of one run
+
+
+def _latest_runs(records: Iterable[Record]) -> dict[MatchKey, _Run]:
+    """Per measurement, the median and percentiles of fastpeft and of the reference
+    (where measured) of the last run that has fastpeft's median, where the records hold
+    several runs (an appended CSV, in file order)."""
+    runs: dict[MatchKey, dict[str, _Run]] = {}  # key -> timestamp -> role -> metric -> value
     for r in records:
-        if r.metric == "median_ms" and r.role in ("fastpeft", "reference"):
+        if r.metric in ("median_ms", "p20_ms", "p80_ms") and r.role in ("fastpeft",
+                                                                       "reference"):
             key = (r.op, r.shape, r.mode, r.dtype, r.device)
-            runs.setdefault(key, {}).setdefault(r.timestamp, {})[r.role] = r.value
+            by_role = runs.setdefault(key, {}).setdefault(r.timestamp, {})
+            by_role.setdefault(r.role, {})[r.metric] = r.value
     latest = {}
     for key, by_run in runs.items():
-        with_fp = [roles for roles in by_run.values() if "fastpeft" in roles]
+        with_fp = [roles for roles in by_run.values()
+                   if "median_ms" in roles.get("fastpeft", {})]
         if with_fp:
-            latest[key] = (with_fp[-1]["fastpeft"], with_fp[-1].get("reference"))
+            latest[key] = with_fp[-1]
     return latest
+
+
+def _median_and_band(run: _Run, role: str) -> tuple[float | None, Band | None]:
+    metrics = run.get(role, {})
+    band = ((metrics["p20_ms"], metrics["p80_ms"])
+            if "p20_ms" in metrics and "p80_ms" in metrics else None)
+    return metrics.get("median_ms"), band
 
 
 def compare(baseline: Iterable[Record], current: Iterable[Record]) -> Comparison:
     """fastpeft's medians in ``current`` next to the same measurements (op, shape, mode,
-    dtype and device) in ``baseline``, each with the reference's median of its own run;
-    where either holds several runs (an appended CSV), the last one of each wins.
-    Measurements of ``baseline`` whose op, shape and mode ``current`` has, but on another
-    device or dtype, are counted in ``skipped``."""
-    old, new = _latest_medians(baseline), _latest_medians(current)
+    dtype and device) in ``baseline``, each with the reference's median of its own run
+    and, where recorded, both providers' 20th and 80th percentiles; where either holds
+    several runs (an appended CSV), the last one of each wins. Measurements of
+    ``baseline`` whose op, shape and mode ``current`` has, but on another device or
+    dtype, are counted in ``skipped``."""
+    old, new = _latest_runs(baseline), _latest_runs(current)
     result = Comparison()
-    for key, (new_ms, new_ref) in new.items():
+    for key, new_run in new.items():
         if key in old:
-            old_ms, old_ref = old[key]
-            result.changes.append(Change(key, old_ms, new_ms, old_ref, new_ref))
+            old_ms, old_band = _median_and_band(old[key], "fastpeft")
+            new_ms, new_band = _median_and_band(new_run, "fastpeft")
+            old_ref, old_ref_band = _median_and_band(old[key], "reference")
+            new_ref, new_ref_band = _median_and_band(new_run, "reference")
+            result.changes.append(Change(key, old_ms, new_ms, old_ref, new_ref, old_band,
+                                         new_band, old_ref_band, new_ref_band))
     measured = {key[:3] for key in new}
     for key in old:
         if key not in new and key[:3] in measured:
@@ -230,12 +304,18 @@ def compare(baseline: Iterable[Record], current: Iterable[Record]) -> Comparison
     return result
 
 
+def _range_text(band: Band | None) -> str:
+    return "-" if band is None else f"{_num(band[0])}-{_num(band[1])}"
+
+
 def compare_table(comparison: Comparison | Sequence[Change], threshold: float) -> str:
     """Per op and shape, one line per matched mode: fastpeft's and the reference's
     medians and their ratio in each run, and the change of that ratio; marked
-    ``REGRESSION`` beyond ``threshold`` (a fraction). A change judged by fastpeft's own
-    median (no reference in a run) is starred and explained under the table. 92 columns
-    at most."""
+    ``REGRESSION`` (see :meth:`Change.regressed`) or ``in spread`` (beyond ``threshold``,
+    a fraction, but within the runs' scatter), either followed by a line with the ratio's
+    p20-p80 range in each run. A change judged by fastpeft's own median (no reference in
+    a run) is starred, one judged without percentiles (an older file) marked ``~``; both
+    are explained under the table. 94 columns at most."""
     changes = comparison.changes if isinstance(comparison, Comparison) else list(comparison)
     lines = [f"  {'':<18}{'old run':^25}{'new run':^25}",
              f"  {'':<18}{'fp ms':>8}{'ref ms':>9}{'fp/ref':>8}{'fp ms':>8}{'ref ms':>9}"
@@ -245,14 +325,27 @@ def compare_table(comparison: Comparison | Sequence[Change], threshold: float) -
         if c.key[:2] != shown:
             shown = c.key[:2]
             lines.append(f"{c.key[0]}  {c.key[1]}")
-        star = "" if c.relative else "*"
-        flag = "  REGRESSION" if c.regressed(threshold) else ""
+        marks = ("" if c.relative else "*") + ("" if c.has_spread else "~")
+        flag = ("  REGRESSION" if c.regressed(threshold) else
+                "  in spread" if c.within_spread(threshold) else "")
         lines.append(f"  {mode_label(c.key[2]):<18}{_num(c.old_ms):>8}{_num(c.old_ref_ms):>9}"
                      f"{_num(c.old_ratio):>8}{_num(c.new_ms):>8}{_num(c.new_ref_ms):>9}"
-                     f"{_num(c.new_ratio):>8}{c.change:>+9.1%}{star:<1}{flag}")
+                     f"{_num(c.new_ratio):>8}{c.change:>+9.1%}{marks:<2}{flag}")
+        if flag and c.has_spread:
+            what = "fp/ref" if c.relative else "fp ms"
+            lines.append(f"    {what} p20-p80 range: old {_range_text(c.old_range)}, new "
+                         f"{_range_text(c.new_range)}"
+                         f" ({'apart' if c.beyond_spread else 'overlapping'})")
+    if any(c.within_spread(threshold) for c in changes):
+        lines.append(f"in spread: worse by more than {threshold:.0%}, but the two runs' "
+                     "ranges overlap: within\n  their own scatter, no regression (more "
+                     "--runs narrow the ranges)")
     if any(not c.relative for c in changes):
         lines.append("* no reference median in one of the runs: judged by fastpeft's own "
                      "median,\n  which load on the machine moves as much as any change")
+    if any(not c.has_spread for c in changes):
+        lines.append(f"~ no p20/p80 in one of the runs: judged by the {threshold:.0%} "
+                     "threshold alone")
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -5,6 +5,7 @@ from .adaption_prompt import AdaptionPrompt
 from .bottleneck_adapter import ADAPTER_PRESETS, AdapterPreset, BottleneckAdapter
 from .int8_lora_linear import Int8LoRALinear
 from .lora_linear import LoRALinear
+from .multi_lora_linear import MultiLoRALinear
 
 __all__ = [
     "ADAPTER_PRESETS",
@@ -14,4 +15,5 @@ __all__ = [
     "BottleneckAdapter",
     "Int8LoRALinear",
     "LoRALinear",
+    "MultiLoRALinear",
 ]

@@ -4,6 +4,7 @@ forward), and one view of the LoRA hyperparameters of any of these layers."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import sys
@@ -15,10 +16,13 @@ from torch import Tensor, nn
 
 from ..ops.int8_lora_linear import int8_lora_linear
 from ..ops.lora_linear import lora_linear
+from ..ops.multi_lora_linear import multi_lora_linear
 from .int8_lora_linear import Int8LoRALinear, bnb_int8_weight, is_bnb
 from .lora_linear import LoRALinear, autocast_dtype, is_conv1d
+from .multi_lora_linear import per_row_ids, stack_adapters
 
-__all__ = ["FusedPeftLora", "LoraParts", "fuse_peft_lora", "is_param_wrapper", "lora_parts",
+__all__ = ["FusedPeftLora", "LoraParts", "MixedBatchTraining", "all_lora_fused",
+           "fuse_lora_model", "fuse_peft_lora", "is_param_wrapper", "lora_parts",
            "param_wrapper_class", "weights_readable"]
 
 #: Where PEFT keeps ``ParamWrapper`` (PEFT >= 0.17), LoRA on an ``nn.Parameter``.
@@ -31,6 +35,8 @@ _PEFT_CLASSES = {
     "FusedLinear": ("peft.tuners.lora.layer", "Linear"),
     "FusedLinear8bitLt": ("peft.tuners.lora.bnb", "Linear8bitLt"),
 }
+# and PEFT's LoRA model (a PEFT model's base_model), for mixed batches in training
+_LORA_MODEL = {"FusedLoraModel": ("peft.tuners.lora.model", "LoraModel")}
 
 
 class FusedPeftLora:
@@ -45,6 +51,10 @@ class FusedPeftLora:
     offloading, a base layer sharded by itself)."""
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not args and kwargs.keys() == {"adapter_names"}:
+            y = self._mixed_batch(x, kwargs["adapter_names"])
+            if y is not None:
+                return y
         a = self._fused_adapter(args, kwargs)
         base = self.get_base_layer()
         if a is None or not (is_bnb(base) or is_conv1d(base) or isinstance(base, nn.Linear)):
@@ -83,6 +93,56 @@ class FusedPeftLora:
             bias = None if bias is None else bias.to(dtype)
         return lora_linear(x, weight, bias, lora_A.to(dtype), lora_B.to(dtype),
                            self.scaling[a], p, self.training)
+
+    def _mixed_batch(self, x: Tensor, adapter_names: list[str]) -> Tensor | None:
+        """PEFT's mixed batch (``adapter_names``: one adapter name per sample, ``"__base__"``
+        for none) as one :func:`fastpeft.multi_lora_linear` call: the base GEMM once, each
+        adapter on its own rows, in training as in inference. ``None`` where PEFT's own
+        forward must run (its checks and refusals included): adapters disabled or merged, an
+        int8 base, DoRA or a LoRA bias among the named adapters, hooked weights."""
+        base = self.get_base_layer()
+        if (self.disable_adapters or self.merged or is_bnb(base) or x.dim() < 2
+                or len(adapter_names) != x.shape[0]
+                or not (is_conv1d(base) or isinstance(base, nn.Linear))):
+            return None
+        names = [a for a in dict.fromkeys(adapter_names) if a in self.lora_A]
+        if any(self.use_dora.get(a) or getattr(self, "lora_bias", {}).get(a)
+               or a in getattr(self, "lora_variant", {}) for a in names):
+            return None
+        modules = [base, *(self.lora_A[a] for a in names), *(self.lora_B[a] for a in names)]
+        if not all(weights_readable(m) for m in modules):
+            _warn_hooked_once()
+            return None
+        dropouts = {a: _dropout_p(self.lora_dropout[a]) for a in names}
+        if self.training and len(set(dropouts.values())) > 1:
+            raise ValueError(
+                "adapter_names: one fused mixed batch applies one dropout probability, but the "
+                f"adapters named have different lora_dropout {dropouts}; train them in "
+                "separate batches, or give them the same lora_dropout")
+        dtype = autocast_dtype(x)
+        if dtype is None:
+            return self._mixed_forward(x, adapter_names, names, dropouts, base, None)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._mixed_forward(x.to(dtype), adapter_names, names, dropouts, base, dtype)
+
+    def _mixed_forward(self, x: Tensor, adapter_names: list[str], names: list[str],
+                       dropouts: dict[str, float], base: nn.Module,
+                       dtype: torch.dtype | None) -> Tensor:
+        weight = base.weight.t() if is_conv1d(base) else base.weight
+        bias = base.bias
+        if dtype is None:
+            dtype = weight.dtype
+        else:
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        ids = per_row_ids(adapter_names, names, x)
+        if not names:  # no adapter of this layer named: the base alone
+            return nn.functional.linear(x, weight, bias)
+        lora_A, lora_B, scaling = stack_adapters(
+            [self.lora_A[a].weight for a in names], [self.lora_B[a].weight for a in names],
+            [self.scaling[a] for a in names], dtype)
+        p = dropouts[names[0]]
+        return multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, ids, p, self.training)
 
     def _fused_adapter(self, args: tuple, kwargs: dict) -> str | None:
         if args or kwargs or self.disable_adapters or self.merged:
@@ -152,19 +212,62 @@ _FUSED: dict[str, type] = {}
 
 def _fused_class(name: str) -> type:
     if name not in _FUSED:
-        module, cls_name = _PEFT_CLASSES[name]
+        module, cls_name = (_PEFT_CLASSES | _LORA_MODEL)[name]
         base = getattr(importlib.import_module(module), cls_name)
-        _FUSED[name] = type(name, (FusedPeftLora, base), {"__module__": __name__,
-                                                          "__qualname__": name})
+        mixin = MixedBatchTraining if name == "FusedLoraModel" else FusedPeftLora
+        _FUSED[name] = type(name, (mixin, base), {"__module__": __name__,
+                                                  "__qualname__": name})
     return _FUSED[name]
 
 
 def __getattr__(name: str) -> type:
     """The fused classes are made on first use (PEFT is optional): this lets pickle find
     them by name too (``torch.save`` of a converted model)."""
-    if name in _PEFT_CLASSES:
+    if name in _PEFT_CLASSES or name in _LORA_MODEL:
         return _fused_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class MixedBatchTraining:
+    """Mixed into PEFT's ``LoraModel`` class by :func:`fastpeft.from_peft`: a mixed batch
+    (``model(..., adapter_names=[...])``) is also accepted in training mode when every LoRA
+    layer of the model runs fastpeft's fused forward, where each adapter gets the gradient
+    of its own rows (the same as training each sub-batch on its own). PEFT refuses
+    ``adapter_names`` in training mode; everything else about the call is PEFT's."""
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        hooks = super()._enable_peft_forward_hooks
+        if kwargs.get("adapter_names") is None or not self.training or not all_lora_fused(self):
+            with hooks(*args, **kwargs):
+                yield
+            return
+        with contextlib.ExitStack() as stack:
+            self.training = False  # PEFT's refusal reads this module's own flag only
+            try:
+                stack.enter_context(hooks(*args, **kwargs))
+            finally:
+                self.training = True
+            yield
+
+
+def all_lora_fused(model: nn.Module) -> bool:
+    """Whether every PEFT LoRA layer (one that holds adapters) in ``model`` is fused."""
+    from peft.tuners.lora import LoraLayer
+
+    return all(isinstance(m, FusedPeftLora) for m in model.modules()
+               if isinstance(m, LoraLayer) and len(m.lora_A) > 0)
+
+
+def fuse_lora_model(model: nn.Module) -> None:
+    """Gives PEFT's ``LoraModel`` (a PEFT model's ``base_model``) the mixed-batch training
+    of :class:`MixedBatchTraining`; other models are left as they are."""
+    try:
+        from peft.tuners.lora.model import LoraModel
+    except ImportError:  # pragma: no cover - PEFT is there whenever a LoraModel is
+        return
+    if type(model) is LoraModel:
+        model.__class__ = _fused_class("FusedLoraModel")
 
 
 def is_param_wrapper(module: nn.Module) -> bool:

@@ -6,11 +6,13 @@ from .bottleneck_adapter import bottleneck_adapter
 from .gated_prefix_attention import gated_prefix_attention
 from .int8_lora_linear import int8_lora_linear, quantize_int8
 from .lora_linear import lora_linear
+from .multi_lora_linear import multi_lora_linear
 
 __all__ = [
     "bottleneck_adapter",
     "gated_prefix_attention",
     "int8_lora_linear",
     "lora_linear",
+    "multi_lora_linear",
     "quantize_int8",
 ]

@@ -17,8 +17,11 @@ def cfgs(interpreted: dict, gpu: list[tuple[dict, int, int]]) -> list[triton.Con
     return [triton.Config(m, num_warps=w, num_stages=s) for m, w, s in gpu]
 
 
-def tuned(configs: list[triton.Config], key: list[str]):
-    return lambda fn: triton.autotune(configs=configs, key=key)(fn)
+def tuned(configs: list[triton.Config], key: list[str], restore_value: list[str] | None = None):
+    """triton.autotune over ``configs``, keyed by ``key``. A kernel that updates a tensor
+    in place (reads and adds onto it) names that argument in ``restore_value``: the
+    autotuner then restores it after each benchmarking run, so tuning does not add twice."""
+    return lambda fn: triton.autotune(configs=configs, key=key, restore_value=restore_value)(fn)
 
 
 def mnk(bm: int, bn: int, bk: int) -> dict:

@@ -9,9 +9,9 @@
 //   ours (the dropout mask, the scaling). oneDNN runs its GEMMs on every unit the CPU has:
 //   AVX-512, AVX512-BF16 (vdpbf16ps), AMX tiles for bf16 / fp16 / int8, where the fused
 //   kernels stay 8-wide; the price is an extra pass over x (and dx) for dropout.
-//   Measured on a 2-core Xeon with AVX-512 + AMX (fastpeft-bench lora_linear T=512
-//   2048->2048 r=16 p=0.1, forward+backward): bf16 10.1 ms vs 10.0 fused, fp32 33.4 vs
-//   32.0: on par there, so the default is a judgement, and both paths are kept tested.
+//   On an AVX-512 + AMX CPU the two paths measured on par (lora_linear forward+backward,
+//   fastpeft-bench with FASTPEFT_CPU_PATH set either way), so the default is a judgement,
+//   and both paths are kept tested.
 //
 // Auto: kAten on CPUs with AVX-512F, kFused otherwise. FASTPEFT_CPU_PATH=fused|aten (read
 // at every call, so a test can switch it in one process) forces either; both compute the

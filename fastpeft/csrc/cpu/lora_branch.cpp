@@ -292,6 +292,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_aten(
 
 }  // namespace
 
+void dropout_rows(const at::Tensor& x, const int64_t* rows, int64_t n, double dropout_p,
+                  uint64_t seed, const at::Tensor& gathered, const at::Tensor& dense,
+                  const at::Tensor& scattered) {
+  const int64_t K = x.size(1), groups = div_up(K, 4);
+  const uint32_t threshold = dropout_threshold(dropout_p);
+  const bool scatter = dense.defined();
+  TORCH_INTERNAL_ASSERT(dropout_p > 0.0 && dropout_p < 1.0);
+  TORCH_INTERNAL_ASSERT(x.stride(1) == 1 && gathered.stride(1) == 1 && gathered.size(0) >= n);
+  TORCH_INTERNAL_ASSERT(!scatter || (dense.stride(1) == 1 && scattered.stride(1) == 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout_rows", [&] {
+    using acc_t = acc_of<scalar_t>;
+    // as in apply_dropout: keep holds c (float) or 1 (double, scaled by the double c)
+    const acc_t keep_scale = acc_t(1.0 / (1.0 - dropout_p));
+    const float keep_on = std::is_same_v<acc_t, float> ? static_cast<float>(keep_scale) : 1.0f;
+    const acc_t after = std::is_same_v<acc_t, float> ? acc_t(1) : keep_scale;
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* out = gathered.mutable_data_ptr<scalar_t>();
+    const int64_t ld_x = x.stride(0), ld_out = gathered.stride(0);
+    std::vector<float> keep(static_cast<size_t>(4 * groups));
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = rows[j];
+      dropout_keep_rows(seed, static_cast<uint64_t>(t * groups), groups, 1, groups, threshold,
+                        keep_on, keep.data(), 4 * groups);
+      scale_row(in + t * ld_x, keep.data(), after, K, out + j * ld_out);
+      if (scatter)
+        scale_row(dense.const_data_ptr<scalar_t>() + j * dense.stride(0), keep.data(), after, K,
+                  scattered.mutable_data_ptr<scalar_t>() + t * scattered.stride(0));
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& bias,
                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
                                            double scaling, double dropout_p, uint64_t seed) {

@@ -58,4 +58,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
     uint64_t seed, bool compute_dx);
 
+// Row-indexed dropout, for an op that takes the rows of x in another order
+// (multi_lora_linear groups them by adapter). For j < n, with t = rows[j], m[t] the keep
+// mask of row t of the whole (T, K) input x (the same draw as forward / backward above,
+// bit-identical on both paths) and c = 1 / (1 - p):
+//   gathered[j]  = c * m[t] ⊙ x[t]                      gathered: (n, K)
+//   scattered[t] = c * m[t] ⊙ dense[j]   (if dense)     dense: (n, K), scattered: (T, K)
+// The matrices are x's dtype with unit column stride (any row stride: views of larger
+// buffers). Single-threaded, for the caller's parallel tasks; p in (0, 1).
+void dropout_rows(const at::Tensor& x, const int64_t* rows, int64_t n, double dropout_p,
+                  uint64_t seed, const at::Tensor& gathered, const at::Tensor& dense = {},
+                  const at::Tensor& scattered = {});
+
 }  // namespace fastpeft::cpu::lora_branch

@@ -1,0 +1,178 @@
+"""``MultiLoRALinear``: one frozen base layer carrying several named LoRA adapters, and a
+batch whose rows each pick one of them (or none), in one fused pass."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..ops._checks import check_positive_int
+from ..ops.multi_lora_linear import multi_lora_linear
+from .lora_linear import autocast_dtype, is_conv1d, linear_weight
+
+__all__ = ["BASE", "MultiLoRALinear", "per_row_ids", "stack_adapters"]
+
+#: The adapter name that selects the base layer alone (PEFT's ``"__base__"``).
+BASE = "__base__"
+
+
+class MultiLoRALinear(nn.Module):
+    """``base(x) + scaling[i] * lora_B[i](lora_A[i](dropout(x)))`` with ``i`` chosen per row,
+    computed by :func:`fastpeft.multi_lora_linear` (the base GEMM once for the batch, each
+    adapter on its own rows).
+
+    The adapters are kept as PEFT keeps them: ``lora_A`` and ``lora_B`` are
+    ``nn.ModuleDict``s of bias-free ``nn.Linear`` layers keyed by adapter name, so the
+    state-dict keys are ``lora_A.<name>.weight`` / ``lora_B.<name>.weight``, and each adapter
+    has its own ``r``, ``lora_alpha``, ``lora_dropout`` and ``scaling``. Adapters of a smaller
+    rank are zero-padded to the largest rank of the batch for the fused op.
+
+    Args:
+        base: the ``nn.Linear`` or ``Conv1D`` to adapt (shared, frozen).
+
+    Call with ``adapter_names`` (one name per sample, that is per index of ``x``'s first
+    dimension, ``"__base__"`` for none, as PEFT's mixed batches) or ``adapter_ids`` (an int64
+    tensor of shape ``x.shape[:-1]`` indexing :attr:`adapter_names`, ``-1`` for none).
+    Gradients reach each adapter from its own rows only; in training, the adapters of one
+    batch must share one ``lora_dropout`` (the fused op draws one mask for the batch).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear) and not is_conv1d(base):
+            raise TypeError(f"base: expected an nn.Linear or a transformers Conv1D, got "
+                            f"{type(base).__name__}")
+        self.base_layer = base
+        self.base_layer.requires_grad_(False)
+        self.fan_in_fan_out = is_conv1d(base)
+        self.out_features, self.in_features = linear_weight(base).shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters in the order ``adapter_ids`` index them."""
+        return list(self.lora_A.keys())
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float = 1.0,
+                    lora_dropout: float = 0.0, use_rslora: bool = False) -> None:
+        """A new adapter with PEFT's initialisation (A Kaiming-uniform, B zeros), in the base
+        weight's dtype and device."""
+        if not isinstance(name, str) or not name or name == BASE or "." in name:
+            raise ValueError(f"name: expected a non-empty str without '.', not {BASE!r}, got "
+                             f"{name!r}")
+        if name in self.lora_A:
+            raise ValueError(f"name: adapter {name!r} exists already")
+        check_positive_int("r", r)
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {lora_dropout}")
+        w = self.base_layer.weight
+        factory = {"device": w.device, "dtype": w.dtype}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.lora_dropout[name], self.use_rslora[name] = float(lora_dropout), use_rslora
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise KeyError(f"name: no adapter {name!r} (adapters: {self.adapter_names})")
+        del self.lora_A[name], self.lora_B[name]
+        for table in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling):
+            del table[name]
+
+    def ids_of(self, adapter_names: Sequence[str], x: Tensor) -> Tensor:
+        """``adapter_ids`` for ``x`` from one adapter name per sample (``x.shape[0]``)."""
+        if isinstance(adapter_names, str) or len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names: expected a list of {x.shape[0]} names (one per "
+                             f"sample, x.shape[0]), got {adapter_names!r}")
+        unknown = sorted({a for a in adapter_names if a != BASE and a not in self.lora_A})
+        if unknown:
+            raise ValueError(f"adapter_names: no adapter {unknown} in this layer (adapters: "
+                             f"{self.adapter_names}; {BASE!r} for the base alone)")
+        return per_row_ids(adapter_names, self.adapter_names, x)
+
+    def forward(self, x: Tensor, adapter_names: Sequence[str] | None = None,
+                adapter_ids: Tensor | None = None) -> Tensor:
+        if (adapter_names is None) == (adapter_ids is None):
+            raise ValueError("adapter_names / adapter_ids: pass exactly one of them")
+        if not self.lora_A:
+            raise ValueError("MultiLoRALinear: no adapters yet (add_adapter)")
+        ids = self.ids_of(adapter_names, x) if adapter_ids is None else adapter_ids
+        names = self.adapter_names
+        if self.training:
+            dropouts = set(self.lora_dropout.values())
+            if len(dropouts) > 1:
+                raise ValueError(
+                    "lora_dropout: one fused batch applies one dropout probability, but the "
+                    f"adapters have {self.lora_dropout}; train with one lora_dropout, or in "
+                    "eval mode")
+        p = self.lora_dropout[names[0]]
+        base = self.base_layer
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        bias = base.bias
+        dtype = autocast_dtype(x)
+        if dtype is not None:  # as nn.Linear under autocast: every operand in its dtype
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        lora_A, lora_B, scaling = self.stacked(weight.dtype)
+        with torch.autocast(x.device.type, enabled=False) if dtype is not None \
+                else contextlib.nullcontext():
+            return multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, ids, p,
+                                     self.training)
+
+    def stacked(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`stack_adapters` of every adapter, in :attr:`adapter_names` order."""
+        names = self.adapter_names
+        return stack_adapters([self.lora_A[a].weight for a in names],
+                              [self.lora_B[a].weight for a in names],
+                              [self.scaling[a] for a in names], dtype)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{a}(r={self.r[a]}, alpha={self.lora_alpha[a]})"
+                             for a in self.adapter_names)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"adapters=[{adapters}]")
+
+
+def stack_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor],
+                   scaling: Sequence[float], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The arguments of :func:`fastpeft.multi_lora_linear` from per-adapter weights
+    ``(r_i, in)`` / ``(out, r_i)`` and scalings: ``lora_A (n, r, in)``, ``lora_B (n, out, r)``
+    in ``dtype``, smaller ranks zero-padded to the largest ``r``, and ``scaling (n,)``
+    float32. Differentiable: gradients reach each adapter's own weights."""
+    rank = max(a.shape[0] for a in lora_A)
+    stacked_a = torch.stack([nn.functional.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0]))
+                             for a in lora_A])
+    stacked_b = torch.stack([nn.functional.pad(b.to(dtype), (0, rank - b.shape[1]))
+                             for b in lora_B])
+    s = torch.tensor([float(v) for v in scaling], dtype=torch.float32, device=lora_A[0].device)
+    return stacked_a, stacked_b, s
+
+
+def per_row_ids(adapter_names: Sequence[str], adapters: Sequence[str], x: Tensor) -> Tensor:
+    """``adapter_ids`` of shape ``x.shape[:-1]`` from one name per sample (``x.shape[0]``):
+    each name's index in ``adapters``, -1 for a name not there (``"__base__"``)."""
+    index = {a: i for i, a in enumerate(adapters)}
+    per_sample = torch.tensor([index.get(a, -1) for a in adapter_names], dtype=torch.int64,
+                              device=x.device)
+    return per_sample.view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])

@@ -1,0 +1,382 @@
+"""fastpeft.multi_lora_linear (many adapters, one per row) against the per-row reference,
+against lora_linear adapter by adapter, and its checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close_to_ref, backend_params, dtypes_for, forced
+
+import fastpeft
+from fastpeft import reference
+from fastpeft.ops._linear import draw_seed
+
+# (leading dims of x, in, out, r, n adapters)
+SHAPES = [((9,), 37, 20, 3, 3), ((2, 5), 24, 33, 16, 4), ((1,), 20, 12, 1, 2), ((6,), 16, 8, 4, 1)]
+
+
+def make_inputs(lead, d_in, d_out, r, n, dtype, device, bias=True, grad_base=False, ids=None,
+                seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, scale=1.0, grad=True):
+        v = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+        return v.requires_grad_(grad)
+
+    x = t(*lead, d_in)
+    w = t(d_out, d_in, scale=max(d_in, 1)**-0.5, grad=grad_base)
+    b = t(d_out, grad=grad_base) if bias else None
+    a = t(n, r, d_in, scale=max(d_in, 1)**-0.5)
+    bb = t(n, d_out, r, scale=r**-0.5)
+    scaling = (torch.rand(n, generator=g) * 3 + 0.5).to(device)
+    if ids is None:  # every id from -1 to n - 1, in a shuffled order
+        ids = torch.randint(-1, n, lead, generator=g)
+    return x, w, b, a, bb, scaling, ids.to(device)
+
+
+def grads(out, inputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype).to(out.device)
+    return torch.autograd.grad(out, [i for i in inputs if isinstance(i, torch.Tensor)
+                                     and i.requires_grad], dy)
+
+
+def run_reference(inputs, p, seed, dtype):
+    """The reference in float64 (the truth) and in the test dtype (torch's own error)."""
+    outs = {}
+    for name, dt in (("ref64", torch.float64), ("lowp", dtype)):
+        copies = [None if i is None else i.detach().to(dt).requires_grad_(i.requires_grad)
+                  for i in inputs[:5]]
+        y = reference.multi_lora_linear(*copies, inputs[5], inputs[6], p, True, seed)
+        outs[name] = (y, grads(y, copies))
+    return outs
+
+
+def check_against_reference(backend, device, inputs, dtype, dropout_p):
+    torch.manual_seed(123)
+    with forced(backend):
+        y = fastpeft.multi_lora_linear(*inputs, dropout_p)
+    torch.manual_seed(123)
+    seed = draw_seed(torch.device(device)) if dropout_p else None
+    fused = grads(y, inputs)
+    ref = run_reference(inputs, dropout_p, seed, dtype)
+    names = ["y", "dx", "dW", "dbias", "dA", "dB"]
+    names = [n for n, i in zip(names, (None, *inputs[:5]), strict=False)
+             if n == "y" or (i is not None and i.requires_grad)]
+    for name, out, r64, rlow in zip(names, (y, *fused), (ref["ref64"][0], *ref["ref64"][1]),
+                                    (ref["lowp"][0], *ref["lowp"][1]), strict=True):
+        assert_close_to_ref(f"{name} [{dtype}]", out, r64, rlow)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("multi_lora_linear"))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], *s[1:]))))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_matches_reference(backend_device, shape, bias, dropout_p):
+    backend, device = backend_device
+    for dtype in dtypes_for(backend, device):
+        inputs = make_inputs(*shape, dtype, device, bias=bias)
+        check_against_reference(backend, device, inputs, dtype, dropout_p)
+
+
+IDS = {
+    "all-base": lambda n, T: torch.full((T,), -1),
+    "one-adapter": lambda n, T: torch.full((T,), n - 1),
+    "sorted": lambda n, T: torch.arange(T) * n // T,
+    "alternating": lambda n, T: torch.arange(T) % 2 * (n - 1),
+    "one-row-each": lambda n, T: torch.arange(T) % (n + 1) - 1,
+}
+
+
+@pytest.mark.parametrize("backend_device", backend_params("multi_lora_linear"))
+@pytest.mark.parametrize("pattern", IDS.values(), ids=IDS.keys())
+def test_id_patterns(backend_device, pattern):
+    """Segments of every kind: none, one, sorted, interleaved, single rows; adapters that
+    no row names get zero gradients."""
+    backend, device = backend_device
+    n, T = 4, 11
+    ids = pattern(n, T)
+    inputs = make_inputs((T,), 21, 18, 5, n, torch.float32, device, ids=ids, grad_base=True)
+    check_against_reference(backend, device, inputs, torch.float32, 0.2)
+    y = fastpeft.multi_lora_linear(*inputs, 0.2)
+    *_, d_a, d_b = grads(y, inputs)
+    for i in range(n):
+        if not (ids == i).any():
+            assert torch.equal(d_a[i], torch.zeros_like(d_a[i]))
+            assert torch.equal(d_b[i], torch.zeros_like(d_b[i]))
+
+
+@pytest.mark.parametrize("backend_device", backend_params("multi_lora_linear"))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_each_adapter_as_lora_linear(backend_device, dropout_p):
+    """Row by row, the op is lora_linear with that row's adapter (the same dropout mask for
+    the same seed), and each adapter's gradients are those of training its own rows alone."""
+    backend, device = backend_device
+    n, T = 3, 14
+    x, w, b, a, bb, scaling, ids = make_inputs((T,), 24, 20, 4, n, torch.float32, device)
+    dy = torch.randn(T, 20, device=device)
+    torch.manual_seed(5)
+    with forced(backend):
+        y = fastpeft.multi_lora_linear(x, w, b, a, bb, scaling, ids, dropout_p)
+    dx, d_a, d_b = torch.autograd.grad(y, (x, a, bb), dy)
+    dx_sum = torch.zeros_like(x)
+    for i in range(-1, n):
+        rows = ids == i
+        torch.manual_seed(5)
+        with forced(backend):
+            if i < 0:
+                y_i = torch.nn.functional.linear(x, w, b)
+            else:
+                y_i = fastpeft.lora_linear(x, w, b, a[i], bb[i], float(scaling[i]), dropout_p)
+        torch.testing.assert_close(y[rows], y_i[rows], rtol=1e-5, atol=1e-5)
+        wrt = (x,) if i < 0 else (x, a, bb)
+        g = torch.autograd.grad(y_i, wrt, dy * rows[:, None])
+        dx_sum += g[0]
+        if i >= 0:
+            torch.testing.assert_close(d_a[i], g[1][i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(d_b[i], g[2][i], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_sum, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("multi_lora_linear"))
+def test_transposed_weight(backend_device):
+    """The weight as GPT-2's Conv1D stores it, the (in, out) tensor's transposed view."""
+    backend, device = backend_device
+    x, w, b, a, bb, scaling, ids = make_inputs((7,), 16, 12, 4, 2, torch.float32, device,
+                                               grad_base=True)
+    storage = w.detach().t().contiguous().requires_grad_(True)
+    inputs = (x, storage.t(), b, a, bb, scaling, ids)
+    check_against_reference(backend, device, inputs, torch.float32, 0.1)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("multi_lora_linear"))
+def test_empty_batch(backend_device):
+    backend, device = backend_device
+    x, w, b, a, bb, scaling, ids = make_inputs((0,), 16, 8, 2, 3, torch.float32, device)
+    with forced(backend):
+        y = fastpeft.multi_lora_linear(x, w, b, a, bb, scaling, ids)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16)
+    assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(bb.grad, torch.zeros_like(bb))
+
+
+@pytest.mark.parametrize("backend_device", backend_params("multi_lora_linear"))
+@pytest.mark.parametrize(("d_in", "d_out"), [(0, 5), (4, 0)], ids=["in0", "out0"])
+def test_empty_feature_dims(backend_device, d_in, d_out):
+    """Zero input or output features: the right empty or zero results, zero gradients."""
+    backend, device = backend_device
+    x, w, b, a, bb, scaling, ids = make_inputs((3,), d_in, d_out, 2, 2, torch.float32, device,
+                                               ids=torch.tensor([0, -1, 1]))
+    with forced(backend):
+        y = fastpeft.multi_lora_linear(x, w, b, a, bb, scaling, ids)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.count_nonzero(a.grad) == 0 \
+        and torch.count_nonzero(bb.grad) == 0
+
+
+def _op(backend):
+    ops = torch.ops.fastpeft
+    return ops.multi_lora_linear if backend == "cpu" else ops.multi_lora_linear_triton
+
+
+@pytest.mark.parametrize("backend_device", backend_params("multi_lora_linear"))
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("layout", ["out_in", "transposed"])
+def test_opcheck(backend_device, p, layout):
+    backend, device = backend_device
+    x, w, b, a, bb, scaling, ids = make_inputs((6,), 24, 20, 4, 3, torch.float32, device)
+    if layout == "transposed":
+        w = w.detach().t().contiguous().t()
+    seed = torch.tensor([1234], dtype=torch.int64, device=device) if p else None
+    torch.library.opcheck(_op(backend), (x, w, b, a, bb, scaling, ids, p, seed))
+
+
+@pytest.mark.parametrize("backend_device", backend_params("multi_lora_linear"))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_float64(backend_device, p):
+    """The backward formulas, dropout included, against finite differences (fixed seed)."""
+    backend, device = backend_device
+    x, w, b, a, bb, scaling, _ = make_inputs((4,), 6, 5, 2, 3, torch.float64, device,
+                                             grad_base=True)
+    ids = torch.tensor([2, -1, 0, 2], device=device)  # adapter 1 unused
+    seed = torch.tensor([99], dtype=torch.int64, device=device) if p else None
+    op = _op(backend)
+
+    def f(x, w, b, a, bb):
+        return op(x, w, b, a, bb, scaling, ids, p, seed)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b, a, bb))
+
+
+def test_compiles_fullgraph():
+    """One graph, no breaks, the same output and gradients as eager."""
+    torch._dynamo.reset()
+    x, w, b, a, bb, scaling, ids = make_inputs((2, 5), 32, 24, 4, 3, torch.float32, "cpu")
+
+    def f(x, a, bb):
+        return fastpeft.multi_lora_linear(x, w, b, a, bb, scaling, ids)
+
+    def step(fn):
+        y = fn(x, a, bb)
+        return (y.detach(), *torch.autograd.grad(y.square().sum(), (x, a, bb)))
+
+    compiled = step(torch.compile(f, fullgraph=True))
+    for c, e in zip(compiled, step(f), strict=True):
+        torch.testing.assert_close(c, e)
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+def _good():
+    return dict(
+        x=torch.randn(3, 10),
+        weight=torch.randn(6, 10),
+        bias=torch.randn(6),
+        lora_A=torch.randn(4, 2, 10),
+        lora_B=torch.randn(4, 6, 2),
+        scaling=torch.ones(4),
+        adapter_ids=torch.tensor([0, -1, 3]),
+    )
+
+
+BAD = [
+    ("x", torch.randn(3, 9), ValueError, r"x: expected last dimension 10"),
+    ("x", torch.randint(0, 3, (3, 10)), TypeError, r"x: expected dtype float32"),
+    ("weight", torch.randn(6, 10, 1), ValueError, r"weight: expected a 2-D"),
+    ("bias", torch.randn(5), ValueError, r"bias: expected shape \(6\)"),
+    ("lora_A", torch.randn(2, 10), ValueError, r"lora_A: expected a 3-D"),
+    ("lora_A", torch.randn(4, 2, 11), ValueError, r"lora_A: expected shape \(\*, \*, 10\)"),
+    ("lora_A", torch.randn(4, 0, 10), ValueError, r"lora_A: expected \(n, r, in\)"),
+    ("lora_B", torch.randn(4, 6, 3), ValueError, r"lora_B: expected shape \(4, 6, 2\)"),
+    ("lora_B", torch.randn(3, 6, 2), ValueError, r"lora_B: expected shape \(4, 6, 2\)"),
+    ("lora_B", torch.randn(4, 6, 2).half(), TypeError, r"lora_B: expected dtype"),
+    ("scaling", 2.0, TypeError, r"scaling: expected a torch.Tensor"),
+    ("scaling", torch.ones(3), ValueError, r"scaling: expected shape \(4\)"),
+    ("scaling", torch.ones(4, dtype=torch.float64), TypeError, r"scaling: expected dtype"),
+    ("scaling", torch.ones(4, requires_grad=True), ValueError, r"scaling: .*requires grad"),
+    ("adapter_ids", torch.tensor([0, 1, 4]), ValueError, r"adapter_ids: expected values in "
+     r"\[-1, 4\).*got 4"),
+    ("adapter_ids", torch.tensor([0, -2, 1]), ValueError, r"adapter_ids: .*got -2"),
+    ("adapter_ids", torch.tensor([0, 1, 2], dtype=torch.int32), TypeError,
+     r"adapter_ids: expected dtype torch.int64"),
+    ("adapter_ids", torch.tensor([0, 1]), ValueError, r"adapter_ids: expected shape \(3,\)"),
+    ("adapter_ids", [0, 1, 2], TypeError, r"adapter_ids: expected a torch.Tensor"),
+    ("dropout_p", 1.0, ValueError, r"dropout_p: expected a value in \[0.0, 1.0\)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("arg", "value", "exc", "match"), BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)]
+)
+def test_bad_input_names_the_argument(arg, value, exc, match):
+    kwargs = _good() | {arg: value}
+    with pytest.raises(exc, match=match):
+        fastpeft.multi_lora_linear(**kwargs)
+
+
+@pytest.mark.skipif("cpu" not in fastpeft.available_backends("multi_lora_linear"),
+                    reason="fastpeft._C has no multi_lora_linear kernel (not built)")
+def test_native_op_refuses_bad_ids():
+    """The C++ op checks the ids itself (compiled code skips the public function's check)."""
+    args = _good()
+    with pytest.raises(RuntimeError, match="adapter_ids"):
+        torch.ops.fastpeft.multi_lora_linear(args["x"], args["weight"], args["bias"],
+                                             args["lora_A"], args["lora_B"], args["scaling"],
+                                             torch.tensor([0, 7, 1]), 0.0, None)
+
+
+# --- the module ---------------------------------------------------------------------------
+
+
+def _module(gpt2_layout: bool = False, dropout: float = 0.0) -> fastpeft.MultiLoRALinear:
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 20)
+    if gpt2_layout:
+        conv1d = pytest.importorskip("transformers").pytorch_utils.Conv1D(20, 24)
+        with torch.no_grad():
+            conv1d.weight.copy_(base.weight.t())
+            conv1d.bias.copy_(base.bias)
+        base = conv1d
+    layer = fastpeft.MultiLoRALinear(base)
+    for name, r, alpha, rslora in (("sql", 4, 8, False), ("chat", 8, 4, False),
+                                   ("math", 2, 6, True)):
+        layer.add_adapter(name, r, alpha, dropout, use_rslora=rslora)
+        torch.nn.init.normal_(layer.lora_B[name].weight, std=0.3)
+    return layer
+
+
+@pytest.mark.parametrize("gpt2_layout", [False, True], ids=["linear", "conv1d"])
+def test_module_rows_match_single_adapter_layers(gpt2_layout):
+    """Each sample as a LoRALinear holding that sample's adapter alone; gradients reach each
+    adapter from its own rows only; state-dict keys in PEFT's layout."""
+    layer = _module(gpt2_layout)
+    names = ["chat", "__base__", "sql", "math", "chat"]
+    x = torch.randn(5, 3, 24, requires_grad=True)
+    y = layer(x, adapter_names=names)
+    y.square().sum().backward()
+    for row, name in enumerate(names):
+        if name == "__base__":
+            expected = layer.base_layer(x[row])
+        else:
+            single = fastpeft.LoRALinear(layer.base_layer, layer.r[name], layer.lora_alpha[name],
+                                         use_rslora=layer.use_rslora[name])
+            single.lora_A.weight.data = layer.lora_A[name].weight.data
+            single.lora_B.weight.data = layer.lora_B[name].weight.data
+            expected = single(x[row])
+        torch.testing.assert_close(y[row], expected, rtol=1e-5, atol=1e-5)
+    rows = {n: [i for i, m in enumerate(names) if m == n] for n in layer.adapter_names}
+    base_w = layer.weight.t() if gpt2_layout else layer.weight
+    for name in layer.adapter_names:  # each adapter's gradient: that of its own rows alone
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        a_own, b_own = (t.detach().clone().requires_grad_() for t in (a, b))
+        xd = x.detach()[rows[name]]
+        y_own = torch.nn.functional.linear(xd, base_w, layer.bias) \
+            + layer.scaling[name] * (xd @ a_own.t()) @ b_own.t()
+        y_own.square().sum().backward()
+        torch.testing.assert_close(a.grad, a_own.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.grad, b_own.grad, rtol=1e-4, atol=1e-5)
+    keys = set(layer.state_dict())
+    assert {"lora_A.sql.weight", "lora_B.chat.weight", "base_layer.weight"} <= keys
+
+
+def test_module_adapter_ids_and_refusals():
+    layer = _module()
+    x = torch.randn(4, 24)
+    ids = torch.tensor([2, -1, 0, 1])
+    by_name = layer(x, adapter_names=["math", "__base__", "sql", "chat"])
+    torch.testing.assert_close(layer(x, adapter_ids=ids), by_name)
+    with pytest.raises(ValueError, match="adapter_names: no adapter \\['nope'\\]"):
+        layer(x, adapter_names=["sql", "nope", "sql", "sql"])
+    with pytest.raises(ValueError, match="adapter_names: expected a list of 4 names"):
+        layer(x, adapter_names=["sql"])
+    with pytest.raises(ValueError, match="pass exactly one"):
+        layer(x)
+    with pytest.raises(ValueError, match="name: adapter 'sql' exists"):
+        layer.add_adapter("sql", 2)
+    layer.lora_dropout["chat"] = 0.3
+    with pytest.raises(ValueError, match="lora_dropout: one fused batch"):
+        layer.train()(x, adapter_ids=ids)
+    layer.delete_adapter("chat")
+    assert layer.adapter_names == ["sql", "math"]
+
+
+def test_module_compiles_fullgraph():
+    torch._dynamo.reset()
+    layer = _module(dropout=0.1).train()
+    x = torch.randn(6, 24, requires_grad=True)
+    ids = torch.tensor([0, 2, -1, 1, 1, 0])
+
+    def step(module):
+        torch.manual_seed(3)
+        layer.zero_grad()
+        y = module(x, adapter_ids=ids)
+        gx, = torch.autograd.grad(y.square().sum(), x, retain_graph=False)
+        return y.detach(), gx
+
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = step(torch.compile(layer, fullgraph=True))
+    for c, e in zip(compiled, step(layer), strict=True):
+        torch.testing.assert_close(c, e)
