@@ -44,9 +44,9 @@ from fastpeft.ops.lora_linear import draw_seed
 
 # Examples per (op, backend, dtype); the CPU kernels get many, the interpreter few.
 CPU_EXAMPLES = {"lora_linear": 24, "int8_lora_linear": 20, "gated_prefix_attention": 20,
-                "bottleneck_adapter": 24}
+                "bottleneck_adapter": 24, "multi_lora_linear": 24}
 TRITON_EXAMPLES = {"lora_linear": 6, "int8_lora_linear": 5, "gated_prefix_attention": 5,
-                   "bottleneck_adapter": 8}
+                   "bottleneck_adapter": 8, "multi_lora_linear": 10}
 
 
 @dataclass(frozen=True)
@@ -276,12 +276,14 @@ def check_case(
     ulps: float,
     keep: frozenset[str] = frozenset(),
     sizes: Callable[[Tensor, Tensor | None], Sizes] | None = None,
+    exact: Callable[[dict[str, Tensor], str], None] | None = None,
 ) -> None:
     """Run ``fused`` under ``backend`` and the reference in float64 and in ``dtype``
     (PyTorch's own error) on the same inputs, and compare the output and the gradient of
     every input that requires grad (a random upstream gradient ``dy``):
     :func:`helpers.assert_close_to_ref` with ``ulps`` of the largest reference value, more
-    where ``sizes(dy, dropout seed)`` says the result sums or cancels larger terms."""
+    where ``sizes(dy, dropout seed)`` says the result sums or cancels larger terms.
+    ``exact(results by name, label)`` checks what must hold exactly (zeros)."""
     torch.manual_seed(1234)
     with fastpeft.use_backend(backend):
         y = fused(inputs)
@@ -302,6 +304,8 @@ def check_case(
         refs[key] = [r, *_grads(r, _unique_grad_inputs(copies), dy)]
 
     names = ["out", *(f"d_{n}" for n, _ in wrt)]
+    if exact is not None:
+        exact(dict(zip(names, got, strict=True)), f"[{backend}, {DTYPE_NAMES[dtype]}] of {case}")
     size = sizes(dy.double(), seed) if sizes is not None else Sizes()
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     acc_ratio = torch.finfo(acc).eps / torch.finfo(dtype).eps
@@ -503,6 +507,181 @@ def test_int8_lora_linear(backend: str, device: str, dtype: torch.dtype, key: st
     scale 0) against the reference on the dequantised weight."""
     case = draw_lora(random.Random(key), BUDGETS[backend], int8=True)
     check_lora(backend, device, dtype, case, int8=True)
+
+
+# --- multi_lora_linear -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MultiCase:
+    """One drawn call of ``multi_lora_linear``."""
+
+    lead: tuple[int, ...]
+    d_in: int
+    d_out: int
+    r: int
+    n: int
+    ranks: tuple[int, ...]  # each adapter's own rank (<= r), zero-padded to r
+    ids_pool: tuple[int, ...]  # the ids the rows draw from (-1: the base alone)
+    ids_sorted: bool  # rows already grouped by adapter (one segment each)
+    bias: bool
+    dropout_p: float
+    training: bool
+    scaling: tuple[float, ...]  # per adapter (float32 values)
+    layouts: tuple[tuple[str, str], ...]
+    requires_grad: tuple[str, ...]
+    value_seed: int
+
+    def layout(self, name: str) -> str:
+        return dict(self.layouts)[name]
+
+
+MULTI_TENSORS = ("x", "weight", "bias", "lora_A", "lora_B", "scaling", "adapter_ids")
+
+
+def draw_multi(rng: random.Random, budget: Budget) -> MultiCase:
+    """A multi-adapter LoRA linear call within ``budget``: 1 to 6 adapters of rank up to
+    16 (some zero-padded from a smaller rank), rows naming every adapter, a subset (the
+    others unused, their gradients zero), one adapter, or none (all -1)."""
+    hi = budget.max_dim
+    n = rng.randint(1, 6)
+    r = draw_size(rng, min(hi, 16))
+    d_in, d_out = draw_size(rng, hi), draw_size(rng, hi)
+    # the adapters' parameters and gradients (n r (in + out)) count as much as a row
+    d_in, d_out, r = fit(rng, [d_in, d_out, r],
+                         lambda s: s[0] * s[1] + n * s[2] * (s[0] + s[1]), budget.work)
+    dropout_p = rng.choice([0.0, 0.1, 0.5])
+    training = rng.random() < 0.75
+    # a row's multiply-adds, and the (T, out) sum the reference adds each adapter into
+    max_rows = budget.work // (d_in * d_out + r * (d_in + d_out) + n * d_out)
+    if dropout_p and training:  # as draw_lora: the reference's Philox mask is slow
+        max_rows = min(max_rows, max(1, 30_000 // d_in))
+    lead = draw_lead(rng, max_rows)
+    u = rng.random()
+    if u < 0.1:
+        pool: tuple[int, ...] = (-1,)
+    elif u < 0.25:
+        pool = (rng.randrange(n),)
+    elif u < 0.55:
+        pool = tuple(sorted(rng.sample(range(-1, n), rng.randint(1, n + 1))))
+    else:
+        pool = tuple(range(-1, n))
+    ranks = tuple(rng.randint(1, r) for _ in range(n)) if rng.random() < 0.3 else (r,) * n
+    scaling = tuple(float(torch.tensor(0.0 if rng.random() < 0.05 else rng.choice(
+        [1.0, 2.0, 16 / math.sqrt(r), rng.uniform(-3.0, 3.0)]), dtype=torch.float32))
+        for _ in range(n))
+    bias = rng.random() < 0.6
+    x_dims = len(lead) + 1
+    layouts = (("x", draw_layout(rng, x_dims)), ("weight", draw_layout(rng, 2)),
+               ("bias", draw_layout(rng, 1)), ("lora_A", draw_layout(rng, 3, 0.6)),
+               ("lora_B", draw_layout(rng, 3, 0.6)), ("scaling", draw_layout(rng, 1, 0.7)),
+               ("adapter_ids", draw_layout(rng, len(lead), 0.7) if lead else "contiguous"))
+    flags = draw_requires_grad(rng, ["x", "weight", "bias", "lora_A", "lora_B"], 0.8)
+    if rng.random() < 0.6:  # a frozen base layer
+        flags["weight"] = flags["bias"] = False
+        if not any(flags.values()):
+            flags["lora_A"] = True
+    if not bias:
+        flags["bias"] = False
+        if not any(flags.values()):
+            flags["x"] = True
+    return MultiCase(lead, d_in, d_out, r, n, ranks, pool, rng.random() < 0.3, bias,
+                     dropout_p, training, scaling, layouts,
+                     tuple(k for k, f in flags.items() if f), rng.getrandbits(62))
+
+
+def multi_inputs(case: MultiCase, dtype: torch.dtype, device: str) -> Inputs:
+    """The tensors of ``case`` in ``dtype`` on ``device`` (scaling float32, adapter_ids
+    int64), in their layouts."""
+    gen = torch.Generator().manual_seed(case.value_seed)
+    d_in, d_out, r, n = case.d_in, case.d_out, case.r, case.n
+
+    def make(name: str, value: Tensor) -> Tensor:
+        return laid_out(value, case.layout(name), name in case.requires_grad, device)
+
+    a = randn(gen, (n, r, d_in), torch.float64, d_in**-0.5)
+    b = randn(gen, (n, d_out, r), torch.float64, r**-0.5)
+    for i, rank in enumerate(case.ranks):
+        a[i, rank:] = 0.0
+        b[i, :, rank:] = 0.0
+    pool = torch.tensor(case.ids_pool, dtype=torch.int64)
+    ids = pool[torch.randint(len(pool), case.lead, generator=gen)]
+    if case.ids_sorted:
+        ids = ids.reshape(-1).sort().values.reshape(case.lead)
+    return {
+        "x": make("x", randn(gen, (*case.lead, d_in), dtype)),
+        "weight": make("weight", randn(gen, (d_out, d_in), dtype, d_in**-0.5)),
+        "bias": make("bias", randn(gen, (d_out,), dtype, 0.5)) if case.bias else None,
+        "lora_A": make("lora_A", a.to(dtype)),
+        "lora_B": make("lora_B", b.to(dtype)),
+        "scaling": make("scaling", torch.tensor(case.scaling, dtype=torch.float32)),
+        "adapter_ids": make("adapter_ids", ids),
+    }
+
+
+def _multi_call(fn: Callable[..., Tensor], t: Inputs, case: MultiCase,
+                *seed: Tensor | None) -> Tensor:
+    """``fn`` (multi_lora_linear, fused or the reference with its dropout ``seed``) on ``t``."""
+    return fn(*(t[k] for k in MULTI_TENSORS), case.dropout_p, case.training, *seed)
+
+
+def multi_cancel(case: MultiCase, inputs: Inputs, dy: Tensor,
+                 seed: Tensor | None) -> dict[str, float]:
+    """``Sizes.cancel`` of multi_lora_linear, as :func:`lora_cancel`: the largest
+    |base| + |LoRA| of y and dx, each row with its own adapter, in float64."""
+    t = {k: v.detach().double() for k, v in inputs.items()
+         if v is not None and k not in ("scaling", "adapter_ids")}
+    x = t["x"].reshape(-1, case.d_in).requires_grad_()
+    w = t["weight"]
+    g = dy.reshape(-1, case.d_out)
+    lora = reference.multi_lora_linear(x, torch.zeros_like(w), None, t["lora_A"], t["lora_B"],
+                                       inputs["scaling"], inputs["adapter_ids"],
+                                       case.dropout_p, case.training, seed)
+    base = x.detach() @ w.T + (t["bias"] if "bias" in t else 0.0)
+    dx_lora = torch.autograd.grad(lora, x, g, allow_unused=True)[0]
+    dx = (g @ w).abs() + (0.0 if dx_lora is None else dx_lora.abs())
+    sizes = {"out": base.abs() + lora.detach().abs(), "d_x": dx}
+    return {k: v.max().item() if v.numel() else 0.0 for k, v in sizes.items()}
+
+
+def check_multi(backend: str, device: str, dtype: torch.dtype, case: MultiCase) -> None:
+    """multi_lora_linear of ``case`` against the reference: the output and the gradients
+    of x, lora_A, lora_B, and of weight and bias when they require grad; the gradients of
+    the adapters no row names exactly zero."""
+    inputs = multi_inputs(case, dtype, device)
+    ids = inputs["adapter_ids"]
+    used = set(ids.unique().tolist())
+    unused = [i for i in range(case.n) if i not in used]
+
+    def sizes(dy: Tensor, seed: Tensor | None) -> Sizes:
+        # as check_lora's: the reference on |inputs| (|scaling|; the ids themselves)
+        size = abs_terms(inputs, lambda t: _multi_call(reference.multi_lora_linear,
+                                                       {**t, "adapter_ids": ids}, case, seed),
+                         dy)
+        size.cancel = multi_cancel(case, inputs, dy, seed)
+        return size
+
+    def exact(got: dict[str, Tensor], label: str) -> None:
+        for name in ("d_lora_A", "d_lora_B"):
+            if name in got and unused:
+                g = got[name][unused]
+                assert torch.equal(g, torch.zeros_like(g)), (
+                    f"{name} {label}: adapters {unused} name no row, yet their gradient "
+                    f"reaches {g.abs().max().item():.3e}")
+
+    check_case(case, backend, dtype, inputs,
+               lambda t: _multi_call(fastpeft.multi_lora_linear, t, case),
+               lambda t, seed, _lowp: _multi_call(reference.multi_lora_linear, t, case, seed),
+               case.dropout_p > 0 and case.training, 4.0,
+               keep=frozenset({"scaling", "adapter_ids"}), sizes=sizes, exact=exact)
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype", "key"), cases("multi_lora_linear"))
+def test_multi_lora_linear(backend: str, device: str, dtype: torch.dtype, key: str) -> None:
+    """multi_lora_linear (1 to 6 adapters, rows naming all, some, one or none of them, ids
+    sorted or mixed, any weight layout) against the reference."""
+    case = draw_multi(random.Random(key), BUDGETS[backend])
+    check_multi(backend, device, dtype, case)
 
 
 # --- gated_prefix_attention ------------------------------------------------------------
@@ -877,3 +1056,15 @@ def test_column_gate_attention(backend: str, device: str) -> None:
     case = AttentionCase(1, 2, 1, 3, 3, 2, 4, 1, True, True, False, None, None, 1.0,
                          _vector_layouts(ATTENTION_TENSORS, ("gate",)), ATTENTION_TENSORS, 0)
     check_attention(backend, device, torch.float32, case)
+
+
+@pytest.mark.parametrize(("backend", "device"), _all_params("multi_lora_linear"))
+def test_unit_width_x_multi_lora(backend: str, device: str) -> None:
+    """in = 1 and x one row, a (1, 1) view with last stride 2 (contiguous to
+    ``is_contiguous()``, so ``.contiguous()`` keeps it), with dropout: the CPU kernels'
+    ``lora_branch::dropout_rows`` asserts ``x.stride(1) == 1`` (an INTERNAL ASSERT from
+    the forward; property id cpu-bfloat16-seed19)."""
+    layouts = (("x", "strided"), *_vector_layouts(MULTI_TENSORS[1:], ()))
+    case = MultiCase((1,), 1, 4, 1, 2, (1, 1), (1,), False, False, 0.5, True, (1.0, 2.0),
+                     layouts, ("x", "lora_A", "lora_B"), 0)
+    check_multi(backend, device, torch.float32, case)

@@ -338,8 +338,8 @@ def compare_table(comparison: Comparison | Sequence[Change], threshold: float) -
                          f" ({'apart' if c.beyond_spread else 'overlapping'})")
     if any(c.within_spread(threshold) for c in changes):
         lines.append(f"in spread: worse by more than {threshold:.0%}, but the two runs' "
-                     "ranges overlap: within\n  their own scatter, no regression (more "
-                     "--runs narrow the ranges)")
+                     "ranges overlap: within the\n  scatter of their calls, no regression "
+                     "(a quieter machine narrows the ranges)")
     if any(not c.relative for c in changes):
         lines.append("* no reference median in one of the runs: judged by fastpeft's own "
                      "median,\n  which load on the machine moves as much as any change")

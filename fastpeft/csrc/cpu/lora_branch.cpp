@@ -299,9 +299,12 @@ void dropout_rows(const at::Tensor& x, const int64_t* rows, int64_t n, double dr
   const uint32_t threshold = dropout_threshold(dropout_p);
   const bool scatter = dense.defined();
   TORCH_INTERNAL_ASSERT(dropout_p > 0.0 && dropout_p < 1.0);
-  TORCH_INTERNAL_ASSERT(x.stride(1) == 1 && gathered.stride(1) == 1 && gathered.size(0) >= n);
-  TORCH_INTERNAL_ASSERT(!scatter || (dense.stride(1) == 1 && scattered.stride(1) == 1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout_rows", [&] {
+  // rows are read as K consecutive elements: a unit column stride, or a single column
+  // (whose stride is meaningless: torch calls an (T, 1) view contiguous whatever it is)
+  const auto unit_columns = [](const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; };
+  TORCH_INTERNAL_ASSERT(unit_columns(x) && unit_columns(gathered) && gathered.size(0) >= n);
+  TORCH_INTERNAL_ASSERT(!scatter || (unit_columns(dense) && unit_columns(scattered)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout", [&] {
     using acc_t = acc_of<scalar_t>;
     // as in apply_dropout: keep holds c (float) or 1 (double, scaled by the double c)
     const acc_t keep_scale = acc_t(1.0 / (1.0 - dropout_p));

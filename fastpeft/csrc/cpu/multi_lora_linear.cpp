@@ -23,32 +23,34 @@
 // O(T + n)); an adapter's rows form a segment, cut into chunks of at most chunk_rows rows.
 // The rank-R products are ATen GEMMs (oneDNN / MKL: AVX-512, AVX512-BF16, AMX where the
 // CPU has them) on each chunk: where a segment's rows are consecutive in the batch (the
-// batch is sorted by adapter, or a serving batch's one-row segments) its blocks are views
-// of x, y, xa, dy, dx, read and written in place; otherwise the chunk's rows are gathered
-// into a buffer and its results scattered back, and with dropout the gather applies the
-// mask by each row's global index (lora_branch::dropout_rows). Products are rounded to
-// x's dtype between the GEMMs, as in the unfused composition and lora_linear's aten path.
+// batch is sorted by adapter) its blocks are views of x, y, xa, dy, dx, read and written
+// in place; otherwise the chunk's rows are gathered into a buffer and its results
+// scattered back, and with dropout the gather applies the mask by each row's global index
+// (lora_branch::dropout_rows). Products are rounded to x's dtype between the GEMMs, as in
+// the unfused composition and lora_linear's aten path.
+//
+// Small segments (at most kSmallRows rows: a serving batch's one-row segments, a batch of
+// many short sequences) run the kernels' small_forward / small_backward_* instead, on the
+// rows where they are: a GEMM call has a fixed cost (tens of microseconds for oneDNN's
+// bf16 GEMMs) above a one-row segment's products, and a segment's backward makes four.
 //
 // Forward: the chunks write y = b + s_i * xa @ B_i^T and xa on their rows (b and zeros on
 // the rows with id -1); then the base GEMM runs once for the whole batch, accumulating
-// onto y (beta = 1), threaded by ATen as in lora_linear. A chunk of at most kSmallRows
-// rows (a serving batch's segments) runs the kernels' small_forward instead of two GEMM
-// calls: it streams A_i and B_i once, reading and writing the rows where they are, and
-// costs no call overhead (a oneDNN bf16 GEMM call costs tens of microseconds whatever its
-// size, more than a one-row segment's products).
-// Backward, two parallel phases: (1) per chunk: sdyB and s_i * xa for its rows (kept in
-// grouped order), the LoRA term of dx (masked and scattered to its rows), and the
-// gathered dy rows and xd rows the weight gradients need; (2) per adapter: dB_i and dA_i,
-// each one GEMM over the adapter's whole segment (no partial sums to combine, and fp16 /
-// bf16 rounded once). Then dx += dy @ W (one GEMM, beta = 1).
+// onto y (beta = 1), threaded by ATen as in lora_linear.
+// Backward, two parallel phases: (1) per chunk: sdyB for its rows (kept in grouped
+// order), the LoRA term of dx (masked and scattered to its rows), and the gathered dy, xa
+// and xd rows the weight gradients need; a small segment's task computes all of its
+// gradients; (2) per adapter that is not small: dB_i and dA_i, each one GEMM over the
+// adapter's whole segment (no partial sums to combine, and fp16 / bf16 rounded once).
+// Then dx += dy @ W (one GEMM, beta = 1).
 //
 // Threading: the chunks (and in phase 2 the per-adapter GEMMs, largest first) are
 // handed out dynamically to the intra-op threads, each task's GEMMs single-threaded
-// (parallel_for_aten). A serving batch of many one-row segments thus runs its segments
-// side by side, and a few large segments are split into chunks. The chunks are fixed by
-// the ids and shapes and each task computes the same way on whichever thread, so xa, the
-// LoRA terms and dA, dB do not depend on the thread count; y and dx's base GEMMs are
-// ATen-threaded, as in lora_linear.
+// (parallel_for_aten, SingleThreadedOmp). A serving batch of many one-row segments thus
+// runs its segments side by side, and a few large segments are split into chunks. The
+// chunks are fixed by the ids and shapes and each task computes the same way on
+// whichever thread, so xa, the LoRA terms and dA, dB do not depend on the thread count;
+// y and dx's base GEMMs are ATen-threaded, as in lora_linear.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -57,6 +59,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -178,24 +181,8 @@ class SingleThreadedOmp {
   [[maybe_unused]] int previous_ = 1;
 };
 
-// Runs body(task, scratch) for task in [0, n_tasks) on the intra-op threads, the tasks
-// handed out one at a time (an atomic counter) so that unequal tasks balance; each thread
-// has a Scratch of its own. Each task runs on one thread with single-threaded GEMMs
-// (parallel_for_aten, SingleThreadedOmp), so its results do not depend on where it ran.
-template <typename S, typename Body>
-void run_tasks(int64_t n_tasks, const S& scratch_proto, const Body& body) {
-  if (n_tasks == 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(n_tasks, at::get_num_threads());
-  parallel_for_aten(workers, [&](int64_t, int64_t) {
-    SingleThreadedOmp single_threaded_omp;
-    S scratch = scratch_proto;
-    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;)
-      body(task, scratch);
-  });
-}
-
-// Per-thread buffers, allocated on first use at their largest size: (rows, width) blocks.
+// Per-thread buffers, allocated on first use at their largest size: (rows, width) blocks,
+// and the small-segment kernels' work space (acc_t, float or double; not initialised).
 struct Scratch {
   Scratch(at::TensorOptions options_, int64_t max_rows_)
       : options(options_), max_rows(max_rows_) {}
@@ -203,7 +190,8 @@ struct Scratch {
   at::TensorOptions options;
   int64_t max_rows;
   at::Tensor bufs[3];
-  std::vector<double> work;  // the small-chunk kernels' (acc_t, float or double)
+  std::unique_ptr<double[]> work;
+  int64_t work_size = 0;
 
   at::Tensor get(int slot, int64_t rows, int64_t width) {
     at::Tensor& b = bufs[slot];
@@ -212,10 +200,28 @@ struct Scratch {
   }
   template <typename T>
   T* work_buffer(int64_t n) {
-    if (work.size() < static_cast<size_t>(n)) work.resize(static_cast<size_t>(n));
-    return reinterpret_cast<T*>(work.data());
+    if (work_size < n) work.reset(new double[static_cast<size_t>(n)]), work_size = n;
+    return reinterpret_cast<T*>(work.get());
   }
 };
+
+// Runs body(task, scratch) for task in [0, n_tasks) on the intra-op threads, the tasks
+// handed out one at a time (an atomic counter) so that unequal tasks balance; each thread
+// has a Scratch of its own. Each task runs on one thread with single-threaded GEMMs
+// (parallel_for_aten, SingleThreadedOmp), so its results do not depend on where it ran.
+template <typename Body>
+void run_tasks(int64_t n_tasks, const at::TensorOptions& options, int64_t max_rows,
+               const Body& body) {
+  if (n_tasks == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n_tasks, at::get_num_threads());
+  parallel_for_aten(workers, [&](int64_t, int64_t) {
+    SingleThreadedOmp single_threaded_omp;
+    Scratch scratch(options, max_rows);
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < n_tasks;)
+      body(task, scratch);
+  });
+}
 
 // The chunk's rows of src (T, w) gathered into dst (m, w), or the scatter back
 void gather(const at::Tensor& src, const int64_t* rows, int64_t m, const at::Tensor& dst) {
@@ -253,15 +259,14 @@ std::tuple<at::Tensor, at::Tensor> forward(
 
   const int64_t rows = chunk_rows(K, N, x.element_size());
   const std::vector<Chunk> chunks = make_chunks(g, n, rows);
-  Scratch proto(x.options(), rows);
-  run_tasks(static_cast<int64_t>(chunks.size()), proto, [&](int64_t task, Scratch& scratch) {
+  const auto chunk_task = [&](int64_t task, Scratch& scratch) {
     const Chunk& c = chunks[task];
     const int64_t m = c.end - c.begin, i = c.adapter;
     const int64_t* rows_c = g.order.data() + c.begin;
     const bool in_place = g.consecutive(i);
     const int64_t t0 = rows_c[0];
     if (m <= kSmallRows) {  // our kernels, on the rows where they are
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_small", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora", [&] {
         using acc_t = acc_of<scalar_t>;
         const scalar_t* x_p = x.const_data_ptr<scalar_t>();
         const scalar_t* xd_p = nullptr;
@@ -277,7 +282,8 @@ std::tuple<at::Tensor, at::Tensor> forward(
           xar[j] = xa.mutable_data_ptr<scalar_t>() + rows_c[j] * R;
           yr[j] = y.mutable_data_ptr<scalar_t>() + rows_c[j] * N;
         }
-        acc_t* work = scratch.work_buffer<acc_t>((kSmallRows + 8) * round_up(R, 8));
+        acc_t* work =
+            scratch.work_buffer<acc_t>((kBlockRows + 8) * round_up(R, 8) + kBlockRows * K);
         small_forward<scalar_t>(xr, m, lora_A.const_data_ptr<scalar_t>() + i * R * K,
                                 lora_B.const_data_ptr<scalar_t>() + i * N * R,
                                 b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
@@ -308,7 +314,8 @@ std::tuple<at::Tensor, at::Tensor> forward(
       scatter(xa_c, rows_c, m, xa);
       scatter(y_c, rows_c, m, y);
     }
-  });
+  };
+  run_tasks(static_cast<int64_t>(chunks.size()), x.options(), rows, chunk_task);
 
   // The base GEMM accumulates onto y (beta = 1), once for the whole batch.
   y.addmm_(x, weight.t());
@@ -353,35 +360,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     }
   }
 
-  // In grouped order, over all active rows: s_i * dy @ B_i, s_i * xa, and the dy and xd
-  // rows the weight gradients read where they are not views of dy and x.
+  // In grouped order, over all active rows: s_i * dy @ B_i, and the dy, xa and xd rows
+  // the weight gradients read where they are not views of dy, xa and x.
   const int64_t active = static_cast<int64_t>(g.order.size());
   at::Tensor sdyB = at::empty({active, R}, x.options());
-  at::Tensor sxa = at::empty({active, R}, x.options());
   at::Tensor dy_g = gathered ? at::empty({active, N}, x.options()) : at::Tensor();
+  at::Tensor xa_g = gathered ? at::empty({active, R}, x.options()) : at::Tensor();
   at::Tensor xd_g = gathered || dropout ? at::empty({active, K}, x.options()) : at::Tensor();
+  const auto small = [&](int64_t i) { return g.rows(i) <= kSmallRows; };
 
-  // Phase 1: per chunk.
+  // Phase 1: per chunk. A small segment is one chunk, and its task computes all of its
+  // gradients with the kernels' small_backward_*.
   const int64_t rows = chunk_rows(K, N, x.element_size());
   const std::vector<Chunk> chunks = make_chunks(g, n, rows);
-  Scratch proto(x.options(), rows);
-  run_tasks(static_cast<int64_t>(chunks.size()), proto, [&](int64_t task, Scratch& scratch) {
+  const auto chunk_task = [&](int64_t task, Scratch& scratch) {
     const Chunk& c = chunks[task];
     const int64_t m = c.end - c.begin, i = c.adapter;
     const int64_t* rows_c = g.order.data() + c.begin;
     const bool in_place = g.consecutive(i);
     const int64_t t0 = rows_c[0];
-    at::Tensor dy_c, sxa_c = sxa.narrow(0, c.begin, m), sdyB_c = sdyB.narrow(0, c.begin, m);
+    if (small(i)) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora", [&] {
+        using acc_t = acc_of<scalar_t>;
+        const scalar_t *dyr[kSmallRows], *xar[kSmallRows], *xdr[kSmallRows];
+        scalar_t* dxr[kSmallRows];
+        at::Tensor dxl = compute_dx && dropout ? scratch.get(0, m, K) : at::Tensor();
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t t = rows_c[j];
+          dyr[j] = grad_y.const_data_ptr<scalar_t>() + t * N;
+          xar[j] = xa.const_data_ptr<scalar_t>() + t * R;
+          xdr[j] = x.const_data_ptr<scalar_t>() + t * K;
+          if (compute_dx)
+            dxr[j] = dropout ? dxl.mutable_data_ptr<scalar_t>() + j * K
+                             : dx.mutable_data_ptr<scalar_t>() + t * K;
+        }
+        const int64_t Rq = round_up(R, 16);  // >= the kernels' R rounded to 2 vectors
+        acc_t* sdyB_s =
+            scratch.work_buffer<acc_t>(2 * kSmallRows * Rq + N * Rq + 32 * kSmallRows);
+        acc_t* work = sdyB_s + kSmallRows * Rq;
+        small_backward_dy<scalar_t>(dyr, xar, m, lora_A.const_data_ptr<scalar_t>() + i * R * K,
+                                    lora_B.const_data_ptr<scalar_t>() + i * N * R,
+                                    static_cast<acc_t>(s[i]), R, K, N,
+                                    dB.mutable_data_ptr<scalar_t>() + i * N * R,
+                                    compute_dx ? dxr : nullptr, sdyB_s, work);
+        if (dropout) {  // xd rows, and the mask onto dx's LoRA term, from one draw
+          at::Tensor xd = scratch.get(1, m, K);
+          lora_branch::dropout_rows(x, rows_c, m, dropout_p, seed_v, xd, dxl, dx);
+          for (int64_t j = 0; j < m; ++j) xdr[j] = xd.const_data_ptr<scalar_t>() + j * K;
+        }
+        small_backward_dA<scalar_t>(sdyB_s, xdr, m, R, K,
+                                    dA.mutable_data_ptr<scalar_t>() + i * R * K, work);
+      });
+      return;
+    }
+    at::Tensor dy_c, sdyB_c = sdyB.narrow(0, c.begin, m);
     if (in_place) {
       dy_c = grad_y.narrow(0, t0, m);
-      at::mul_out(sxa_c, xa.narrow(0, t0, m), s[i]);
     } else {
       dy_c = dy_g.narrow(0, c.begin, m);
       gather(grad_y, rows_c, m, dy_c);
-      gather(xa, rows_c, m, sxa_c);
-      sxa_c.mul_(s[i]);
+      gather(xa, rows_c, m, xa_g.narrow(0, c.begin, m));
     }
-    at::mm_out(sdyB_c, dy_c, lora_B[i]).mul_(s[i]);
+    sdyB_c.addmm_(dy_c, lora_B[i], 0.0, s[i]);  // s_i * dy @ B_i (beta = 0)
     at::Tensor xd_c = xd_g.defined() ? xd_g.narrow(0, c.begin, m) : at::Tensor();
     if (dropout) {  // xd rows, and the mask onto dx's LoRA term, from one draw
       at::Tensor dxl;
@@ -403,18 +443,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       }
       if (!in_place) gather(x, rows_c, m, xd_c);
     }
-  });
+  };
+  run_tasks(static_cast<int64_t>(chunks.size()), x.options(), rows, chunk_task);
 
-  // Phase 2: per adapter, dB_i = dy_i^T @ (s_i * xa_i) and dA_i = sdyB_i^T @ xd_i over
-  // its whole segment, one GEMM each; the largest first.
-  std::vector<int64_t> used;
+  // Phase 2: per adapter that is not small, dB_i = s_i * dy_i^T @ xa_i and
+  // dA_i = sdyB_i^T @ xd_i over its whole segment, one GEMM each; the largest first.
+  std::vector<int64_t> large;
   for (int64_t i = 0; i < n; ++i)
-    if (g.rows(i) > 0) used.push_back(i);
-  std::stable_sort(used.begin(), used.end(),
+    if (g.rows(i) > 0 && !small(i)) large.push_back(i);
+  std::stable_sort(large.begin(), large.end(),
                    [&](int64_t a, int64_t c) { return g.rows(a) > g.rows(c); });
-  Scratch none(x.options(), 0);
-  run_tasks(2 * static_cast<int64_t>(used.size()), none, [&](int64_t task, Scratch&) {
-    const int64_t i = used[task / 2], off = g.offset[i], m = g.rows(i);
+  const auto adapter_task = [&](int64_t task, Scratch&) {
+    const int64_t i = large[task / 2], off = g.offset[i], m = g.rows(i);
     const bool in_place = g.consecutive(i);
     const int64_t t0 = g.order[off];
     if (task % 2 == 0) {
@@ -423,10 +463,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       at::mm_out(dA_i, sdyB.narrow(0, off, m).t(), xd_i);
     } else {
       const at::Tensor dy_i = in_place ? grad_y.narrow(0, t0, m) : dy_g.narrow(0, off, m);
-      at::Tensor dB_i = dB[i];
-      at::mm_out(dB_i, dy_i.t(), sxa.narrow(0, off, m));
+      const at::Tensor xa_i = in_place ? xa.narrow(0, t0, m) : xa_g.narrow(0, off, m);
+      dB[i].addmm_(dy_i.t(), xa_i, 0.0, s[i]);  // beta = 0
     }
-  });
+  };
+  run_tasks(2 * static_cast<int64_t>(large.size()), x.options(), 0, adapter_task);
 
   if (compute_dx) dx.addmm_(grad_y, weight);  // beta = 1 onto the LoRA term
   return {dx, dA, dB};
