@@ -40,68 +40,33 @@ import triton.language as tl
 from ._common import cfgs, tuned
 from ._dropout import dropout_keep_mask
 
+
+def _tiles(rows: str, cols: str, sizes: list[tuple[int, int, int, int]]) -> list:
+    """``cfgs`` of tiles ``{rows: bm, cols: bn}`` (with num_warps, num_stages) on a GPU and
+    the interpreter's 16 x 32; the same table serves kernels that name their axes
+    differently."""
+    return cfgs({rows: 16, cols: 32},
+                [({rows: bm, cols: bn}, warps, stages) for bm, bn, warps, stages in sizes])
+
+
 # Shrink (rows, K) @ (K, R) and dyB (rows, N) @ (N, R): memory-bound on the long operand,
 # small row blocks for parallelism (the rank R is one tile). The first, small config is the
 # one that fits an H100's shared memory at the largest tiles (fp64, R = 128).
-_SHRINK_CONFIGS = cfgs(
-    {"BLOCK_M": 16, "BLOCK_K": 32},
-    [
-        ({"BLOCK_M": 16, "BLOCK_K": 64}, 4, 2),
-        ({"BLOCK_M": 16, "BLOCK_K": 128}, 4, 4),
-        ({"BLOCK_M": 32, "BLOCK_K": 128}, 4, 3),
-        ({"BLOCK_M": 64, "BLOCK_K": 64}, 4, 4),
-        ({"BLOCK_M": 64, "BLOCK_K": 128}, 4, 3),
-        ({"BLOCK_M": 128, "BLOCK_K": 64}, 8, 3),
-    ],
-)
-_DYB_CONFIGS = cfgs(
-    {"BLOCK_M": 16, "BLOCK_N": 32},
-    [
-        ({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 2),
-        ({"BLOCK_M": 16, "BLOCK_N": 128}, 4, 4),
-        ({"BLOCK_M": 32, "BLOCK_N": 128}, 4, 3),
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 4),
-        ({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 3),
-        ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
-    ],
-)
+_ROW_SIZES = [(16, 64, 4, 2), (16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3),
+              (128, 64, 8, 3)]
+_SHRINK_CONFIGS = _tiles("BLOCK_M", "BLOCK_K", _ROW_SIZES)
+_DYB_CONFIGS = _tiles("BLOCK_M", "BLOCK_N", _ROW_SIZES)
 # Expand / dx: one rank-R product per output tile, read-modify-write of the tile. The small
 # first config is for the large ranks in fp32 "ieee" (FMA dots), where the others spill.
-_EXPAND_CONFIGS = cfgs(
-    {"BLOCK_M": 16, "BLOCK_N": 32},
-    [
-        ({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 2),
-        ({"BLOCK_M": 16, "BLOCK_N": 128}, 4, 2),
-        ({"BLOCK_M": 32, "BLOCK_N": 128}, 4, 2),
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
-        ({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 2),
-        ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2),
-    ],
-)
+_EXPAND_CONFIGS = _tiles("BLOCK_M", "BLOCK_N", [
+    (16, 64, 4, 2), (16, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2),
+    (128, 128, 8, 2)])
 # dA / dB: one program per (adapter, column block), looping over the segment's rows (the
 # first config, again, for the large ranks in fp32 "ieee").
-_DA_CONFIGS = cfgs(
-    {"BLOCK_T": 16, "BLOCK_K": 32},
-    [
-        ({"BLOCK_T": 32, "BLOCK_K": 32}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_K": 32}, 4, 4),
-        ({"BLOCK_T": 128, "BLOCK_K": 32}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_K": 64}, 4, 4),
-        ({"BLOCK_T": 128, "BLOCK_K": 64}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_K": 128}, 8, 3),
-    ],
-)
-_DB_CONFIGS = cfgs(
-    {"BLOCK_T": 16, "BLOCK_N": 32},
-    [
-        ({"BLOCK_T": 32, "BLOCK_N": 32}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_N": 32}, 4, 4),
-        ({"BLOCK_T": 128, "BLOCK_N": 32}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_N": 64}, 4, 4),
-        ({"BLOCK_T": 128, "BLOCK_N": 64}, 4, 3),
-        ({"BLOCK_T": 64, "BLOCK_N": 128}, 8, 3),
-    ],
-)
+_REDUCE_SIZES = [(32, 32, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (64, 64, 4, 4),
+                 (128, 64, 4, 3), (64, 128, 8, 3)]
+_DA_CONFIGS = _tiles("BLOCK_T", "BLOCK_K", _REDUCE_SIZES)
+_DB_CONFIGS = _tiles("BLOCK_T", "BLOCK_N", _REDUCE_SIZES)
 
 
 @triton.jit
