@@ -363,6 +363,26 @@ def test_module_adapter_ids_and_refusals():
     assert layer.adapter_names == ["sql", "math"]
 
 
+def test_module_serving_reuses_the_stack_until_a_weight_changes():
+    """Without gradients the stacked adapters are kept between calls, and made again when a
+    weight changes in place (an optimizer step, a load) or an adapter is added."""
+    layer = _module().eval()
+    x = torch.randn(4, 24)
+    ids = torch.tensor([0, 1, 2, -1])
+    with torch.no_grad():
+        first = layer(x, adapter_ids=ids)
+        stack = layer.stacked(torch.float32)
+        assert layer.stacked(torch.float32)[0] is stack[0]  # kept
+        layer.lora_B["chat"].weight.mul_(2.0)
+        changed = layer(x, adapter_ids=ids)
+    expected = layer(x, adapter_ids=ids)  # with grad: stacked per call
+    torch.testing.assert_close(changed, expected)
+    assert not torch.allclose(changed[1], first[1]) and torch.equal(changed[0], first[0])
+    layer.add_adapter("new", 2, 4)
+    with torch.no_grad():
+        assert layer.stacked(torch.float32)[0].shape[0] == 4
+
+
 def test_module_compiles_fullgraph():
     torch._dynamo.reset()
     layer = _module(dropout=0.1).train()

@@ -14,7 +14,7 @@ from ..ops._checks import check_positive_int
 from ..ops.multi_lora_linear import multi_lora_linear
 from .lora_linear import autocast_dtype, is_conv1d, linear_weight
 
-__all__ = ["BASE", "MultiLoRALinear", "per_row_ids", "stack_adapters"]
+__all__ = ["BASE", "MultiLoRALinear", "per_row_ids", "stack_adapters", "stack_adapters_cached"]
 
 #: The adapter name that selects the base layer alone (PEFT's ``"__base__"``).
 BASE = "__base__"
@@ -141,11 +141,12 @@ class MultiLoRALinear(nn.Module):
                                      self.training)
 
     def stacked(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """:func:`stack_adapters` of every adapter, in :attr:`adapter_names` order."""
+        """:func:`stack_adapters` of every adapter, in :attr:`adapter_names` order (kept
+        between calls where no gradient is needed: :func:`stack_adapters_cached`)."""
         names = self.adapter_names
-        return stack_adapters([self.lora_A[a].weight for a in names],
-                              [self.lora_B[a].weight for a in names],
-                              [self.scaling[a] for a in names], dtype)
+        return stack_adapters_cached(self, [self.lora_A[a].weight for a in names],
+                                     [self.lora_B[a].weight for a in names],
+                                     [self.scaling[a] for a in names], dtype)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{a}(r={self.r[a]}, alpha={self.lora_alpha[a]})"
@@ -167,6 +168,29 @@ def stack_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor],
                              for b in lora_B])
     s = torch.tensor([float(v) for v in scaling], dtype=torch.float32, device=lora_A[0].device)
     return stacked_a, stacked_b, s
+
+
+def stack_adapters_cached(owner: nn.Module, lora_A: Sequence[Tensor], lora_B: Sequence[Tensor],
+                          scaling: Sequence[float],
+                          dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`stack_adapters`, kept on ``owner`` between calls that need no gradient (grad
+    disabled, as when serving, or no adapter weight requiring grad): a serving step then
+    reads the adapters once, in the kernels, instead of copying them first. The stack is
+    made again when a weight changes (its version or storage: an optimizer step, a load,
+    ``.to()``), an adapter or a scaling changes, or the dtype does; it holds one copy of the
+    adapters' weights. With gradients needed, the stack is made per call, differentiably."""
+    weights = [*lora_A, *lora_B]
+    if (torch.is_grad_enabled() and any(w.requires_grad for w in weights)) \
+            or torch.compiler.is_compiling():  # (compiled: the graph stacks them itself)
+        return stack_adapters(lora_A, lora_B, scaling, dtype)
+    key = (dtype, tuple(float(v) for v in scaling),
+           tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in weights))
+    cached = owner.__dict__.get("_fastpeft_stack")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, stack_adapters(lora_A, lora_B, scaling, dtype))
+        owner.__dict__["_fastpeft_stack"] = cached
+    return cached[1]
 
 
 def per_row_ids(adapter_names: Sequence[str], adapters: Sequence[str], x: Tensor) -> Tensor:

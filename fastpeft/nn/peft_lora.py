@@ -19,7 +19,7 @@ from ..ops.lora_linear import lora_linear
 from ..ops.multi_lora_linear import multi_lora_linear
 from .int8_lora_linear import Int8LoRALinear, bnb_int8_weight, is_bnb
 from .lora_linear import LoRALinear, autocast_dtype, is_conv1d
-from .multi_lora_linear import per_row_ids, stack_adapters
+from .multi_lora_linear import per_row_ids, stack_adapters_cached
 
 __all__ = ["FusedPeftLora", "LoraParts", "MixedBatchTraining", "all_lora_fused",
            "fuse_lora_model", "fuse_peft_lora", "is_param_wrapper", "lora_parts",
@@ -138,8 +138,8 @@ class FusedPeftLora:
         ids = per_row_ids(adapter_names, names, x)
         if not names:  # no adapter of this layer named: the base alone
             return nn.functional.linear(x, weight, bias)
-        lora_A, lora_B, scaling = stack_adapters(
-            [self.lora_A[a].weight for a in names], [self.lora_B[a].weight for a in names],
+        lora_A, lora_B, scaling = stack_adapters_cached(
+            self, [self.lora_A[a].weight for a in names], [self.lora_B[a].weight for a in names],
             [self.scaling[a] for a in names], dtype)
         p = dropouts[names[0]]
         return multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, ids, p, self.training)
