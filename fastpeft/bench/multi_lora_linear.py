@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import reference
 from ..nn import LoRALinear, MultiLoRALinear
-from .peers import peft_multi_lora_linear
+from .peers import peft_lora_linear
 from .runner import Case
 
 
@@ -113,7 +113,7 @@ def build(shape: MultiLoRAShape, dtype: torch.dtype, device: torch.device) -> Ca
     else:
         providers["base"] = base
         floor = "base"
-    peer = peft_multi_lora_linear(base, names, shape.r, 2 * shape.r, shape.dropout)
+    peer = peft_lora_linear(base, shape.r, 2 * shape.r, shape.dropout, names=tuple(names))
     missing = "peft (not installed)" if peer is None else None
     if peer is not None:
         peer.train(shape.training)

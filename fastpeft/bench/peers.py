@@ -150,26 +150,11 @@ def peer_libraries(names: Iterable[str]) -> list[PeerLibrary]:
 
 
 def peft_lora_linear(base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float,
-                     use_rslora: bool = False) -> nn.Module | None:
-    """Hugging Face PEFT's LoRA ``Linear`` around ``base`` (shared, frozen), or None."""
-    if peer_libraries(("peft",))[0].version is None:
-        return None
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        return None
-
-    holder = nn.Module()
-    holder.proj = base
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        target_modules=["proj"], use_rslora=use_rslora)
-    return get_peft_model(holder, config).base_model.model.proj
-
-
-def peft_multi_lora_linear(base: nn.Linear, names: list[str], r: int, lora_alpha: float,
-                           lora_dropout: float) -> nn.Module | None:
-    """PEFT's LoRA ``Linear`` around ``base`` (shared, frozen) holding one adapter per name
-    (called with ``adapter_names``: PEFT's mixed batch), or None without PEFT."""
+                     use_rslora: bool = False,
+                     names: tuple[str, ...] = ("default",)) -> nn.Module | None:
+    """Hugging Face PEFT's LoRA ``Linear`` around ``base`` (shared, frozen), or None without
+    PEFT. With several ``names`` it holds one adapter per name, all trainable (PEFT's mixed
+    batch is a call with ``adapter_names``)."""
     if peer_libraries(("peft",))[0].version is None:
         return None
     try:
@@ -182,14 +167,15 @@ def peft_multi_lora_linear(base: nn.Linear, names: list[str], r: int, lora_alpha
 
     def config():
         return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          target_modules=["proj"])
+                          target_modules=["proj"], use_rslora=use_rslora)
 
     model = get_peft_model(holder, config(), adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, config())
     layer = model.base_model.model.proj
-    for p in layer.parameters():  # every adapter trainable, not the active one's only
-        p.requires_grad_(p is not base.weight and p is not base.bias)
+    if len(names) > 1:  # every adapter trainable, not the active one's only
+        for p in layer.parameters():
+            p.requires_grad_(p is not base.weight and p is not base.bias)
     return layer
 
 
