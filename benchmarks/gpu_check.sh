@@ -238,8 +238,8 @@ if [ "$DRY_RUN" = 1 ]; then
     TEST_CAP=180
 else
     TEST_GROUPS=()
-    for f in lora_linear int8_lora_linear bottleneck_adapter gated_prefix_attention properties \
-             autograd op_layer triton_compat; do
+    for f in lora_linear int8_lora_linear multi_lora_linear bottleneck_adapter \
+             gated_prefix_attention properties autograd op_layer triton_compat; do
         TEST_GROUPS+=("$f:tests/test_$f.py:triton or mixed_devices")
     done
     TEST_CAP=210
@@ -266,7 +266,7 @@ else
     BENCH_SHAPES=(--shapes full)
     FP32_SHAPES=(--quick)
 fi
-for op in lora_linear int8_lora_linear gated_prefix_attention bottleneck_adapter; do
+for op in lora_linear int8_lora_linear multi_lora_linear gated_prefix_attention bottleneck_adapter; do
     run_step "bench-bf16-$op" 120 "$PYTHON" -m fastpeft.bench --device "$DEVICE" --dtype bf16 \
         --ops "$op" "${BENCH_SHAPES[@]}" --no-progress --out "$OUTDIR/bench-bf16" || FAILED=1
     write_summary
