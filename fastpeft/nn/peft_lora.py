@@ -83,14 +83,7 @@ class FusedPeftLora:
             bias = None if base.bias is None else base.bias.to(x.dtype)
             return int8_lora_linear(x, qweight, scb.float() / 127.0, bias, lora_A.to(x.dtype),
                                     lora_B.to(x.dtype), self.scaling[a], p, self.training)
-        # PEFT's fan_in_fan_out (GPT-2's Conv1D): the (in, out) weight, read in place
-        weight = base.weight.t() if is_conv1d(base) else base.weight
-        bias = base.bias
-        if dtype is None:
-            dtype = weight.dtype
-        else:
-            weight = weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        weight, bias, dtype = _base_operands(base, dtype)
         return lora_linear(x, weight, bias, lora_A.to(dtype), lora_B.to(dtype),
                            self.scaling[a], p, self.training)
 
@@ -128,16 +121,10 @@ class FusedPeftLora:
     def _mixed_forward(self, x: Tensor, adapter_names: list[str], names: list[str],
                        dropouts: dict[str, float], base: nn.Module,
                        dtype: torch.dtype | None) -> Tensor:
-        weight = base.weight.t() if is_conv1d(base) else base.weight
-        bias = base.bias
-        if dtype is None:
-            dtype = weight.dtype
-        else:
-            weight = weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        ids = per_row_ids(adapter_names, names, x)
+        weight, bias, dtype = _base_operands(base, dtype)
         if not names:  # no adapter of this layer named: the base alone
             return nn.functional.linear(x, weight, bias)
+        ids = per_row_ids(adapter_names, names, x)
         lora_A, lora_B, scaling = stack_adapters_cached(
             self, [self.lora_A[a].weight for a in names], [self.lora_B[a].weight for a in names],
             [self.scaling[a] for a in names], dtype)
@@ -154,6 +141,18 @@ class FusedPeftLora:
         if self.use_dora.get(a) or getattr(self, "lora_bias", {}).get(a):
             return None
         return a
+
+
+def _base_operands(base: nn.Module,
+                   dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None, torch.dtype]:
+    """A float base layer's ``(weight (out, in), bias, dtype)`` for the fused ops: PEFT's
+    fan_in_fan_out (GPT-2's Conv1D) ``(in, out)`` weight as its transposed view, read in
+    place; cast to ``dtype`` (autocast's) when given, else in the weight's own dtype."""
+    weight = base.weight.t() if is_conv1d(base) else base.weight
+    bias = base.bias
+    if dtype is None:
+        return weight, bias, weight.dtype
+    return weight.to(dtype), None if bias is None else bias.to(dtype), dtype
 
 
 def weights_readable(module: nn.Module) -> bool:
