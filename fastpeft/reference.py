@@ -298,3 +298,70 @@ def int8_lora_linear(
     fused kernels)."""
     weight = dequantize_int8(qweight, weight_scale, x.dtype)
     return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed)
+
+
+# The 16 NF4 values (QLoRA, Dettmers et al. 2023): the quantiles of a standard normal
+# scaled to [-1, 1], with an exact zero; bitsandbytes' table, code i -> NF4_VALUES[i].
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
+def nf4_table(device: torch.device | str | None = None) -> Tensor:
+    """:data:`NF4_VALUES` as a float32 tensor."""
+    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+
+
+def quantize_nf4(weight: Tensor, blocksize: int = 64) -> tuple[Tensor, Tensor]:
+    """Blockwise NF4, bitsandbytes' format: the weight read row-major in blocks of
+    ``blocksize`` elements (the last block may be short), ``absmax`` the largest magnitude
+    of each block (float32), each element ``w / absmax`` rounded to the nearest NF4 value
+    (a tie to the lower one), and two 4-bit codes per byte, the first element in the high
+    nibble. Returns ``(qweight uint8 (out, in // 2), absmax float32 (ceil(out * in /
+    blocksize),))``; a block of zeros gets absmax 0 and the code of 0.0."""
+    out_features, in_features = weight.shape
+    w = weight.detach().reshape(-1).float()
+    n = w.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(w, (0, blocks * blocksize - n)).view(blocks, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    scaled = (padded * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1.0, 1.0)
+    table = nf4_table(w.device)
+    midpoints = (table[:-1] + table[1:]) / 2
+    codes = torch.bucketize(scaled.reshape(-1)[:n], midpoints).to(torch.uint8)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed.view(out_features, in_features // 2), absmax
+
+
+def dequantize_nf4(qweight: Tensor, absmax: Tensor, blocksize: int,
+                   dtype: torch.dtype) -> Tensor:
+    """The float weight ``(out, 2 * qweight.shape[1])`` of :func:`quantize_nf4`'s codes:
+    ``NF4_VALUES[code] * absmax[block]`` in float32, then rounded to ``dtype`` once."""
+    out_features = qweight.shape[0]
+    codes = torch.stack((qweight >> 4, qweight & 15), dim=-1).reshape(-1).long()
+    values = nf4_table(qweight.device)[codes]
+    block = torch.arange(values.numel(), device=qweight.device) // blocksize
+    weight = values * absmax.float()[block]
+    return weight.view(out_features, -1).to(dtype)
+
+
+def nf4_lora_linear(
+    x: Tensor,
+    qweight: Tensor,
+    absmax: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | Tensor | None = None,
+    blocksize: int = 64,
+) -> Tensor:
+    """:func:`lora_linear` on the dequantised NF4 weight (materialised here, never in the
+    fused kernels)."""
+    weight = dequantize_nf4(qweight, absmax, blocksize, x.dtype)
+    return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed)

@@ -1,8 +1,8 @@
-"""What the two LoRA linear ops (``lora_linear`` and ``int8_lora_linear``) share: their
-LoRA-argument checks, the one-pass check of a usual call, the layout the kernels read the
-base weight in, the dropout seed, and the backward's shape function.
+"""What the LoRA linear ops (``lora_linear``, ``int8_lora_linear``, ``nf4_lora_linear``)
+share: their LoRA-argument checks, the one-pass check of a usual call, the layout the
+kernels read the base weight in, the dropout seed, and the backward's shape function.
 
-The LoRA branch and its backward formulas are the same for both ops (see
+The LoRA branch and its backward formulas are the same for all of them (see
 :mod:`fastpeft.ops.lora_linear`); only the base term differs.
 """
 
@@ -23,10 +23,14 @@ def linear_backward_fake(x: Tensor, lora_A: Tensor, lora_B: Tensor,
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
-def check_lora_args(x, weight, bias, lora_A, lora_B, weight_name: str = "weight") -> None:
-    """Shape, dtype and device checks shared by ``lora_linear`` and ``int8_lora_linear``
-    (``weight`` is the float or the int8 base weight, already checked to be 2-D)."""
-    out_features, in_features = weight.shape
+def check_lora_args(x, weight, bias, lora_A, lora_B, weight_name: str = "weight",
+                    in_features: int | None = None) -> None:
+    """Shape, dtype and device checks shared by the LoRA linear ops (``weight`` is the
+    float, int8 or packed NF4 base weight, already checked to be 2-D; ``in_features``
+    given where it is not ``weight.shape[1]``: two NF4 codes per byte)."""
+    out_features = weight.shape[0]
+    if in_features is None:
+        in_features = weight.shape[1]
     if x.shape[-1] != in_features:
         raise ValueError(
             f"x: expected last dimension {in_features} ({weight_name} is "

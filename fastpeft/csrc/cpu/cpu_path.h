@@ -65,4 +65,48 @@ inline bool aten_lowp_gemm(c10::ScalarType dtype) {
 #endif
 }
 
+// The vector ISA of the kernels written with intrinsics for more than one ISA (today
+// nf4_lora_linear's NF4 decoder): the widest the CPU has, or FASTPEFT_CPU_ISA=avx512 |
+// avx2 | generic (read at every call, so a test can run each one the CPU can in one
+// process; forcing one the CPU lacks is refused).
+enum class CpuIsa { kGeneric, kAvx2, kAvx512 };
+
+inline bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+inline bool cpu_has_avx512bw() {  // with VL (every AVX-512 CPU with BW has it)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+inline CpuIsa cpu_isa() {
+  const CpuIsa best = cpu_has_avx512bw() ? CpuIsa::kAvx512
+                      : cpu_has_avx2_fma() ? CpuIsa::kAvx2
+                                           : CpuIsa::kGeneric;
+  const char* forced = std::getenv("FASTPEFT_CPU_ISA");
+  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) return best;
+  if (std::strcmp(forced, "generic") == 0) return CpuIsa::kGeneric;
+  if (std::strcmp(forced, "avx2") == 0) {
+    TORCH_CHECK(cpu_has_avx2_fma(), "FASTPEFT_CPU_ISA=avx2, but this CPU lacks AVX2 + FMA");
+    return CpuIsa::kAvx2;
+  }
+  if (std::strcmp(forced, "avx512") == 0) {
+    TORCH_CHECK(cpu_has_avx512bw(), "FASTPEFT_CPU_ISA=avx512, but this CPU lacks AVX-512 BW + VL");
+    return CpuIsa::kAvx512;
+  }
+  TORCH_CHECK(false, "FASTPEFT_CPU_ISA must be auto, avx512, avx2 or generic, got '", forced,
+              "'");
+}
+
 }  // namespace fastpeft::cpu

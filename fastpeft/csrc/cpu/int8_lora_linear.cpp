@@ -25,15 +25,10 @@
 //   op. With fp32 accumulation on AVX2 the base product is a GEMV kernel of its own
 //   (gemv_forward), in passes of 4 rows, and the forward takes this path up to
 //   kGemvMaxRows. The backward accumulates onto the LoRA part's dx.
-// * larger T: compute-bound, so ATen's GEMM (MKL) does the arithmetic on tiles of W
-//   dequantised into a per-thread fp32 (fp64) buffer sized for L2, accumulating onto the
-//   LoRA part's y / dx (beta = 1); threads take disjoint tiles of the output columns, and
-//   each tile's GEMM runs single-threaded on its thread (parallel_for_aten). A tile
-//   is dequantised once per use, 1/T of the GEMM's work. fp16 / bf16 operands are
-//   converted to fp32 once, and the result rounded once at the end, except on the kAten
-//   path (cpu_path.h) where oneDNN has GEMMs of that dtype (lowp_gemm): there the tiles
-//   are dequantised to bf16 / fp16, span the whole reduction, and oneDNN's GEMM
-//   (AVX512-BF16, AMX; fp32 accumulation) adds onto y / dx with one rounding.
+// * larger T: compute-bound, so ATen's GEMM does the arithmetic on tiles of W dequantised
+//   into a per-thread buffer, accumulating onto the LoRA part's y / dx: dequant_gemm.h,
+//   shared with nf4_lora_linear, which says how the tiles are sized and threaded (fp32
+//   tiles sized for L2, or on the kAten path 16-bit tiles spanning the reduction).
 // Every path computes an output element the same way whatever the thread count: the tiles
 // and row groups are fixed by the shapes, and each element's reduction over K (or N) runs
 // on one thread.
@@ -48,6 +43,7 @@
 
 #include "cpu/checks.h"
 #include "cpu/cpu_path.h"
+#include "cpu/dequant_gemm.h"
 #include "cpu/int8_lora_linear_kernels.h"
 #include "cpu/lora_branch.h"
 #include "cpu/lora_branch_kernels.h"
@@ -76,30 +72,6 @@ bool gemv_applies(const at::Tensor& x) {
 #endif
 }
 
-// Blocked path tiles of W, (rows of W) x (columns of W): 512 KiB of fp32, half of L2,
-// leaving room for the GEMM's packed panels of x / dy.
-constexpr int64_t kFwdTileN = 256, kFwdTileK = 512;  // forward: y[:, n-tile] +=
-constexpr int64_t kBwdTileN = 512, kBwdTileK = 256;  // backward: dx[:, k-tile] +=
-
-// The 16-bit blocked path (lowp_gemm): tiles of W that span the whole reduction (K in
-// the forward, N in the backward's dx), ~2 MiB of bf16 / fp16 each. Each GEMM call
-// re-packs its operands (oneDNN's brgemm layout), which larger tiles amortise; spanning
-// the reduction lets oneDNN add onto y / dx with one rounding.
-constexpr int64_t kLowpTileBytes = int64_t{2} << 20;
-
-// The blocked path's GEMMs in x's own 16-bit dtype (oneDNN: AVX512-BF16, AMX), not in
-// fp32: on the kAten path (cpu_path.h) for the dtypes whose GEMMs oneDNN runs natively.
-bool lowp_gemm(const at::Tensor& x) {
-  return cpu_path() == CpuPath::kAten && aten_lowp_gemm(x.scalar_type());
-}
-
-// Width of a 16-bit tile spanning `span` elements of the reduction: a multiple of 16,
-// at most `total`.
-int64_t lowp_tile(int64_t span, int64_t total) {
-  const int64_t width = std::max<int64_t>(16, kLowpTileBytes / (2 * std::max<int64_t>(span, 1)));
-  return std::min(total, width / 16 * 16);
-}
-
 // qweight (N, K) int8, contiguous; weight_scale (N,) fp32, any stride. Returns
 // weight_scale contiguous (a copy of its N elements only for a strided view).
 at::Tensor checked_weight(const char* op, const at::Tensor& qweight,
@@ -120,11 +92,6 @@ at::Tensor checked_weight(const char* op, const at::Tensor& qweight,
   TORCH_CHECK(weight_scale.device().is_cpu(), op, ": weight_scale must be a CPU tensor, got ",
               weight_scale.device());
   return weight_scale.contiguous();
-}
-
-// The accumulation dtype of x's dtype: float64 for float64, float32 otherwise.
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // The decode forward's base GEMM at T <= kGemvMaxRows with fp32 accumulation, on AVX2 +
@@ -216,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor> decode_forward(
     }
     // xa in acc_t, then s * xa for the epilogue (forward_kernel likewise uses the
     // unrounded xa for y)
-    const at::Tensor A = lora_A.to(acc_type(x)).contiguous();  // no copy for fp32 / fp64
+    // no copy for fp32 / fp64
+    const at::Tensor A = lora_A.to(dequant_gemm::acc_type(x)).contiguous();
     std::vector<acc_t> sxa(static_cast<size_t>(T * R));
     lora_down_kernel(xd.data(), A.const_data_ptr<acc_t>(), T, K, R, sxa.data());
     scalar_t* xa_out = xa.mutable_data_ptr<scalar_t>();
@@ -244,55 +212,24 @@ std::tuple<at::Tensor, at::Tensor> decode_forward(
   return {y, xa};
 }
 
-// Blocked path: y (T, N) += x (T, K) @ W^T, y in x's dtype holding the LoRA part.
-void add_base(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, at::Tensor& y) {
-  const int64_t T = x.size(0), K = x.size(1), N = q.size(0);
-  if (T == 0 || N == 0 || K == 0) return;
-  if (lowp_gemm(x)) {  // tiles (nt, K) of W in x's dtype: y[:, tile] += x @ tile^T
-    const at::Tensor xc = x.contiguous();
-    const int64_t tile_n = lowp_tile(K, N);
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "int8_linear_lowp", [&] {
-      parallel_for_aten(div_up(N, tile_n), [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> buf(static_cast<size_t>(tile_n * K));
-        for (int64_t tile = begin; tile < end; ++tile) {
-          const int64_t n0 = tile * tile_n, nt = std::min(tile_n, N - n0);
-          dequant_tile<scalar_t>(q.const_data_ptr<int8_t>() + n0 * K, K,
-                                 scale.const_data_ptr<float>() + n0, nt, K, buf.data());
-          const at::Tensor w = at::from_blob(buf.data(), {nt, K}, xc.options());
-          y.narrow(1, n0, nt).addmm_(xc, w.t());
-        }
-      });
-    });
-    return;
+// A tile of W = Q ⊙ sc for dequant_gemm: rows n0 .. n0 + nt, columns k0 .. k0 + kt.
+struct TileDecoder {
+  const int8_t* q;
+  const float* scale;
+  int64_t K;
+  template <typename out_t>
+  void operator()(out_t* out, int64_t n0, int64_t nt, int64_t k0, int64_t kt) const {
+    dequant_tile<out_t>(q + n0 * K + k0, K, scale + n0, nt, kt, out);
   }
-  const at::Tensor xc = x.to(acc_type(x)).contiguous();  // no copy for fp32 / fp64
-  at::Tensor yc = y.scalar_type() == acc_type(x) ? y : y.to(acc_type(x));
-  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "int8_linear", [&] {
-    parallel_for_aten(div_up(N, kFwdTileN), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buf(static_cast<size_t>(kFwdTileN * kFwdTileK));
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t n0 = tile * kFwdTileN, nt = std::min(kFwdTileN, N - n0);
-        at::Tensor y_tile = yc.narrow(1, n0, nt);  // (T, nt), row stride N: GEMM's ldc
-        for (int64_t k0 = 0; k0 < K; k0 += kFwdTileK) {
-          const int64_t kt = std::min(kFwdTileK, K - k0);
-          dequant_tile<scalar_t>(q.const_data_ptr<int8_t>() + n0 * K + k0, K,
-                                 scale.const_data_ptr<float>() + n0, nt, kt, buf.data());
-          const at::Tensor w = at::from_blob(buf.data(), {nt, kt}, xc.options());
-          y_tile.addmm_(xc.narrow(1, k0, kt), w.t());
-        }
-      }
-    });
-  });
-  if (!yc.is_same(y)) y.copy_(yc);
-}
+};
 
 // dx (T, K) += dy (T, N) @ W, dx in x's dtype holding the LoRA term.
 void add_base_dx(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& scale,
                  at::Tensor& dx) {
   const int64_t T = dy.size(0), N = dy.size(1), K = q.size(1);
   if (T == 0 || N == 0 || K == 0) return;
-  const auto acc = acc_type(dy);
   if (T <= kDecodeMaxRows) {
+    const auto acc = dequant_gemm::acc_type(dy);
     // (dy ⊙ sc)^T (N, T) times 2^-24 (see group_part): the scale folded into dy, one
     // cache line of it per row n
     const at::Tensor dyT = (dy.to(acc) * scale.to(acc)).mul_(kUnit).t().contiguous();
@@ -308,42 +245,8 @@ void add_base_dx(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& sc
     });
     return;
   }
-  if (lowp_gemm(dy)) {  // tiles (N, kt) of W in dy's dtype: dx[:, tile] += dy @ tile
-    const at::Tensor dyc = dy.contiguous();
-    const int64_t tile_k = lowp_tile(N, K);
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "int8_dx_lowp", [&] {
-      parallel_for_aten(div_up(K, tile_k), [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> buf(static_cast<size_t>(N * tile_k));
-        for (int64_t tile = begin; tile < end; ++tile) {
-          const int64_t k0 = tile * tile_k, kt = std::min(tile_k, K - k0);
-          dequant_tile<scalar_t>(q.const_data_ptr<int8_t>() + k0, K, scale.const_data_ptr<float>(),
-                                 N, kt, buf.data());
-          const at::Tensor w = at::from_blob(buf.data(), {N, kt}, dyc.options());
-          dx.narrow(1, k0, kt).addmm_(dyc, w);
-        }
-      });
-    });
-    return;
-  }
-  const at::Tensor dyc = dy.to(acc).contiguous();
-  at::Tensor dxc = dx.scalar_type() == acc ? dx : dx.to(acc);
-  AT_DISPATCH_FLOATING_TYPES(dyc.scalar_type(), "int8_dx", [&] {
-    parallel_for_aten(div_up(K, kBwdTileK), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buf(static_cast<size_t>(kBwdTileN * kBwdTileK));
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t k0 = tile * kBwdTileK, kt = std::min(kBwdTileK, K - k0);
-        at::Tensor dx_tile = dxc.narrow(1, k0, kt);  // (T, kt), row stride K
-        for (int64_t n0 = 0; n0 < N; n0 += kBwdTileN) {
-          const int64_t nt = std::min(kBwdTileN, N - n0);
-          dequant_tile<scalar_t>(q.const_data_ptr<int8_t>() + n0 * K + k0, K,
-                                 scale.const_data_ptr<float>() + n0, nt, kt, buf.data());
-          const at::Tensor w = at::from_blob(buf.data(), {nt, kt}, dyc.options());
-          dx_tile.addmm_(dyc.narrow(1, n0, nt), w);
-        }
-      }
-    });
-  });
-  if (!dxc.is_same(dx)) dx.copy_(dxc);
+  dequant_gemm::add_base_dx(
+      dy, K, TileDecoder{q.const_data_ptr<int8_t>(), scale.const_data_ptr<float>(), K}, dx);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -365,7 +268,9 @@ std::tuple<at::Tensor, at::Tensor> forward(
   if (T <= kDecodeMaxRows || (T <= kGemvMaxRows && gemv_applies(x)))
     return decode_forward(x, qweight, scale, b, lora_A, lora_B, scaling, dropout_p, seed_v);
   auto [y, xa] = lora_branch::forward(x, b, lora_A, lora_B, scaling, dropout_p, seed_v);
-  add_base(x, qweight, scale, y);  // onto y = b + s * xa @ B^T
+  dequant_gemm::add_base(  // onto y = b + s * xa @ B^T
+      x, N, TileDecoder{qweight.const_data_ptr<int8_t>(), scale.const_data_ptr<float>(), x.size(1)},
+      y);
   return {y, xa};
 }
 

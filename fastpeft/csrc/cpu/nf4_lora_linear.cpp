@@ -1,0 +1,238 @@
+// Fused NF4 LoRA linear (QLoRA), CPU: the ops fastpeft::nf4_lora_linear and
+// nf4_lora_linear_backward (argument checks, the choice of path, the threading); the NF4
+// decoder is in nf4_lora_linear_kernels.h.
+//
+//   x (T, K)  qweight q (N, K / 2) uint8  absmax (ceil(N * K / blocksize),) fp32
+//   bias b (N,)  lora_A A (R, K)  lora_B B (N, R)  scaling s
+//   W = the NF4 dequantisation of (q, absmax) (kernels header), never materialised in full
+//
+// This is lora_linear with W in place of the float weight; its LoRA branch is the module
+// shared with lora_linear and int8_lora_linear (lora_branch.h), so dropout masks are
+// bit-identical between the ops:
+//   y  = b + s * xa @ B^T + x @ W^T,   xa = xd @ A^T
+//   dx = c * m ⊙ (s * (dy @ B) @ A) + dy @ W,  dA, dB as lora_branch.h derives them
+// W gets no gradient (frozen); d bias = Σ_t dy is taken by the op's Python autograd.
+//
+// The base products have two paths, by the number of rows T:
+// * T <= kDecodeMaxRows (decode): memory-bound, so the codes are streamed once, half a
+//   byte per weight. Forward: threads take fixed runs of the output rows n; each row of W
+//   is decoded in registers and dotted with up to 4 rows of x at a time (row_dots).
+//   Backward dx:
+//   threads take fixed runs of the columns k; for each n the run's part of row n is
+//   decoded and added, times dy[t, n], onto fp32 accumulators of dx[:, run].
+// * larger T: compute-bound: ATen's GEMM on tiles of W decoded into a per-thread buffer
+//   (dequant_gemm.h, shared with int8_lora_linear).
+// The pieces are fixed by the shapes and every element's reduction runs on one thread in
+// a fixed order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/checks.h"
+#include "cpu/cpu_path.h"
+#include "cpu/dequant_gemm.h"
+#include "cpu/lora_branch.h"
+#include "cpu/nf4_lora_linear_kernels.h"
+#include "cpu/parallel.h"
+#include "cpu/simd.h"
+
+namespace fastpeft::cpu::nf4_lora_linear {
+namespace {
+
+// Rows of x up to which the decode path runs; past it the GEMM's arithmetic rate wins
+// over reading the codes once (`fastpeft-bench --ops nf4_lora_linear` times both sides).
+constexpr int64_t kDecodeMaxRows = 16;
+// Columns of dx a backward decode task owns: its fp32 accumulators are T x 1024 floats
+// (64 KiB at T = 16), its slice of a row of W 4 KiB.
+constexpr int64_t kDxColumns = 1024;
+
+// The quantised weight, checked: N, K and the block geometry.
+struct Nf4Weight {
+  const uint8_t* q;
+  const float* absmax;
+  int64_t N, K;
+  int block_shift;  // log2 of the bytes a block spans (blocksize / 2)
+  CpuIsa isa;
+  DecodeBytes decode;
+
+  // W[n, k0 : k0 + kt] (k0, kt even) into out (kt floats)
+  void row(int64_t n, int64_t k0, int64_t kt, float* out) const {
+    const int64_t b0 = (n * K + k0) / 2;
+    decode_run(decode, q, absmax, block_shift, b0, b0 + kt / 2, out);
+  }
+
+  // A tile for dequant_gemm: rows n0 .. n0 + nt, columns k0 .. k0 + kt, as out_t (the
+  // fp32 products rounded once, as bitsandbytes' dequantize_4bit to that dtype).
+  template <typename out_t>
+  void operator()(out_t* out, int64_t n0, int64_t nt, int64_t k0, int64_t kt) const {
+    if constexpr (std::is_same_v<out_t, float>) {
+      for (int64_t r = 0; r < nt; ++r) row(n0 + r, k0, kt, out + r * kt);
+    } else {
+      std::vector<float> tmp(static_cast<size_t>(kt));
+      for (int64_t r = 0; r < nt; ++r) {
+        row(n0 + r, k0, kt, tmp.data());
+        out_t* o = out + r * kt;
+        for (int64_t c = 0; c < kt; ++c) o[c] = static_cast<out_t>(tmp[c]);
+      }
+    }
+  }
+};
+
+Nf4Weight checked_weight(const char* op, const at::Tensor& qweight, const at::Tensor& absmax,
+                         int64_t blocksize, int64_t K) {
+  TORCH_CHECK(qweight.dim() == 2, op, ": qweight must be 2-D, got shape ", qweight.sizes());
+  TORCH_CHECK(qweight.scalar_type() == at::kByte, op,
+              ": qweight must have dtype torch.uint8, got ", qweight.scalar_type());
+  TORCH_CHECK(qweight.device().is_cpu(), op, ": qweight must be a CPU tensor, got ",
+              qweight.device());
+  TORCH_CHECK(qweight.is_contiguous(), op, ": qweight must be contiguous");
+  TORCH_CHECK(2 * qweight.size(1) == K, op, ": qweight must have shape (out, ", K / 2,
+              ") (two codes per byte of the ", K, " in_features of x), got ", qweight.sizes());
+  TORCH_CHECK(blocksize >= 2 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, op,
+              ": blocksize must be a power of two up to 4096, got ", blocksize);
+  const int64_t N = qweight.size(0);
+  const int64_t blocks = div_up(N * K, blocksize);
+  TORCH_CHECK(absmax.dim() == 1 && absmax.size(0) == blocks, op, ": absmax must have shape (",
+              blocks, ",) (one per block of ", blocksize, " of the ", N, " x ", K,
+              " weight), got ", absmax.sizes());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, op, ": absmax must have dtype torch.float32, got ",
+              absmax.scalar_type());
+  TORCH_CHECK(absmax.device().is_cpu(), op, ": absmax must be a CPU tensor, got ",
+              absmax.device());
+  TORCH_CHECK(absmax.is_contiguous(), op, ": absmax must be contiguous");
+  const CpuIsa isa = cpu_isa();
+  int block_shift = 0;
+  while ((int64_t{2} << block_shift) < blocksize) ++block_shift;
+  return {qweight.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), N, K,
+          block_shift, isa, decoder(isa)};
+}
+
+// x (T, K) as acc_t (fp32, or fp64 for fp64), contiguous.
+at::Tensor acc_copy(const at::Tensor& x) {
+  return x.to(dequant_gemm::acc_type(x)).contiguous();
+}
+
+// Decode path forward: y (T, N) += x @ W^T, y holding b + s * xa @ B^T. x is split into
+// its even and odd columns once (row_dots' layout); each row of W is streamed once per 4
+// rows of x.
+void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
+  const int64_t T = x.size(0), K = w.K, N = w.N, half = K / 2;
+  const at::Tensor xc = acc_copy(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "nf4_decode", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const acc_t* xs = xc.const_data_ptr<acc_t>();
+    std::vector<acc_t> split(static_cast<size_t>(2 * T * half));  // (T, half) even, then odd
+    acc_t* xe = split.data();
+    acc_t* xo = split.data() + T * half;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < half; ++j) {
+        xe[t * half + j] = xs[t * K + 2 * j];
+        xo[t * half + j] = xs[t * K + 2 * j + 1];
+      }
+    scalar_t* ys = y.mutable_data_ptr<scalar_t>();
+    // ~64K weights a task (32 KiB of codes)
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      acc_t dots[4];
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t t0 = 0; t0 < T; t0 += 4) {
+          const int rows = static_cast<int>(std::min<int64_t>(4, T - t0));
+          row_dots<acc_t>(w.isa, rows, w.q, w.absmax, w.block_shift, n * half, half,
+                          xe + t0 * half, xo + t0 * half, half, dots);
+          for (int r = 0; r < rows; ++r) {
+            scalar_t& out = ys[(t0 + r) * N + n];
+            out = static_cast<scalar_t>(static_cast<acc_t>(out) + dots[r]);
+          }
+        }
+      }
+    });
+  });
+}
+
+// Decode path backward: dx (T, K) += dy (T, N) @ W, dx holding the LoRA term.
+void decode_dx(const at::Tensor& dy, const Nf4Weight& w, at::Tensor& dx) {
+  const int64_t T = dy.size(0), K = w.K, N = w.N;
+  const at::Tensor dyc = acc_copy(dy);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "nf4_dx", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const acc_t* dys = dyc.const_data_ptr<acc_t>();
+    scalar_t* dxs = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, div_up(K, kDxColumns), 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> part(static_cast<size_t>(kDxColumns));
+      std::vector<acc_t> acc(static_cast<size_t>(T * kDxColumns));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t k0 = task * kDxColumns, kt = std::min(kDxColumns, K - k0);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t n = 0; n < N; ++n) {
+          w.row(n, k0, kt, part.data());
+          for (int64_t t = 0; t < T; ++t) axpy(dys[t * N + n], part.data(), kt, acc.data() + t * kt);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          scalar_t* o = dxs + t * K + k0;
+          const acc_t* a = acc.data() + t * kt;
+          for (int64_t c = 0; c < kt; ++c) o[c] = static_cast<scalar_t>(static_cast<acc_t>(o[c]) + a[c]);
+        }
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(
+    const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed, int64_t blocksize) {
+  constexpr const char* op = "fastpeft::nf4_lora_linear";
+  check_dtype(op, x);
+  check_matrix(op, x, "x", x);
+  const Nf4Weight w = checked_weight(op, qweight, absmax, blocksize, x.size(1));
+  lora_branch::check_branch(op, x, lora_A, lora_B, w.N, "qweight");
+  const at::Tensor b = lora_branch::checked_bias(op, bias, w.N, x);
+  const uint64_t seed_v = lora_branch::read_seed(op, dropout_p, seed);
+
+  auto [y, xa] = lora_branch::forward(x, b, lora_A, lora_B, scaling, dropout_p, seed_v);
+  if (x.size(0) == 0 || w.N == 0 || w.K == 0) return {y, xa};
+  if (x.size(0) <= kDecodeMaxRows) {
+    decode_forward(x, w, y);
+  } else {
+    dequant_gemm::add_base(x, w.N, w, y);  // onto y = b + s * xa @ B^T
+  }
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& qweight,
+    const at::Tensor& absmax, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& xa, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+    int64_t blocksize, bool compute_dx) {
+  constexpr const char* op = "fastpeft::nf4_lora_linear_backward";
+  check_dtype(op, x);
+  check_matrix(op, x, "x", x);
+  const Nf4Weight w = checked_weight(op, qweight, absmax, blocksize, x.size(1));
+  lora_branch::check_branch(op, x, lora_A, lora_B, w.N, "qweight");
+  lora_branch::check_grads(op, grad_y, x, xa, lora_A, w.N, "qweight");
+  const uint64_t seed_v = lora_branch::read_seed(op, dropout_p, seed);
+
+  auto [dx, dA, dB] = lora_branch::backward(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p,
+                                            seed_v, compute_dx);
+  if (compute_dx && x.size(0) > 0 && w.N > 0 && w.K > 0) {  // onto the LoRA term
+    if (x.size(0) <= kDecodeMaxRows) {
+      decode_dx(grad_y, w, dx);
+    } else {
+      dequant_gemm::add_base_dx(grad_y, w.K, w, dx);
+    }
+  }
+  return {dx, dA, dB};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastpeft, CPU, m) {
+  m.impl("nf4_lora_linear", &forward);
+  m.impl("nf4_lora_linear_backward", &backward);
+}
+
+}  // namespace fastpeft::cpu::nf4_lora_linear

@@ -1,0 +1,296 @@
+// The NF4 decoder of nf4_lora_linear's CPU kernels (nf4_lora_linear.cpp).
+//
+// Layout (bitsandbytes' quantize_4bit, quant_type "nf4"): W (N, K) read row-major as one
+// flat sequence of N * K elements; element e has the 4-bit code
+//   code(e) = q[e / 2] >> 4 (e even) or q[e / 2] & 15 (e odd)
+// and belongs to block e / blocksize, whose float32 scale is absmax[e / blocksize]:
+//   W[e] = kNf4[code(e)] * absmax[e / blocksize]        (in fp32, as bitsandbytes)
+// Every decode here works on a run of whole bytes (K is even, so a row starts on a byte),
+// split where blocks end ("segments": a block may end inside a row when K is not a
+// multiple of blocksize); within a segment the scale is one float.
+//
+// decode_bytes writes the 2 * n floats of n bytes in element order, with one scale. Three
+// versions of it, chosen at run time by cpu_isa() (cpu_path.h: FASTPEFT_CPU_ISA forces
+// one), give the same floats (a table lookup and one fp32 product each):
+// * avx512: 16 bytes -> 32 floats: widen to 16 int32, split the nibbles, vpermps looks
+//   each up in the 16-float table held in one zmm register, then vpermt2ps interleaves
+//   the high- and low-nibble values back into element order.
+// * avx2: 8 bytes -> 16 floats: the table is two ymm halves; vpermps looks up in both
+//   and a blend on bit 3 of the code picks one; unpack + lane permutes interleave.
+// * generic: a 256-entry table of the two floats of each byte value (2 KiB, in L1).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/cpu_path.h"
+#include "cpu/simd.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASTPEFT_NF4_X86 1
+#endif
+
+namespace fastpeft::cpu::nf4_lora_linear {
+
+// The 16 NF4 values, bitsandbytes' table (reference.NF4_VALUES).
+alignas(64) inline constexpr float kNf4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// The two values of each byte: kPairs[b] = {kNf4[b >> 4], kNf4[b & 15]}.
+inline const std::array<std::array<float, 2>, 256>& byte_pairs() {
+  static const auto table = [] {
+    std::array<std::array<float, 2>, 256> t{};
+    for (int b = 0; b < 256; ++b) t[b] = {kNf4[b >> 4], kNf4[b & 15]};
+    return t;
+  }();
+  return table;
+}
+
+inline void decode_bytes_generic(const uint8_t* __restrict q, int64_t n, float scale,
+                                 float* __restrict out) {
+  const auto& pairs = byte_pairs();
+  for (int64_t j = 0; j < n; ++j) {
+    out[2 * j] = pairs[q[j]][0] * scale;
+    out[2 * j + 1] = pairs[q[j]][1] * scale;
+  }
+}
+
+#ifdef FASTPEFT_NF4_X86
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void decode_bytes_avx512(
+    const uint8_t* __restrict q, int64_t n, float scale, float* __restrict out) {
+  const __m512 table = _mm512_load_ps(kNf4);
+  const __m512 s = _mm512_set1_ps(scale);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  // element order: (hi0, lo0, hi1, lo1, ...): indices into (hi, lo) for vpermt2ps
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7,
+                                          23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14,
+                                           30, 15, 31);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
+    const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table), s);
+    const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, low4), table), s);
+    _mm512_storeu_ps(out + 2 * j, _mm512_permutex2var_ps(hi, first, lo));
+    _mm512_storeu_ps(out + 2 * j + 16, _mm512_permutex2var_ps(hi, second, lo));
+  }
+  decode_bytes_generic(q + j, n - j, scale, out + 2 * j);
+}
+
+// kNf4[code] from the table's two halves: bit 3 of the code picks one (blendv's sign bit)
+__attribute__((target("avx2,fma"))) FASTPEFT_INLINE __m256 lookup_avx2(__m256 table_lo,
+                                                                      __m256 table_hi,
+                                                                      __m256i code) {
+  const __m256 from_lo = _mm256_permutevar8x32_ps(table_lo, code);
+  const __m256 from_hi = _mm256_permutevar8x32_ps(table_hi, code);
+  return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+}
+
+__attribute__((target("avx2,fma"))) inline void decode_bytes_avx2(
+    const uint8_t* __restrict q, int64_t n, float scale, float* __restrict out) {
+  const __m256 table_lo = _mm256_load_ps(kNf4), table_hi = _mm256_load_ps(kNf4 + 8);
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256i low4 = _mm256_set1_epi32(15);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
+    const __m256 hi = _mm256_mul_ps(lookup_avx2(table_lo, table_hi, _mm256_srli_epi32(b, 4)), s);
+    const __m256 lo = _mm256_mul_ps(lookup_avx2(table_lo, table_hi, _mm256_and_si256(b, low4)), s);
+    const __m256 a = _mm256_unpacklo_ps(hi, lo);  // h0 l0 h1 l1 | h4 l4 h5 l5
+    const __m256 c = _mm256_unpackhi_ps(hi, lo);  // h2 l2 h3 l3 | h6 l6 h7 l7
+    _mm256_storeu_ps(out + 2 * j, _mm256_permute2f128_ps(a, c, 0x20));
+    _mm256_storeu_ps(out + 2 * j + 8, _mm256_permute2f128_ps(a, c, 0x31));
+  }
+  decode_bytes_generic(q + j, n - j, scale, out + 2 * j);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// The decode forward's dot products: out[t] = x[t, :] . W[n, :] for TR <= 4 rows of x and
+// one row n of W, whose codes are the bytes [b0, b0 + K / 2) of q. x is passed split into
+// its even and odd columns (xe[t][j] = x[t, 2j], xo[t][j] = x[t, 2j + 1], row stride ld),
+// so a byte's two codes meet their two x values without interleaving, and the block scale
+// is folded into the table once per block (16 products) instead of into every weight: per
+// 16 bytes the avx512 loop is a load, a widening, two nibble extractions, two vpermps and
+// 2 * TR FMAs, all in registers.
+
+// Byte ranges of a row that share one block: f(j0, j1, scale) for [j0, j1) relative to the
+// row start b0 (a row of nb bytes).
+template <typename F>
+FASTPEFT_INLINE void for_each_segment(const float* absmax, int block_shift, int64_t b0,
+                                      int64_t nb, F&& f) {
+  for (int64_t j = 0; j < nb;) {
+    const int64_t block = (b0 + j) >> block_shift;
+    const int64_t end = std::min(nb, ((block + 1) << block_shift) - b0);
+    f(j, end, absmax[block]);
+    j = end;
+  }
+}
+
+template <int TR, typename acc_t>
+void row_dots_generic(const uint8_t* __restrict q, const float* __restrict absmax,
+                      int block_shift, int64_t b0, int64_t nb, const acc_t* __restrict xe,
+                      const acc_t* __restrict xo, int64_t ld, acc_t* out) {
+  const auto& pairs = byte_pairs();
+  acc_t total[TR] = {};
+  for_each_segment(absmax, block_shift, b0, nb, [&](int64_t j0, int64_t j1, float scale) {
+    acc_t part[TR] = {};
+    for (int64_t j = j0; j < j1; ++j) {
+      const auto& v = pairs[q[b0 + j]];
+      for (int t = 0; t < TR; ++t)
+        part[t] += static_cast<acc_t>(v[0] * scale) * xe[t * ld + j] +
+                   static_cast<acc_t>(v[1] * scale) * xo[t * ld + j];
+    }
+    for (int t = 0; t < TR; ++t) total[t] += part[t];
+  });
+  for (int t = 0; t < TR; ++t) out[t] = total[t];
+}
+
+#ifdef FASTPEFT_NF4_X86
+// (The ISA kernels walk the segments with loops of their own: a lambda does not inherit
+// its enclosing function's target attribute, so intrinsics cannot be inlined into one.)
+
+// The bytes q[0 .. 16) under mask m (the rest read as 0): both nibbles looked up in tab
+// and multiplied into the TR rows' accumulators (x loaded under the same mask: zero past
+// it, so the masked-off codes add nothing).
+template <int TR>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) FASTPEFT_INLINE void dots_step_avx512(
+    const uint8_t* q, __mmask16 m, __m512 tab, const float* xe, const float* xo, int64_t ld,
+    __m512 (&acc_hi)[TR], __m512 (&acc_lo)[TR]) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, q));
+  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
+  const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), tab);
+  for (int t = 0; t < TR; ++t) {
+    acc_hi[t] = _mm512_fmadd_ps(hi, _mm512_maskz_loadu_ps(m, xe + t * ld), acc_hi[t]);
+    acc_lo[t] = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(m, xo + t * ld), acc_lo[t]);
+  }
+}
+
+template <int TR>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void row_dots_avx512(
+    const uint8_t* __restrict q, const float* __restrict absmax, int block_shift, int64_t b0,
+    int64_t nb, const float* __restrict xe, const float* __restrict xo, int64_t ld, float* out) {
+  const __m512 table = _mm512_load_ps(kNf4);
+  __m512 acc_hi[TR], acc_lo[TR];
+  for (int t = 0; t < TR; ++t) acc_hi[t] = acc_lo[t] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nb;) {
+    const int64_t block = (b0 + j) >> block_shift;
+    const int64_t j1 = std::min(nb, ((block + 1) << block_shift) - b0);
+    const __m512 tab = _mm512_mul_ps(table, _mm512_set1_ps(absmax[block]));
+    for (; j + 16 <= j1; j += 16)
+      dots_step_avx512<TR>(q + b0 + j, 0xFFFF, tab, xe + j, xo + j, ld, acc_hi, acc_lo);
+    if (j < j1) {
+      const auto m = static_cast<__mmask16>((1u << (j1 - j)) - 1u);
+      dots_step_avx512<TR>(q + b0 + j, m, tab, xe + j, xo + j, ld, acc_hi, acc_lo);
+    }
+    j = j1;
+  }
+  for (int t = 0; t < TR; ++t)
+    out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc_hi[t], acc_lo[t]));
+}
+
+template <int TR>
+__attribute__((target("avx2,fma"))) void row_dots_avx2(
+    const uint8_t* __restrict q, const float* __restrict absmax, int block_shift, int64_t b0,
+    int64_t nb, const float* __restrict xe, const float* __restrict xo, int64_t ld, float* out) {
+  const __m256 table_lo = _mm256_load_ps(kNf4), table_hi = _mm256_load_ps(kNf4 + 8);
+  const __m256i low4 = _mm256_set1_epi32(15);
+  const auto& pairs = byte_pairs();
+  __m256 acc_hi[TR], acc_lo[TR];
+  float tail[TR] = {};
+  for (int t = 0; t < TR; ++t) acc_hi[t] = acc_lo[t] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < nb;) {
+    const int64_t block = (b0 + j) >> block_shift;
+    const int64_t j1 = std::min(nb, ((block + 1) << block_shift) - b0);
+    const float scale = absmax[block];
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256 tab_lo = _mm256_mul_ps(table_lo, s), tab_hi = _mm256_mul_ps(table_hi, s);
+    for (; j + 8 <= j1; j += 8) {
+      const __m256i b = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + b0 + j)));
+      const __m256 hi = lookup_avx2(tab_lo, tab_hi, _mm256_srli_epi32(b, 4));
+      const __m256 lo = lookup_avx2(tab_lo, tab_hi, _mm256_and_si256(b, low4));
+      for (int t = 0; t < TR; ++t) {
+        acc_hi[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xe + t * ld + j), acc_hi[t]);
+        acc_lo[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xo + t * ld + j), acc_lo[t]);
+      }
+    }
+    for (; j < j1; ++j) {  // tail bytes: the generic table, scaled alike
+      const auto& v = pairs[q[b0 + j]];
+      for (int t = 0; t < TR; ++t)
+        tail[t] += v[0] * scale * xe[t * ld + j] + v[1] * scale * xo[t * ld + j];
+    }
+  }
+  for (int t = 0; t < TR; ++t) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(acc_hi[t], acc_lo[t]));
+    float sum = 0.0f;
+    for (float v : lanes) sum += v;
+    out[t] = sum + tail[t];
+  }
+}
+#endif
+
+// out[t] for TR = rows (1 .. 4) of x, by the ISA's kernel (fp64: the generic one).
+template <typename acc_t>
+void row_dots(CpuIsa isa, int rows, const uint8_t* q, const float* absmax, int block_shift,
+              int64_t b0, int64_t nb, const acc_t* xe, const acc_t* xo, int64_t ld, acc_t* out) {
+  auto run = [&](auto tr) {
+    constexpr int TR = decltype(tr)::value;
+#ifdef FASTPEFT_NF4_X86
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (isa == CpuIsa::kAvx512)
+        return row_dots_avx512<TR>(q, absmax, block_shift, b0, nb, xe, xo, ld, out);
+      if (isa == CpuIsa::kAvx2)
+        return row_dots_avx2<TR>(q, absmax, block_shift, b0, nb, xe, xo, ld, out);
+    }
+#endif
+    row_dots_generic<TR, acc_t>(q, absmax, block_shift, b0, nb, xe, xo, ld, out);
+  };
+  switch (rows) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    default: return run(std::integral_constant<int, 4>{});
+  }
+}
+
+// The decoder for `isa` (a function pointer: chosen once per op call).
+using DecodeBytes = void (*)(const uint8_t*, int64_t, float, float*);
+inline DecodeBytes decoder(CpuIsa isa) {
+#ifdef FASTPEFT_NF4_X86
+  if (isa == CpuIsa::kAvx512) return decode_bytes_avx512;
+  if (isa == CpuIsa::kAvx2) return decode_bytes_avx2;
+#endif
+  (void)isa;
+  return decode_bytes_generic;
+}
+
+// Decodes the elements [2 * b0, 2 * b1) of W (bytes b0 .. b1 of q) into out, in element
+// order, each segment with its block's scale (a block spans 2^block_shift = blocksize / 2 bytes).
+inline void decode_run(DecodeBytes decode, const uint8_t* q, const float* absmax,
+                       int block_shift, int64_t b0, int64_t b1, float* out) {
+  while (b0 < b1) {
+    const int64_t block = b0 >> block_shift;
+    const int64_t end = std::min(b1, (block + 1) << block_shift);
+    decode(q + b0, end - b0, absmax[block], out);
+    out += 2 * (end - b0);
+    b0 = end;
+  }
+}
+
+// acc[k] += a * w[k] over n elements (multi-versioned; vectorised by the compiler).
+template <typename acc_t>
+FASTPEFT_MULTIVERSION void axpy(acc_t a, const float* __restrict w, int64_t n,
+                                acc_t* __restrict acc) {
+  for (int64_t k = 0; k < n; ++k) acc[k] += a * static_cast<acc_t>(w[k]);
+}
+
+}  // namespace fastpeft::cpu::nf4_lora_linear
