@@ -44,6 +44,7 @@ from . import (
     lora_linear,
     model,
     multi_lora_linear,
+    nf4_lora_linear,
 )
 from .peers import peer_libraries
 from .report import BASIS, compare, compare_table, plot_speedups, rule, summary_table
@@ -65,6 +66,7 @@ CASES = {
     "int8_lora_linear": int8_lora_linear,
     "lora_linear": lora_linear,
     "multi_lora_linear": multi_lora_linear,
+    "nf4_lora_linear": nf4_lora_linear,
 }
 FORWARD_BACKWARD = "forward+backward"  # --modes: the printed name of the mode full
 QUICK_RUNS = 10  # --quick: the first shape of each op, 10 timed runs (all four ops in ~2 min)

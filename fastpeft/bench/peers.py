@@ -202,6 +202,30 @@ def bnb_int8_lora_linear(base: nn.Linear, r: int, lora_alpha: float,
     return get_peft_model(holder, config).base_model.model.proj
 
 
+def bnb_nf4_lora_linear(base: nn.Linear, r: int, lora_alpha: float,
+                        lora_dropout: float) -> nn.Module | None:
+    """bitsandbytes' ``Linear4bit`` (NF4, its default block size 64 and double-quantised
+    absmax, as QLoRA trains; computing in the base's dtype) holding ``base``'s weights,
+    with PEFT's LoRA on top. None without bitsandbytes or PEFT."""
+    if any(lib.version is None for lib in peer_libraries(("bitsandbytes", "peft"))):
+        return None
+    try:
+        import bitsandbytes as bnb
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+
+    layer = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
+                              compute_dtype=base.weight.dtype, quant_type="nf4")
+    layer.load_state_dict(base.state_dict())
+    layer = layer.to(base.weight.device)  # quantises the weight
+    holder = nn.Module()
+    holder.proj = layer
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        target_modules=["proj"])
+    return get_peft_model(holder, config).base_model.model.proj
+
+
 def peft_style_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 prefix_k: torch.Tensor, prefix_v: torch.Tensor,
                                 gate: torch.Tensor) -> torch.Tensor:

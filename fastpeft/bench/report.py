@@ -33,6 +33,8 @@ saved: bytes autograd keeps for backward (parameters excluded)."""
 FLOOR_NOTES = {
     "int8_lora_linear": "the floor, the float nn.Linear, reads 2 or 4 bytes per weight where "
                         "fastpeft reads 1",
+    "nf4_lora_linear": "the floor, the float nn.Linear, reads 2 or 4 bytes per weight where "
+                       "fastpeft reads half a byte (and a float32 scale per 64 weights)",
     "gated_prefix_attention": "the floor is torch's causal SDPA (sdpa_causal) over the "
                               "sequence alone; fastpeft's kernel, attending to the sequence "
                               "and the prompt in one pass, outruns it",
@@ -64,8 +66,9 @@ def _cases(records: Iterable[Record]) -> list[_Case]:
     cases: dict[tuple[str, str], _Case] = {}
     for r in records:
         case = cases.setdefault((r.op, r.shape), _Case(r.op, r.shape, {}, {}, []))
-        case.providers[r.role] = r.provider
-        case.values[r.role, r.mode, r.metric] = r.value
+        role = r.provider if r.role == "other" else r.role  # others by their names
+        case.providers[role] = r.provider
+        case.values[role, r.mode, r.metric] = r.value
         if r.mode not in case.modes:
             case.modes.append(r.mode)
     return list(cases.values())
@@ -116,6 +119,14 @@ def summary_table(records: Iterable[Record], missing_peers: Sequence[str] = ()) 
             note = FLOOR_NOTES.get(case.op, "fastpeft is faster than a floor that does less")
             lines += textwrap.wrap(f"fp/floor < 1: {note}", 88, initial_indent="  ",
                                    subsequent_indent="    ")
+        for role in case.providers:  # further columns a case times (nf4's int8 op)
+            if role not in ("fastpeft", "reference", "peer", "floor"):
+                times = ", ".join(
+                    f"{mode_label(mode)} {_num(case.values.get((role, mode, 'median_ms')))} ms "
+                    f"({_ratio(case.values.get((role, mode, 'median_ms')), fp)} fastpeft's time)"
+                    for mode, (fp, _, _, _) in zip(case.modes, medians, strict=True))
+                lines += textwrap.wrap(f"{case.providers[role]}: {times}", 88,
+                                       initial_indent="  ", subsequent_indent="    ")
         rows = [("saved MB", case.modes[0], "saved_bytes")]
         if case.get(case.modes[0], "weight_bytes")[0] is not None:
             rows.append(("weights MB", case.modes[0], "weight_bytes"))

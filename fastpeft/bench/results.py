@@ -30,7 +30,8 @@ from .runner import Case, Result
 METRICS = ("median_ms", "p20_ms", "p80_ms", "saved_bytes", "peak_bytes", "weight_bytes",
            "tokens_per_s", "held_bytes", "trainable_params", "loss", "loss_delta", "loss_tol",
            "grad_error", "grad_tol")
-ROLES = ("fastpeft", "reference", "peer", "floor")
+# "other": a further provider a case times beside the four (nf4_lora_linear's int8 op)
+ROLES = ("fastpeft", "reference", "peer", "floor", "other")
 
 
 @dataclass(frozen=True)

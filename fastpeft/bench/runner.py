@@ -50,8 +50,11 @@ class Case:
     weight_bytes: Mapping[str, int] = field(default_factory=dict)  # per provider, if relevant
 
     def role(self, provider: str) -> str:
-        """fastpeft, reference, peer or floor: what ``provider`` stands for."""
-        return {self.floor: "floor", self.peer: "peer"}.get(provider, provider)
+        """fastpeft, reference, peer or floor: what ``provider`` stands for; "other" for a
+        further provider timed beside them (shown by name)."""
+        named = {self.floor: "floor", self.peer: "peer", "fastpeft": "fastpeft",
+                 "reference": "reference"}
+        return named.get(provider, "other")
 
 
 @dataclass(frozen=True)
