@@ -17,14 +17,18 @@ from .nn import (
     Int8LoRALinear,
     LoRALinear,
     MultiLoRALinear,
+    NF4LoRALinear,
 )
 from .ops import (
     bottleneck_adapter,
+    dequantize_nf4,
     gated_prefix_attention,
     int8_lora_linear,
     lora_linear,
     multi_lora_linear,
+    nf4_lora_linear,
     quantize_int8,
+    quantize_nf4,
 )
 from .patch import patch_peft, unpatch_peft
 
@@ -41,9 +45,11 @@ __all__ = [
     "LoRALinear",
     "LoraConfig",
     "MultiLoRALinear",
+    "NF4LoRALinear",
     "__version__",
     "available_backends",
     "bottleneck_adapter",
+    "dequantize_nf4",
     "from_peft",
     "gated_prefix_attention",
     "inject",
@@ -52,8 +58,10 @@ __all__ = [
     "lora_linear",
     "merge_and_unload",
     "multi_lora_linear",
+    "nf4_lora_linear",
     "patch_peft",
     "quantize_int8",
+    "quantize_nf4",
     "save_adapter",
     "unpatch_peft",
     "use_backend",

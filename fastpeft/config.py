@@ -43,8 +43,11 @@ class LoraConfig:
             ``ParamWrapper`` and its unfused forward (needs peft >= 0.17; one warning).
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         base_dtype: ``None`` keeps the base layers as they are (:class:`fastpeft.LoRALinear`);
-            ``"int8"`` quantises them to per-row int8 (:class:`fastpeft.Int8LoRALinear`).
-            bitsandbytes ``Linear8bitLt`` layers become ``Int8LoRALinear`` either way.
+            ``"int8"`` quantises them to per-row int8 (:class:`fastpeft.Int8LoRALinear`);
+            ``"nf4"`` to 4-bit NF4 in blocks of 64, bitsandbytes' QLoRA format
+            (:class:`fastpeft.NF4LoRALinear`). bitsandbytes layers keep their format
+            whatever it says: ``Linear8bitLt`` become ``Int8LoRALinear``, NF4 ``Linear4bit``
+            ``NF4LoRALinear`` (sharing their codes).
         rank_pattern, alpha_pattern: per-layer ``r`` / ``lora_alpha``, keyed by a regular
             expression that matches the end of a qualified name (PEFT's convention).
     """
@@ -65,8 +68,9 @@ class LoraConfig:
             raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {self.lora_dropout}")
         if not math.isfinite(float(self.lora_alpha)):
             raise ValueError(f"lora_alpha: expected a finite number, got {self.lora_alpha}")
-        if self.base_dtype not in (None, "int8"):
-            raise ValueError(f"base_dtype: expected None or 'int8', got {self.base_dtype!r}")
+        if self.base_dtype not in (None, "int8", "nf4"):
+            raise ValueError(f"base_dtype: expected None, 'int8' or 'nf4', got "
+                             f"{self.base_dtype!r}")
         if self.target_parameters is not None:
             if isinstance(self.target_parameters, str):  # as PEFT: a list, never a regex
                 raise TypeError(f"target_parameters: expected a list of names, got the "

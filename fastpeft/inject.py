@@ -14,7 +14,8 @@ from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
 from .nn.adapted_attention import AdaptedAttention, compute_dtype
 from .nn.bottleneck_adapter import BottleneckAdapter
 from .nn.int8_lora_linear import Int8LoRALinear, is_bnb, is_bnb_int8
-from .nn.lora_linear import LoRALinear, is_conv1d
+from .nn.lora_linear import LoRALinear, is_conv1d, linear_weight
+from .nn.nf4_lora_linear import NF4LoRALinear, bnb_nf4_problem, is_bnb_4bit
 from .nn.peft_lora import FusedPeftLora, is_param_wrapper, lora_parts, param_wrapper_class
 from .placement import adaption_prompt_sites, bottleneck_sites
 
@@ -24,7 +25,7 @@ AnyConfig = LoraConfig | AdaptionPromptConfig | BottleneckConfig
 
 #: The name of the adapter attached to a block's sublayer by a ``BottleneckConfig``.
 BOTTLENECK_CHILD = "bottleneck_adapter"
-LORA_TYPES = (LoRALinear, Int8LoRALinear, FusedPeftLora)
+LORA_TYPES = (LoRALinear, Int8LoRALinear, NF4LoRALinear, FusedPeftLora)
 
 
 def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
@@ -33,14 +34,16 @@ def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
     - :class:`LoraConfig`: the matching linear layers (``nn.Linear``, GPT-2's ``Conv1D``)
       become :class:`fastpeft.LoRALinear` (sharing their weight) or, with
       ``base_dtype="int8"`` (and for bitsandbytes ``Linear8bitLt`` layers),
-      :class:`fastpeft.Int8LoRALinear`. ``target_modules=None`` takes PEFT's default
+      :class:`fastpeft.Int8LoRALinear`, with ``base_dtype="nf4"`` (and for bitsandbytes
+      NF4 ``Linear4bit`` layers, sharing their codes: QLoRA)
+      :class:`fastpeft.NF4LoRALinear`. ``target_modules=None`` takes PEFT's default
       targets for the model type. Parameters (``target_parameters``, and what PEFT's
       ``"all-linear"`` adapts as parameters: on transformers 5, the 3-D experts and the
       router of Mixtral-style MoE layers) are wrapped with PEFT's own ``ParamWrapper``,
       nested and keyed as PEFT does, and run PEFT's unfused forward (float, also under
-      ``base_dtype="int8"``); one warning per call names them, or the 3-D experts that
-      PEFT's ``"all-linear"`` leaves out (Qwen2-MoE). Needs peft >= 0.17 for those: an
-      ``ImportError`` naming the module otherwise, before anything changes.
+      ``base_dtype="int8"`` / ``"nf4"``); one warning per call names them, or the 3-D
+      experts that PEFT's ``"all-linear"`` leaves out (Qwen2-MoE). Needs peft >= 0.17 for
+      those: an ``ImportError`` naming the module otherwise, before anything changes.
     - :class:`AdaptionPromptConfig`: the self-attention modules of the top
       ``adapter_layers`` blocks are wrapped in :class:`fastpeft.nn.AdaptedAttention`
       (Llama-style attention and GPT-2's; :mod:`fastpeft.placement`).
@@ -136,6 +139,19 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         if len(shape) not in (2, 3):
             raise ValueError(f"target_parameters: {owner}.{param} has shape {shape}; PEFT's "
                              f"ParamWrapper adapts 2-D (out, in) and 3-D (experts, ...) ones")
+    for name, linear in targets:  # refused before anything changes
+        if is_bnb_4bit(linear) and bnb_nf4_problem(linear) is not None:
+            raise ValueError(f"target_modules: {name}: "
+                             f"{bnb_nf4_problem(linear).removeprefix('layer: ')}")
+        if is_bnb(linear) and not (is_bnb_int8(linear) or is_bnb_4bit(linear)):
+            raise NotImplementedError(
+                f"target_modules: {name} is a bitsandbytes {type(linear).__name__}; fastpeft "
+                f"takes float nn.Linear, int8 Linear8bitLt and NF4 Linear4bit layers")
+        if config.base_dtype == "nf4" and not is_bnb(linear) \
+                and tuple(linear_weight(linear).shape)[1] % 2:
+            raise ValueError(f"target_modules: {name} has an odd in_features "
+                             f"({tuple(linear_weight(linear).shape)[1]}), which "
+                             f"base_dtype='nf4' cannot pack (two codes per byte)")
     if params and config.lora_dropout:
         raise ValueError(f"lora_dropout: PEFT's ParamWrapper, which adapts {params[0][0]}."
                          f"{params[0][1]} ({source}), does not work with lora_dropout != 0 "
@@ -146,12 +162,12 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         args = (r, alpha, config.lora_dropout, config.use_rslora)
         if is_bnb_int8(linear):
             layer = Int8LoRALinear.from_bnb(linear, *args, dtype=_model_dtype(model))
-        elif is_bnb(linear):
-            raise NotImplementedError(
-                f"target_modules: {name} is a bitsandbytes {type(linear).__name__}; fastpeft "
-                f"takes float nn.Linear and int8 Linear8bitLt layers")
+        elif is_bnb_4bit(linear):
+            layer = NF4LoRALinear.from_bnb(linear, *args, dtype=_model_dtype(model))
         elif config.base_dtype == "int8":
             layer = Int8LoRALinear.from_linear(linear, *args)
+        elif config.base_dtype == "nf4":
+            layer = NF4LoRALinear.from_linear(linear, *args)
         else:
             layer = LoRALinear(linear, *args)
         replace(model, name, layer)
@@ -174,7 +190,8 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
 
 def is_lora_layer(module: nn.Module) -> bool:
     """A LoRA layer: fastpeft's (:class:`fastpeft.LoRALinear`,
-    :class:`fastpeft.Int8LoRALinear`), PEFT's converted by :func:`fastpeft.from_peft`, or
+    :class:`fastpeft.Int8LoRALinear`, :class:`fastpeft.NF4LoRALinear`), PEFT's converted by
+    :func:`fastpeft.from_peft`, or
     PEFT's ``ParamWrapper`` (LoRA on a parameter, with PEFT's forward)."""
     return isinstance(module, LORA_TYPES) or is_param_wrapper(module)
 
@@ -344,11 +361,11 @@ def _wrapped_note(model: nn.Module, params: list[tuple[str, str]],
     note = (f"{len(params)} parameters of {len(by_module)} modules are adapted with PEFT's "
             f"ParamWrapper and run PEFT's unfused forward (fastpeft has no fused kernel for "
             f"a LoRA on a parameter): {listed}")
-    if base_dtype == "int8":
+    if base_dtype in ("int8", "nf4"):
         dtypes = sorted({str(getattr(model.get_submodule(owner), param).dtype)
                          for owner, param in params})
-        note += (f"; base_dtype='int8' quantises only the linear layers: these parameters "
-                 f"stay {'/'.join(d.removeprefix('torch.') for d in dtypes)}")
+        note += (f"; base_dtype={base_dtype!r} quantises only the linear layers: these "
+                 f"parameters stay {'/'.join(d.removeprefix('torch.') for d in dtypes)}")
     return note
 
 

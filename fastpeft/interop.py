@@ -34,6 +34,7 @@ from .nn.adapted_attention import AdaptedAttention
 from .nn.bottleneck_adapter import BottleneckAdapter
 from .nn.int8_lora_linear import Int8LoRALinear
 from .nn.lora_linear import LoRALinear
+from .nn.nf4_lora_linear import NF4LoRALinear
 from .nn.peft_lora import fuse_lora_model, fuse_peft_lora, is_param_wrapper, lora_parts
 
 __all__ = ["from_peft", "load_adapter", "merge_and_unload", "save_adapter"]
@@ -49,9 +50,11 @@ BOTTLENECK_TYPE = "FASTPEFT_BOTTLENECK"
 def from_peft(peft_model: nn.Module) -> nn.Module:
     """Converts a PEFT model in place to fastpeft's fused kernels and returns it.
 
-    PEFT's LoRA layers on ``nn.Linear`` and on bitsandbytes ``Linear8bitLt`` keep their
-    identity, parameters, adapters and state-dict keys, and get fastpeft's fused forward
-    (``fastpeft.lora_linear`` / ``fastpeft.int8_lora_linear``: the layer's class becomes a
+    PEFT's LoRA layers on ``nn.Linear`` and on bitsandbytes ``Linear8bitLt`` and NF4
+    ``Linear4bit`` (QLoRA) keep their identity, parameters, adapters and state-dict keys,
+    and get fastpeft's fused forward (``fastpeft.lora_linear`` /
+    ``fastpeft.int8_lora_linear`` / ``fastpeft.nf4_lora_linear``, which reads
+    bitsandbytes' NF4 codes in place: the layer's class becomes a
     subclass of its PEFT class, see :class:`fastpeft.nn.peft_lora.FusedPeftLora`), so
     everything PEFT does with them keeps working: ``save_pretrained`` (HF Trainer
     checkpoints), ``load_adapter``, ``merge_and_unload``, disabling or switching adapters
@@ -61,10 +64,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     An optimizer built before the conversion keeps working (the parameters are the very
     same objects), and outputs and gradients are unchanged up to floating-point rounding
-    (for bitsandbytes layers: up to the difference between bitsandbytes' int8 matmul and
-    fastpeft's weight-only dequantisation). LoRA layers the fused kernels do not cover
-    (DoRA, LoRA biases, embeddings, convolutions, MoE expert parameters) keep PEFT's
-    forward, with one warning.
+    (for bitsandbytes int8 layers: up to the difference between bitsandbytes' int8 matmul
+    and fastpeft's weight-only dequantisation; NF4 layers dequantise as bitsandbytes does).
+    LoRA layers the fused kernels do not cover (DoRA, LoRA biases, embeddings,
+    convolutions, MoE expert parameters, FP4 bases) keep PEFT's forward, with one
+    warning.
     """
     try:
         from peft.tuners.lora import LoraLayer
@@ -238,7 +242,8 @@ def _configure(model: nn.Module, config: Any) -> None:
     names = {id(m): n for n, m in _base_model(model).named_modules()}
     for _, layer in adapter_layers(model):
         name = names[id(layer)]
-        if isinstance(layer, (LoRALinear, Int8LoRALinear)) and isinstance(config, LoraConfig):
+        if isinstance(layer, (LoRALinear, Int8LoRALinear, NF4LoRALinear)) \
+                and isinstance(config, LoraConfig):
             r, alpha = config.rank_and_alpha(name)  # r == layer.r: the shapes fit
             layer.lora_alpha, layer.use_rslora = alpha, config.use_rslora
             layer.scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
@@ -334,9 +339,8 @@ def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str]) -> 
     if len(dropouts) > 1 or len(rslora) > 1:
         raise ValueError("model: its LoRA layers differ in lora_dropout or use_rslora, which "
                          "PEFT's config cannot express")
-    # a ParamWrapper keeps its float parameter under an int8 base (fastpeft.LoraConfig)
-    int8 = {isinstance(layer, Int8LoRALinear) for _, layer in layers
-            if not is_param_wrapper(layer)}
+    # a ParamWrapper keeps its float parameter under a quantised base (fastpeft.LoraConfig)
+    base_dtypes = {_base_dtype(layer) for _, layer in layers if not is_param_wrapper(layer)}
     config = {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": dropouts.pop(),
         "use_rslora": rslora.pop(), "target_modules": sorted(set(full) - wrapped),
@@ -350,9 +354,19 @@ def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str]) -> 
     }
     if wrapped:  # PEFT before 0.17 knows no such key: only where there are some
         config["target_parameters"] = sorted(wrapped)
-    if int8 == {True}:  # extra keys make PEFT warn: only when there is something to say
-        config["fastpeft"] = {"base_dtype": "int8"}
+    if len(base_dtypes) == 1 and None not in base_dtypes:
+        # extra keys make PEFT warn: only when there is something to say
+        config["fastpeft"] = {"base_dtype": base_dtypes.pop()}
     return config
+
+
+def _base_dtype(layer: nn.Module) -> str | None:
+    """The :class:`LoraConfig` ``base_dtype`` a LoRA layer's base has."""
+    if isinstance(layer, Int8LoRALinear):
+        return "int8"
+    if isinstance(layer, NF4LoRALinear):
+        return "nf4"
+    return None
 
 
 def _bottleneck_config(layers: list[tuple[str, nn.Module]]) -> dict:
@@ -407,8 +421,9 @@ def _base_model(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Folds every LoRA layer into its base weight and puts plain layers back: a
     :class:`fastpeft.LoRALinear` becomes its (merged) ``nn.Linear``, an
-    :class:`fastpeft.Int8LoRALinear` a float ``nn.Linear`` holding the dequantised weight
-    plus the LoRA product (:meth:`Int8LoRALinear.merge` keeps int8 instead), a PEFT layer
+    :class:`fastpeft.Int8LoRALinear` or :class:`fastpeft.NF4LoRALinear` a float
+    ``nn.Linear`` holding the dequantised weight plus the LoRA product (their ``merge``
+    re-quantises into int8 / NF4 instead), a PEFT layer
     converted by :func:`from_peft` its base layer after PEFT's own merge, PEFT's
     ``ParamWrapper`` (LoRA on MoE experts / routers, nested ones included) the module it
     wraps after PEFT's merge into the parameters. Returns the model without PEFT's
@@ -436,7 +451,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             if not layer.merged:
                 layer.merge()
             plain = layer.base_layer
-        elif isinstance(layer, Int8LoRALinear):
+        elif isinstance(layer, (Int8LoRALinear, NF4LoRALinear)):
             plain = layer.to_linear(merge_lora=True)
         else:  # PEFT's layer: PEFT's merge (re-quantising a bitsandbytes base)
             layer.merge()

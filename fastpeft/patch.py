@@ -47,7 +47,7 @@ _warned: set[str] = set()
 
 def patch_peft() -> None:
     """Makes PEFT build fastpeft's fused layers: every LoRA layer (on ``nn.Linear``, GPT-2's
-    ``Conv1D`` and bitsandbytes ``Linear8bitLt``) and adaption-prompt attention PEFT creates
+    ``Conv1D``, bnb ``Linear8bitLt`` / NF4 ``Linear4bit``) and adaption-prompt attention made
     from now on is the one :func:`fastpeft.from_peft` would make of it, so models built
     inside a trainer (``Trainer``, TRL's ``SFTTrainer`` with a ``peft_config``) train with
     the fused kernels, and save, load and merge as PEFT's do (the adapter files are PEFT's,

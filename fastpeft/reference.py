@@ -345,7 +345,7 @@ def dequantize_nf4(qweight: Tensor, absmax: Tensor, blocksize: int,
     values = nf4_table(qweight.device)[codes]
     block = torch.arange(values.numel(), device=qweight.device) // blocksize
     weight = values * absmax.float()[block]
-    return weight.view(out_features, -1).to(dtype)
+    return weight.view(out_features, 2 * qweight.shape[1]).to(dtype)
 
 
 def nf4_lora_linear(

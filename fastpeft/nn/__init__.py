@@ -6,6 +6,7 @@ from .bottleneck_adapter import ADAPTER_PRESETS, AdapterPreset, BottleneckAdapte
 from .int8_lora_linear import Int8LoRALinear
 from .lora_linear import LoRALinear
 from .multi_lora_linear import MultiLoRALinear
+from .nf4_lora_linear import NF4LoRALinear
 
 __all__ = [
     "ADAPTER_PRESETS",
@@ -16,4 +17,5 @@ __all__ = [
     "Int8LoRALinear",
     "LoRALinear",
     "MultiLoRALinear",
+    "NF4LoRALinear",
 ]

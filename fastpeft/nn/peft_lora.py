@@ -17,12 +17,14 @@ from torch import Tensor, nn
 from ..ops.int8_lora_linear import int8_lora_linear
 from ..ops.lora_linear import lora_linear
 from ..ops.multi_lora_linear import multi_lora_linear
-from .int8_lora_linear import Int8LoRALinear, bnb_int8_weight, is_bnb
+from ..ops.nf4_lora_linear import nf4_lora_linear
+from .int8_lora_linear import Int8LoRALinear, bnb_int8_weight, is_bnb, is_bnb_int8
 from .lora_linear import LoRALinear, autocast_dtype, is_conv1d
 from .multi_lora_linear import per_row_ids, stack_adapters_cached
+from .nf4_lora_linear import NF4LoRALinear, bnb_nf4_problem, bnb_nf4_weight, is_bnb_4bit
 
 __all__ = ["FusedPeftLora", "LoraParts", "MixedBatchTraining", "all_lora_fused",
-           "fuse_lora_model", "fuse_peft_lora", "is_param_wrapper", "lora_parts",
+           "fuse_lora_model", "fuse_peft_lora", "fused_base", "is_param_wrapper", "lora_parts",
            "param_wrapper_class", "weights_readable"]
 
 #: Where PEFT keeps ``ParamWrapper`` (PEFT >= 0.17), LoRA on an ``nn.Parameter``.
@@ -34,6 +36,7 @@ PARAM_WRAPPER_PEFT = "peft>=0.17"
 _PEFT_CLASSES = {
     "FusedLinear": ("peft.tuners.lora.layer", "Linear"),
     "FusedLinear8bitLt": ("peft.tuners.lora.bnb", "Linear8bitLt"),
+    "FusedLinear4bit": ("peft.tuners.lora.bnb", "Linear4bit"),
 }
 # and PEFT's LoRA model (a PEFT model's base_model), for mixed batches in training
 _LORA_MODEL = {"FusedLoraModel": ("peft.tuners.lora.model", "LoraModel")}
@@ -57,7 +60,7 @@ class FusedPeftLora:
                 return y
         a = self._fused_adapter(args, kwargs)
         base = self.get_base_layer()
-        if a is None or not (is_bnb(base) or is_conv1d(base) or isinstance(base, nn.Linear)):
+        if a is None or not fused_base(base):
             return super().forward(x, *args, **kwargs)
         if not (weights_readable(base) and weights_readable(self.lora_A[a])
                 and weights_readable(self.lora_B[a])):
@@ -76,6 +79,14 @@ class FusedPeftLora:
         base weight's dtype)."""
         lora_A, lora_B = self.lora_A[a].weight, self.lora_B[a].weight
         p = _dropout_p(self.lora_dropout[a])
+        if is_bnb_4bit(base):
+            # bitsandbytes NF4 (QLoRA), in the activations' dtype: the codes read in place, a
+            # double-quantised absmax dequantised each call (as bitsandbytes' forward does)
+            qweight, absmax, blocksize = bnb_nf4_weight(base)
+            bias = None if base.bias is None else base.bias.to(x.dtype)
+            return nf4_lora_linear(x, qweight, absmax, bias, lora_A.to(x.dtype),
+                                   lora_B.to(x.dtype), self.scaling[a], p, self.training,
+                                   blocksize)
         if is_bnb(base):
             # bitsandbytes int8, computed as weight-only int8 in the activations' dtype (its
             # threshold / outlier decomposition is not reproduced)
@@ -92,7 +103,7 @@ class FusedPeftLora:
         for none) as one :func:`fastpeft.multi_lora_linear` call: the base GEMM once, each
         adapter on its own rows, in training as in inference. ``None`` where PEFT's own
         forward must run (its checks and refusals included): adapters disabled or merged, an
-        int8 base, DoRA or a LoRA bias among the named adapters, hooked weights."""
+        bitsandbytes base, DoRA or a LoRA bias among the named adapters, hooked weights."""
         base = self.get_base_layer()
         if (self.disable_adapters or self.merged or is_bnb(base) or x.dim() < 2
                 or len(adapter_names) != x.shape[0]
@@ -141,6 +152,15 @@ class FusedPeftLora:
         if self.use_dora.get(a) or getattr(self, "lora_bias", {}).get(a):
             return None
         return a
+
+
+def fused_base(base: nn.Module) -> bool:
+    """Whether the fused forward computes a PEFT LoRA layer on ``base``: an ``nn.Linear``,
+    GPT-2's ``Conv1D``, a bitsandbytes int8 ``Linear8bitLt`` or NF4 ``Linear4bit`` (uint8
+    storage, quantised; not FP4, whose layers keep PEFT's forward)."""
+    if is_bnb(base):
+        return is_bnb_int8(base) or (is_bnb_4bit(base) and bnb_nf4_problem(base) is None)
+    return is_conv1d(base) or isinstance(base, nn.Linear)
 
 
 def _base_operands(base: nn.Module,
@@ -193,14 +213,19 @@ def _warn_hooked_once() -> None:
 
 
 def fuse_peft_lora(layer: nn.Module) -> bool:
-    """Gives a PEFT LoRA layer (on ``nn.Linear`` or bitsandbytes ``Linear8bitLt``) the fused
-    forward by switching its class to a subclass of its own; False for other layers."""
+    """Gives a PEFT LoRA layer (on ``nn.Linear``, bitsandbytes ``Linear8bitLt`` or NF4
+    ``Linear4bit``) the fused forward by switching its class to a subclass of its own; False
+    for other layers, and for bitsandbytes bases the fused ops do not read (FP4, codes not
+    stored as uint8: :func:`fused_base`)."""
     for name, (module, cls_name) in _PEFT_CLASSES.items():
         try:
             cls = getattr(importlib.import_module(module), cls_name)
         except (ImportError, AttributeError):
             continue
         if type(layer) is cls:
+            base = layer.get_base_layer()
+            if is_bnb(base) and not fused_base(base):
+                return False
             layer.__class__ = _fused_class(name)
             return True
     return isinstance(layer, FusedPeftLora)
@@ -308,9 +333,10 @@ class LoraParts:
 
 
 def lora_parts(layer: nn.Module) -> LoraParts:
-    """:class:`LoraParts` of a :class:`fastpeft.LoRALinear` / :class:`fastpeft.Int8LoRALinear`,
-    or of a PEFT LoRA layer's active adapter (a ``ParamWrapper``'s included)."""
-    if isinstance(layer, (LoRALinear, Int8LoRALinear)):
+    """:class:`LoraParts` of a :class:`fastpeft.LoRALinear` / :class:`fastpeft.Int8LoRALinear`
+    / :class:`fastpeft.NF4LoRALinear`, or of a PEFT LoRA layer's active adapter (a
+    ``ParamWrapper``'s included)."""
+    if isinstance(layer, (LoRALinear, Int8LoRALinear, NF4LoRALinear)):
         return LoraParts(layer.r, layer.lora_alpha, layer.lora_dropout, layer.use_rslora,
                          layer.scaling, layer.lora_A.weight, layer.lora_B.weight,
                          layer.fan_in_fan_out)

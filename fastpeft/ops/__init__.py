@@ -7,12 +7,16 @@ from .gated_prefix_attention import gated_prefix_attention
 from .int8_lora_linear import int8_lora_linear, quantize_int8
 from .lora_linear import lora_linear
 from .multi_lora_linear import multi_lora_linear
+from .nf4_lora_linear import dequantize_nf4, nf4_lora_linear, quantize_nf4
 
 __all__ = [
     "bottleneck_adapter",
+    "dequantize_nf4",
     "gated_prefix_attention",
     "int8_lora_linear",
     "lora_linear",
     "multi_lora_linear",
+    "nf4_lora_linear",
     "quantize_int8",
+    "quantize_nf4",
 ]
