@@ -3,7 +3,9 @@
 * strided 1-D parameters (a bias that is a column of a matrix, every other element of a
   vector, ...) are accepted, as by the reference and Triton backends, with the same
   outputs and gradients as their contiguous copies;
-* outputs and gradients are the same bits for every intra-op thread count.
+* outputs and gradients are the same bits for every intra-op thread count;
+* every vector ISA a kernel has (``FASTPEFT_CPU_ISA``) that this CPU can run gives the
+  reference's results.
 
 Everything runs through the public ops with ``fastpeft.use_backend("cpu")``.
 """
@@ -18,7 +20,8 @@ import torch
 
 import fastpeft
 
-OPS = ("lora_linear", "int8_lora_linear", "gated_prefix_attention", "bottleneck_adapter")
+OPS = ("lora_linear", "int8_lora_linear", "nf4_lora_linear", "gated_prefix_attention",
+       "bottleneck_adapter")
 pytestmark = pytest.mark.skipif(
     not all("cpu" in fastpeft.available_backends(op) for op in OPS),
     reason="fastpeft._C (the C++ kernels) is not built",
@@ -104,6 +107,23 @@ def _int8_case(T: int, K: int, N: int, R: int, dtype: torch.dtype, *, p: float =
     return fn, tensors
 
 
+def _nf4_case(T: int, K: int, N: int, R: int, dtype: torch.dtype, *, p: float = 0.1,
+              blocksize: int = 64):
+    qweight, absmax = fastpeft.quantize_nf4(torch.randn(N, K), blocksize)
+    tensors = {
+        "x": _randn(T, K, dtype=dtype).requires_grad_(),
+        "bias": _randn(N, dtype=dtype).requires_grad_(),
+        "lora_A": _randn(R, K, dtype=dtype, scale=0.1).requires_grad_(),
+        "lora_B": _randn(N, R, dtype=dtype, scale=0.1).requires_grad_(),
+    }
+
+    def fn(*, x, bias, lora_A, lora_B):
+        return fastpeft.nf4_lora_linear(x, qweight, absmax, bias, lora_A, lora_B, 0.5, p,
+                                        blocksize=blocksize)
+
+    return fn, tensors
+
+
 def _attention_case(B: int, H: int, Hkv: int, M: int, N: int, P: int, D: int,
                     dtype: torch.dtype):
     tensors = {
@@ -146,6 +166,8 @@ def _fresh(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 STRIDED_CASES = {
     "lora_linear": (lambda dt: _lora_case(7, 24, 20, 4, dt), ["bias"]),
     "int8_lora_linear-decode": (lambda dt: _int8_case(3, 40, 20, 4, dt), ["bias", "weight_scale"]),
+    "nf4_lora_linear-decode": (lambda dt: _nf4_case(3, 40, 20, 4, dt), ["bias"]),
+    "nf4_lora_linear-blocked": (lambda dt: _nf4_case(40, 40, 20, 4, dt), ["bias"]),
     "int8_lora_linear-blocked": (lambda dt: _int8_case(40, 40, 20, 4, dt),
                                  ["bias", "weight_scale"]),
     "gated_prefix_attention": (lambda dt: _attention_case(2, 4, 2, 5, 9, 3, 16, dt), ["gate"]),
@@ -258,6 +280,58 @@ def test_int8_lora_linear_thread_count_independent(T, K, N, dtype, monkeypatch):
     _assert_thread_count_independent(
         lambda: _int8_case(T, K, N, 8, dtype),
         f"int8_lora_linear T={T} K={K} N={N} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, K, N", [(T, 600, 300) for T in ROWS] + [(333, 600, 200)])
+def test_nf4_lora_linear_thread_count_independent(T, K, N, dtype, monkeypatch):
+    """Every path of the NF4 op (the decode path's row dots and dx, dequantised tiles +
+    GEMM); K = 600 is no multiple of the block size: blocks cross rows."""
+    monkeypatch.setenv("FASTPEFT_CPU_PATH", "fused")
+    _assert_thread_count_independent(
+        lambda: _nf4_case(T, K, N, 8, dtype),
+        f"nf4_lora_linear T={T} K={K} N={N} {dtype}")
+
+
+# ---------------------------------------------------------------------------------------
+# Vector ISAs (FASTPEFT_CPU_ISA, csrc/cpu/cpu_path.h)
+
+# torch's own reading of the CPU: AVX512 implies AVX-512 F / BW / VL / DQ
+_ISAS = {"AVX512": ["avx512", "avx2", "generic"], "AVX2": ["avx2", "generic"]}.get(
+    torch.backends.cpu.get_cpu_capability(), ["generic"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("T, K, N, blocksize", [
+    (1, 600, 30, 64),   # blocks cross rows (600 % 64 != 0); masked / scalar tails
+    (5, 96, 17, 16),    # 8-byte blocks: shorter than the AVX-512 step
+    (16, 256, 9, 256),  # the decode path's last row count, 4 passes of 4 rows
+    (40, 130, 11, 64),  # the dequantised tiles
+])
+@pytest.mark.parametrize("isa", _ISAS)
+def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):
+    """Each NF4 decoder this CPU runs gives the reference's output and gradients."""
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
+    fn, tensors = _nf4_case(T, K, N, 4, dtype, blocksize=blocksize)
+    got = _run(fn, tensors)
+    with fastpeft.use_backend("reference"):
+        torch.manual_seed(0)
+        out = fn(**tensors)
+    g = torch.Generator().manual_seed(1)
+    out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
+    want = [out.detach()] + [t.grad for t in tensors.values() if t.requires_grad]
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    for i, (a, b) in enumerate(zip(got, want[: len(got)], strict=True)):
+        scale = b.double().abs().max().item() or 1.0
+        diff = (a.double() - b.double()).abs().max().item()
+        assert diff <= tol * scale, f"{isa} result {i}: max |diff| {diff:.3e} (scale {scale:.3g})"
+
+
+def test_cpu_isa_refuses_unknown_names(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", "sse9")
+    fn, tensors = _nf4_case(2, 64, 8, 4, torch.float32)
+    with fastpeft.use_backend("cpu"), pytest.raises(RuntimeError, match="FASTPEFT_CPU_ISA"):
+        fn(**tensors)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
