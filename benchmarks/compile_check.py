@@ -116,6 +116,20 @@ def int8_lora_linear(dtype, T, K, N, R, p, bias, backward=True):
         launchers.backward(torch.randn_like(y), x, q, scale, a, b, xa, 2.0, p, seed, True)
 
 
+def nf4_lora_linear(dtype, T, K, N, R, p, bias, blocksize, backward=True):
+    from fastpeft.triton import nf4_lora_linear as launchers
+
+    x, a, b = _randn(T, K, dtype=dtype), _randn(R, K, dtype=dtype), _randn(N, R, dtype=dtype)
+    q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    absmax = torch.rand(-(-N * K // blocksize))
+    bias_t = _randn(N, dtype=dtype) if bias else None
+    seed = _seed() if p > 0 else None
+    y, xa = launchers.forward(x, q, absmax, bias_t, a, b, 2.0, p, seed, blocksize)
+    if backward:
+        launchers.backward(torch.randn_like(y), x, q, absmax, a, b, xa, 2.0, p, seed, blocksize,
+                           True)
+
+
 def multi_lora_linear(dtype, T, K, N, R, n, p, bias, transposed):
     from fastpeft.triton import multi_lora_linear as launchers
 
@@ -167,6 +181,16 @@ CASES = {
         dict(T=64, K=256, N=192, R=16, p=0.1, bias=True),
         dict(T=64, K=256, N=192, R=128, p=0.0, bias=False),
     ],
+    # The GEMV's modes (T = 1, 3) and its one-absmax-per-row path (blocksize 256: whole
+    # blocks per row, BLOCK_K <= 256), the tiled path with both absmax paths (K = 256:
+    # BLOCK_K 64 reads one per row, 128 one per byte; K = 240: blocks cross rows) and both
+    # rank tiers.
+    "nf4_lora_linear": [
+        dict(T=1, K=512, N=192, R=16, p=0.1, bias=True, blocksize=64, backward=False),
+        dict(T=3, K=512, N=192, R=16, p=0.0, bias=False, blocksize=256, backward=False),
+        dict(T=64, K=256, N=192, R=16, p=0.1, bias=True, blocksize=64),
+        dict(T=64, K=240, N=192, R=128, p=0.0, bias=False, blocksize=64),
+    ],
     "multi_lora_linear": [  # BLOCK_A tiers 16 (n <= 16) and 256 (n > 128); rank tiers
         dict(T=64, K=256, N=192, R=16, n=4, p=0.1, bias=True, transposed=False),
         dict(T=64, K=256, N=192, R=64, n=4, p=0.0, bias=False, transposed=True),
@@ -184,6 +208,7 @@ CASES = {
     ],
 }
 CASE_FNS = {"lora_linear": lora_linear, "int8_lora_linear": int8_lora_linear,
+            "nf4_lora_linear": nf4_lora_linear,
             "multi_lora_linear": multi_lora_linear,
             "bottleneck_adapter": bottleneck_adapter,
             "gated_prefix_attention": gated_prefix_attention}

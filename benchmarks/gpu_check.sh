@@ -234,11 +234,11 @@ write_summary
 #    A group's log grows as its tests pass; its JUnit XML is written when it finishes.
 if [ "$DRY_RUN" = 1 ]; then
     TEST_GROUPS=("lora_linear:tests/test_lora_linear.py:triton and (empty_batch or dropout_mask)"
-                 "other_ops:tests/test_int8_lora_linear.py tests/test_bottleneck_adapter.py tests/test_gated_prefix_attention.py:triton and (empty_batch or log_sum_exps)")
+                 "other_ops:tests/test_int8_lora_linear.py tests/test_nf4_lora_linear.py tests/test_bottleneck_adapter.py tests/test_gated_prefix_attention.py:triton and (empty_batch or log_sum_exps)")
     TEST_CAP=180
 else
     TEST_GROUPS=()
-    for f in lora_linear int8_lora_linear multi_lora_linear bottleneck_adapter \
+    for f in lora_linear int8_lora_linear nf4_lora_linear multi_lora_linear bottleneck_adapter \
              gated_prefix_attention properties autograd op_layer triton_compat; do
         TEST_GROUPS+=("$f:tests/test_$f.py:triton or mixed_devices")
     done
@@ -266,7 +266,8 @@ else
     BENCH_SHAPES=(--shapes full)
     FP32_SHAPES=(--quick)
 fi
-for op in lora_linear int8_lora_linear multi_lora_linear gated_prefix_attention bottleneck_adapter; do
+for op in lora_linear int8_lora_linear nf4_lora_linear multi_lora_linear gated_prefix_attention \
+          bottleneck_adapter; do
     run_step "bench-bf16-$op" 120 "$PYTHON" -m fastpeft.bench --device "$DEVICE" --dtype bf16 \
         --ops "$op" "${BENCH_SHAPES[@]}" --no-progress --out "$OUTDIR/bench-bf16" || FAILED=1
     write_summary

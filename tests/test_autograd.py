@@ -34,6 +34,15 @@ def _int8_lora_linear(dev):
         lambda: torch.ops.fastpeft.int8_lora_linear(x, q, s, bias, a, b, 0.5, 0.0, None)
 
 
+def _nf4_lora_linear(dev):
+    x, a, b, bias = _rg(3, 8, device=dev), _rg(2, 8, device=dev), _rg(6, 2, device=dev), \
+        _rg(6, device=dev)
+    q, am = fastpeft.quantize_nf4(torch.randn(6, 8, device=dev), 16)
+    return (x, a, b, bias), \
+        lambda: fastpeft.nf4_lora_linear(x, q, am, bias, a, b, 0.5, 0.25, blocksize=16), \
+        lambda: torch.ops.fastpeft.nf4_lora_linear(x, q, am, bias, a, b, 0.5, 0.0, None, 16)
+
+
 def _multi_lora_linear(dev):
     x, a, b, bias = _rg(4, 8, device=dev), _rg(3, 2, 8, device=dev), _rg(3, 6, 2, device=dev), \
         _rg(6, device=dev)
@@ -64,6 +73,7 @@ def _bottleneck_adapter(dev):
 CASES = {
     "lora_linear": _lora_linear,
     "int8_lora_linear": _int8_lora_linear,
+    "nf4_lora_linear": _nf4_lora_linear,
     "multi_lora_linear": _multi_lora_linear,
     "gated_prefix_attention": _gated_prefix_attention,
     "bottleneck_adapter": _bottleneck_adapter,

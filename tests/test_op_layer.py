@@ -21,7 +21,7 @@ from fastpeft import _backend, reference
 def test_available_backends():
     assert set(_backend.declared_ops()) == {"lora_linear", "int8_lora_linear",
                                             "multi_lora_linear", "gated_prefix_attention",
-                                            "bottleneck_adapter"}
+                                            "bottleneck_adapter", "nf4_lora_linear"}
     for op in _backend.declared_ops():
         found = fastpeft.available_backends(op)
         assert found[0] == "reference"
@@ -127,6 +127,23 @@ def test_int8_lora_linear_empty_dims(backend_device, shape):
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("backend_device", backend_params("nf4_lora_linear"))
+@pytest.mark.parametrize("shape", EMPTY_LINEAR, ids=str)
+def test_nf4_lora_linear_empty_dims(backend_device, shape):
+    backend, device = backend_device
+    x, w, bias, a, b = _linear_case(*shape)
+    q, absmax = (t.to(device) for t in fastpeft.quantize_nf4(w, 16))
+    x, bias, a, b = (t.to(device).requires_grad_() for t in (x, bias, a, b))
+    with forced(backend):
+        y = fastpeft.nf4_lora_linear(x, q, absmax, bias, a, b, 2.0, blocksize=16)
+    ref = reference.nf4_lora_linear(x, q, absmax, bias, a, b, 2.0, blocksize=16)
+    assert y.shape == (shape[0], shape[2])
+    torch.testing.assert_close(y, ref)
+    for g, r in zip(torch.autograd.grad(y.sum(), (x, bias, a, b)),
+                    torch.autograd.grad(ref.sum(), (x, bias, a, b)), strict=True):
+        torch.testing.assert_close(g, r)
+
+
 @pytest.mark.parametrize("backend_device", backend_params("bottleneck_adapter"))
 @pytest.mark.parametrize(("t", "d"), [(0, 8), (4, 0)])
 @pytest.mark.parametrize("ln", [False, True])
@@ -188,8 +205,8 @@ def test_torch_func_transforms_run_the_reference():
     assert jac.shape == (5, 6, 2, 8)
 
 
-@pytest.mark.parametrize("op", ["int8_lora_linear", "gated_prefix_attention",
-                                "bottleneck_adapter"])
+@pytest.mark.parametrize("op", ["int8_lora_linear", "nf4_lora_linear",
+                                "gated_prefix_attention", "bottleneck_adapter"])
 def test_torch_func_grad_of_every_op(op):
     if op == "int8_lora_linear":
         x, w, bias, a, b = _linear_case(5, 8, 6)
@@ -197,6 +214,14 @@ def test_torch_func_grad_of_every_op(op):
 
         def call(mod, t):
             return mod.int8_lora_linear(x, q, s, bias, t, b, 2.0)
+
+        arg = a
+    elif op == "nf4_lora_linear":
+        x, w, bias, a, b = _linear_case(5, 8, 6)
+        q, absmax = fastpeft.quantize_nf4(w, 16)
+
+        def call(mod, t):
+            return mod.nf4_lora_linear(x, q, absmax, bias, t, b, 2.0, blocksize=16)
 
         arg = a
     elif op == "gated_prefix_attention":

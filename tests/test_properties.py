@@ -44,9 +44,9 @@ from fastpeft.ops.lora_linear import draw_seed
 
 # Examples per (op, backend, dtype); the CPU kernels get many, the interpreter few.
 CPU_EXAMPLES = {"lora_linear": 24, "int8_lora_linear": 20, "gated_prefix_attention": 20,
-                "bottleneck_adapter": 24, "multi_lora_linear": 24}
+                "bottleneck_adapter": 24, "multi_lora_linear": 24, "nf4_lora_linear": 20}
 TRITON_EXAMPLES = {"lora_linear": 6, "int8_lora_linear": 5, "gated_prefix_attention": 5,
-                   "bottleneck_adapter": 8, "multi_lora_linear": 10}
+                   "bottleneck_adapter": 8, "multi_lora_linear": 10, "nf4_lora_linear": 5}
 
 
 @dataclass(frozen=True)
@@ -345,12 +345,18 @@ def abs_terms(inputs: Inputs, ref_abs: Callable[[Inputs], Tensor], dy: Tensor) -
     return Sizes(terms={n: t.max().item() if t.numel() else 0.0 for n, t in out.items()})
 
 
-# --- lora_linear and int8_lora_linear --------------------------------------------------
+# --- lora_linear, int8_lora_linear and nf4_lora_linear -----------------------------------
+
+# The base weight of a LoRA linear case: "float" (lora_linear), "int8", "nf4".
+LORA_FNS = {"float": (fastpeft.lora_linear, reference.lora_linear),
+            "int8": (fastpeft.int8_lora_linear, reference.int8_lora_linear),
+            "nf4": (fastpeft.nf4_lora_linear, reference.nf4_lora_linear)}
+QUANTISED_BASE = frozenset({"qweight", "weight_scale", "absmax"})
 
 
 @dataclass(frozen=True)
 class LoraCase:
-    """One drawn call of ``lora_linear`` (``int8=False``) or ``int8_lora_linear``."""
+    """One drawn call of ``lora_linear``, ``int8_lora_linear`` or ``nf4_lora_linear``."""
 
     lead: tuple[int, ...]
     d_in: int
@@ -362,20 +368,24 @@ class LoraCase:
     scaling: float
     layouts: tuple[tuple[str, str], ...]  # (argument, layout)
     requires_grad: tuple[str, ...]
-    zero_rows: int  # int8: weight rows that are all zero (scale 0)
+    zero_rows: int  # int8 / nf4: weight rows that are all zero (scale / absmax 0)
     value_seed: int
+    blocksize: int = 64  # nf4
 
     def layout(self, name: str) -> str:
         return dict(self.layouts)[name]
 
 
-def draw_lora(rng: random.Random, budget: Budget, int8: bool) -> LoraCase:
-    """A LoRA linear call within ``budget``: sizes, layouts, flags and values."""
+def draw_lora(rng: random.Random, budget: Budget, base: str) -> LoraCase:
+    """A LoRA linear call over a ``base`` weight (see LORA_FNS) within ``budget``: sizes,
+    layouts, flags and values."""
     hi = budget.max_dim
     r = draw_size(rng, min(hi, 72))
     d_in, d_out = draw_size(rng, hi), draw_size(rng, hi)
     d_in, d_out, r = fit(rng, [d_in, d_out, r], lambda s: s[0] * s[1] + s[2] * (s[0] + s[1]),
                          budget.work)
+    if base == "nf4":
+        d_in += d_in & 1  # two codes per byte
     dropout_p = rng.choice([0.0, 0.1, 0.5])
     training = rng.random() < 0.75
     max_rows = budget.work // (d_in * d_out + r * (d_in + d_out))
@@ -390,9 +400,10 @@ def draw_lora(rng: random.Random, budget: Budget, int8: bool) -> LoraCase:
     layouts = [("x", draw_layout(rng, x_dims)), ("weight", draw_layout(rng, 2)),
                ("bias", draw_layout(rng, 1)), ("lora_A", draw_layout(rng, 2, 0.7)),
                ("lora_B", draw_layout(rng, 2, 0.7))]
-    if int8:  # the int8 weight is frozen
+    if base != "float":  # the quantised weight is frozen
         layouts[1] = ("weight", draw_layout(rng, 2, 0.8))
-        layouts.append(("weight_scale", draw_layout(rng, 1, 0.7)))
+        layouts.append(("weight_scale" if base == "int8" else "absmax",
+                        draw_layout(rng, 1, 0.7)))
         flags = draw_requires_grad(rng, ["x", "bias", "lora_A", "lora_B"], 0.8)
     else:
         flags = draw_requires_grad(rng, ["x", "weight", "bias", "lora_A", "lora_B"], 0.8)
@@ -404,13 +415,15 @@ def draw_lora(rng: random.Random, budget: Budget, int8: bool) -> LoraCase:
         flags["bias"] = False
         if not any(flags.values()):
             flags["x"] = True
-    zero_rows = rng.choice([0, 0, 0, 1]) if int8 else 0
+    zero_rows = rng.choice([0, 0, 0, 1]) if base != "float" else 0
+    # nf4: blocks that cross rows (in % blocksize != 0) more often than not
+    blocksize = rng.choice([16, 32, 64, 128]) if base == "nf4" else 64
     return LoraCase(lead, d_in, d_out, r, bias, dropout_p, training, scaling, tuple(layouts),
                     tuple(n for n, f in flags.items() if f), min(zero_rows, d_out),
-                    rng.getrandbits(62))
+                    rng.getrandbits(62), blocksize)
 
 
-def lora_inputs(case: LoraCase, dtype: torch.dtype, int8: bool, device: str) -> Inputs:
+def lora_inputs(case: LoraCase, dtype: torch.dtype, base: str, device: str) -> Inputs:
     """The tensors of ``case`` in ``dtype`` on ``device``, in their layouts."""
     gen = torch.Generator().manual_seed(case.value_seed)
     d_in, d_out, r = case.d_in, case.d_out, case.r
@@ -419,13 +432,18 @@ def lora_inputs(case: LoraCase, dtype: torch.dtype, int8: bool, device: str) -> 
         return laid_out(value, case.layout(name), name in case.requires_grad, device)
 
     x = make("x", randn(gen, (*case.lead, d_in), dtype))
-    w = randn(gen, (d_out, d_in), torch.float64 if int8 else dtype, d_in**-0.5)
+    w = randn(gen, (d_out, d_in), dtype if base == "float" else torch.float64, d_in**-0.5)
     inputs: Inputs = {"x": x}
-    if int8:
+    if base == "int8":
         w[: case.zero_rows] = 0.0
         q, s = fastpeft.quantize_int8(w.float())
         inputs["qweight"] = laid_out(q, case.layout("weight"), device=device)
         inputs["weight_scale"] = laid_out(s, case.layout("weight_scale"), device=device)
+    elif base == "nf4":
+        w[: case.zero_rows] = 0.0
+        q, absmax = fastpeft.quantize_nf4(w.float(), case.blocksize)
+        inputs["qweight"] = laid_out(q, case.layout("weight"), device=device)
+        inputs["absmax"] = laid_out(absmax, case.layout("absmax"), device=device)
     else:
         inputs["weight"] = make("weight", w)
     inputs["bias"] = make("bias", randn(gen, (d_out,), dtype, 0.5)) if case.bias else None
@@ -436,11 +454,26 @@ def lora_inputs(case: LoraCase, dtype: torch.dtype, int8: bool, device: str) -> 
 
 def _lora_call(fn: Callable[..., Tensor], t: Inputs, case: LoraCase, scaling: float,
                *seed: Tensor | None) -> Tensor:
-    """``fn`` (lora_linear or int8_lora_linear, fused or the reference with its dropout
-    ``seed``) on ``t``."""
-    base = (t["weight"],) if "weight" in t else (t["qweight"], t["weight_scale"])
-    return fn(t["x"], *base, t["bias"], t["lora_A"], t["lora_B"], scaling, case.dropout_p,
-              case.training, *seed)
+    """``fn`` (one of LORA_FNS, fused or the reference with its dropout ``seed``) on
+    ``t``."""
+    if "weight" in t:
+        return fn(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], scaling,
+                  case.dropout_p, case.training, *seed)
+    if "absmax" in t:
+        return fn(t["x"], t["qweight"], t["absmax"], t["bias"], t["lora_A"], t["lora_B"],
+                  scaling, case.dropout_p, case.training, *seed, blocksize=case.blocksize)
+    return fn(t["x"], t["qweight"], t["weight_scale"], t["bias"], t["lora_A"], t["lora_B"],
+              scaling, case.dropout_p, case.training, *seed)
+
+
+def float_base(case: LoraCase, inputs: Inputs) -> Tensor:
+    """The base weight of ``inputs`` as the reference uses it, in float64."""
+    if "weight" in inputs:
+        return inputs["weight"].detach().double()
+    if "absmax" in inputs:
+        return reference.dequantize_nf4(inputs["qweight"], inputs["absmax"], case.blocksize,
+                                        torch.float64)
+    return reference.dequantize_int8(inputs["qweight"], inputs["weight_scale"], torch.float64)
 
 
 def lora_cancel(case: LoraCase, inputs: Inputs, dy: Tensor,
@@ -450,11 +483,8 @@ def lora_cancel(case: LoraCase, inputs: Inputs, dy: Tensor,
     sum, which can cancel (one output of size 4e-3 from terms of size 1): the largest
     |base| + |LoRA| of each, in float64."""
     t = {n: v.detach().double() for n, v in inputs.items()
-         if v is not None and n not in ("qweight", "weight_scale")}
-    if "weight" in t:
-        w = t["weight"]
-    else:
-        w = reference.dequantize_int8(inputs["qweight"], inputs["weight_scale"], torch.float64)
+         if v is not None and n not in QUANTISED_BASE}
+    w = float_base(case, inputs)
     x = t["x"].reshape(-1, case.d_in)
     g = dy.reshape(-1, case.d_out)
     keep = torch.ones_like(x)
@@ -471,42 +501,54 @@ def lora_cancel(case: LoraCase, inputs: Inputs, dy: Tensor,
 
 
 def check_lora(backend: str, device: str, dtype: torch.dtype, case: LoraCase,
-               int8: bool) -> None:
-    """The LoRA linear (int8 base or not) of ``case`` against the reference: the output
-    and the gradients of x, lora_A, lora_B, and of bias (and weight) when they require
-    grad; the reference of the int8 op dequantises the weight."""
-    inputs = lora_inputs(case, dtype, int8, device)
-    fused_fn = fastpeft.int8_lora_linear if int8 else fastpeft.lora_linear
-    ref_fn = reference.int8_lora_linear if int8 else reference.lora_linear
+               base: str) -> None:
+    """The LoRA linear over a ``base`` weight (see LORA_FNS) of ``case`` against the
+    reference: the output and the gradients of x, lora_A, lora_B, and of bias (and weight)
+    when they require grad; the references of the quantised ops dequantise the weight."""
+    inputs = lora_inputs(case, dtype, base, device)
+    fused_fn, ref_fn = LORA_FNS[base]
 
     def sizes(dy: Tensor, seed: Tensor | None) -> Sizes:
         # y and its gradients are sums of products of the inputs (and dropout's
-        # non-negative mask): the reference on |inputs| sums their |terms|
-        size = abs_terms(inputs, lambda t: _lora_call(ref_fn, t, case, abs(case.scaling),
-                                                      seed), dy)
+        # non-negative mask): the reference on |inputs| sums their |terms|. The NF4
+        # codes' values are signed (|code| is no code of |value|): their float weight.
+        plain, abs_base = inputs, base
+        if base == "nf4":
+            plain = {n: v for n, v in inputs.items() if n not in QUANTISED_BASE}
+            plain["weight"], abs_base = float_base(case, inputs), "float"
+        size = abs_terms(plain, lambda t: _lora_call(LORA_FNS[abs_base][1], t, case,
+                                                     abs(case.scaling), seed), dy)
         size.cancel = lora_cancel(case, inputs, dy, seed)
         return size
 
     check_case(case, backend, dtype, inputs,
                lambda t: _lora_call(fused_fn, t, case, case.scaling),
                lambda t, seed, _lowp: _lora_call(ref_fn, t, case, case.scaling, seed),
-               case.dropout_p > 0 and case.training, 4.0,
-               keep=frozenset({"qweight", "weight_scale"}), sizes=sizes)
+               case.dropout_p > 0 and case.training, 4.0, keep=QUANTISED_BASE, sizes=sizes)
 
 
 @pytest.mark.parametrize(("backend", "device", "dtype", "key"), cases("lora_linear"))
 def test_lora_linear(backend: str, device: str, dtype: torch.dtype, key: str) -> None:
     """lora_linear, any weight layout (w_in_out.t() included), against the reference."""
-    case = draw_lora(random.Random(key), BUDGETS[backend], int8=False)
-    check_lora(backend, device, dtype, case, int8=False)
+    case = draw_lora(random.Random(key), BUDGETS[backend], "float")
+    check_lora(backend, device, dtype, case, "float")
 
 
 @pytest.mark.parametrize(("backend", "device", "dtype", "key"), cases("int8_lora_linear"))
 def test_int8_lora_linear(backend: str, device: str, dtype: torch.dtype, key: str) -> None:
     """int8_lora_linear on a weight from quantize_int8 (sometimes with all-zero rows,
     scale 0) against the reference on the dequantised weight."""
-    case = draw_lora(random.Random(key), BUDGETS[backend], int8=True)
-    check_lora(backend, device, dtype, case, int8=True)
+    case = draw_lora(random.Random(key), BUDGETS[backend], "int8")
+    check_lora(backend, device, dtype, case, "int8")
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype", "key"), cases("nf4_lora_linear"))
+def test_nf4_lora_linear(backend: str, device: str, dtype: torch.dtype, key: str) -> None:
+    """nf4_lora_linear on a weight from quantize_nf4 (block sizes 16 .. 128, blocks that
+    cross rows, sometimes all-zero rows: absmax 0) against the reference on the
+    dequantised weight."""
+    case = draw_lora(random.Random(key), BUDGETS[backend], "nf4")
+    check_lora(backend, device, dtype, case, "nf4")
 
 
 # --- multi_lora_linear -------------------------------------------------------------------
@@ -1033,7 +1075,7 @@ def test_column_bias_lora(backend: str, device: str, int8: bool) -> None:
     names = ("x", "weight", "bias", "lora_A", "lora_B", *(("weight_scale",) if int8 else ()))
     case = LoraCase((3,), 5, 4, 2, True, 0.0, True, 1.0, _vector_layouts(names, ("bias",)),
                     ("x", "bias", "lora_A", "lora_B"), 0, 0)
-    check_lora(backend, device, torch.float32, case, int8=int8)
+    check_lora(backend, device, torch.float32, case, "int8" if int8 else "float")
 
 
 @pytest.mark.parametrize(("backend", "device"), _all_params("bottleneck_adapter"))

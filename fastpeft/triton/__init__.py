@@ -15,8 +15,8 @@ Layout, the same for every op:
   imports a backward module.
 * Code used by more than one op lives in shared modules, never in a sibling op's:
   ``_common.py`` (Python helpers: configs, precision flags, block sizes, dropout
-  arguments), ``_common_kernels.py`` (shared jit code: the grouped GEMM tile order and the
-  LoRA branch kernels of ``lora_linear`` and ``int8_lora_linear``), ``_dropout.py`` (the
+  arguments), ``_common_kernels.py`` (shared jit code: the grouped GEMM tile order, the rank-R
+  epilogue product and the LoRA branch kernels of the LoRA linears), ``_dropout.py`` (the
   seeded dropout mask).
 
 Dtypes: fp16 / bf16 / fp32 accumulate in fp32; fp64 (used by the gradchecks) runs the same
@@ -27,8 +27,9 @@ kernels accumulating in fp64. Two Triton versions matter for fp64:
   ``acc``, which rejects an fp64 accumulator; newer Triton infers it from ``acc``. With it,
   fp64 runs under the interpreter on every version.
 * Compiled for a GPU, Triton before 3.9 cannot lower an fp64 dot whose operand is computed
-  in registers (int8_lora_linear's dequantised tile, gated_prefix_attention's
-  probabilities), so those two ops' launchers refuse fp64 CUDA tensors there with an error
-  that names the reference backend (``_common.check_fp64_register_dots``). lora_linear and
-  bottleneck_adapter compile in fp64 on every version.
+  in registers (int8_lora_linear's and nf4_lora_linear's dequantised tiles,
+  gated_prefix_attention's probabilities), so those ops' launchers refuse fp64 CUDA
+  tensors there with an error that names the reference backend
+  (``_common.check_fp64_register_dots``). lora_linear and bottleneck_adapter compile in
+  fp64 on every version.
 """

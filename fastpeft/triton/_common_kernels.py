@@ -1,5 +1,7 @@
-"""Jit code shared by more than one op: the grouped tile order of the GEMM kernels, and the
-two kernels of the LoRA branch common to ``lora_linear`` and ``int8_lora_linear``.
+"""Jit code shared by more than one op: the grouped tile order of the GEMM kernels, the
+rank-R product of the quantised ops' GEMM epilogues (:func:`rank_product`), and the two
+kernels of the LoRA branch common to ``lora_linear``, ``int8_lora_linear`` and
+``nf4_lora_linear``.
 
 Shapes (2-D, contiguous): x (T, K), lora_A (R, K), xa (T, R), dyB = dy @ lora_B (T, R);
 ``keep`` is the seeded Philox mask of :mod:`._dropout`, regenerated, never stored:
@@ -52,6 +54,31 @@ def grouped_tile(pid, M, NCOL, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
     return pid_m, pid_n
+
+
+@triton.jit
+def rank_product(acc, l_ptrs, l_stride, r_ptrs, r_stride, R, ALLOW_TF32: tl.constexpr,
+                 MULTI_R: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + L @ Rt over the rank dimension R (the LoRA term of a GEMM epilogue): L element
+    (i, r) at ``l_ptrs[i] + r * l_stride``, Rt element (r, j) at ``r_ptrs[j] + r * r_stride``;
+    ``l_ptrs`` is (BI, 1), ``r_ptrs`` (1, BJ). All of R in one tl.dot (BLOCK_R >= R, zero
+    padded), or BLOCK_R ranks at a time when MULTI_R (one dot over many ranks spills)."""
+    rr = tl.arange(0, BLOCK_R)
+    if MULTI_R:
+        # Not pipelined: staged rank tiles would only cost shared memory and registers.
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+            r_ok = rr < R - r0
+            lt = tl.load(l_ptrs + (r0 + rr)[None, :] * l_stride, mask=r_ok[None, :], other=0.0)
+            rt = tl.load(r_ptrs + (r0 + rr)[:, None] * r_stride, mask=r_ok[:, None], other=0.0)
+            acc = tl.dot(lt, rt, acc, out_dtype=acc.dtype,
+                         input_precision="tf32" if ALLOW_TF32 else "ieee")
+    else:
+        r_ok = rr < R
+        lt = tl.load(l_ptrs + rr[None, :] * l_stride, mask=r_ok[None, :], other=0.0)
+        rt = tl.load(r_ptrs + rr[:, None] * r_stride, mask=r_ok[:, None], other=0.0)
+        acc = tl.dot(lt, rt, acc, out_dtype=acc.dtype,
+                     input_precision="tf32" if ALLOW_TF32 else "ieee")
+    return acc
 
 
 @tuned(_DOWN_CONFIGS, key=["T_BUCKET", "K", "BLOCK_R"])
