@@ -19,6 +19,7 @@ from .nn import (
     MultiLoRALinear,
     NF4LoRALinear,
 )
+from .nn.multi_lora_linear import set_adapter_names
 from .ops import (
     bottleneck_adapter,
     dequantize_nf4,
@@ -63,6 +64,7 @@ __all__ = [
     "quantize_int8",
     "quantize_nf4",
     "save_adapter",
+    "set_adapter_names",
     "unpatch_peft",
     "use_backend",
 ]

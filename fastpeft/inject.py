@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from .nn.adapted_attention import AdaptedAttention, compute_dtype
 from .nn.bottleneck_adapter import BottleneckAdapter
 from .nn.int8_lora_linear import Int8LoRALinear, is_bnb, is_bnb_int8
 from .nn.lora_linear import LoRALinear, is_conv1d, linear_weight
+from .nn.multi_lora_linear import MultiLoRALinear
 from .nn.nf4_lora_linear import NF4LoRALinear, bnb_nf4_problem, is_bnb_4bit
 from .nn.peft_lora import FusedPeftLora, is_param_wrapper, lora_parts, param_wrapper_class
 from .placement import adaption_prompt_sites, bottleneck_sites
@@ -25,10 +26,10 @@ AnyConfig = LoraConfig | AdaptionPromptConfig | BottleneckConfig
 
 #: The name of the adapter attached to a block's sublayer by a ``BottleneckConfig``.
 BOTTLENECK_CHILD = "bottleneck_adapter"
-LORA_TYPES = (LoRALinear, Int8LoRALinear, NF4LoRALinear, FusedPeftLora)
+LORA_TYPES = (LoRALinear, Int8LoRALinear, NF4LoRALinear, MultiLoRALinear, FusedPeftLora)
 
 
-def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
+def inject(model: nn.Module, config: AnyConfig | Mapping[str, LoraConfig]) -> nn.Module:
     """Adds the adapters ``config`` describes to ``model`` in place and freezes the rest.
 
     - :class:`LoraConfig`: the matching linear layers (``nn.Linear``, GPT-2's ``Conv1D``)
@@ -44,6 +45,14 @@ def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
       ``base_dtype="int8"`` / ``"nf4"``); one warning per call names them, or the 3-D
       experts that PEFT's ``"all-linear"`` leaves out (Qwen2-MoE). Needs peft >= 0.17 for
       those: an ``ImportError`` naming the module otherwise, before anything changes.
+    - A dict of adapter name -> :class:`LoraConfig`: several named adapters (PEFT's
+      multi-adapter model), each with its own ``r``, ``lora_alpha``, targets, ...: every
+      linear layer some config targets becomes a :class:`fastpeft.MultiLoRALinear` holding
+      the adapters whose configs target it (layers that are ``MultiLoRALinear`` already get
+      the new adapters added). :func:`fastpeft.set_adapter_names` then picks each
+      sequence's adapter; :func:`fastpeft.save_adapter` writes PEFT's multi-adapter
+      layout. Float ``nn.Linear`` / ``Conv1D`` layers only (no ``base_dtype``, no
+      ``target_parameters``).
     - :class:`AdaptionPromptConfig`: the self-attention modules of the top
       ``adapter_layers`` blocks are wrapped in :class:`fastpeft.nn.AdaptedAttention`
       (Llama-style attention and GPT-2's; :mod:`fastpeft.placement`).
@@ -63,9 +72,12 @@ def inject(model: nn.Module, config: AnyConfig) -> nn.Module:
         _inject_adaption_prompt(model, config)
     elif isinstance(config, BottleneckConfig):
         _inject_bottleneck(model, config)
+    elif isinstance(config, Mapping):
+        _inject_multi_lora(model, config)
     else:
-        raise TypeError(f"config: expected a LoraConfig, AdaptionPromptConfig or "
-                        f"BottleneckConfig, got {type(config).__name__}")
+        raise TypeError(f"config: expected a LoraConfig, AdaptionPromptConfig, "
+                        f"BottleneckConfig or a dict of adapter name -> LoraConfig, got "
+                        f"{type(config).__name__}")
     trainable = {id(p) for _, layer in adapter_layers(model) for p in _adapter_params(layer)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -83,7 +95,9 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _adapter_params(layer: nn.Module) -> Iterator[Tensor]:
-    if is_lora_layer(layer):
+    if isinstance(layer, MultiLoRALinear):
+        yield from (*layer.lora_A.parameters(), *layer.lora_B.parameters())
+    elif is_lora_layer(layer):
         parts = lora_parts(layer)
         yield from (parts.lora_A, parts.lora_B)
     elif isinstance(layer, AdaptedAttention):
@@ -190,7 +204,8 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
 
 def is_lora_layer(module: nn.Module) -> bool:
     """A LoRA layer: fastpeft's (:class:`fastpeft.LoRALinear`,
-    :class:`fastpeft.Int8LoRALinear`, :class:`fastpeft.NF4LoRALinear`), PEFT's converted by
+    :class:`fastpeft.Int8LoRALinear`, :class:`fastpeft.NF4LoRALinear`,
+    :class:`fastpeft.MultiLoRALinear`), PEFT's converted by
     :func:`fastpeft.from_peft`, or
     PEFT's ``ParamWrapper`` (LoRA on a parameter, with PEFT's forward)."""
     return isinstance(module, LORA_TYPES) or is_param_wrapper(module)
@@ -438,6 +453,69 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else None
 
 
+
+
+def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> None:
+    """Several named LoRA adapters as :class:`MultiLoRALinear` layers (see :func:`inject`);
+    everything is checked before anything changes."""
+    if not configs:
+        raise ValueError("config: an empty dict names no adapter")
+    inside = {n for n, m in model.named_modules() if is_lora_layer(m)}
+    output_layer = _output_layer(model)
+    plan: dict[str, list[tuple[str, LoraConfig]]] = {}  # layer name -> its new adapters
+    for adapter, config in configs.items():
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config[{adapter!r}]: expected a LoraConfig, got "
+                            f"{type(config).__name__}")
+        if not isinstance(adapter, str) or not adapter or "." in adapter \
+                or adapter == "__base__":
+            raise ValueError(f"config: adapter names are non-empty str without '.', not "
+                             f"'__base__'; got {adapter!r}")
+        if config.base_dtype is not None or config.target_parameters:
+            raise NotImplementedError(
+                f"config[{adapter!r}]: several adapters on one layer (MultiLoRALinear) take "
+                f"float nn.Linear / Conv1D layers: no base_dtype, no target_parameters")
+        all_linear = config.target_modules == "all-linear"
+        config = _with_peft_targets(model, config)
+        if config.target_parameters:  # transformers 5 MoE: PEFT adapts the experts as parameters
+            raise NotImplementedError(
+                f"config[{adapter!r}]: on {type(model).__name__}, PEFT adapts "
+                f"{config.target_parameters[:2]} as parameters (ParamWrapper), which "
+                f"MultiLoRALinear layers do not; name the linear layers in target_modules")
+        _unadapted_experts(model, config.target_modules, all_linear, [], inside)  # refusals
+        matched = []
+        for name, module in model.named_modules():
+            if not _matches(name, config.target_modules) or module is output_layer \
+                    or name.rpartition(".")[0] in inside:
+                continue
+            if isinstance(module, MultiLoRALinear):
+                if adapter in module.lora_A:
+                    raise ValueError(f"config: {name} has an adapter {adapter!r} already")
+            elif is_lora_layer(module):
+                raise ValueError(f"target_modules: {name} carries a single LoRA adapter "
+                                 f"already ({type(module).__name__})")
+            elif not _is_linear(module):
+                continue
+            elif is_bnb(module):
+                raise NotImplementedError(
+                    f"target_modules: {name} is a bitsandbytes {type(module).__name__}; "
+                    f"several adapters on one layer (MultiLoRALinear) take float layers")
+            matched.append(name)
+        if not matched:
+            raise ValueError(f"config[{adapter!r}]: target_modules "
+                             f"{config.target_modules!r} matches no linear layer (nn.Linear "
+                             f"or Conv1D) of {type(model).__name__}")
+        for name in matched:
+            plan.setdefault(name, []).append((adapter, config))
+    for name, adapters in plan.items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, MultiLoRALinear):
+            layer = MultiLoRALinear(layer)
+            replace(model, name, layer)
+        for adapter, config in adapters:
+            r, alpha = config.rank_and_alpha(name)
+            layer.add_adapter(adapter, r, alpha, config.lora_dropout, config.use_rslora)
+        layer.train(layer.training)  # the new adapters' modules too
 
 
 # --- adaption prompt --------------------------------------------------------------------

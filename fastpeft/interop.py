@@ -4,7 +4,10 @@ merge LoRA into the base weights.
 PEFT's on-disk format is a directory with ``adapter_config.json`` and
 ``adapter_model.safetensors`` whose keys are the adapter tensors' qualified names under
 ``base_model.model.`` (PEFT's wrapper prefix) without the adapter name, e.g.
-``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. fastpeft's layers
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. Several adapters
+(:class:`fastpeft.MultiLoRALinear` layers) take PEFT's multi-adapter layout: the adapter
+named ``"default"`` in the directory itself, every other one in a subdirectory named
+after it, each in that format. fastpeft's layers
 use PEFT's attribute names, so a model converted with :func:`from_peft` (still inside its
 ``PeftModel``) or injected with :func:`fastpeft.inject` (plain) maps onto those keys
 directly.
@@ -34,6 +37,7 @@ from .nn.adapted_attention import AdaptedAttention
 from .nn.bottleneck_adapter import BottleneckAdapter
 from .nn.int8_lora_linear import Int8LoRALinear
 from .nn.lora_linear import LoRALinear
+from .nn.multi_lora_linear import MultiLoRALinear
 from .nn.nf4_lora_linear import NF4LoRALinear
 from .nn.peft_lora import fuse_lora_model, fuse_peft_lora, is_param_wrapper, lora_parts
 
@@ -142,12 +146,20 @@ def _convert_adaption_prompt(name: str, layer: nn.Module) -> nn.Module:
 
 # --- save / load ------------------------------------------------------------------------
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors of ``model`` under PEFT's keys (see the module docstring)."""
+def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, Tensor]:
+    """The adapter tensors of ``model`` under PEFT's keys (see the module docstring). Of
+    :class:`fastpeft.MultiLoRALinear` layers: with ``adapter``, that adapter's under the
+    keys PEFT saves it with (``...lora_A.weight``), else every adapter's under the keys of
+    the state dict (``...lora_A.<adapter>.weight``)."""
     prefix = "" if _is_peft_model(model) else PEFT_PREFIX
     state = {}
     for name, layer in adapter_layers(model):
-        if is_lora_layer(layer):  # a nested ParamWrapper's keys have its `.base_layer` too
+        if isinstance(layer, MultiLoRALinear):
+            held = layer.adapter_names if adapter is None else \
+                [adapter] if adapter in layer.lora_A else []
+            tensors = {f"{k}{'' if adapter else '.' + a}.weight": getattr(layer, k)[a].weight
+                       for a in held for k in ("lora_A", "lora_B")}
+        elif is_lora_layer(layer):  # a nested ParamWrapper's keys have its `.base_layer` too
             parts = lora_parts(layer)
             tensors = {"lora_A.weight": parts.lora_A, "lora_B.weight": parts.lora_B}
         elif isinstance(layer, AdaptedAttention):
@@ -174,9 +186,29 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     that :func:`from_peft` left as PEFT's for a reason fastpeft cannot save (DoRA, LoRA
     biases, embeddings, ...), whose tensors only PEFT's own ``save_pretrained`` knows how
     to write.
+
+    A model with :class:`fastpeft.MultiLoRALinear` layers (:func:`fastpeft.inject` with
+    several LoRA configs) is saved in PEFT's multi-adapter layout, as
+    ``PeftModel.save_pretrained`` saves a model with several adapters: the adapter named
+    ``"default"`` in ``directory``, each other adapter in ``directory/<name>``, each with
+    its own ``adapter_config.json`` (its ``r``, ``lora_alpha``, targets, ...). PEFT loads
+    them with ``PeftModel.from_pretrained(base, directory)`` (or ``directory/<name>``,
+    ``adapter_name=<name>``), then ``load_adapter(directory/<name>, adapter_name=<name>)``.
     """
     from safetensors.torch import save_file
 
+    multi = _multi_adapters(model)
+    if multi:  # PEFT's multi-adapter layout: "default" at the root, the others below it
+        for adapter in multi:
+            out = directory if adapter == "default" else os.path.join(directory, adapter)
+            config = _adapter_config(model, adapter)
+            state = {k: t.detach().contiguous()
+                     for k, t in adapter_state_dict(model, adapter).items()}
+            os.makedirs(out, exist_ok=True)
+            save_file(state, os.path.join(out, WEIGHTS_NAME), metadata={"format": "pt"})
+            with open(os.path.join(out, CONFIG_NAME), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+        return
     unconverted = _unconverted_peft_layers(model)
     if unconverted:
         raise ValueError(f"model: {', '.join(unconverted[:3])} are PEFT LoRA layers that "
@@ -198,7 +230,8 @@ def _unconverted_peft_layers(model: nn.Module) -> list[str]:
             if isinstance(m, LoraLayer) and not is_lora_layer(m)]
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike,
+                 adapter_name: str | None = None) -> nn.Module:
     """Loads adapters saved by :func:`save_adapter` or by PEFT's ``save_pretrained``
     (LoRA, ``target_parameters`` included, and adaption prompt) into ``model`` and
     returns it.
@@ -208,9 +241,25 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     and every tensor of the file must have a place, with the same shape; then the saved
     configuration's hyperparameters (LoRA scaling, rsLoRA, dropout; gate tanh; bottleneck
     activation and scaling) are set on existing layers, and the tensors copied.
+
+    Several named LoRA adapters (:class:`fastpeft.MultiLoRALinear` layers) load from PEFT's
+    multi-adapter layout (what ``PeftModel.save_pretrained`` and :func:`save_adapter`
+    write for several adapters): the adapter in ``directory`` itself, if any, as
+    ``"default"``, and each subdirectory holding an ``adapter_config.json`` as the adapter
+    of its name (but not a Trainer checkpoint, one holding ``trainer_state.json``). That
+    happens when ``directory`` has such subdirectories, when ``model``
+    has ``MultiLoRALinear`` layers already (a single adapter joins them as ``"default"``),
+    or with ``adapter_name``: the adapter in ``directory`` itself joins them under that name
+    (one adapter saved on its own, served next to others). Adapters the model lacks are
+    injected (:func:`fastpeft.inject` with a dict of configs); those it has take the saved
+    hyperparameters and tensors.
     """
     from safetensors.torch import load_file
 
+    adapters = _saved_adapters(directory, adapter_name)
+    if adapter_name is not None or set(adapters) - {"default"} \
+            or any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+        return _load_multi(model, adapters)
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         saved = json.load(f)
     config = _config_from_saved(saved)
@@ -235,6 +284,94 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for key, target in own.items():
             target.copy_(weights[key])
+    return model
+
+
+def _multi_adapters(model: nn.Module) -> list[str]:
+    """The adapters of ``model``'s :class:`fastpeft.MultiLoRALinear` layers, in the order
+    they first appear; ``[]`` where it has none. Refuses other adapters next to them."""
+    layers = list(adapter_layers(model))
+    multi = [layer for _, layer in layers if isinstance(layer, MultiLoRALinear)]
+    if not multi:
+        return []
+    others = [n for n, layer in layers if not isinstance(layer, MultiLoRALinear)]
+    if others:
+        raise ValueError(f"model: has MultiLoRALinear layers and other adapter layers "
+                         f"({', '.join(others[:3])}); PEFT's multi-adapter layout holds "
+                         f"named LoRA adapters only")
+    return list(dict.fromkeys(a for layer in multi for a in layer.lora_A))
+
+
+def _saved_adapters(directory: str | os.PathLike,
+                    adapter_name: str | None) -> dict[str, str]:
+    """adapter name -> its directory, in PEFT's multi-adapter layout (see
+    :func:`load_adapter`); with ``adapter_name``, the adapter in ``directory`` alone."""
+    root = os.path.isfile(os.path.join(directory, CONFIG_NAME))
+    if adapter_name is not None:
+        if not root:
+            raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {directory}")
+        return {adapter_name: os.fspath(directory)}
+    adapters = {"default": os.fspath(directory)} if root else {}
+    if os.path.isdir(directory):
+        for entry in sorted(os.listdir(directory)):
+            path = os.path.join(directory, entry)
+            # (a Trainer's checkpoint-<step> subdirectories hold an adapter too: not ours)
+            if entry != "default" and os.path.isfile(os.path.join(path, CONFIG_NAME)) \
+                    and not os.path.isfile(os.path.join(path, "trainer_state.json")):
+                adapters[entry] = path
+    if not adapters:  # the error of a single directory, as before
+        adapters["default"] = os.fspath(directory)
+    return adapters
+
+
+def _load_multi(model: nn.Module, adapters: dict[str, str]) -> nn.Module:
+    """:func:`load_adapter` of named LoRA adapters into :class:`fastpeft.MultiLoRALinear`
+    layers."""
+    from safetensors.torch import load_file
+
+    if _is_peft_model(model):
+        raise ValueError("model: a PEFT model loads more adapters with its own "
+                         "load_adapter(directory, adapter_name=...); fastpeft.load_adapter "
+                         "loads several into a plain model")
+    configs = {}
+    for adapter, path in adapters.items():
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            config = _config_from_saved(json.load(f))
+        if not isinstance(config, LoraConfig):
+            raise NotImplementedError(f"directory: {path} holds a {_kind_of_config(config)} "
+                                      f"adapter; several named adapters are LoRA only")
+        configs[adapter] = config
+    present = set(_multi_adapters(model))
+    new = {a: c for a, c in configs.items() if a not in present}
+    if new:
+        inject(model, new)
+    weights = {a: load_file(os.path.join(path, WEIGHTS_NAME)) for a, path in adapters.items()}
+    owns = {a: adapter_state_dict(model, a) for a in adapters}
+    for adapter, own in owns.items():
+        missing = sorted(set(own) - set(weights[adapter]))
+        unexpected = sorted(set(weights[adapter]) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"directory: {adapters[adapter]} (adapter {adapter!r}) does not "
+                             f"fit the model: missing {missing[:3]}"
+                             f"{'...' if len(missing) > 3 else ''}, unexpected "
+                             f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        for key, target in own.items():
+            if weights[adapter][key].shape != target.shape:
+                raise ValueError(f"directory: {key} of adapter {adapter!r} has shape "
+                                 f"{tuple(weights[adapter][key].shape)}, the model's is "
+                                 f"{tuple(target.shape)}")
+    for name, layer in _base_model(model).named_modules():
+        if isinstance(layer, MultiLoRALinear):  # the saved hyperparameters
+            for adapter in present & set(configs) & set(layer.lora_A):
+                config = configs[adapter]
+                r, alpha = config.rank_and_alpha(name)  # r == layer.r[adapter]: shapes fit
+                layer.lora_alpha[adapter], layer.use_rslora[adapter] = alpha, config.use_rslora
+                layer.scaling[adapter] = alpha / (math.sqrt(r) if config.use_rslora else r)
+                layer.lora_dropout[adapter] = float(config.lora_dropout)
+    with torch.no_grad():
+        for adapter, own in owns.items():
+            for key, target in own.items():
+                target.copy_(weights[adapter][key])
     return model
 
 
@@ -293,8 +430,13 @@ def _key_kind(key: str) -> str | None:
     return None
 
 
-def _adapter_config(model: nn.Module) -> dict[str, Any]:
+def _adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, Any]:
+    """The ``adapter_config.json`` of ``model``'s adapters; of its ``MultiLoRALinear``
+    layers, that of the one named ``adapter`` (the layers holding it)."""
     layers = list(adapter_layers(model))
+    if adapter is not None:
+        layers = [(n, layer) for n, layer in layers
+                  if isinstance(layer, MultiLoRALinear) and adapter in layer.lora_A]
     kinds = {_kind(layer) for _, layer in layers}
     if not layers:
         raise ValueError("model: has no fastpeft adapters to save")
@@ -312,7 +454,7 @@ def _adapter_config(model: nn.Module) -> dict[str, Any]:
     }
     (kind,) = kinds
     if kind == "LORA":
-        return {**common, **_lora_config(layers, names)}
+        return {**common, **_lora_config(layers, names, adapter)}
     if kind == "ADAPTION_PROMPT":
         first = layers[0][1]
         config = {**common, "peft_type": "ADAPTION_PROMPT", "adapter_len": first.adapter_len,
@@ -325,11 +467,12 @@ def _adapter_config(model: nn.Module) -> dict[str, Any]:
     return {**common, "peft_type": BOTTLENECK_TYPE, "fastpeft": _bottleneck_config(layers)}
 
 
-def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str]) -> dict:
+def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str],
+                 adapter: str | None = None) -> dict:
     # names in the base; a ParamWrapper's is its parameter's qualified name, as PEFT's
     # target_parameters and rank_pattern name it
     full = {param_target_key(names[id(layer)], layer) if is_param_wrapper(layer)
-            else names[id(layer)]: lora_parts(layer) for _, layer in layers}
+            else names[id(layer)]: lora_parts(layer, adapter) for _, layer in layers}
     wrapped = {param_target_key(names[id(layer)], layer)
                for _, layer in layers if is_param_wrapper(layer)}
     r = Counter(p.r for p in full.values()).most_common(1)[0][0]
@@ -433,6 +576,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     them is refused before anything changes.
     """
     layers = list(adapter_layers(model))
+    multi = [n for n, layer in layers if isinstance(layer, MultiLoRALinear)]
+    if multi:
+        raise ValueError(f"model: {', '.join(multi[:3])} hold several adapters "
+                         f"(MultiLoRALinear), which one base weight cannot take in all")
     unmergeable = [n for n, layer in layers if not is_lora_layer(layer)]
     if unmergeable:
         raise ValueError(f"model: {', '.join(unmergeable[:3])} cannot be merged into the "

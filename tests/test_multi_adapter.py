@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -169,3 +170,288 @@ def test_unknown_adapter_refused_as_peft_does():
     fused = fastpeft.from_peft(peft_model())
     with pytest.raises(ValueError, match="non-existing adapter"):
         fused(input_ids=batch(2), adapter_names=["sql", "nope"])
+
+
+# --- several adapters injected into a plain model (MultiLoRALinear), saved and loaded ----
+
+CONFIGS = {  # different ranks, alphas, targets (a layer gets the adapters that target it)
+    "default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "chat": dict(r=8, lora_alpha=4, target_modules="all-linear"),
+    "math": dict(r=2, lora_alpha=6, target_modules=["q_proj", "o_proj"], use_rslora=True,
+                 rank_pattern={"layers.1.self_attn.q_proj": 3}),
+}
+ROWS = ["chat", "__base__", "default", "math", "chat"]
+
+
+def llama64() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def injected(base=None, dropout: float = 0.0) -> torch.nn.Module:
+    model = fastpeft.inject(copy.deepcopy(base or llama64()), {
+        a: fastpeft.LoraConfig(**c, lora_dropout=dropout) for a, c in CONFIGS.items()})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def ids128(n: int = len(ROWS), length: int = 6):
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(3))
+
+
+def logits_of(model, ids, names) -> torch.Tensor:
+    with torch.no_grad(), fastpeft.set_adapter_names(model, names):
+        return model(input_ids=ids).logits
+
+
+def multi_layers(model) -> dict[str, list[str]]:
+    return {n: m.adapter_names for n, m in model.named_modules()
+            if isinstance(m, fastpeft.MultiLoRALinear)}
+
+
+def test_inject_several_adapters_and_pick_them_per_sequence():
+    model = injected()
+    layers = multi_layers(model)
+    assert len(layers) == 2 * 7  # the union of the targets: every linear but lm_head
+    assert layers["model.layers.0.self_attn.q_proj"] == ["default", "chat", "math"]
+    assert layers["model.layers.0.mlp.up_proj"] == ["chat"]
+    q1 = model.model.layers[1].self_attn.q_proj
+    assert q1.r["math"] == 3 and q1.scaling["math"] == 6 / 3 ** 0.5  # rank_pattern, rsLoRA
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n in model.state_dict() if ".lora_" in n}
+    ids = ids128()
+    mixed = logits_of(model, ids, ROWS)
+    for row, name in enumerate(ROWS):  # each row as its adapter alone computes it
+        alone = logits_of(model, ids[row:row + 1], name)  # one name: every sequence
+        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        plain = llama64()(input_ids=ids[1:2]).logits
+    torch.testing.assert_close(mixed[1:2], plain, rtol=1e-5, atol=1e-5)  # "__base__"
+    # the names stay set; as a context manager, the previous ones come back on exit
+    fastpeft.set_adapter_names(model, "chat")
+    with fastpeft.set_adapter_names(model, ROWS):
+        assert model.model.layers[0].mlp.up_proj.active_names == tuple(ROWS)
+    assert model.model.layers[0].mlp.up_proj.active_names == "chat"
+    fastpeft.set_adapter_names(model, None)
+    with pytest.raises(ValueError, match="set_adapter_names"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match=r"no adapter \['sql'\] in the model"):
+        fastpeft.set_adapter_names(model, ["chat", "sql"])
+    with fastpeft.set_adapter_names(model, ["chat", "math"]), \
+            pytest.raises(ValueError, match="2 names set"):
+        model(input_ids=ids[:3])
+
+
+def test_injected_mixed_batch_trains_each_adapter_on_its_rows():
+    """Each adapter's gradient from the mixed batch equals that of its sub-batch trained
+    alone; an adapter no row names gets none (or zero)."""
+    model = injected().train()
+    ids = ids128()
+    with fastpeft.set_adapter_names(model, ROWS):
+        loss = model(input_ids=ids).logits.square().mean()
+    loss.backward()  # (outside the context: the ids were saved with the graph)
+    ref = injected().train()
+    total = 0.0
+    for name in dict.fromkeys(ROWS):
+        rows = [i for i, a in enumerate(ROWS) if a == name]
+        with fastpeft.set_adapter_names(ref, name):
+            logits = ref(input_ids=ids[rows]).logits
+        part = logits.square().sum() / (len(ROWS) * logits[0].numel())
+        part.backward()
+        total += part.item()
+    torch.testing.assert_close(loss.item(), total, rtol=1e-5, atol=0)
+    ours = dict(model.named_parameters())
+    checked = 0
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            g = ours[n].grad if ours[n].grad is not None else torch.zeros_like(p)
+            want = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6, msg=n)
+            checked += int(torch.count_nonzero(want) > 0)
+    assert checked > 0
+
+
+def test_save_several_adapters_in_peft_layout_and_load_both_ways(tmp_path):
+    from safetensors.torch import load_file
+
+    base = llama64()
+    model = injected(base)
+    ids = ids128()
+    expected = logits_of(model, ids, ROWS)
+    fastpeft.save_adapter(model, tmp_path)
+    # PEFT's layout: "default" at the root, the others in subdirectories; keys unnamed
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "chat", "math"}
+    math = json.loads((tmp_path / "math" / "adapter_config.json").read_text())
+    assert (math["r"], math["lora_alpha"], math["use_rslora"]) == (2, 6, True)
+    assert math["rank_pattern"] == {"model.layers.1.self_attn.q_proj": 3}
+    assert sorted(load_file(tmp_path / "math" / "adapter_model.safetensors")) == sorted(
+        f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{x}.weight"
+        for i in (0, 1) for m in ("q_proj", "o_proj") for x in "AB")
+    # PEFT reads it as its own, and gives the same mixed batch
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    for name in ("chat", "math"):
+        pm.load_adapter(tmp_path / name, adapter_name=name)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids, adapter_names=ROWS).logits, expected,
+                                   rtol=1e-4, atol=1e-5)
+    # and fastpeft: a plain model gets the three adapters back
+    again = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    assert multi_layers(again) == multi_layers(model)
+    torch.testing.assert_close(logits_of(again, ids, ROWS), expected, rtol=0, atol=0)
+    # a model that has the adapters takes the saved hyperparameters and tensors
+    other = injected(base)
+    other.model.layers[0].self_attn.q_proj.scaling["chat"] = 9.0
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            if "lora_" in n:
+                p.zero_()
+    fastpeft.load_adapter(other, tmp_path)
+    torch.testing.assert_close(logits_of(other, ids, ROWS), expected, rtol=0, atol=0)
+
+
+def peft_several(base) -> torch.nn.Module:
+    pm = None
+    for name, kwargs in CONFIGS.items():
+        config = peft.LoraConfig(**kwargs)
+        if pm is None:
+            pm = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+        else:
+            pm.add_adapter(name, config)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+    return pm.eval()
+
+
+def test_peft_saved_adapters_load_into_a_plain_model(tmp_path):
+    base = llama64()
+    pm = peft_several(base)
+    pm.save_pretrained(tmp_path / "peft")
+    model = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert sorted(model.model.layers[0].self_attn.q_proj.adapter_names) == \
+        ["chat", "default", "math"]
+    ids = ids128()
+    with torch.no_grad():
+        expected = pm(input_ids=ids, adapter_names=ROWS).logits
+    torch.testing.assert_close(logits_of(model, ids, ROWS), expected, rtol=1e-4, atol=1e-5)
+    for name in CONFIGS:  # each adapter alone, as PEFT's active adapter
+        pm.set_adapter(name)
+        with torch.no_grad():
+            want = pm(input_ids=ids).logits
+        torch.testing.assert_close(logits_of(model, ids, name), want, rtol=1e-4, atol=1e-5)
+    # and back: fastpeft's save of them loads into PEFT with PEFT's tensors
+    fastpeft.save_adapter(model, tmp_path / "ours")
+    from safetensors.torch import load_file
+    for sub in ("", "chat", "math"):
+        a = load_file(tmp_path / "peft" / sub / "adapter_model.safetensors")
+        b = load_file(tmp_path / "ours" / sub / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_single_adapter_directories_join_under_a_name(tmp_path):
+    """Adapters trained and saved one by one (PEFT's single layout) served together:
+    ``load_adapter(..., adapter_name=...)``; a single directory with no name keeps loading
+    as before (a LoRALinear model), a Trainer checkpoint beside it is not an adapter."""
+    base = llama64()
+    pm = peft_several(base)
+    for name in ("chat", "math"):
+        pm.save_pretrained(tmp_path / "all", selected_adapters=[name])
+    model = copy.deepcopy(base)
+    for name in ("chat", "math"):
+        fastpeft.load_adapter(model, tmp_path / "all" / name, adapter_name=name)
+    ids = ids128()
+    with torch.no_grad():
+        expected = pm(input_ids=ids, adapter_names=["chat", "math", "__base__", "math",
+                                                    "chat"]).logits
+    got = logits_of(model, ids, ["chat", "math", "__base__", "math", "chat"])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    single = tmp_path / "all" / "chat"
+    (single / "checkpoint-5").mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (single / "checkpoint-5" / f).write_bytes((single / f).read_bytes())
+    (single / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    plain = fastpeft.load_adapter(copy.deepcopy(base), single)
+    assert not multi_layers(plain)
+    assert isinstance(plain.model.layers[0].mlp.up_proj, fastpeft.LoRALinear)
+
+
+def test_generate_with_mixed_adapters():
+    """Greedy generate() with the KV cache, one adapter per sequence: PEFT's tokens; with
+    beams, each name repeated as generate repeats its sequence."""
+    model = injected()
+    ids = ids128(length=4)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with fastpeft.set_adapter_names(model, ROWS):
+        ours = model.generate(input_ids=ids, **kwargs)
+    assert ours.shape == (len(ROWS), 9)
+    tmp = {}
+    for row, name in enumerate(ROWS):
+        with fastpeft.set_adapter_names(model, name):
+            tmp[row] = model.generate(input_ids=ids[row:row + 1], **kwargs)
+        assert torch.equal(ours[row:row + 1], tmp[row]), (row, name)
+    beams = dict(kwargs, num_beams=2, num_return_sequences=2)
+    with fastpeft.set_adapter_names(model, ROWS[:3]):
+        mixed = model.generate(input_ids=ids[:3], **beams)
+    for row, name in enumerate(ROWS[:3]):
+        with fastpeft.set_adapter_names(model, name):
+            alone = model.generate(input_ids=ids[row:row + 1], **beams)
+        assert torch.equal(mixed[2 * row:2 * row + 2], alone), (row, name)
+
+
+def test_generate_matches_peft_mixed_batch(tmp_path):
+    base = llama64()
+    pm = peft_several(base)
+    pm.save_pretrained(tmp_path)
+    model = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    ids = ids128(length=4)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with fastpeft.set_adapter_names(model, ROWS):
+        ours = model.generate(input_ids=ids, **kwargs)
+    torch.testing.assert_close(ours, pm.generate(input_ids=ids, adapter_names=ROWS, **kwargs),
+                               rtol=0, atol=0)
+
+
+def test_several_adapters_refusals(tmp_path):
+    base = llama64()
+    lora = fastpeft.LoraConfig(r=2, target_modules=["q_proj"])
+    for configs, error, match in [
+        ({}, ValueError, "empty dict"),
+        ({"a.b": lora}, ValueError, "without '.'"),
+        ({"__base__": lora}, ValueError, "__base__"),
+        ({"a": fastpeft.AdaptionPromptConfig()}, TypeError, "expected a LoraConfig"),
+        ({"a": fastpeft.LoraConfig(base_dtype="int8")}, NotImplementedError, "base_dtype"),
+        ({"a": lora, "b": fastpeft.LoraConfig(target_modules=["nope"])}, ValueError,
+         r"config\['b'\].*matches no linear layer"),
+    ]:
+        untouched = copy.deepcopy(base)
+        with pytest.raises(error, match=match):
+            fastpeft.inject(untouched, configs)
+        assert not multi_layers(untouched)  # refused before anything changed
+    model = fastpeft.inject(copy.deepcopy(base), {"a": lora})
+    with pytest.raises(ValueError, match="has an adapter 'a' already"):
+        fastpeft.inject(model, {"a": lora})
+    fastpeft.inject(model, {"b": fastpeft.LoraConfig(target_modules=["q_proj", "v_proj"])})
+    assert multi_layers(model)["model.layers.0.self_attn.q_proj"] == ["a", "b"]
+    assert multi_layers(model)["model.layers.0.self_attn.v_proj"] == ["b"]
+    with pytest.raises(ValueError, match="carry a LoRA adapter already"):
+        fastpeft.inject(model, lora)  # a single adapter on top
+    with pytest.raises(ValueError, match="several adapters"):
+        fastpeft.merge_and_unload(model)
+    with pytest.raises(ValueError, match="no MultiLoRALinear"):
+        fastpeft.set_adapter_names(base, "a")
+    single = fastpeft.inject(copy.deepcopy(base), lora)
+    with pytest.raises(ValueError, match="single LoRA adapter already"):
+        fastpeft.inject(single, {"a": lora})
+    fastpeft.save_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="its own"):
+        fastpeft.load_adapter(peft_several(base), tmp_path)

@@ -14,7 +14,8 @@ from ..ops._checks import check_positive_int
 from ..ops.multi_lora_linear import multi_lora_linear
 from .lora_linear import autocast_dtype, is_conv1d, linear_weight
 
-__all__ = ["BASE", "MultiLoRALinear", "per_row_ids", "stack_adapters", "stack_adapters_cached"]
+__all__ = ["BASE", "MultiLoRALinear", "per_row_ids", "set_adapter_names", "stack_adapters",
+           "stack_adapters_cached"]
 
 #: The adapter name that selects the base layer alone (PEFT's ``"__base__"``).
 BASE = "__base__"
@@ -36,10 +37,20 @@ class MultiLoRALinear(nn.Module):
 
     Call with ``adapter_names`` (one name per sample, that is per index of ``x``'s first
     dimension, ``"__base__"`` for none, as PEFT's mixed batches) or ``adapter_ids`` (an int64
-    tensor of shape ``x.shape[:-1]`` indexing :attr:`adapter_names`, ``-1`` for none).
-    Gradients reach each adapter from its own rows only; in training, the adapters of one
-    batch must share one ``lora_dropout`` (the fused op draws one mask for the batch).
+    tensor of shape ``x.shape[:-1]`` indexing :attr:`adapter_names`, ``-1`` for none), or
+    with neither once :attr:`active_names` is set (inside a model:
+    :func:`fastpeft.set_adapter_names`). Gradients reach each adapter from its own rows
+    only; in training, the adapters of one batch must share one ``lora_dropout`` (the fused
+    op draws one mask for the batch).
     """
+
+    #: The adapters a call without ``adapter_names`` / ``adapter_ids`` uses, set on every
+    #: layer of a model by :func:`fastpeft.set_adapter_names`: one name for every row, or
+    #: one name per sequence (a name this layer lacks, like ``"__base__"``, is the base
+    #: alone here, as in PEFT). An input of 3 or more dimensions whose first is k times
+    #: as long takes each name k times in a row, as ``generate()`` repeats each sequence
+    #: for ``num_beams`` / ``num_return_sequences``.
+    active_names: str | tuple[str, ...] | None = None
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -111,13 +122,42 @@ class MultiLoRALinear(nn.Module):
                              f"{self.adapter_names}; {BASE!r} for the base alone)")
         return per_row_ids(adapter_names, self.adapter_names, x)
 
+    def active_ids(self, x: Tensor) -> Tensor:
+        """``adapter_ids`` for ``x`` from :attr:`active_names` (the per-sequence ids kept
+        between calls with the same names, adapters, batch and device, as in every step of
+        ``generate()``)."""
+        names, rows = self.active_names, x.shape[0]
+        if isinstance(names, str):
+            names = (names,) * rows
+        if x.dim() >= 3 and rows != len(names) and names and rows % len(names) == 0:
+            names = tuple(a for a in names for _ in range(rows // len(names)))
+        if x.dim() < 2 or rows != len(names):
+            raise ValueError(
+                f"adapter_names: {len(self.active_names)} names set (fastpeft."
+                f"set_adapter_names), one per sequence, but this layer's input has shape "
+                f"{tuple(x.shape)}, whose first dimension is not the batch of sequences")
+        key = (names, tuple(self.lora_A.keys()), x.device)
+        cached = self.__dict__.get("_fastpeft_ids")
+        if cached is None or cached[0] != key:
+            index = {a: i for i, a in enumerate(self.lora_A.keys())}
+            ids = torch.tensor([index.get(a, -1) for a in names], dtype=torch.int64,
+                               device=x.device)
+            cached = (key, ids)
+            if not torch.compiler.is_compiling():
+                self.__dict__["_fastpeft_ids"] = cached
+        return cached[1].view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
+
     def forward(self, x: Tensor, adapter_names: Sequence[str] | None = None,
                 adapter_ids: Tensor | None = None) -> Tensor:
-        if (adapter_names is None) == (adapter_ids is None):
-            raise ValueError("adapter_names / adapter_ids: pass exactly one of them")
         if not self.lora_A:
             raise ValueError("MultiLoRALinear: no adapters yet (add_adapter)")
-        ids = self.ids_of(adapter_names, x) if adapter_ids is None else adapter_ids
+        if adapter_names is None and adapter_ids is None and self.active_names is not None:
+            ids = self.active_ids(x)
+        elif (adapter_names is None) == (adapter_ids is None):
+            raise ValueError("adapter_names / adapter_ids: pass exactly one of them (or, in a "
+                             "model, set them with fastpeft.set_adapter_names)")
+        else:
+            ids = self.ids_of(adapter_names, x) if adapter_ids is None else adapter_ids
         names = self.adapter_names
         if self.training:
             dropouts = set(self.lora_dropout.values())
@@ -200,3 +240,53 @@ def per_row_ids(adapter_names: Sequence[str], adapters: Sequence[str], x: Tensor
     per_sample = torch.tensor([index.get(a, -1) for a in adapter_names], dtype=torch.int64,
                               device=x.device)
     return per_sample.view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
+
+
+def set_adapter_names(model: nn.Module,
+                      names: str | Sequence[str] | None) -> contextlib.AbstractContextManager:
+    """Picks the adapter of each sequence for every :class:`MultiLoRALinear` in ``model``
+    (what :func:`fastpeft.inject` with several LoRA configs, or :func:`fastpeft.load_adapter`
+    of several adapters, puts in): the model's plain calls, ``model(input_ids)``,
+    ``model.generate(...)``, training steps, then run each sequence with its adapter.
+
+    ``names``: one adapter name per sequence of the batch (``"__base__"`` for the base model
+    alone; a layer that lacks a named adapter computes the base alone for its rows, as in
+    PEFT); or one name for every sequence; or ``None`` to unset. ``generate()`` keeps the
+    batch, so the names hold for every step; with ``num_beams`` / ``num_return_sequences``
+    each name is repeated as generate repeats its sequence. The names stay set until set
+    again; used as a context manager (``with fastpeft.set_adapter_names(model, names):``),
+    the previous ones come back on exit. Unknown names are refused here, naming the model's
+    adapters. Backward needs no names (the ids are saved with the graph), except where
+    gradient checkpointing runs the forward again: keep them set until ``backward()``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no MultiLoRALinear layers "
+                         f"(fastpeft.inject with several LoRA configs puts them in)")
+    if names is not None:
+        listed = [names] if isinstance(names, str) else list(names)
+        if not listed or not all(isinstance(a, str) for a in listed):
+            raise ValueError(f"names: expected an adapter name or a non-empty list of them "
+                             f"(one per sequence), got {names!r}")
+        known = dict.fromkeys(a for m in layers for a in m.lora_A)
+        unknown = sorted({a for a in listed if a != BASE and a not in known})
+        if unknown:
+            raise ValueError(f"names: no adapter {unknown} in the model (adapters: "
+                             f"{list(known)}; {BASE!r} for the base alone)")
+        names = names if isinstance(names, str) else tuple(listed)
+    restore = _RestoreNames([(m, m.active_names) for m in layers])
+    for m in layers:
+        m.active_names = names
+    return restore
+
+
+class _RestoreNames(contextlib.AbstractContextManager):
+    """What :func:`set_adapter_names` returns: as a context manager, puts the names each
+    layer had before back on exit."""
+
+    def __init__(self, previous: list[tuple[MultiLoRALinear, str | tuple[str, ...] | None]]):
+        self.previous = previous
+
+    def __exit__(self, *exc_info) -> None:
+        for layer, names in self.previous:
+            layer.active_names = names

@@ -20,7 +20,7 @@ from ..ops.multi_lora_linear import multi_lora_linear
 from ..ops.nf4_lora_linear import nf4_lora_linear
 from .int8_lora_linear import Int8LoRALinear, bnb_int8_weight, is_bnb, is_bnb_int8
 from .lora_linear import LoRALinear, autocast_dtype, is_conv1d
-from .multi_lora_linear import per_row_ids, stack_adapters_cached
+from .multi_lora_linear import MultiLoRALinear, per_row_ids, stack_adapters_cached
 from .nf4_lora_linear import NF4LoRALinear, bnb_nf4_problem, bnb_nf4_weight, is_bnb_4bit
 
 __all__ = ["FusedPeftLora", "LoraParts", "MixedBatchTraining", "all_lora_fused",
@@ -332,14 +332,23 @@ class LoraParts:
     fan_in_fan_out: bool  # the base stores its weight (in, out): GPT-2's Conv1D
 
 
-def lora_parts(layer: nn.Module) -> LoraParts:
+def lora_parts(layer: nn.Module, adapter: str | None = None) -> LoraParts:
     """:class:`LoraParts` of a :class:`fastpeft.LoRALinear` / :class:`fastpeft.Int8LoRALinear`
-    / :class:`fastpeft.NF4LoRALinear`, or of a PEFT LoRA layer's active adapter (a
-    ``ParamWrapper``'s included)."""
+    / :class:`fastpeft.NF4LoRALinear`, of a PEFT LoRA layer's active adapter (a
+    ``ParamWrapper``'s included), or of the adapter named ``adapter`` of a
+    :class:`fastpeft.MultiLoRALinear` (which needs the name)."""
     if isinstance(layer, (LoRALinear, Int8LoRALinear, NF4LoRALinear)):
         return LoraParts(layer.r, layer.lora_alpha, layer.lora_dropout, layer.use_rslora,
                          layer.scaling, layer.lora_A.weight, layer.lora_B.weight,
                          layer.fan_in_fan_out)
+    if isinstance(layer, MultiLoRALinear):
+        if adapter not in layer.lora_A:
+            raise ValueError(f"adapter: expected one of {layer.adapter_names} (a "
+                             f"MultiLoRALinear's adapters), got {adapter!r}")
+        a = adapter
+        return LoraParts(layer.r[a], layer.lora_alpha[a], layer.lora_dropout[a],
+                         layer.use_rslora[a], layer.scaling[a], layer.lora_A[a].weight,
+                         layer.lora_B[a].weight, layer.fan_in_fan_out)
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
         raise ValueError(f"layer: {len(active)} active LoRA adapters {active}; expected one")
