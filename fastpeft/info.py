@@ -36,13 +36,30 @@ def _choice(op: str, device: str) -> str:
 def cpu_path() -> str:
     """The C++ path of lora_linear, int8_lora_linear and bottleneck_adapter (as
     csrc/cpu/cpu_path.h decides): ``FASTPEFT_CPU_PATH`` if set, else "aten" (ATen / oneDNN
-    GEMMs) on CPUs with AVX-512, "fused" (fastpeft's AVX2 kernels) otherwise."""
+    GEMMs) for bf16 (and fp16 with AVX512-FP16) on CPUs with AVX-512, "fused" (fastpeft's
+    own kernels) for every other dtype and CPU."""
     forced = os.environ.get("FASTPEFT_CPU_PATH", "")
     if forced not in ("", "auto"):
         return f"{forced} (FASTPEFT_CPU_PATH)"
     capability = torch.backends.cpu.get_cpu_capability()
-    path = "aten" if capability.startswith("AVX512") else "fused"
+    if capability.startswith("AVX512"):
+        fp16 = "fp16 and " if "avx512fp16" in _cpu_flags() else ""
+        path = f"aten for {fp16}bf16, fused for the other dtypes"
+    else:
+        path = "fused"
     return f"{path} (auto: CPU capability {capability}; FASTPEFT_CPU_PATH=fused|aten forces)"
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def report() -> str:

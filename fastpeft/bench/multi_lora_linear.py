@@ -3,8 +3,9 @@ vs the per-adapter reference vs PEFT's mixed batch (``adapter_names``) vs a floo
 
 Two kinds of shape:
 
-* serving: a few rows, each with its own adapter, no dropout. The floor is the frozen base
-  ``nn.Linear`` on the same rows (the layer without any adapter).
+* serving: a few rows, each with its own adapter, no dropout, nothing requiring a gradient
+  (the adapters are frozen, as a server holds them), so forward only. The floor is the
+  frozen base ``nn.Linear`` on the same rows (the layer without any adapter).
 * training: many rows across a few adapters (each sequence one adapter), dropout on. The
   floor is fastpeft's ``LoRALinear`` with a single adapter on the same rows: what the mixed
   batch costs over training one adapter at a time on the same rows.
@@ -23,7 +24,7 @@ from torch import nn
 from .. import reference
 from ..nn import LoRALinear, MultiLoRALinear
 from .peers import peft_lora_linear
-from .runner import Case
+from .runner import MODES, Case
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ def build(shape: MultiLoRAShape, dtype: torch.dtype, device: torch.device) -> Ca
         fused.add_adapter(name, shape.r, 2 * shape.r, shape.dropout)
         nn.init.normal_(fused.lora_B[name].weight, std=0.02)  # trained adapters, not zero
     fused.train(shape.training)
+    if not shape.training:
+        fused.requires_grad_(False)
     if shape.training:  # sequences of equal length, adapters in turn
         samples = shape.sequences
         per_sample = [names[i % shape.adapters] for i in range(samples)]
@@ -117,6 +120,8 @@ def build(shape: MultiLoRAShape, dtype: torch.dtype, device: torch.device) -> Ca
     missing = "peft (not installed)" if peer is None else None
     if peer is not None:
         peer.train(shape.training)
+        if not shape.training:
+            peer.requires_grad_(False)
         with torch.no_grad():
             for name, a, b in zip(names, weights_a, weights_b, strict=True):
                 peer.lora_A[name].weight.copy_(a)
@@ -130,7 +135,8 @@ def build(shape: MultiLoRAShape, dtype: torch.dtype, device: torch.device) -> Ca
         params += [p for n, p in peer.named_parameters() if "lora_" in n]
 
     def make_inputs():
-        return (torch.randn(shape.tokens, shape.d_in, **factory, requires_grad=True),)
+        return (torch.randn(shape.tokens, shape.d_in, **factory,
+                            requires_grad=shape.training),)
 
     return Case(providers, make_inputs, floor=floor, peer="peft", missing_peer=missing,
-                params=params)
+                params=params, modes=MODES if shape.training else ("forward",))

@@ -48,6 +48,9 @@ class Case:
     missing_peer: str | None = None  # e.g. "peft (not installed)"
     params: list[torch.Tensor] = field(default_factory=list)  # not counted as saved bytes
     weight_bytes: Mapping[str, int] = field(default_factory=dict)  # per provider, if relevant
+    # the modes that mean something for this case; a serving case (nothing requires a
+    # gradient, as in a server) is timed forward only
+    modes: tuple[str, ...] = MODES
 
     def role(self, provider: str) -> str:
         """fastpeft, reference, peer or floor: what ``provider`` stands for; "other" for a
@@ -71,13 +74,18 @@ def run_case(case: Case, device: torch.device, modes: tuple[str, ...] = MODES,
              on_mode_done: Callable[[str], None] | None = None) -> list[Result]:
     """Time every provider of ``case`` in each mode, interleaved: ``forward``, ``backward``
     (replaying one retained graph) or ``full`` (forward + backward). ``on_mode_done(mode)``
-    is called after each mode (the CLI's progress bar)."""
+    is called after each mode (the CLI's progress bar). Modes the case does not take
+    (:attr:`Case.modes`) are left out."""
     inputs = case.make_inputs()
     dy = torch.randn_like(case.providers[case.floor](*inputs))
     saved = {name: saved_bytes(lambda f=f: f(*inputs), exclude=case.params)
              for name, f in case.providers.items()}
     results = []
     for mode in modes:
+        if mode not in case.modes:
+            if on_mode_done is not None:
+                on_mode_done(mode)
+            continue
         fns = {}
         for name, f in case.providers.items():
             if mode == "forward":
@@ -108,6 +116,8 @@ def pytest_benchmark_step(benchmark, case: Case, provider: str, mode: str, label
 
     if provider not in case.providers:
         pytest.skip(f"{provider} is not installed")
+    if mode not in case.modes:
+        pytest.skip(f"{label} is timed in {', '.join(case.modes)} only")
     f, inputs = case.providers[provider], case.make_inputs()
     dy = torch.randn_like(f(*inputs))
     benchmark.group = f"{label} {mode}"

@@ -511,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor y = at::empty({T, d}, x.options());
   at::Tensor mean = at::empty({ln ? T : 0}, x.options().dtype(acc)), rstd = at::empty_like(mean);
   if (T == 0) return {y, mean, rstd};
-  if (cpu_path() == CpuPath::kAten && aten_path::handles(x.scalar_type())) {
+  if (cpu_path(x.scalar_type()) == CpuPath::kAten && aten_path::handles(x.scalar_type())) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), op, [&] {
       aten_path::forward<scalar_t>(x, res, down_weight, down_bias, up_weight, up_bias,
                                    ln_weight, ln_bias, act, scaling, ln_eps, y, mean, rstd);
@@ -671,7 +671,8 @@ backward(
 
   const at::Tensor x = x_in.contiguous(), dy = grad_y.contiguous();
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  if (cpu_path() == CpuPath::kAten && aten_path::handles(x.scalar_type()) && T > 0) {
+  if (cpu_path(x.scalar_type()) == CpuPath::kAten && aten_path::handles(x.scalar_type()) &&
+      T > 0) {
     return AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), op, [&] {
       return aten_path::backward<scalar_t>(dy, x, down_weight, down_bias, up_weight, ln_weight,
                                            ln_bias, mean, rstd, act, scaling, residual_is_x);

@@ -9,13 +9,16 @@
 //   ours (the dropout mask, the scaling). oneDNN runs its GEMMs on every unit the CPU has:
 //   AVX-512, AVX512-BF16 (vdpbf16ps), AMX tiles for bf16 / fp16 / int8, where the fused
 //   kernels stay 8-wide; the price is an extra pass over x (and dx) for dropout.
-//   On an AVX-512 + AMX CPU the two paths measured on par (lora_linear forward+backward,
-//   fastpeft-bench with FASTPEFT_CPU_PATH set either way), so the default is a judgement,
-//   and both paths are kept tested.
 //
-// Auto: kAten on CPUs with AVX-512F, kFused otherwise. FASTPEFT_CPU_PATH=fused|aten (read
-// at every call, so a test can switch it in one process) forces either; both compute the
-// same formulas on every CPU, and python -m fastpeft.info prints the choice.
+// Auto, measured with fastpeft-bench and FASTPEFT_CPU_PATH set either way: kAten for the
+// 16-bit dtypes whose GEMMs oneDNN runs natively (aten_lowp_gemm: bf16, fp16 with
+// AVX512-FP16) on CPUs with AVX-512F; kFused for everything else, fp32 included. In fp32
+// the fused kernels were as fast or faster on both AVX-512 CPUs measured, an AMD Zen 4
+// and an Intel Xeon with AMX (lora_linear T=128 1024x1024: forward 6-12% faster,
+// forward+backward 3-15%; up to 2048x2048x2048 on par or faster), while in bf16 oneDNN's
+// AVX512-BF16 / AMX units keep kAten on par or ahead. FASTPEFT_CPU_PATH=fused|aten (read at every call, so a test
+// can switch it in one process) forces either; both compute the same formulas on every
+// CPU, and python -m fastpeft.info prints the choice.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -37,18 +40,6 @@ inline bool cpu_has_avx512f() {
 #endif
 }
 
-// The path in force: FASTPEFT_CPU_PATH if set (fused, aten; empty or auto: the default),
-// else kAten with AVX-512F, else kFused.
-inline CpuPath cpu_path() {
-  const char* forced = std::getenv("FASTPEFT_CPU_PATH");
-  if (forced != nullptr && *forced != '\0' && std::strcmp(forced, "auto") != 0) {
-    if (std::strcmp(forced, "fused") == 0) return CpuPath::kFused;
-    if (std::strcmp(forced, "aten") == 0) return CpuPath::kAten;
-    TORCH_CHECK(false, "FASTPEFT_CPU_PATH must be auto, fused or aten, got '", forced, "'");
-  }
-  return cpu_has_avx512f() ? CpuPath::kAten : CpuPath::kFused;
-}
-
 // Whether kAten runs GEMMs of this 16-bit dtype as they are (at::addmm with bf16 / fp16
 // operands, fp32 accumulation in oneDNN) rather than converting the operands to fp32: bf16
 // always (oneDNN has bf16 kernels for every AVX-512 CPU, with AVX512-BF16 / AMX where
@@ -63,6 +54,19 @@ inline bool aten_lowp_gemm(c10::ScalarType dtype) {
 #else
   return false;
 #endif
+}
+
+// The path in force for tensors of `dtype`: FASTPEFT_CPU_PATH if set (fused, aten; empty
+// or auto: the default), else kAten for a 16-bit dtype aten_lowp_gemm takes on a CPU with
+// AVX-512F, else kFused.
+inline CpuPath cpu_path(c10::ScalarType dtype) {
+  const char* forced = std::getenv("FASTPEFT_CPU_PATH");
+  if (forced != nullptr && *forced != '\0' && std::strcmp(forced, "auto") != 0) {
+    if (std::strcmp(forced, "fused") == 0) return CpuPath::kFused;
+    if (std::strcmp(forced, "aten") == 0) return CpuPath::kAten;
+    TORCH_CHECK(false, "FASTPEFT_CPU_PATH must be auto, fused or aten, got '", forced, "'");
+  }
+  return cpu_has_avx512f() && aten_lowp_gemm(dtype) ? CpuPath::kAten : CpuPath::kFused;
 }
 
 // The vector ISA of the kernels written with intrinsics for more than one ISA (today

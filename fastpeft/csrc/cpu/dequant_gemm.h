@@ -46,7 +46,7 @@ inline at::ScalarType acc_type(const at::Tensor& x) {
 // The GEMMs in x's own 16-bit dtype (oneDNN: AVX512-BF16, AMX), not in fp32: on the kAten
 // path (cpu_path.h) for the dtypes whose GEMMs oneDNN runs natively.
 inline bool lowp_gemm(const at::Tensor& x) {
-  return cpu_path() == CpuPath::kAten && aten_lowp_gemm(x.scalar_type());
+  return cpu_path(x.scalar_type()) == CpuPath::kAten && aten_lowp_gemm(x.scalar_type());
 }
 
 // Width of a 16-bit tile spanning `span` elements of the reduction: a multiple of 16, at

@@ -329,7 +329,7 @@ void dropout_rows(const at::Tensor& x, const int64_t* rows, int64_t n, double dr
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& bias,
                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
                                            double scaling, double dropout_p, uint64_t seed) {
-  if (cpu_path() == CpuPath::kAten)
+  if (cpu_path(x.scalar_type()) == CpuPath::kAten)
     return forward_aten(x, bias, lora_A, lora_B, scaling, dropout_p, seed);
   return forward_fused(x, bias, lora_A, lora_B, scaling, dropout_p, seed);
 }
@@ -338,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
     uint64_t seed, bool compute_dx) {
-  if (cpu_path() == CpuPath::kAten)
+  if (cpu_path(x.scalar_type()) == CpuPath::kAten)
     return backward_aten(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx);
   return backward_fused(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx);
 }
