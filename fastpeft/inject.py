@@ -15,7 +15,7 @@ from .nn.adapted_attention import AdaptedAttention, compute_dtype
 from .nn.bottleneck_adapter import BottleneckAdapter
 from .nn.int8_lora_linear import Int8LoRALinear, is_bnb, is_bnb_int8
 from .nn.lora_linear import LoRALinear, is_conv1d, linear_weight
-from .nn.multi_lora_linear import MultiLoRALinear
+from .nn.multi_lora_linear import MultiLoRALinear, check_adapter_name
 from .nn.nf4_lora_linear import NF4LoRALinear, bnb_nf4_problem, is_bnb_4bit
 from .nn.peft_lora import FusedPeftLora, is_param_wrapper, lora_parts, param_wrapper_class
 from .placement import adaption_prompt_sites, bottleneck_sites
@@ -467,10 +467,7 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config[{adapter!r}]: expected a LoraConfig, got "
                             f"{type(config).__name__}")
-        if not isinstance(adapter, str) or not adapter or "." in adapter \
-                or adapter == "__base__":
-            raise ValueError(f"config: adapter names are non-empty str without '.', not "
-                             f"'__base__'; got {adapter!r}")
+        check_adapter_name("config", adapter)
         if config.base_dtype is not None or config.target_parameters:
             raise NotImplementedError(
                 f"config[{adapter!r}]: several adapters on one layer (MultiLoRALinear) take "
@@ -486,7 +483,7 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
         matched = []
         for name, module in model.named_modules():
             if not _matches(name, config.target_modules) or module is output_layer \
-                    or name.rpartition(".")[0] in inside:
+                    or _lora_ancestor(name, inside) not in (None, name):  # an adapter's own
                 continue
             if isinstance(module, MultiLoRALinear):
                 if adapter in module.lora_A:

@@ -37,7 +37,7 @@ from .nn.adapted_attention import AdaptedAttention
 from .nn.bottleneck_adapter import BottleneckAdapter
 from .nn.int8_lora_linear import Int8LoRALinear
 from .nn.lora_linear import LoRALinear
-from .nn.multi_lora_linear import MultiLoRALinear
+from .nn.multi_lora_linear import BASE, MultiLoRALinear, check_adapter_name
 from .nn.nf4_lora_linear import NF4LoRALinear
 from .nn.peft_lora import fuse_lora_model, fuse_peft_lora, is_param_wrapper, lora_parts
 
@@ -199,6 +199,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
 
     multi = _multi_adapters(model)
     if multi:  # PEFT's multi-adapter layout: "default" at the root, the others below it
+        for adapter in multi:  # (a name with a path separator would write elsewhere)
+            check_adapter_name("model", adapter)
         for adapter in multi:
             out = directory if adapter == "default" else os.path.join(directory, adapter)
             config = _adapter_config(model, adapter)
@@ -246,7 +248,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
     multi-adapter layout (what ``PeftModel.save_pretrained`` and :func:`save_adapter`
     write for several adapters): the adapter in ``directory`` itself, if any, as
     ``"default"``, and each subdirectory holding an ``adapter_config.json`` as the adapter
-    of its name (but not a Trainer checkpoint, one holding ``trainer_state.json``). That
+    of its name (but not a Trainer checkpoint, one holding ``trainer_state.json``, nor a
+    name that cannot be an adapter's, with a ``.``). With no names set
+    (:func:`fastpeft.set_adapter_names`), such a model runs ``"default"``, as PEFT runs its
+    active adapter. A directory of one adapter loaded into a model holding ``"default"``
+    and others needs ``adapter_name`` (``"default"`` to replace it). That
     happens when ``directory`` has such subdirectories, when ``model``
     has ``MultiLoRALinear`` layers already (a single adapter joins them as ``"default"``),
     or with ``adapter_name``: the adapter in ``directory`` itself joins them under that name
@@ -259,6 +265,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
     adapters = _saved_adapters(directory, adapter_name)
     if adapter_name is not None or set(adapters) - {"default"} \
             or any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+        held = set(_multi_adapters(model))
+        if adapter_name is None and set(adapters) == {"default"} and held - {"default"}:
+            raise ValueError(
+                f"adapter_name: {directory} holds one adapter, which would replace the "
+                f"model's 'default' next to {sorted(held - {'default'})}; name it "
+                f"(adapter_name='...'; adapter_name='default' to replace 'default')")
         return _load_multi(model, adapters)
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         saved = json.load(f)
@@ -308,6 +320,7 @@ def _saved_adapters(directory: str | os.PathLike,
     :func:`load_adapter`); with ``adapter_name``, the adapter in ``directory`` alone."""
     root = os.path.isfile(os.path.join(directory, CONFIG_NAME))
     if adapter_name is not None:
+        check_adapter_name("adapter_name", adapter_name)
         if not root:
             raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {directory}")
         return {adapter_name: os.fspath(directory)}
@@ -315,8 +328,10 @@ def _saved_adapters(directory: str | os.PathLike,
     if os.path.isdir(directory):
         for entry in sorted(os.listdir(directory)):
             path = os.path.join(directory, entry)
-            # (a Trainer's checkpoint-<step> subdirectories hold an adapter too: not ours)
-            if entry != "default" and os.path.isfile(os.path.join(path, CONFIG_NAME)) \
+            # (a Trainer's checkpoint-<step> subdirectories hold an adapter too: not ours;
+            # nor is a name that cannot be an adapter's, such as "v1.bak")
+            if entry != "default" and "." not in entry and entry != BASE \
+                    and os.path.isfile(os.path.join(path, CONFIG_NAME)) \
                     and not os.path.isfile(os.path.join(path, "trainer_state.json")):
                 adapters[entry] = path
     if not adapters:  # the error of a single directory, as before

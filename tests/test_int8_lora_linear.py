@@ -60,11 +60,11 @@ def run_reference(inputs, scaling, p, seed, dtype):
     return outs
 
 
-def check_matches_reference(backend, device, shape, bias, dropout_p, dtypes):
+def check_matches_reference(backend, device, shape, bias, dropout_p, dtypes, scaling=None):
     """y and every gradient (dx, d bias, dA, dB) of the fused op against the reference."""
     for dtype in dtypes:
         inputs = make_inputs(*shape, dtype, device, bias=bias)
-        scaling = 16 / math.sqrt(shape[3])
+        scaling = 16 / math.sqrt(shape[3]) if scaling is None else scaling
         torch.manual_seed(123)
         with forced(backend):
             y = fastpeft.int8_lora_linear(*inputs, scaling, dropout_p)
@@ -111,6 +111,17 @@ def test_many_ranks(backend_device, tokens):
     backend, device = backend_device
     check_matches_reference(backend, device, ((tokens,), 40, 24, 72), True, 0.25,
                             [torch.float32, torch.float16])
+
+
+@pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
+@pytest.mark.parametrize("scaling", [1e-39, -3e-30])
+def test_tiny_scaling_with_many_ranks(backend_device, scaling):
+    """A scaling far below 1 (fp32 subnormal, and one whose reciprocal times the GEMM
+    accumulator would overflow) with R = 72: the GEMM epilogue adds the LoRA term over
+    several rank blocks in place, which must not divide the accumulator by it."""
+    backend, device = backend_device
+    check_matches_reference(backend, device, ((34,), 40, 24, 72), True, 0.0, [torch.float32],
+                            scaling=scaling)
 
 
 @pytest.mark.parametrize(("tokens", "out"), [(1, 600), (4, 601), (9, 601)])

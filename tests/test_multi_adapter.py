@@ -455,3 +455,117 @@ def test_several_adapters_refusals(tmp_path):
     fastpeft.save_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="its own"):
         fastpeft.load_adapter(peft_several(base), tmp_path)
+
+
+def test_second_all_linear_inject_adapts_the_base_layers_only():
+    """An adapter's own lora_A / lora_B linears are not targets of a later inject."""
+    model = injected()
+    before = multi_layers(model)
+    fastpeft.inject(model, {"extra": fastpeft.LoraConfig(r=2, target_modules="all-linear")})
+    after = multi_layers(model)
+    assert set(after) == set(before)  # no MultiLoRALinear inside another one
+    assert all(names == before[n] + ["extra"] for n, names in after.items())
+    for layer in (m for m in model.modules() if isinstance(m, fastpeft.MultiLoRALinear)):
+        assert all(type(m) is torch.nn.Linear for m in layer.lora_A.values())
+
+
+@pytest.mark.parametrize("name", ["a/b", "..\\up", "/abs", "x.y", "__base__", ""])
+def test_adapter_names_that_are_paths_refused(name, tmp_path):
+    lora = fastpeft.LoraConfig(r=2, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="config: adapter names"):
+        fastpeft.inject(llama64(), {name: lora})
+    layer = fastpeft.MultiLoRALinear(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="name: adapter names"):
+        layer.add_adapter(name, 2)
+    model = fastpeft.inject(llama64(), {"a": lora})
+    fastpeft.save_adapter(model, tmp_path / "a")
+    with pytest.raises(ValueError, match="adapter_name: adapter names"):
+        fastpeft.load_adapter(model, tmp_path / "a", adapter_name=name)
+    # a name put in by hand is refused when saving, before anything is written
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.lora_A["x/y"], layer.lora_B["x/y"] = layer.lora_A["a"], layer.lora_B["a"]
+    with pytest.raises(ValueError, match="model: adapter names"):
+        fastpeft.save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_adapter_directory_does_not_replace_default_unnamed(tmp_path):
+    """A model holding "default" and others: a one-adapter directory needs adapter_name."""
+    model = injected()
+    fastpeft.save_adapter(model, tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter_name: .* would replace the model's "
+                                         r"'default'"):
+        fastpeft.load_adapter(model, tmp_path / "math")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fastpeft.load_adapter(model, tmp_path / "math", adapter_name="math2")
+    assert "math2" in model.model.layers[0].self_attn.q_proj.adapter_names
+    only_default = fastpeft.inject(llama64(), {"default": fastpeft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "down_proj"])})
+    fastpeft.load_adapter(only_default, tmp_path)  # the same single adapter again: reloads
+    torch.testing.assert_close(only_default.model.layers[1].mlp.down_proj.lora_B["default"]
+                               .weight, model.model.layers[1].mlp.down_proj.lora_B["default"]
+                               .weight)
+
+
+def test_subdirectory_next_to_a_single_adapter_still_runs(tmp_path):
+    """A copy of a single adapter kept below it (``v1_backup``) loads as a named adapter
+    too; the model, with no names set, runs "default" as PEFT runs its active adapter.
+    A subdirectory whose name cannot be an adapter's (``v1.bak``) is not one."""
+    base = llama64()
+    single = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for n, p in single.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+    fastpeft.save_adapter(single, tmp_path)
+    for sub in ("v1_backup", "v1.bak"):
+        (tmp_path / sub).mkdir()
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            (tmp_path / sub / f).write_bytes((tmp_path / f).read_bytes())
+    model = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    assert multi_layers(model)["model.layers.0.self_attn.q_proj"] == ["default", "v1_backup"]
+    ids = ids128()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, single(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+class _SharedExpertBlock(torch.nn.Module):
+    """An attention-like projection on (batch, seq, h), then an MoE-style shared expert on
+    the same tokens flattened to (batch * seq, h), as Qwen2-MoE's shared_expert takes them."""
+
+    def __init__(self, h: int = 16):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(h, h)
+        self.shared_expert = torch.nn.Linear(h, h)
+
+    def forward(self, x):
+        y = self.q_proj(x)
+        return self.shared_expert(y.reshape(-1, y.shape[-1])).view_as(y)
+
+
+def test_names_per_sequence_reach_flattened_2d_inputs():
+    torch.manual_seed(0)
+    lora = fastpeft.LoraConfig(r=2, target_modules=["q_proj", "shared_expert"])
+    model = fastpeft.inject(_SharedExpertBlock(), {"a": lora, "b": lora})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.5)
+    x = torch.randn(3, 5, 16)
+    names = ["b", "__base__", "a"]
+    with torch.no_grad(), fastpeft.set_adapter_names(model, names):
+        mixed = model(x)
+    for row, name in enumerate(names):
+        with torch.no_grad(), fastpeft.set_adapter_names(model, name):
+            torch.testing.assert_close(mixed[row:row + 1], model(x[row:row + 1]))
+    assert not torch.allclose(mixed[0], mixed[2])
+    layer = model.shared_expert
+    with fastpeft.set_adapter_names(model, names), \
+            pytest.raises(ValueError, match=r"3 names set .* shape \(7, 16\)"):
+        layer(torch.randn(7, 16))  # neither 3 sequences nor their 15 tokens
+    with fastpeft.set_adapter_names(model, "a"):  # one name: any shape
+        assert layer(torch.randn(7, 16)).shape == (7, 16)

@@ -14,11 +14,22 @@ from ..ops._checks import check_positive_int
 from ..ops.multi_lora_linear import multi_lora_linear
 from .lora_linear import autocast_dtype, is_conv1d, linear_weight
 
-__all__ = ["BASE", "MultiLoRALinear", "per_row_ids", "set_adapter_names", "stack_adapters",
-           "stack_adapters_cached"]
+__all__ = ["BASE", "MultiLoRALinear", "check_adapter_name", "per_row_ids",
+           "set_adapter_names", "stack_adapters", "stack_adapters_cached"]
 
 #: The adapter name that selects the base layer alone (PEFT's ``"__base__"``).
 BASE = "__base__"
+
+
+def check_adapter_name(arg: str, name: object) -> str:
+    """Refuses an adapter name that cannot be a module key (``.``), a directory of PEFT's
+    multi-adapter layout (a path separator) or the base's own name; ``arg`` names the
+    argument in the error."""
+    if not isinstance(name, str) or not name or name == BASE \
+            or any(c in name for c in "./\\"):
+        raise ValueError(f"{arg}: adapter names are non-empty str without '.', '/' or '\\' "
+                         f"(a module key and a directory name), not {BASE!r}; got {name!r}")
+    return name
 
 
 class MultiLoRALinear(nn.Module):
@@ -86,9 +97,7 @@ class MultiLoRALinear(nn.Module):
                     lora_dropout: float = 0.0, use_rslora: bool = False) -> None:
         """A new adapter with PEFT's initialisation (A Kaiming-uniform, B zeros), in the base
         weight's dtype and device."""
-        if not isinstance(name, str) or not name or name == BASE or "." in name:
-            raise ValueError(f"name: expected a non-empty str without '.', not {BASE!r}, got "
-                             f"{name!r}")
+        check_adapter_name("name", name)
         if name in self.lora_A:
             raise ValueError(f"name: adapter {name!r} exists already")
         check_positive_int("r", r)
@@ -125,23 +134,40 @@ class MultiLoRALinear(nn.Module):
     def active_ids(self, x: Tensor) -> Tensor:
         """``adapter_ids`` for ``x`` from :attr:`active_names` (the per-sequence ids kept
         between calls with the same names, adapters, batch and device, as in every step of
-        ``generate()``)."""
+        ``generate()``).
+
+        ``x`` is ``(batch, ...)`` with one name per sequence, or per group of
+        ``batch // len(names)`` consecutive sequences (generate's beams and returned
+        sequences); or 2-D ``(batch * seq, in)``, the tokens of a ``(batch, seq)`` input
+        flattened as an MoE's shared expert takes them, where a 3-D input of an earlier
+        layer of the same call told ``(batch, seq)``."""
         names, rows = self.active_names, x.shape[0]
-        if isinstance(names, str):
-            names = (names,) * rows
-        if x.dim() >= 3 and rows != len(names) and names and rows % len(names) == 0:
-            names = tuple(a for a in names for _ in range(rows // len(names)))
-        if x.dim() < 2 or rows != len(names):
+        index = {a: i for i, a in enumerate(self.lora_A.keys())}
+        if isinstance(names, str):  # one adapter for every row
+            return torch.full(x.shape[:-1], index.get(names, -1), dtype=torch.int64,
+                              device=x.device)
+        n, seen = len(names), self.__dict__.get("_fastpeft_batch")
+        if x.dim() >= 3 and rows % n == 0:
+            repeat, tokens = rows // n, 1
+            if seen is not None and x.dim() == 3:
+                seen.shape = (rows, x.shape[1])
+        elif x.dim() == 2 and rows == n:
+            repeat, tokens = 1, 1
+        elif x.dim() == 2 and seen is not None and seen.shape is not None \
+                and seen.shape[0] % n == 0 and rows == seen.shape[0] * seen.shape[1]:
+            repeat, tokens = seen.shape[0] // n, seen.shape[1]
+        else:
             raise ValueError(
-                f"adapter_names: {len(self.active_names)} names set (fastpeft."
-                f"set_adapter_names), one per sequence, but this layer's input has shape "
-                f"{tuple(x.shape)}, whose first dimension is not the batch of sequences")
-        key = (names, tuple(self.lora_A.keys()), x.device)
+                f"adapter_names: {n} names set (fastpeft.set_adapter_names), one per "
+                f"sequence, but this layer's input has shape {tuple(x.shape)}, whose first "
+                f"dimension is not the batch of sequences (nor, for a 2-D input, its "
+                f"batch * sequence-length tokens)")
+        key = (names, tuple(self.lora_A.keys()), x.device, repeat, tokens)
         cached = self.__dict__.get("_fastpeft_ids")
         if cached is None or cached[0] != key:
-            index = {a: i for i, a in enumerate(self.lora_A.keys())}
             ids = torch.tensor([index.get(a, -1) for a in names], dtype=torch.int64,
                                device=x.device)
+            ids = ids.repeat_interleave(repeat * tokens) if repeat * tokens > 1 else ids
             cached = (key, ids)
             if not torch.compiler.is_compiling():
                 self.__dict__["_fastpeft_ids"] = cached
@@ -153,9 +179,13 @@ class MultiLoRALinear(nn.Module):
             raise ValueError("MultiLoRALinear: no adapters yet (add_adapter)")
         if adapter_names is None and adapter_ids is None and self.active_names is not None:
             ids = self.active_ids(x)
+        elif adapter_names is None and adapter_ids is None and "default" in self.lora_A:
+            ids = torch.full(x.shape[:-1], self.adapter_names.index("default"),
+                             dtype=torch.int64, device=x.device)  # PEFT's active adapter
         elif (adapter_names is None) == (adapter_ids is None):
             raise ValueError("adapter_names / adapter_ids: pass exactly one of them (or, in a "
-                             "model, set them with fastpeft.set_adapter_names)")
+                             "model, set them with fastpeft.set_adapter_names; a layer with "
+                             "an adapter 'default' runs it when none is named, as PEFT)")
         else:
             ids = self.ids_of(adapter_names, x) if adapter_ids is None else adapter_ids
         names = self.adapter_names
@@ -274,19 +304,32 @@ def set_adapter_names(model: nn.Module,
             raise ValueError(f"names: no adapter {unknown} in the model (adapters: "
                              f"{list(known)}; {BASE!r} for the base alone)")
         names = names if isinstance(names, str) else tuple(listed)
-    restore = _RestoreNames([(m, m.active_names) for m in layers])
+    restore = _RestoreNames([(m, m.active_names, m.__dict__.get("_fastpeft_batch"))
+                             for m in layers])
+    seen = _BatchShape()  # shared: a 3-D input tells the 2-D ones (batch, seq)
     for m in layers:
         m.active_names = names
+        m.__dict__["_fastpeft_batch"] = seen
     return restore
+
+
+class _BatchShape:
+    """``(batch, seq)`` of the last 3-D input a layer of one :func:`set_adapter_names`
+    took, for the layers that take the same tokens flattened to 2-D."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, int] | None = None
 
 
 class _RestoreNames(contextlib.AbstractContextManager):
     """What :func:`set_adapter_names` returns: as a context manager, puts the names each
     layer had before back on exit."""
 
-    def __init__(self, previous: list[tuple[MultiLoRALinear, str | tuple[str, ...] | None]]):
+    def __init__(self, previous: list[tuple[MultiLoRALinear, str | tuple[str, ...] | None,
+                                            _BatchShape | None]]):
         self.previous = previous
 
     def __exit__(self, *exc_info) -> None:
-        for layer, names in self.previous:
+        for layer, names, seen in self.previous:
             layer.active_names = names
+            layer.__dict__["_fastpeft_batch"] = seen

@@ -98,3 +98,13 @@ def dropout_args(dropout_p: float, seed: Tensor | None, like: Tensor):
         raise ValueError(f"seed: expected a tensor on {like.device}, got one on {seed.device}")
     threshold = dropout_threshold(dropout_p)
     return True, seed, threshold, 1.0 / (1.0 - dropout_p)
+
+
+def in_place_epilogue_args(xa: Tensor, scaling: float, multi_r: bool) -> tuple[Tensor, float]:
+    """(xa, scaling) for a GEMM epilogue that adds ``scaling * B @ xa^T`` to its
+    accumulator. With many ranks (``MULTI_R``) the kernels add it in place as
+    ``scaling * (acc / scaling + B @ xa^T)``, where ``acc / scaling`` overflows for a tiny
+    ``scaling``: there, xa is scaled here instead (a (T, R) tensor) and the kernel takes 1."""
+    if multi_r and scaling != 0.0 and abs(scaling) < 2.0 ** -24:
+        return (xa.to(acc_dtype(xa.dtype)) * scaling).to(xa.dtype), 1.0
+    return xa, scaling

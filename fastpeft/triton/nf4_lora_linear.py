@@ -28,6 +28,7 @@ from ._common import (
     check_fp64_register_dots,
     dot_block,
     dropout_args,
+    in_place_epilogue_args,
     size_bucket,
 )
 from ._common_kernels import lora_branch_backward_lora_a_kernel, lora_branch_down_kernel
@@ -153,11 +154,12 @@ def forward(x: Tensor, qweight: Tensor, absmax: Tensor, bias: Tensor | None, lor
     if N > 0:
         fwd = (nf4_lora_linear_forward_kernel_half if x.element_size() == 2
                else nf4_lora_linear_forward_kernel_wide)
+        ranks = _rank_blocks(R, x.dtype, weight["ALLOW_TF32"])
+        xa_arg, s_arg = in_place_epilogue_args(xa, scaling, ranks["MULTI_R"])
         fwd[
             lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        ](x, qweight, absmax, table, bias_arg, xa, lora_B, y, T, N, K, R, tb, scaling,
-          HAS_BIAS=bias is not None, **_rank_blocks(R, x.dtype, weight["ALLOW_TF32"]),
-          **weight)
+        ](x, qweight, absmax, table, bias_arg, xa_arg, lora_B, y, T, N, K, R, tb, s_arg,
+          HAS_BIAS=bias is not None, **ranks, **weight)
     return y, xa
 
 
