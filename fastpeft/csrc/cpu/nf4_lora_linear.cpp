@@ -15,11 +15,13 @@
 //
 // The base products have two paths, by the number of rows T:
 // * T <= kDecodeMaxRows (decode): memory-bound, so the codes are streamed once, half a
-//   byte per weight. Forward: threads take fixed runs of the output rows n; each row of W
-//   is decoded in registers and dotted with up to 4 rows of x at a time (row_dots).
-//   Backward dx:
-//   threads take fixed runs of the columns k; for each n the run's part of row n is
-//   decoded and added, times dy[t, n], onto fp32 accumulators of dx[:, run].
+//   byte per weight. Forward: threads take fixed runs of the output rows n; for up to
+//   kFusedRows rows of x, each row of W is decoded in registers and dotted with them
+//   (row_dots); past that, it is decoded once into an L1 buffer and dotted with every row
+//   of x, 8 at a time (block_dots): decoding, not the products, is what costs, so W is
+//   decoded once whatever T. Backward dx: threads take fixed runs of the columns k; the
+//   run's parts of 4 rows n at a time are decoded and added, times dy[t, n], onto fp32
+//   accumulators of dx[:, run] (one load and store of them per 4 rows: axpy4).
 // * larger T: compute-bound: ATen's GEMM on tiles of W decoded into a per-thread buffer
 //   (dequant_gemm.h, shared with int8_lora_linear).
 // The pieces are fixed by the shapes and every element's reduction runs on one thread in
@@ -46,6 +48,8 @@ namespace {
 // Rows of x up to which the decode path runs; past it the GEMM's arithmetic rate wins
 // over reading the codes once (`fastpeft-bench --ops nf4_lora_linear` times both sides).
 constexpr int64_t kDecodeMaxRows = 16;
+// Rows of x up to which the decode forward decodes W in registers, per row group.
+constexpr int64_t kFusedRows = 4;
 // Columns of dx a backward decode task owns: its fp32 accumulators are T x 1024 floats
 // (64 KiB at T = 16), its slice of a row of W 4 KiB.
 constexpr int64_t kDxColumns = 1024;
@@ -57,12 +61,12 @@ struct Nf4Weight {
   int64_t N, K;
   int block_shift;  // log2 of the bytes a block spans (blocksize / 2)
   CpuIsa isa;
-  DecodeBytes decode;
+  DecodeRun decode;
 
   // W[n, k0 : k0 + kt] (k0, kt even) into out (kt floats)
   void row(int64_t n, int64_t k0, int64_t kt, float* out) const {
     const int64_t b0 = (n * K + k0) / 2;
-    decode_run(decode, q, absmax, block_shift, b0, b0 + kt / 2, out);
+    decode(q, absmax, block_shift, b0, b0 + kt / 2, out);
   }
 
   // A tile for dequant_gemm: rows n0 .. n0 + nt, columns k0 .. k0 + kt, as out_t (the
@@ -125,6 +129,27 @@ void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "nf4_decode", [&] {
     using acc_t = acc_of<scalar_t>;
     const acc_t* xs = xc.const_data_ptr<acc_t>();
+    scalar_t* ys = y.mutable_data_ptr<scalar_t>();
+    // ~64K weights a task (32 KiB of codes)
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+    if (T > kFusedRows) {
+      at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> wrow(static_cast<size_t>(K));
+        acc_t dots[8];
+        for (int64_t n = begin; n < end; ++n) {
+          w.row(n, 0, K, wrow.data());
+          for (int64_t t0 = 0; t0 < T; t0 += 8) {
+            const int rows = static_cast<int>(std::min<int64_t>(8, T - t0));
+            block_dots<acc_t>(w.isa, rows, wrow.data(), K, xs + t0 * K, K, dots);
+            for (int r = 0; r < rows; ++r) {
+              scalar_t& out = ys[(t0 + r) * N + n];
+              out = static_cast<scalar_t>(static_cast<acc_t>(out) + dots[r]);
+            }
+          }
+        }
+      });
+      return;
+    }
     std::vector<acc_t> split(static_cast<size_t>(2 * T * half));  // (T, half) even, then odd
     acc_t* xe = split.data();
     acc_t* xo = split.data() + T * half;
@@ -133,9 +158,6 @@ void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
         xe[t * half + j] = xs[t * K + 2 * j];
         xo[t * half + j] = xs[t * K + 2 * j + 1];
       }
-    scalar_t* ys = y.mutable_data_ptr<scalar_t>();
-    // ~64K weights a task (32 KiB of codes)
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       acc_t dots[4];
       for (int64_t n = begin; n < end; ++n) {
@@ -162,12 +184,21 @@ void decode_dx(const at::Tensor& dy, const Nf4Weight& w, at::Tensor& dx) {
     const acc_t* dys = dyc.const_data_ptr<acc_t>();
     scalar_t* dxs = dx.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, div_up(K, kDxColumns), 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> part(static_cast<size_t>(kDxColumns));
+      std::vector<float> part(static_cast<size_t>(4 * kDxColumns));
       std::vector<acc_t> acc(static_cast<size_t>(T * kDxColumns));
       for (int64_t task = begin; task < end; ++task) {
         const int64_t k0 = task * kDxColumns, kt = std::min(kDxColumns, K - k0);
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t n = 0; n < N; ++n) {
+        int64_t n = 0;
+        for (; n + 4 <= N; n += 4) {
+          for (int i = 0; i < 4; ++i) w.row(n + i, k0, kt, part.data() + i * kt);
+          for (int64_t t = 0; t < T; ++t) {
+            const acc_t a[4] = {dys[t * N + n], dys[t * N + n + 1], dys[t * N + n + 2],
+                                dys[t * N + n + 3]};
+            axpy4(a, part.data(), kt, kt, acc.data() + t * kt);
+          }
+        }
+        for (; n < N; ++n) {
           w.row(n, k0, kt, part.data());
           for (int64_t t = 0; t < T; ++t) axpy(dys[t * N + n], part.data(), kt, acc.data() + t * kt);
         }

@@ -9,15 +9,13 @@
 // split where blocks end ("segments": a block may end inside a row when K is not a
 // multiple of blocksize); within a segment the scale is one float.
 //
-// decode_bytes writes the 2 * n floats of n bytes in element order, with one scale. Three
-// versions of it, chosen at run time by cpu_isa() (cpu_path.h: FASTPEFT_CPU_ISA forces
-// one), give the same floats (a table lookup and one fp32 product each):
-// * avx512: 16 bytes -> 32 floats: widen to 16 int32, split the nibbles, vpermps looks
-//   each up in the 16-float table held in one zmm register, then vpermt2ps interleaves
-//   the high- and low-nibble values back into element order.
-// * avx2: 8 bytes -> 16 floats: the table is two ymm halves; vpermps looks up in both
-//   and a blend on bit 3 of the code picks one; unpack + lane permutes interleave.
-// * generic: a 256-entry table of the two floats of each byte value (2 KiB, in L1).
+// decode_run decodes a run of bytes (a row of W, a tile's row) segment by segment, the
+// block's scale folded into the 16-value table once per segment. Three versions, chosen
+// at run time by cpu_isa() (cpu_path.h: FASTPEFT_CPU_ISA forces one), give the same
+// floats (kNf4[code] * scale, one fp32 product each): avx512 (16 bytes a step, vpermps in
+// a one-register table), avx2 (8 bytes a step, two half tables and a blend), generic (a
+// 256-entry table of each byte value's two floats, 2 KiB, in L1). One call per run, not
+// per block: at blocksize 64 a block is only 32 bytes.
 #pragma once
 
 #include <algorithm>
@@ -62,26 +60,62 @@ inline void decode_bytes_generic(const uint8_t* __restrict q, int64_t n, float s
   }
 }
 
+// decode_run_<isa>(q, absmax, block_shift, b0, b1, out): the elements [2 b0, 2 b1) of W
+// (bytes b0 .. b1 of q) into out, in element order, each segment (a block's part of the
+// run; a block spans 2^block_shift = blocksize / 2 bytes) with its block's scale folded
+// into the 16-value table once. One call decodes a whole run (a row, a tile's row).
+
+inline void decode_run_generic(const uint8_t* q, const float* absmax, int block_shift,
+                               int64_t b0, int64_t b1, float* out) {
+  while (b0 < b1) {
+    const int64_t block = b0 >> block_shift;
+    const int64_t end = std::min(b1, (block + 1) << block_shift);
+    decode_bytes_generic(q + b0, end - b0, absmax[block], out);
+    out += 2 * (end - b0);
+    b0 = end;
+  }
+}
+
 #ifdef FASTPEFT_NF4_X86
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void decode_bytes_avx512(
-    const uint8_t* __restrict q, int64_t n, float scale, float* __restrict out) {
+// avx512: 16 bytes -> 32 floats a step: widen to 16 int32, split the nibbles, vpermps
+// looks each up in the scaled table (one zmm), vpermt2ps interleaves the high- and
+// low-nibble values back into element order; a segment's last < 16 bytes under masks.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void decode_run_avx512(
+    const uint8_t* q, const float* absmax, int block_shift, int64_t b0, int64_t b1,
+    float* out) {
   const __m512 table = _mm512_load_ps(kNf4);
-  const __m512 s = _mm512_set1_ps(scale);
   const __m512i low4 = _mm512_set1_epi32(15);
   // element order: (hi0, lo0, hi1, lo1, ...): indices into (hi, lo) for vpermt2ps
   const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7,
                                           23);
   const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14,
                                            30, 15, 31);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
-    const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table), s);
-    const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, low4), table), s);
-    _mm512_storeu_ps(out + 2 * j, _mm512_permutex2var_ps(hi, first, lo));
-    _mm512_storeu_ps(out + 2 * j + 16, _mm512_permutex2var_ps(hi, second, lo));
+  while (b0 < b1) {
+    const int64_t block = b0 >> block_shift;
+    const int64_t end = std::min(b1, (block + 1) << block_shift);
+    const __m512 tab = _mm512_mul_ps(table, _mm512_set1_ps(absmax[block]));
+    int64_t j = b0;
+    for (; j + 16 <= end; j += 16, out += 32) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
+      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
+      const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, low4), tab);
+      _mm512_storeu_ps(out, _mm512_permutex2var_ps(hi, first, lo));
+      _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(hi, second, lo));
+    }
+    if (j < end) {
+      const int len = static_cast<int>(end - j);  // 1 .. 15 bytes, 2 .. 30 floats
+      const __m512i b = _mm512_cvtepu8_epi32(
+          _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << len) - 1u), q + j));
+      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab);
+      const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, low4), tab);
+      const auto m1 = static_cast<__mmask16>(len >= 8 ? 0xFFFFu : (1u << (2 * len)) - 1u);
+      const auto m2 = static_cast<__mmask16>(len > 8 ? (1u << (2 * (len - 8))) - 1u : 0u);
+      _mm512_mask_storeu_ps(out, m1, _mm512_permutex2var_ps(hi, first, lo));
+      _mm512_mask_storeu_ps(out + 16, m2, _mm512_permutex2var_ps(hi, second, lo));
+      out += 2 * len;
+    }
+    b0 = end;
   }
-  decode_bytes_generic(q + j, n - j, scale, out + 2 * j);
 }
 
 // kNf4[code] from the table's two halves: bit 3 of the code picks one (blendv's sign bit)
@@ -93,22 +127,34 @@ __attribute__((target("avx2,fma"))) FASTPEFT_INLINE __m256 lookup_avx2(__m256 ta
   return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
 }
 
-__attribute__((target("avx2,fma"))) inline void decode_bytes_avx2(
-    const uint8_t* __restrict q, int64_t n, float scale, float* __restrict out) {
+// avx2: 8 bytes -> 16 floats a step: the scaled table is two ymm halves; vpermps looks up
+// in both and a blend on bit 3 of the code picks one; unpack + lane permutes interleave;
+// a segment's last < 8 bytes by the generic table.
+__attribute__((target("avx2,fma"))) inline void decode_run_avx2(
+    const uint8_t* q, const float* absmax, int block_shift, int64_t b0, int64_t b1,
+    float* out) {
   const __m256 table_lo = _mm256_load_ps(kNf4), table_hi = _mm256_load_ps(kNf4 + 8);
-  const __m256 s = _mm256_set1_ps(scale);
   const __m256i low4 = _mm256_set1_epi32(15);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
-    const __m256 hi = _mm256_mul_ps(lookup_avx2(table_lo, table_hi, _mm256_srli_epi32(b, 4)), s);
-    const __m256 lo = _mm256_mul_ps(lookup_avx2(table_lo, table_hi, _mm256_and_si256(b, low4)), s);
-    const __m256 a = _mm256_unpacklo_ps(hi, lo);  // h0 l0 h1 l1 | h4 l4 h5 l5
-    const __m256 c = _mm256_unpackhi_ps(hi, lo);  // h2 l2 h3 l3 | h6 l6 h7 l7
-    _mm256_storeu_ps(out + 2 * j, _mm256_permute2f128_ps(a, c, 0x20));
-    _mm256_storeu_ps(out + 2 * j + 8, _mm256_permute2f128_ps(a, c, 0x31));
+  while (b0 < b1) {
+    const int64_t block = b0 >> block_shift;
+    const int64_t end = std::min(b1, (block + 1) << block_shift);
+    const float scale = absmax[block];
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256 tab_lo = _mm256_mul_ps(table_lo, s), tab_hi = _mm256_mul_ps(table_hi, s);
+    int64_t j = b0;
+    for (; j + 8 <= end; j += 8, out += 16) {
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
+      const __m256 hi = lookup_avx2(tab_lo, tab_hi, _mm256_srli_epi32(b, 4));
+      const __m256 lo = lookup_avx2(tab_lo, tab_hi, _mm256_and_si256(b, low4));
+      const __m256 a = _mm256_unpacklo_ps(hi, lo);  // h0 l0 h1 l1 | h4 l4 h5 l5
+      const __m256 c = _mm256_unpackhi_ps(hi, lo);  // h2 l2 h3 l3 | h6 l6 h7 l7
+      _mm256_storeu_ps(out, _mm256_permute2f128_ps(a, c, 0x20));
+      _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(a, c, 0x31));
+    }
+    decode_bytes_generic(q + j, end - j, scale, out);
+    out += 2 * (end - j);
+    b0 = end;
   }
-  decode_bytes_generic(q + j, n - j, scale, out + 2 * j);
 }
 #endif
 
@@ -262,28 +308,98 @@ void row_dots(CpuIsa isa, int rows, const uint8_t* q, const float* absmax, int b
   }
 }
 
-// The decoder for `isa` (a function pointer: chosen once per op call).
-using DecodeBytes = void (*)(const uint8_t*, int64_t, float, float*);
-inline DecodeBytes decoder(CpuIsa isa) {
-#ifdef FASTPEFT_NF4_X86
-  if (isa == CpuIsa::kAvx512) return decode_bytes_avx512;
-  if (isa == CpuIsa::kAvx2) return decode_bytes_avx2;
-#endif
-  (void)isa;
-  return decode_bytes_generic;
+// ---------------------------------------------------------------------------------------
+// The decode forward past 4 rows of x: a row of W is decoded once (decode_run, into L1)
+// and dotted with every row of x, TR <= 8 rows at a time: out[t] = w . x[t, :] over n
+// elements (x rows ld apart). Each (t, n) is one thread's fixed-order reduction.
+
+template <int TR, typename acc_t>
+void block_dots_generic(const float* __restrict w, int64_t n, const acc_t* __restrict x,
+                        int64_t ld, acc_t* out) {
+  acc_t acc[TR] = {};
+  for (int64_t j = 0; j < n; ++j)
+    for (int t = 0; t < TR; ++t) acc[t] += static_cast<acc_t>(w[j]) * x[t * ld + j];
+  for (int t = 0; t < TR; ++t) out[t] = acc[t];
 }
 
-// Decodes the elements [2 * b0, 2 * b1) of W (bytes b0 .. b1 of q) into out, in element
-// order, each segment with its block's scale (a block spans 2^block_shift = blocksize / 2 bytes).
-inline void decode_run(DecodeBytes decode, const uint8_t* q, const float* absmax,
-                       int block_shift, int64_t b0, int64_t b1, float* out) {
-  while (b0 < b1) {
-    const int64_t block = b0 >> block_shift;
-    const int64_t end = std::min(b1, (block + 1) << block_shift);
-    decode(q + b0, end - b0, absmax[block], out);
-    out += 2 * (end - b0);
-    b0 = end;
+#ifdef FASTPEFT_NF4_X86
+template <int TR>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void block_dots_avx512(
+    const float* __restrict w, int64_t n, const float* __restrict x, int64_t ld, float* out) {
+  __m512 acc[TR];
+  for (int t = 0; t < TR; ++t) acc[t] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + j);
+    for (int t = 0; t < TR; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * ld + j), acc[t]);
   }
+  if (j < n) {
+    const auto m = static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 wv = _mm512_maskz_loadu_ps(m, w + j);
+    for (int t = 0; t < TR; ++t)
+      acc[t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + t * ld + j), acc[t]);
+  }
+  for (int t = 0; t < TR; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+template <int TR>
+__attribute__((target("avx2,fma"))) void block_dots_avx2(
+    const float* __restrict w, int64_t n, const float* __restrict x, int64_t ld, float* out) {
+  __m256 acc[TR];
+  float tail[TR] = {};
+  for (int t = 0; t < TR; ++t) acc[t] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + j);
+    for (int t = 0; t < TR; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * ld + j), acc[t]);
+  }
+  for (; j < n; ++j)
+    for (int t = 0; t < TR; ++t) tail[t] += w[j] * x[t * ld + j];
+  for (int t = 0; t < TR; ++t) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc[t]);
+    float sum = 0.0f;
+    for (float v : lanes) sum += v;
+    out[t] = sum + tail[t];
+  }
+}
+#endif
+
+// out[t] for TR = rows (1 .. 8) of x, by the ISA's kernel (fp64: the generic one).
+template <typename acc_t>
+void block_dots(CpuIsa isa, int rows, const float* w, int64_t n, const acc_t* x, int64_t ld,
+                acc_t* out) {
+  auto run = [&](auto tr) {
+    constexpr int TR = decltype(tr)::value;
+#ifdef FASTPEFT_NF4_X86
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (isa == CpuIsa::kAvx512) return block_dots_avx512<TR>(w, n, x, ld, out);
+      if (isa == CpuIsa::kAvx2) return block_dots_avx2<TR>(w, n, x, ld, out);
+    }
+#endif
+    block_dots_generic<TR, acc_t>(w, n, x, ld, out);
+  };
+  switch (rows) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    case 5: return run(std::integral_constant<int, 5>{});
+    case 6: return run(std::integral_constant<int, 6>{});
+    case 7: return run(std::integral_constant<int, 7>{});
+    default: return run(std::integral_constant<int, 8>{});
+  }
+}
+
+// The run decoder for `isa` (a function pointer: chosen once per op call).
+using DecodeRun = void (*)(const uint8_t*, const float*, int, int64_t, int64_t, float*);
+inline DecodeRun decoder(CpuIsa isa) {
+#ifdef FASTPEFT_NF4_X86
+  if (isa == CpuIsa::kAvx512) return decode_run_avx512;
+  if (isa == CpuIsa::kAvx2) return decode_run_avx2;
+#endif
+  (void)isa;
+  return decode_run_generic;
 }
 
 // acc[k] += a * w[k] over n elements (multi-versioned; vectorised by the compiler).
@@ -291,6 +407,24 @@ template <typename acc_t>
 FASTPEFT_MULTIVERSION void axpy(acc_t a, const float* __restrict w, int64_t n,
                                 acc_t* __restrict acc) {
   for (int64_t k = 0; k < n; ++k) acc[k] += a * static_cast<acc_t>(w[k]);
+}
+
+// acc[k] += a[0] * w[k] + a[1] * w[ld + k] + a[2] * w[2 ld + k] + a[3] * w[3 ld + k],
+// added in that order (four rows of W per load and store of acc).
+template <typename acc_t>
+FASTPEFT_MULTIVERSION void axpy4(const acc_t* a, const float* __restrict w, int64_t ld,
+                                 int64_t n, acc_t* __restrict acc) {
+  const acc_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  const float* __restrict w0 = w;
+  const float* __restrict w1 = w + ld;
+  const float* __restrict w2 = w + 2 * ld;
+  const float* __restrict w3 = w + 3 * ld;
+  for (int64_t k = 0; k < n; ++k) {
+    acc_t v = acc[k] + a0 * static_cast<acc_t>(w0[k]);
+    v += a1 * static_cast<acc_t>(w1[k]);
+    v += a2 * static_cast<acc_t>(w2[k]);
+    acc[k] = v + a3 * static_cast<acc_t>(w3[k]);
+  }
 }
 
 }  // namespace fastpeft::cpu::nf4_lora_linear
