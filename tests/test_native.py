@@ -304,8 +304,9 @@ _ISAS = {"AVX512": ["avx512", "avx2", "generic"], "AVX2": ["avx2", "generic"]}.g
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("T, K, N, blocksize", [
     (1, 600, 30, 64),   # blocks cross rows (600 % 64 != 0); masked / scalar tails
-    (5, 96, 17, 16),    # 8-byte blocks: shorter than the AVX-512 step
-    (16, 256, 9, 256),  # the decode path's last row count, 4 passes of 4 rows
+    (3, 600, 30, 64),   # dx's decode path at its last row count
+    (5, 96, 17, 16),    # 8-byte blocks: shorter than the AVX-512 step; rows decoded once
+    (8, 256, 9, 256),   # the decode forward's last row count, one pass of 8 rows
     (40, 130, 11, 64),  # the dequantised tiles
 ])
 @pytest.mark.parametrize("isa", _ISAS)

@@ -21,12 +21,13 @@ from fastpeft import reference
 from fastpeft.ops._linear import draw_seed
 from fastpeft.ops.nf4_lora_linear import BLOCKSIZES
 
-# (leading dims, in, out, r, blocksize): the small-batch (decode) path at T = 1 and 16, the
-# tiled path past it (T = 17, and 34 rows in 3-D); blocks that cross rows (80 % 64, 34 % 16
+# (leading dims, in, out, r, blocksize): the CPU's small-batch (decode) paths at T = 1 (both
+# directions) and 8 (the forward's last row count; dx by tiles), the tiled paths past them
+# (T = 17, and 34 rows in 3-D); blocks that cross rows (80 % 64, 34 % 16
 # != 0) and rows of whole blocks (one absmax per row and tile in the interpreter's 32-wide
 # tiles: 64 % 64, 96 % 32 == 0); odd out, rank 1 and 20 (> 16: the fp32 epilogue's rank
 # blocks)
-SHAPES = [((1,), 80, 77, 3, 64), ((16,), 64, 40, 8, 64), ((17,), 34, 65, 1, 16),
+SHAPES = [((1,), 80, 77, 3, 64), ((8,), 64, 40, 8, 64), ((17,), 34, 65, 1, 16),
           ((2, 17), 96, 100, 20, 32)]
 
 

@@ -14,7 +14,7 @@
 // W gets no gradient (frozen); d bias = Σ_t dy is taken by the op's Python autograd.
 //
 // The base products have two paths, by the number of rows T:
-// * T <= kDecodeMaxRows (decode): memory-bound, so the codes are streamed once, half a
+// * T <= kDecodeMaxRows (forward) / kDxDecodeMaxRows (dx) (decode): memory-bound, so the codes are streamed once, half a
 //   byte per weight. Forward: threads take fixed runs of the output rows n; for up to
 //   kFusedRows rows of x, each row of W is decoded in registers and dotted with them
 //   (row_dots); past that, it is decoded once into an L1 buffer and dotted with every row
@@ -45,9 +45,13 @@
 namespace fastpeft::cpu::nf4_lora_linear {
 namespace {
 
-// Rows of x up to which the decode path runs; past it the GEMM's arithmetic rate wins
-// over reading the codes once (`fastpeft-bench --ops nf4_lora_linear` times both sides).
-constexpr int64_t kDecodeMaxRows = 16;
+// Rows of x up to which the decode paths run; past them the tiles + GEMM win (decoding
+// a tile costs 1/T of its GEMM). Measured on an AVX-512 / AMX Xeon, 2 threads, 4096 x
+// 4096: the forward's crossover is at 5 to 8 rows in fp32 and about 10 in bf16 (against
+// oneDNN's bf16 GEMM), dx's at about 3 (its decode adds T rows of products per decoded
+// row onto accumulators that do not stay in registers).
+constexpr int64_t kDecodeMaxRows = 8;
+constexpr int64_t kDxDecodeMaxRows = 3;
 // Rows of x up to which the decode forward decodes W in registers, per row group.
 constexpr int64_t kFusedRows = 4;
 // Columns of dx a backward decode task owns: its fp32 accumulators are T x 1024 floats
@@ -79,8 +83,7 @@ struct Nf4Weight {
       std::vector<float> tmp(static_cast<size_t>(kt));
       for (int64_t r = 0; r < nt; ++r) {
         row(n0 + r, k0, kt, tmp.data());
-        out_t* o = out + r * kt;
-        for (int64_t c = 0; c < kt; ++c) o[c] = static_cast<out_t>(tmp[c]);
+        round_into(tmp.data(), kt, out + r * kt);
       }
     }
   }
@@ -250,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   auto [dx, dA, dB] = lora_branch::backward(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p,
                                             seed_v, compute_dx);
   if (compute_dx && x.size(0) > 0 && w.N > 0 && w.K > 0) {  // onto the LoRA term
-    if (x.size(0) <= kDecodeMaxRows) {
+    if (x.size(0) <= kDxDecodeMaxRows) {
       decode_dx(grad_y, w, dx);
     } else {
       dequant_gemm::add_base_dx(grad_y, w.K, w, dx);

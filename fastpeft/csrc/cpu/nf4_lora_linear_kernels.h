@@ -402,6 +402,14 @@ inline DecodeRun decoder(CpuIsa isa) {
   return decode_run_generic;
 }
 
+// out[k] = w[k] rounded to out_t (bf16 / fp16 tiles; multi-versioned so that it
+// vectorises).
+template <typename out_t>
+FASTPEFT_MULTIVERSION void round_into(const float* __restrict w, int64_t n,
+                                      out_t* __restrict out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<out_t>(w[k]);
+}
+
 // acc[k] += a * w[k] over n elements (multi-versioned; vectorised by the compiler).
 template <typename acc_t>
 FASTPEFT_MULTIVERSION void axpy(acc_t a, const float* __restrict w, int64_t n,
