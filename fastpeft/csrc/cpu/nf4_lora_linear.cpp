@@ -54,6 +54,8 @@ constexpr int64_t kDecodeMaxRows = 8;
 constexpr int64_t kDxDecodeMaxRows = 3;
 // Rows of x up to which the decode forward decodes W in registers, per row group.
 constexpr int64_t kFusedRows = 4;
+// Runs of rows of W the decode forward reads side by side in each task.
+constexpr int64_t kStreams = 8;
 // Columns of dx a backward decode task owns: its fp32 accumulators are T x 1024 floats
 // (64 KiB at T = 16), its slice of a row of W 4 KiB.
 constexpr int64_t kDxColumns = 1024;
@@ -123,6 +125,17 @@ at::Tensor acc_copy(const at::Tensor& x) {
   return x.to(dequant_gemm::acc_type(x)).contiguous();
 }
 
+// f(n) for the rows [begin, end) of W, kStreams runs of them side by side (rows i,
+// i + per, i + 2 per, ...): several reads from memory in flight, where one sequential
+// stream a thread left the decode waiting on memory (T = 1, 4096 x 4096, weight not in
+// cache: 0.63-0.80x the fp32 F.linear's time against 0.77-0.84x, AMX Xeon VM).
+template <typename F>
+void for_rows_interleaved(int64_t begin, int64_t end, F&& f) {
+  const int64_t per = div_up(end - begin, kStreams);
+  for (int64_t i = 0; i < per; ++i)
+    for (int64_t n = begin + i; n < end; n += per) f(n);
+}
+
 // Decode path forward: y (T, N) += x @ W^T, y holding b + s * xa @ B^T. x is split into
 // its even and odd columns once (row_dots' layout); each row of W is streamed once per 4
 // rows of x.
@@ -139,7 +152,7 @@ void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
       at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> wrow(static_cast<size_t>(K));
         acc_t dots[8];
-        for (int64_t n = begin; n < end; ++n) {
+        for_rows_interleaved(begin, end, [&](int64_t n) {
           w.row(n, 0, K, wrow.data());
           for (int64_t t0 = 0; t0 < T; t0 += 8) {
             const int rows = static_cast<int>(std::min<int64_t>(8, T - t0));
@@ -149,7 +162,7 @@ void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
               out = static_cast<scalar_t>(static_cast<acc_t>(out) + dots[r]);
             }
           }
-        }
+        });
       });
       return;
     }
@@ -163,7 +176,7 @@ void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
       }
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       acc_t dots[4];
-      for (int64_t n = begin; n < end; ++n) {
+      for_rows_interleaved(begin, end, [&](int64_t n) {
         for (int64_t t0 = 0; t0 < T; t0 += 4) {
           const int rows = static_cast<int>(std::min<int64_t>(4, T - t0));
           row_dots<acc_t>(w.isa, rows, w.q, w.absmax, w.block_shift, n * half, half,
@@ -173,7 +186,7 @@ void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
             out = static_cast<scalar_t>(static_cast<acc_t>(out) + dots[r]);
           }
         }
-      }
+      });
     });
   });
 }

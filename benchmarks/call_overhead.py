@@ -1,0 +1,61 @@
+"""The fixed cost of one call of the fused layers: a 64 -> 64 layer at T = 1, where the
+kernels take a few microseconds and the rest is the Python, the dispatcher and autograd
+around them. Decode steps pay it once per projection and token.
+
+    python benchmarks/call_overhead.py            # this checkout's fastpeft
+    PYTHONPATH=/path/to/other/tree python benchmarks/call_overhead.py
+
+Prints the median of many calls, forward and forward+backward, per layer. Compare two
+trees by running both, alternately, on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastpeft
+
+
+def _median_us(fn, runs: int) -> float:
+    for _ in range(runs // 10):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    layers = {
+        "LoRALinear": fastpeft.LoRALinear(torch.nn.Linear(64, 64), r=4, lora_alpha=8,
+                                          lora_dropout=0.1),
+        "Int8LoRALinear": fastpeft.Int8LoRALinear.from_linear(torch.nn.Linear(64, 64), r=4,
+                                                              lora_alpha=8, lora_dropout=0.1),
+    }
+    if hasattr(fastpeft, "NF4LoRALinear"):  # (older trees have no NF4 op)
+        layers["NF4LoRALinear"] = fastpeft.NF4LoRALinear.from_linear(
+            torch.nn.Linear(64, 64), r=4, lora_alpha=8, lora_dropout=0.1)
+    x = torch.randn(1, 64, requires_grad=True)
+    print(f"fastpeft from {fastpeft.__file__}, torch {torch.__version__}, "
+          f"{args.threads} threads; median of {args.runs} calls, microseconds")
+    for name, layer in layers.items():
+        layer.train()
+        forward = _median_us(lambda layer=layer: layer(x), args.runs)
+        full = _median_us(lambda layer=layer: layer(x).sum().backward(), args.runs)
+        print(f"{name:16s} forward {forward:7.1f}   forward+backward {full:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
