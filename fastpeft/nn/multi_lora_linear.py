@@ -213,16 +213,26 @@ class MultiLoRALinear(nn.Module):
     def stacked(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """:func:`stack_adapters` of every adapter, in :attr:`adapter_names` order (kept
         between calls where no gradient is needed: :func:`stack_adapters_cached`)."""
-        names = self.adapter_names
-        return stack_adapters_cached(self, [self.lora_A[a].weight for a in names],
-                                     [self.lora_B[a].weight for a in names],
-                                     [self.scaling[a] for a in names], dtype)
+        # (the ModuleDicts' and modules' own dicts: nn.Module.__getattr__ per adapter was a
+        # sizeable part of a serving call's Python)
+        names = self.lora_A._modules
+        lora_A = [_weight_of(m) for m in names.values()]
+        lora_B = [_weight_of(self.lora_B._modules[a]) for a in names]
+        scaling = [self.scaling[a] for a in names]
+        return stack_adapters_cached(self, lora_A, lora_B, scaling, dtype)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{a}(r={self.r[a]}, alpha={self.lora_alpha[a]})"
                              for a in self.adapter_names)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"adapters=[{adapters}]")
+
+
+def _weight_of(linear: nn.Module) -> Tensor:
+    """``linear.weight``, from its parameters' dict where it is there (a parametrised
+    weight is not: then the attribute)."""
+    weight = linear._parameters.get("weight")
+    return linear.weight if weight is None else weight
 
 
 def stack_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor],
@@ -253,8 +263,8 @@ def stack_adapters_cached(owner: nn.Module, lora_A: Sequence[Tensor], lora_B: Se
     if (torch.is_grad_enabled() and any(w.requires_grad for w in weights)) \
             or torch.compiler.is_compiling():  # (compiled: the graph stacks them itself)
         return stack_adapters(lora_A, lora_B, scaling, dtype)
-    key = (dtype, tuple(float(v) for v in scaling),
-           tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in weights))
+    key = (dtype, tuple(map(float, scaling)), [(w.data_ptr(), w._version, w.shape)
+                                                for w in weights])
     cached = owner.__dict__.get("_fastpeft_stack")
     if cached is None or cached[0] != key:
         with torch.no_grad():
