@@ -142,12 +142,11 @@ class MultiLoRALinear(nn.Module):
         flattened as an MoE's shared expert takes them, where a 3-D input of an earlier
         layer of the same call told ``(batch, seq)``."""
         names, rows = self.active_names, x.shape[0]
-        index = {a: i for i, a in enumerate(self.lora_A.keys())}
         if isinstance(names, str):  # one adapter for every row
-            return torch.full(x.shape[:-1], index.get(names, -1), dtype=torch.int64,
-                              device=x.device)
+            index = self.adapter_names.index(names) if names in self.lora_A else -1
+            return torch.full(x.shape[:-1], index, dtype=torch.int64, device=x.device)
         n, seen = len(names), self.__dict__.get("_fastpeft_batch")
-        if x.dim() >= 3 and rows % n == 0:
+        if x.dim() >= 3 and rows % n == 0 and rows > 0:
             repeat, tokens = rows // n, 1
             if seen is not None and x.dim() == 3:
                 seen.shape = (rows, x.shape[1])
@@ -165,6 +164,7 @@ class MultiLoRALinear(nn.Module):
         key = (names, tuple(self.lora_A.keys()), x.device, repeat, tokens)
         cached = self.__dict__.get("_fastpeft_ids")
         if cached is None or cached[0] != key:
+            index = {a: i for i, a in enumerate(self.lora_A.keys())}
             ids = torch.tensor([index.get(a, -1) for a in names], dtype=torch.int64,
                                device=x.device)
             ids = ids.repeat_interleave(repeat * tokens) if repeat * tokens > 1 else ids

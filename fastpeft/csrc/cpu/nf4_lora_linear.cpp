@@ -14,14 +14,15 @@
 // W gets no gradient (frozen); d bias = Σ_t dy is taken by the op's Python autograd.
 //
 // The base products have two paths, by the number of rows T:
-// * T <= kDecodeMaxRows (forward) / kDxDecodeMaxRows (dx) (decode): memory-bound, so the codes are streamed once, half a
-//   byte per weight. Forward: threads take fixed runs of the output rows n; for up to
-//   kFusedRows rows of x, each row of W is decoded in registers and dotted with them
-//   (row_dots); past that, it is decoded once into an L1 buffer and dotted with every row
-//   of x, 8 at a time (block_dots): decoding, not the products, is what costs, so W is
-//   decoded once whatever T. Backward dx: threads take fixed runs of the columns k; the
-//   run's parts of 4 rows n at a time are decoded and added, times dy[t, n], onto fp32
-//   accumulators of dx[:, run] (one load and store of them per 4 rows: axpy4).
+// * T <= kDecodeMaxRows (forward), kDxDecodeMaxRows (dx): the decode paths, where the
+//   codes are streamed once, half a byte per weight. Forward: threads take fixed runs of
+//   the output rows n; for up to kFusedRows rows of x, each row of W is decoded in
+//   registers and dotted with them (row_dots); past that, it is decoded once into an L1
+//   buffer and dotted with every row of x, 8 at a time (block_dots): decoding, not the
+//   products, is what costs, so W is decoded once whatever T. Backward dx: threads take
+//   fixed runs of the columns k; the run's parts of 4 rows n at a time are decoded and
+//   added, times dy[t, n], onto fp32 accumulators of dx[:, run] (one load and store of
+//   them per 4 rows: axpy4).
 // * larger T: compute-bound: ATen's GEMM on tiles of W decoded into a per-thread buffer
 //   (dequant_gemm.h, shared with int8_lora_linear).
 // The pieces are fixed by the shapes and every element's reduction runs on one thread in
@@ -57,7 +58,7 @@ constexpr int64_t kFusedRows = 4;
 // Runs of rows of W the decode forward reads side by side in each task.
 constexpr int64_t kStreams = 8;
 // Columns of dx a backward decode task owns: its fp32 accumulators are T x 1024 floats
-// (64 KiB at T = 16), its slice of a row of W 4 KiB.
+// (12 KiB at T = 3), its slices of 4 rows of W 16 KiB.
 constexpr int64_t kDxColumns = 1024;
 
 // The quantised weight, checked: N, K and the block geometry.
@@ -136,9 +137,10 @@ void for_rows_interleaved(int64_t begin, int64_t end, F&& f) {
     for (int64_t n = begin + i; n < end; n += per) f(n);
 }
 
-// Decode path forward: y (T, N) += x @ W^T, y holding b + s * xa @ B^T. x is split into
-// its even and odd columns once (row_dots' layout); each row of W is streamed once per 4
-// rows of x.
+// Decode path forward: y (T, N) += x @ W^T, y holding b + s * xa @ B^T. Up to kFusedRows
+// rows, x is split into its even and odd columns once (row_dots' layout) and each row of
+// W decoded in registers; past them each row of W is decoded once into a buffer
+// (block_dots).
 void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
   const int64_t T = x.size(0), K = w.K, N = w.N, half = K / 2;
   const at::Tensor xc = acc_copy(x);
