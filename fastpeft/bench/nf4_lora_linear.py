@@ -35,8 +35,9 @@ class Nf4Shape:
         return self.tokens * self.d_in
 
 
-# issue 18's shapes: a decode step (T = 1; T = 16 the decode path's last row count) and a
-# training step (T = 512, 2048 x 2048, p = 0.1)
+# issue 18's shapes: a decode step (T = 1), a small batch (T = 16: the Triton GEMV's last
+# row count; the C++ decode forward runs up to 8 rows, tiles past them) and a training
+# step (T = 512, 2048 x 2048, p = 0.1)
 CPU_SHAPES = [Nf4Shape(1), Nf4Shape(16), Nf4Shape(512, 2048, 2048)]
 CUDA_SHAPES = [Nf4Shape(1), Nf4Shape(16), Nf4Shape(4096)]
 TINY_SHAPES = [Nf4Shape(4, 64, 48, r=4)]
