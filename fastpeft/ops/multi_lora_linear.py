@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .. import _backend, reference
 from ._checks import (
+    FLOAT_DTYPES,
     check_float_input,
     check_same_device,
     check_same_dtype,
@@ -89,6 +90,50 @@ declare(OpSpec("multi_lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fa
                _setup_context, _backward, triton_kernels))
 
 
+def _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids) -> bool:
+    """Whether the tensors are ones :func:`check_multi_lora_args` accepts (its ids' values
+    aside), tested in one pass: a shortcut for the usual call, which a serving step makes
+    once per layer (as ``linear_args_ok`` for lora_linear). Anything unusual returns False
+    and the full checks, which name the argument, run."""
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
+            and isinstance(lora_B, Tensor) and isinstance(scaling, Tensor)
+            and isinstance(adapter_ids, Tensor) and (bias is None or isinstance(bias, Tensor))):
+        return False
+    try:
+        dt, dev = x.dtype, x.device
+        out_features, in_features = weight.shape
+        n, rank, a_in = lora_A.shape
+    except ValueError:  # weight not 2-D, lora_A not 3-D
+        return False
+    return (
+        dt in FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == in_features
+        and a_in == in_features and n >= 1 and rank >= 1
+        and weight.dtype == dt and weight.device == dev
+        and lora_A.dtype == dt and lora_A.device == dev
+        and lora_B.shape == (n, out_features, rank) and lora_B.dtype == dt
+        and lora_B.device == dev
+        and (bias is None or (bias.shape == (out_features,) and bias.dtype == dt
+                              and bias.device == dev))
+        and scaling.shape == (n,) and scaling.dtype == torch.float32
+        and scaling.device == dev and not scaling.requires_grad
+        and adapter_ids.shape == x.shape[:-1] and adapter_ids.dtype == torch.int64
+        and adapter_ids.device == dev
+    )
+
+
+def _check_ids(adapter_ids: Tensor, n: int) -> None:
+    """The values of adapter_ids, in [-1, n). They need a device-to-host read, which
+    torch.compile cannot trace: compiled, the C++ kernels still refuse a bad id; the Triton
+    kernels skip the rows of one."""
+    if adapter_ids.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(adapter_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < -1 or hi >= n:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"adapter_ids: expected values in [-1, {n}) (-1 = the base "
+                             f"alone; lora_A holds {n} adapters), got {bad}")
+
+
 def check_multi_lora_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                           lora_B: Tensor, scaling: Tensor, adapter_ids: Tensor) -> None:
     """Every argument of :func:`multi_lora_linear` but the scalars; errors name the
@@ -120,15 +165,7 @@ def check_multi_lora_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A
                          f"one id per row of x), got {tuple(adapter_ids.shape)}")
     check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A,
                        "lora_B": lora_B, "scaling": scaling, "adapter_ids": adapter_ids})
-    # The values need a device-to-host read, which torch.compile cannot trace: compiled, the
-    # C++ kernels still refuse a bad id; the Triton kernels skip the rows of one.
-    if adapter_ids.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = torch.aminmax(adapter_ids)
-        lo, hi = int(lo), int(hi)
-        if lo < -1 or hi >= n:
-            bad = lo if lo < -1 else hi
-            raise ValueError(f"adapter_ids: expected values in [-1, {n}) (-1 = the base "
-                             f"alone; lora_A holds {n} adapters), got {bad}")
+    _check_ids(adapter_ids, n)
 
 
 def multi_lora_linear(
@@ -164,7 +201,10 @@ def multi_lora_linear(
         (zero for adapters no row names), and to ``weight`` and ``bias`` when they require
         grad.
     """
-    check_multi_lora_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids)
+    if _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids):
+        _check_ids(adapter_ids, lora_A.shape[0])
+    else:
+        check_multi_lora_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids)
     dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
