@@ -215,24 +215,21 @@ class MultiLoRALinear(nn.Module):
         between calls where no gradient is needed: :func:`stack_adapters_cached`)."""
         # (the ModuleDicts' and modules' own dicts: nn.Module.__getattr__ per adapter was a
         # sizeable part of a serving call's Python)
-        names = self.lora_A._modules
-        lora_A = [_weight_of(m) for m in names.values()]
-        lora_B = [_weight_of(self.lora_B._modules[a]) for a in names]
-        scaling = [self.scaling[a] for a in names]
-        return stack_adapters_cached(self, lora_A, lora_B, scaling, dtype)
+        a_mods, b_mods, scalings = self.lora_A._modules, self.lora_B._modules, self.scaling
+        lora_A = [m._parameters.get("weight") for m in a_mods.values()]
+        lora_B = [b_mods[a]._parameters.get("weight") for a in a_mods]
+        if any(w is None for w in lora_A) or any(w is None for w in lora_B):
+            # a parametrised weight is no parameter of its module: the attribute then
+            lora_A = [m.weight for m in a_mods.values()]
+            lora_B = [b_mods[a].weight for a in a_mods]
+        return stack_adapters_cached(self, lora_A, lora_B, [scalings[a] for a in a_mods],
+                                     dtype)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{a}(r={self.r[a]}, alpha={self.lora_alpha[a]})"
                              for a in self.adapter_names)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"adapters=[{adapters}]")
-
-
-def _weight_of(linear: nn.Module) -> Tensor:
-    """``linear.weight``, from its parameters' dict where it is there (a parametrised
-    weight is not: then the attribute)."""
-    weight = linear._parameters.get("weight")
-    return linear.weight if weight is None else weight
 
 
 def stack_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor],
