@@ -132,16 +132,16 @@ class MultiLoRALinear(nn.Module):
         return per_row_ids(adapter_names, self.adapter_names, x)
 
     def active_ids(self, x: Tensor) -> Tensor:
-        """``adapter_ids`` for ``x`` from :attr:`active_names` (the per-sequence ids kept
-        between calls with the same names, adapters, batch and device, as in every step of
-        ``generate()``).
+        """``adapter_ids`` for ``x`` from :attr:`active_names`, or ``"default"`` where none
+        are set (PEFT's active adapter; the per-sequence ids are kept between calls with the
+        same names, adapters, batch and device, as in every step of ``generate()``).
 
         ``x`` is ``(batch, ...)`` with one name per sequence, or per group of
         ``batch // len(names)`` consecutive sequences (generate's beams and returned
         sequences); or 2-D ``(batch * seq, in)``, the tokens of a ``(batch, seq)`` input
         flattened as an MoE's shared expert takes them, where a 3-D input of an earlier
         layer of the same call told ``(batch, seq)``."""
-        names, rows = self.active_names, x.shape[0]
+        names, rows = self.active_names or "default", x.shape[0]
         if isinstance(names, str):  # one adapter for every row
             index = self.adapter_names.index(names) if names in self.lora_A else -1
             return torch.full(x.shape[:-1], index, dtype=torch.int64, device=x.device)
@@ -177,11 +177,9 @@ class MultiLoRALinear(nn.Module):
                 adapter_ids: Tensor | None = None) -> Tensor:
         if not self.lora_A:
             raise ValueError("MultiLoRALinear: no adapters yet (add_adapter)")
-        if adapter_names is None and adapter_ids is None and self.active_names is not None:
+        if adapter_names is None and adapter_ids is None \
+                and (self.active_names is not None or "default" in self.lora_A):
             ids = self.active_ids(x)
-        elif adapter_names is None and adapter_ids is None and "default" in self.lora_A:
-            ids = torch.full(x.shape[:-1], self.adapter_names.index("default"),
-                             dtype=torch.int64, device=x.device)  # PEFT's active adapter
         elif (adapter_names is None) == (adapter_ids is None):
             raise ValueError("adapter_names / adapter_ids: pass exactly one of them (or, in a "
                              "model, set them with fastpeft.set_adapter_names; a layer with "

@@ -40,7 +40,8 @@ constexpr int64_t kBwdTileN = 512, kBwdTileK = 256;  // backward: dx[:, k-tile] 
 constexpr int64_t kLowpTileBytes = int64_t{2} << 20;
 // Rows of dy from which dx takes the 16-bit tiles: below, oneDNN's bf16 GEMM of a few
 // rows against (N, 256) tiles lost to the fp32 tiles (measured with int8 and NF4 weights,
-// 4096 x 4096, bf16, AMX Xeon: at 17 rows 5.2 / 4.6 ms against 8.0 / 6.7; even at 32).
+// 4096 x 4096, bf16, AMX Xeon: at 17 rows 5.2 / 4.6 ms against 8.0 / 6.7; even at 32;
+// `python benchmarks/rows_sweep.py --op int8|nf4 --dtype bf16 --rows 17 32 64`).
 constexpr int64_t kLowpDxMinRows = 32;
 
 // The accumulation dtype of x's dtype: float64 for float64, float32 otherwise.
@@ -108,8 +109,8 @@ template <typename Decode>
 void add_base_dx(const at::Tensor& dy, int64_t K, const Decode& decode, at::Tensor& dx) {
   const int64_t T = dy.size(0), N = dy.size(1);
   if (T == 0 || N == 0 || K == 0) return;
-  if (lowp_gemm(dy) && T >= kLowpDxMinRows) {  // tiles (N, kt) in dy's dtype:
-    // dx[:, tile] += dy @ tile
+  // tiles (N, kt) of W in dy's dtype: dx[:, tile] += dy @ tile
+  if (lowp_gemm(dy) && T >= kLowpDxMinRows) {
     const at::Tensor dyc = dy.contiguous();
     const int64_t tile_k = lowp_tile(N, K);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "dequant_dx_lowp", [&] {

@@ -50,7 +50,8 @@ namespace {
 // a tile costs 1/T of its GEMM). Measured on an AVX-512 / AMX Xeon, 2 threads, 4096 x
 // 4096: the forward's crossover is at 5 to 8 rows in fp32 and about 10 in bf16 (against
 // oneDNN's bf16 GEMM), dx's at about 3 (its decode adds T rows of products per decoded
-// row onto accumulators that do not stay in registers).
+// row onto accumulators that do not stay in registers); `python benchmarks/rows_sweep.py
+// --op nf4 [--dtype bf16]` times both sides of each.
 constexpr int64_t kDecodeMaxRows = 8;
 constexpr int64_t kDxDecodeMaxRows = 3;
 // Rows of x up to which the decode forward decodes W in registers, per row group.
