@@ -85,6 +85,11 @@ _variants: dict[str, dict[str, object]] = {}
 _resolved: dict[tuple[str, str, str], object] = {}
 
 
+def add_op(op: str) -> None:
+    """Record that ``op`` is declared (the reference runs it until a variant is added)."""
+    _variants.setdefault(op, {})
+
+
 def add_variant(op: str, backend: str, overload: object) -> None:
     """Record that ``backend`` ("cpu" or "triton") has kernels for ``op``."""
     _variants.setdefault(op, {})[backend] = overload

@@ -1,6 +1,7 @@
-"""Autograd behaviour shared by the four ops, on every backend: one Python autograd per op
-(fastpeft/ops/<op>.py, registered by declare() on the native and the Triton variants),
-which must behave the same whichever kernels run under it."""
+"""Autograd behaviour shared by the ops, on every backend: one autograd per op, registered
+on the native and the Triton variants alike (C++ for the LoRA linear ops,
+csrc/linear_autograd.cpp; Python for the others, fastpeft/ops/<op>.py), which must behave
+the same whichever kernels run under it."""
 
 from __future__ import annotations
 
@@ -175,3 +176,82 @@ def test_activation_checkpointing_matches_eager(op, backend_device):
         ckpt = torch.autograd.grad(y.square().sum(), inputs)
     for e, c in zip(eager, ckpt, strict=True):
         torch.testing.assert_close(c, e)
+
+
+_LINEAR_PARAMS = [p for p in PARAMS if p.values[0] in
+                  ("lora_linear", "int8_lora_linear", "nf4_lora_linear", "multi_lora_linear")]
+
+
+@pytest.mark.parametrize(("op", "backend_device"),
+                         [p for p in _LINEAR_PARAMS
+                          if p.values[0] in ("int8_lora_linear", "multi_lora_linear")])
+def test_linear_ops_refuse_a_frozen_argument_that_requires_grad(op, backend_device):
+    """The LoRA linear ops' C++ autograd gives gradients to x, weight, bias, lora_A and
+    lora_B only: int8's weight scales or multi_lora_linear's per-adapter scaling requiring
+    grad would silently get none, so the registered op refuses it by name (the NF4 absmax
+    has the same check; lora_linear has no such argument)."""
+    backend, device = backend_device
+    suffix = "_triton" if backend == "triton" else ""
+    x = torch.randn(3, 8, device=device, requires_grad=True)
+    a, b = torch.randn(2, 8, device=device), torch.randn(6, 2, device=device)
+    if op == "int8_lora_linear":
+        q, scale = fastpeft.quantize_int8(torch.randn(6, 8, device=device))
+        args, name = (x, q, scale.requires_grad_(), None, a, b, 0.5, 0.0, None), "weight_scale"
+    else:
+        w = torch.randn(6, 8, device=device)
+        scaling = torch.tensor([0.5], device=device, requires_grad=True)
+        ids = torch.zeros(3, dtype=torch.int64, device=device)
+        args, name = (x, w, None, a[None], b[None], scaling, ids, 0.0, None), "scaling"
+    with pytest.raises(RuntimeError, match=f"{name} gets no gradient"):
+        getattr(torch.ops.fastpeft, op + suffix)(*args)
+
+
+def _linear_call(op: str, device: str):
+    """``f(x, bias, lora_A, lora_B)``: ``op`` on a fixed frozen base (6 x 8, rank 2)."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(6, 8, generator=g).to(device)
+    if op == "lora_linear":
+        return lambda x, bias, a, b: fastpeft.lora_linear(x, w, bias, a, b, 0.5)
+    if op == "int8_lora_linear":
+        q, s = fastpeft.quantize_int8(w)
+        return lambda x, bias, a, b: fastpeft.int8_lora_linear(x, q, s, bias, a, b, 0.5)
+    if op == "nf4_lora_linear":
+        q, am = fastpeft.quantize_nf4(w, 16)
+        return lambda x, bias, a, b: fastpeft.nf4_lora_linear(x, q, am, bias, a, b, 0.5,
+                                                              blocksize=16)
+    s = torch.tensor([0.5, 2.0, 1.0], device=device)
+    ids = torch.tensor([2, -1, 0, 2], device=device)
+    return lambda x, bias, a, b: fastpeft.multi_lora_linear(
+        x, w, bias, a.expand(3, -1, -1), b.expand(3, -1, -1), s, ids)
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize(("op", "backend_device"), _LINEAR_PARAMS)
+def test_linear_ops_gradients_of_each_subset(op, backend_device, has_bias):
+    """Every subset of x, bias, lora_A, lora_B requiring grad (with and without a bias,
+    whose absence shifts the autograd edges) gets the reference's gradients, and the
+    others none."""
+    backend, device = backend_device
+    f = _linear_call(op, device)
+    g = torch.Generator().manual_seed(5)
+    base = [torch.randn(shape, generator=g).to(device) for shape in [(4, 8), (6,), (2, 8), (6, 2)]]
+    if not has_bias:
+        base[1] = None
+    names = ["x", "bias", "lora_A", "lora_B"]
+    for mask in range(1, 16):
+        wanted = [bool(mask >> i & 1) and t is not None for i, t in enumerate(base)]
+        if not any(wanted):
+            continue
+        grads = {}
+        for name in (backend, "reference"):
+            ts = [None if t is None else t.clone().requires_grad_(w)
+                  for t, w in zip(base, wanted, strict=True)]
+            with forced(name):
+                f(*ts).square().sum().backward()
+            grads[name] = [None if t is None else t.grad for t in ts]
+        for n, w, got, ref in zip(names, wanted, grads[backend], grads["reference"],
+                                  strict=True):
+            if not w:
+                assert got is None, n
+            else:
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=n)

@@ -12,16 +12,26 @@ same schema, the same fake and the same autograd:
 ``<op>_backward_triton``                  CPU tensors under ``TRITON_INTERPRET=1``)
 ========================================  ===============================================
 
-Autograd is Python for every variant: one ``setup_context`` and one ``backward``, which
-receives the variant's own backward op. It is registered at the ``Autograd`` dispatch key
-by :func:`_autograd_kernel`, which does what ``torch.library.register_autograd`` does
-minus its per-call argument rebinding (``fill_defaults``: our schemas have no defaults),
-about 25 us of Python per call that a decode step (int8 T=1) would pay in every layer.
-Forward ops return the output plus the small tensors that backward needs (marked
-non-differentiable). The backward ops have no derivative: differentiating them (double
-backward) raises. :func:`declare` then tells :mod:`fastpeft._backend` which variants have
-kernels, and the public function (``fastpeft.<op>``) asks :func:`fastpeft._backend.resolve`
-which one to call.
+Each op has one autograd, which serves all its variants, in one of two languages:
+
+* The LoRA linear ops (``lora_linear``, ``int8_lora_linear``, ``nf4_lora_linear``,
+  ``multi_lora_linear``) share one C++ autograd, ``csrc/linear_autograd.cpp``, registered
+  at the ``Autograd`` dispatch key of both variants when the compiled library loads. A
+  decode step calls them once per projection and token, and a Python
+  ``autograd.Function`` cost about 10 us a call more forward and 25 us more
+  forward+backward. Their specs give no ``setup_context``/``backward``; their schemas
+  follow the convention that file states (and checks). Without the compiled library
+  they have no autograd, so only the reference runs them.
+* The others give a Python ``setup_context`` and ``backward``, which receives the
+  variant's own backward op, registered at the ``Autograd`` key by
+  :func:`_autograd_kernel` (``torch.library.register_autograd`` minus its per-call
+  argument rebinding).
+
+Forward ops return the output plus the small tensors that backward needs (not requiring
+grad). The backward ops have no derivative: differentiating them (double backward) raises.
+:func:`declare` then tells :mod:`fastpeft._backend` which variants have kernels, and the
+public function (``fastpeft.<op>``) asks :func:`fastpeft._backend.resolve` which one to
+call.
 
 Booting is this module's import: it creates the namespace and loads ``fastpeft._C``
 (whose C++ kernels register under the op names before the names are declared, which the
@@ -56,9 +66,11 @@ class OpSpec:
             output gradient and returns the input gradients.
         fake: the forward's shape function (``torch.library.register_fake``).
         backward_fake: the backward op's shape function.
-        setup_context: ``(ctx, inputs, output)``: saves what ``backward`` needs.
+        setup_context: ``(ctx, inputs, output)``: saves what ``backward`` needs; ``None``
+            for the LoRA linear ops, whose autograd is C++ (``csrc/linear_autograd.cpp``).
         backward: ``(backward_op, ctx, *grad_outputs)`` -> one gradient per input;
-            ``backward_op`` is the backward op of the variant that ran the forward.
+            ``backward_op`` is the backward op of the variant that ran the forward;
+            ``None`` with ``setup_context``.
         triton: the module with the Triton kernels' ``forward`` and ``backward`` (taking
             the schemas' arguments), or ``None`` when Triton is not installed.
     """
@@ -68,14 +80,15 @@ class OpSpec:
     backward_schema: str
     fake: Callable[..., Any]
     backward_fake: Callable[..., Any]
-    setup_context: Callable[[Any, tuple, Any], None]
-    backward: Callable[..., tuple]
+    setup_context: Callable[[Any, tuple, Any], None] | None
+    backward: Callable[..., tuple] | None
     triton: ModuleType | None
 
 
 def declare(spec: OpSpec) -> None:
     """Register ``spec``'s operators (native, and Triton when its module is given) with
     their fakes and autograd, the Triton kernels, and the variants in :mod:`_backend`."""
+    _backend.add_op(spec.name)
     suffixes = {"cpu": ""} | ({"triton": "_triton"} if spec.triton is not None else {})
     for backend, suffix in suffixes.items():
         forward, backward = f"{spec.name}{suffix}", f"{spec.name}_backward{suffix}"
@@ -85,10 +98,15 @@ def declare(spec: OpSpec) -> None:
         torch.library.register_fake(f"fastpeft::{backward}", spec.backward_fake, lib=lib)
         forward_op = getattr(torch.ops.fastpeft, forward).default
         backward_op = getattr(torch.ops.fastpeft, backward).default
-        run_backward = functools.partial(_run_backward, backward_op)
-        lib.impl(forward, _autograd_kernel(
-            forward_op, spec.setup_context, functools.partial(spec.backward, run_backward)),
-            "Autograd", with_keyset=True)
+        if spec.backward is not None:
+            run_backward = functools.partial(_run_backward, backward_op)
+            lib.impl(forward, _autograd_kernel(
+                forward_op, spec.setup_context, functools.partial(spec.backward, run_backward)),
+                "Autograd", with_keyset=True)
+            has_autograd = True
+        else:  # C++: there when the compiled library loaded
+            has_autograd = torch._C._dispatch_has_kernel_for_dispatch_key(
+                forward_op.name(), "Autograd")
         lib.impl(backward, _autograd_kernel(
             backward_op, None, functools.partial(_no_double_backward, spec.name)),
             "Autograd", with_keyset=True)
@@ -97,8 +115,8 @@ def declare(spec: OpSpec) -> None:
                                           spec.triton.forward, lib=lib)
             torch.library.register_kernel(f"fastpeft::{backward}", ("cpu", "cuda"),
                                           spec.triton.backward, lib=lib)
-        if backend == "triton" or torch._C._dispatch_has_kernel_for_dispatch_key(
-                forward_op.name(), "CPU"):
+        if has_autograd and (backend == "triton" or torch._C._dispatch_has_kernel_for_dispatch_key(
+                forward_op.name(), "CPU")):
             _backend.add_variant(spec.name, backend, forward_op)
 
 

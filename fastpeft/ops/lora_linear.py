@@ -61,32 +61,9 @@ def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, se
     return linear_backward_fake(x, lora_A, lora_B, compute_dx)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(backward_op, ctx, grad_y: Tensor, _grad_xa: Tensor | None):
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_y = grad_y.contiguous()
-    dx, d_a, d_b = backward_op(
-        grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, need_x
-    )
-    # The frozen base is the common case; a trainable base gets the plain formulas,
-    # d weight laid out as weight is (a transposed view's gradient is then a contiguous
-    # (in, out) tensor, which autograd accumulates into its storage without a copy).
-    d_w = None
-    if need_w:
-        d_w = grad_y.t().mm(x) if weight.is_contiguous() else x.t().mm(grad_y).t()
-    d_bias = grad_y.sum(0) if need_b else None
-    return dx if need_x else None, d_w, d_bias, d_a, d_b, None, None, None
-
-
-declare(OpSpec("lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake, _setup_context,
-               _backward, triton_kernels))
+# autograd: the LoRA linear ops' C++ one (csrc/linear_autograd.cpp)
+declare(OpSpec("lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake, None, None,
+               triton_kernels))
 
 
 def lora_linear(

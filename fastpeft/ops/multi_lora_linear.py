@@ -66,28 +66,9 @@ def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, adapter_ids, 
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _bias, lora_A, lora_B, scaling, adapter_ids, dropout_p, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scaling, adapter_ids, seed)
-    ctx.dropout_p = dropout_p
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(backward_op, ctx, grad_y: Tensor, _grad_xa: Tensor | None):
-    x, weight, lora_A, lora_B, xa, scaling, adapter_ids, seed = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_y = grad_y.contiguous()
-    dx, d_a, d_b = backward_op(grad_y, x, weight, lora_A, lora_B, xa, scaling, adapter_ids,
-                               ctx.dropout_p, seed, need_x)
-    d_w = None
-    if need_w:  # laid out as weight is, as in lora_linear
-        d_w = grad_y.t().mm(x) if weight.is_contiguous() else x.t().mm(grad_y).t()
-    d_bias = grad_y.sum(0) if need_b else None
-    return dx if need_x else None, d_w, d_bias, d_a, d_b, None, None, None, None
-
-
-declare(OpSpec("multi_lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake,
-               _setup_context, _backward, triton_kernels))
+# autograd: the LoRA linear ops' C++ one (csrc/linear_autograd.cpp)
+declare(OpSpec("multi_lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake, None, None,
+               triton_kernels))
 
 
 def _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids) -> bool:

@@ -57,27 +57,9 @@ def _backward_fake(grad_y, x, qweight, absmax, lora_A, lora_B, xa, scaling, drop
     return linear_backward_fake(x, lora_A, lora_B, compute_dx)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, qweight, absmax, _bias, lora_A, lora_B, scaling, dropout_p, seed, blocksize = inputs
-    ctx.save_for_backward(x, qweight, absmax, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout_p, ctx.blocksize = scaling, dropout_p, blocksize
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(backward_op, ctx, grad_y: Tensor, _grad_xa: Tensor | None):
-    """lora_linear's formulas, ``dx`` through the dequantised weight; the codes and absmax
-    are frozen buffers (refused as trainable by :func:`nf4_lora_linear`)."""
-    x, qweight, absmax, lora_A, lora_B, xa, seed = ctx.saved_tensors
-    need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    grad_y = grad_y.contiguous()
-    dx, d_a, d_b = backward_op(grad_y, x, qweight, absmax, lora_A, lora_B, xa, ctx.scaling,
-                               ctx.dropout_p, seed, ctx.blocksize, need_x)
-    d_bias = grad_y.sum(0) if need_bias else None
-    return dx if need_x else None, None, None, d_bias, d_a, d_b, None, None, None, None
-
-
-declare(OpSpec("nf4_lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake,
-               _setup_context, _backward, triton_kernels))
+# autograd: the LoRA linear ops' C++ one (csrc/linear_autograd.cpp)
+declare(OpSpec("nf4_lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake, None, None,
+               triton_kernels))
 
 
 def check_blocksize(blocksize: object) -> int:

@@ -15,7 +15,8 @@
 // Backward:  dx, dA, dB = LoRA part:  dB = s * dy^T @ xa,  dA = s * (dy @ B)^T @ xd,
 //                                     dx = c * m ⊙ (s * (dy @ B) @ A)
 //            dx += dy @ W = Σ_n (dy[t, n] * sc[n]) * Q[n, k]    (the scale folds into dy)
-// W gets no gradient (frozen); d bias = Σ_t dy is taken by the op's Python autograd.
+// W gets no gradient (frozen); d bias = Σ_t dy is taken by the autograd
+// (csrc/linear_autograd.cpp).
 //
 // The base GEMMs have two paths, by the number of rows T:
 // * T <= kDecodeMaxRows (decode): memory-bound, so the kernels of

@@ -11,7 +11,8 @@
 // bit-identical between the ops:
 //   y  = b + s * xa @ B^T + x @ W^T,   xa = xd @ A^T
 //   dx = c * m ⊙ (s * (dy @ B) @ A) + dy @ W,  dA, dB as lora_branch.h derives them
-// W gets no gradient (frozen); d bias = Σ_t dy is taken by the op's Python autograd.
+// W gets no gradient (frozen); d bias = Σ_t dy is taken by the autograd
+// (csrc/linear_autograd.cpp).
 //
 // The base products have two paths, by the number of rows T:
 // * T <= kDecodeMaxRows (forward), kDxDecodeMaxRows (dx): the decode paths, where the
