@@ -308,6 +308,13 @@ _ISAS = {"AVX512": ["avx512", "avx2", "generic"], "AVX2": ["avx2", "generic"]}.g
     (5, 96, 17, 16),    # 8-byte blocks: shorter than the AVX-512 step; rows decoded once
     (8, 256, 9, 256),   # the decode forward's last row count, one pass of 8 rows
     (40, 130, 11, 64),  # the dequantised tiles
+    # rows of whole blocks: AVX-512's chunked decode forward (64-byte steps, each lane's
+    # block scale), with a short last step (K % 128 != 0) and 1 to 4 rows of x
+    (1, 384, 13, 64),
+    (2, 448, 7, 16),    # 8-byte blocks: eight scales a step
+    (4, 320, 9, 32),
+    (2, 512, 5, 128),   # a step inside one block
+    (1, 1024, 6, 512),
 ])
 @pytest.mark.parametrize("isa", _ISAS)
 def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):

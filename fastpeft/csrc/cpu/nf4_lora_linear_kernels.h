@@ -284,6 +284,105 @@ __attribute__((target("avx2,fma"))) void row_dots_avx2(
 }
 #endif
 
+// ---------------------------------------------------------------------------------------
+// The decode forward's dot products in chunks, for AVX-512 and rows that start on a block
+// (K a multiple of blocksize, the usual case): 64 bytes of codes (128 weights) a step, as
+// sixteen 32-bit lanes of 8 codes each. vpermps reads only the low 4 bits of its index,
+// so nibble k of every lane is looked up in the unscaled table after one shift (k > 0) and
+// no widening: per 128 weights a load, 7 shifts and 8 vpermps, against 4 widenings and 16
+// more masks and shifts in row_dots_avx512. x comes rearranged to meet the lanes
+// (chunk_column): chunk c, nibble k, lane i is column 128 c + chunk_column(k, i), zero past
+// K. The block scales multiply the chunk's sums (each lane's block: lane_blocks), so the
+// table is never rescaled: out[t] = sum over chunks of sum_lanes s[lane] * (sum_k
+// kNf4[code] * x). In fp32, as the other kernels; only the order of the additions differs.
+
+// The column of x that nibble k (0 .. 7, from the lowest bits) of lane i (0 .. 15) of a
+// 64-byte chunk multiplies: lane i holds bytes 4i .. 4i + 3, a byte's high nibble is the
+// even element and its low nibble the odd one.
+constexpr int64_t chunk_column(int k, int i) { return 8 * i + 2 * (k >> 1) + ((k & 1) ? 0 : 1); }
+
+// x (rows, K) into the chunked order: out (rows, Kp), Kp = K rounded up to 128.
+template <typename in_t, typename out_t>
+void chunk_columns(const in_t* x, int64_t rows, int64_t K, out_t* out) {
+  const int64_t Kp = (K + 127) / 128 * 128;
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t c = 0; c < Kp; c += 128)
+      for (int k = 0; k < 8; ++k)
+        for (int i = 0; i < 16; ++i) {
+          const int64_t col = c + chunk_column(k, i);
+          out[t * Kp + c + 16 * k + i] =
+              col < K ? static_cast<out_t>(x[t * K + col]) : out_t(0);
+        }
+}
+
+#ifdef FASTPEFT_NF4_X86
+// out[t] = x[t] . W[n] for TR <= 4 rows: q the row's nb bytes, absmax its first block's
+// scale (the row starts on a block), blocks its number of blocks, lane_blocks[i] the
+// chunk-relative block of lane i ((4 i) >> block_shift, block_shift the log2 of a block's
+// bytes), xp the chunked rows (ldp apart). next (or null): bytes to ask for into L2 as
+// the row goes, a line per step (the codes of a row decoded later).
+template <int TR>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void chunk_dots_avx512(
+    const uint8_t* __restrict q, int64_t nb, const float* __restrict absmax, int64_t blocks,
+    int block_shift, const int32_t* lane_blocks, const float* __restrict xp, int64_t ldp,
+    float* out, const uint8_t* next) {
+  const __m512 table = _mm512_load_ps(kNf4);
+  const __m512i lane_block = _mm512_loadu_si512(lane_blocks);
+  __m512 acc[TR];
+  for (int t = 0; t < TR; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nb; j += 64, xp += 128) {
+    const int64_t left = nb - j;
+    if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T1);
+    const __m512i v = left >= 64 ? _mm512_loadu_si512(q + j)
+                                 : _mm512_maskz_loadu_epi8((~0ULL) >> (64 - left), q + j);
+    const int64_t b0 = j >> block_shift;
+    const int64_t nblk = std::min<int64_t>(16, blocks - b0);
+    const __m512 s = _mm512_permutexvar_ps(
+        lane_block,
+        _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nblk) - 1u), absmax + b0));
+    __m512 p0[TR], p1[TR];
+    const __m512 w0 = _mm512_permutexvar_ps(v, table);
+    const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+    for (int t = 0; t < TR; ++t) {
+      p0[t] = _mm512_mul_ps(w0, _mm512_loadu_ps(xp + t * ldp));
+      p1[t] = _mm512_mul_ps(w1, _mm512_loadu_ps(xp + t * ldp + 16));
+    }
+#define FASTPEFT_NF4_NIBBLE(k, p)                                                      \
+  {                                                                                    \
+    const __m512 wk = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * (k)), table);     \
+    for (int t = 0; t < TR; ++t)                                                       \
+      p[t] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(xp + t * ldp + 16 * (k)), p[t]);      \
+  }
+    FASTPEFT_NF4_NIBBLE(2, p0)
+    FASTPEFT_NF4_NIBBLE(3, p1)
+    FASTPEFT_NF4_NIBBLE(4, p0)
+    FASTPEFT_NF4_NIBBLE(5, p1)
+    FASTPEFT_NF4_NIBBLE(6, p0)
+    FASTPEFT_NF4_NIBBLE(7, p1)
+#undef FASTPEFT_NF4_NIBBLE
+    for (int t = 0; t < TR; ++t)
+      acc[t] = _mm512_fmadd_ps(_mm512_add_ps(p0[t], p1[t]), s, acc[t]);
+  }
+  for (int t = 0; t < TR; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+// chunk_dots_avx512 for rows = 1 .. 4.
+inline void chunk_dots(int rows, const uint8_t* q, int64_t nb, const float* absmax,
+                       int64_t blocks, int block_shift, const int32_t* lane_blocks,
+                       const float* xp, int64_t ldp, float* out, const uint8_t* next) {
+  auto run = [&](auto tr) {
+    chunk_dots_avx512<decltype(tr)::value>(q, nb, absmax, blocks, block_shift, lane_blocks, xp,
+                                           ldp, out, next);
+  };
+  switch (rows) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    default: return run(std::integral_constant<int, 4>{});
+  }
+}
+#endif
+
 // out[t] for TR = rows (1 .. 4) of x, by the ISA's kernel (fp64: the generic one).
 template <typename acc_t>
 void row_dots(CpuIsa isa, int rows, const uint8_t* q, const float* absmax, int block_shift,
