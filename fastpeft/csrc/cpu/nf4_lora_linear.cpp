@@ -66,6 +66,10 @@ constexpr int64_t kStreams = 8;
 // 4096, 2 threads, weight not in cache, Zen 4 VM: 0.16-0.19x the fp32 F.linear, against
 // 0.21-0.26x with prefetch_codes (noisy: +-20% between runs).
 constexpr int64_t kChunkPrefetchRows = 2;
+// The floats of x (all its rows) the chunked decode forward keeps per panel of columns: 16
+// KiB, half an L1. At T = 4 x's 4096 columns are 64 KiB, which read from L2 for every row
+// of W made T = 4 cost 4x T = 1 (Zen 4 VM, 4096 x 4096, 2 threads, in cache).
+constexpr int64_t kPanelFloats = 4096;
 // Columns of dx a backward decode task owns: its fp32 accumulators are T x 1024 floats
 // (12 KiB at T = 3), its slices of 4 rows of W 16 KiB.
 constexpr int64_t kDxColumns = 1024;
@@ -193,28 +197,36 @@ void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
 #ifdef FASTPEFT_NF4_X86
     if constexpr (std::is_same_v<acc_t, float>) {
       if (w.isa == CpuIsa::kAvx512 && half % (int64_t{1} << w.block_shift) == 0) {
-        // rows start on a block: the chunked kernel (x rearranged once)
+        // rows start on a block: the chunked kernel (x rearranged once), over panels of
+        // the columns whose part of x stays in L1 beside the codes (kPanelFloats)
         const int64_t Kp = div_up(K, 128) * 128, row_blocks = half >> w.block_shift;
+        const int64_t align = std::max<int64_t>(64, int64_t{1} << w.block_shift);
+        const int64_t panel = std::max(align, kPanelFloats / (2 * T) / align * align);
         std::vector<float> xp(static_cast<size_t>(T * Kp));
         chunk_columns(xs, T, K, xp.data());
         int32_t lane_blocks[16];
         for (int i = 0; i < 16; ++i) lane_blocks[i] = (4 * i) >> w.block_shift;
+        const int rows = static_cast<int>(T);
         at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+          std::vector<float> sums(static_cast<size_t>((end - begin) * T), 0.0f);
           float dots[4];
-          for_rows_interleaved<false>(w, begin, end, [&](int64_t n) {
-            const uint8_t* next =
-                n + kChunkPrefetchRows < end ? w.q + (n + kChunkPrefetchRows) * half : nullptr;
-            for (int64_t t0 = 0; t0 < T; t0 += 4) {
-              const int rows = static_cast<int>(std::min<int64_t>(4, T - t0));
-              chunk_dots(rows, w.q + n * half, half, w.absmax + n * row_blocks, row_blocks,
-                         w.block_shift, lane_blocks, xp.data() + t0 * Kp, Kp, dots,
-                         t0 == 0 ? next : nullptr);
-              for (int r = 0; r < rows; ++r) {
-                scalar_t& out = ys[(t0 + r) * N + n];
-                out = static_cast<scalar_t>(static_cast<acc_t>(out) + dots[r]);
-              }
+          for (int64_t j0 = 0; j0 < half; j0 += panel) {  // bytes [j0, j0 + panel) of a row
+            const int64_t nb = std::min(panel, half - j0), b0 = j0 >> w.block_shift;
+            for_rows_interleaved<false>(w, begin, end, [&](int64_t n) {
+              const uint8_t* next = n + kChunkPrefetchRows < end
+                                        ? w.q + (n + kChunkPrefetchRows) * half + j0
+                                        : nullptr;
+              chunk_dots(rows, w.q + n * half + j0, nb, w.absmax + n * row_blocks + b0,
+                         row_blocks - b0, w.block_shift, lane_blocks, xp.data() + 2 * j0, Kp,
+                         dots, next);
+              for (int r = 0; r < rows; ++r) sums[(n - begin) * T + r] += dots[r];
+            });
+          }
+          for (int64_t n = begin; n < end; ++n)
+            for (int r = 0; r < rows; ++r) {
+              scalar_t& out = ys[r * N + n];
+              out = static_cast<scalar_t>(static_cast<acc_t>(out) + sums[(n - begin) * T + r]);
             }
-          });
         });
         return;
       }
