@@ -316,7 +316,7 @@ void chunk_columns(const in_t* x, int64_t rows, int64_t K, out_t* out) {
 }
 
 #ifdef FASTPEFT_NF4_X86
-// out[t] = x[t] . W[n] for TR <= 4 rows: q the row's nb bytes, absmax its first block's
+// out[t] = x[t] . W[n] for TR <= 8 rows: q the row's nb bytes, absmax its first block's
 // scale (the row starts on a block), blocks its number of blocks, lane_blocks[i] the
 // chunk-relative block of lane i ((4 i) >> block_shift, block_shift the log2 of a block's
 // bytes), xp the chunked rows (ldp apart). next (or null): bytes to ask for into L2 as
@@ -366,7 +366,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void chunk_dots_avx512(
   for (int t = 0; t < TR; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
-// chunk_dots_avx512 for rows = 1 .. 4.
+// chunk_dots_avx512 for rows = 1 .. 8.
 inline void chunk_dots(int rows, const uint8_t* q, int64_t nb, const float* absmax,
                        int64_t blocks, int block_shift, const int32_t* lane_blocks,
                        const float* xp, int64_t ldp, float* out, const uint8_t* next) {
@@ -378,7 +378,11 @@ inline void chunk_dots(int rows, const uint8_t* q, int64_t nb, const float* absm
     case 1: return run(std::integral_constant<int, 1>{});
     case 2: return run(std::integral_constant<int, 2>{});
     case 3: return run(std::integral_constant<int, 3>{});
-    default: return run(std::integral_constant<int, 4>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    case 5: return run(std::integral_constant<int, 5>{});
+    case 6: return run(std::integral_constant<int, 6>{});
+    case 7: return run(std::integral_constant<int, 7>{});
+    default: return run(std::integral_constant<int, 8>{});
   }
 }
 #endif
