@@ -60,14 +60,12 @@ def linear_args_ok(x, weight, weight_scale, bias, lora_A, lora_B, scaling, dropo
     run; a True here never lets through what they would refuse (tensor-like objects that
     are no ``Tensor`` included: they are refused here first).
     """
-    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
-            and isinstance(lora_B, Tensor) and (bias is None or isinstance(bias, Tensor))
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor)
             and (weight_scale is None or isinstance(weight_scale, Tensor))):
         return False
     try:
         dt, dev = x.dtype, x.device
         out_features, in_features = weight.shape
-        rank = lora_A.shape[0]
         if weight_scale is None:
             base_ok = weight.dtype == dt and weight.device == dev
         else:
@@ -75,8 +73,24 @@ def linear_args_ok(x, weight, weight_scale, bias, lora_A, lora_B, scaling, dropo
                        and weight_scale.shape == (out_features,)
                        and weight_scale.dtype == torch.float32 and weight_scale.device == dev
                        and not weight_scale.requires_grad)
+    except ValueError:  # weight not 2-D
+        return False
+    return base_ok and lora_args_ok(x, in_features, out_features, bias, lora_A, lora_B,
+                                    scaling, dropout_p)
+
+
+def lora_args_ok(x, in_features: int, out_features: int, bias, lora_A, lora_B, scaling,
+                 dropout_p) -> bool:
+    """The LoRA part of :func:`linear_args_ok` (x a Tensor, the base already accepted):
+    x's dtype and last dimension, bias, lora_A, lora_B, and the two scalars."""
+    if not (isinstance(lora_A, Tensor) and isinstance(lora_B, Tensor)
+            and (bias is None or isinstance(bias, Tensor))):
+        return False
+    try:
+        dt, dev = x.dtype, x.device
+        rank = lora_A.shape[0]
         return (
-            base_ok and dt in FLOAT_DTYPES and x.shape[-1] == in_features and rank >= 1
+            dt in FLOAT_DTYPES and x.shape[-1] == in_features and rank >= 1
             and lora_A.shape == (rank, in_features) and lora_A.dtype == dt
             and lora_A.device == dev and lora_B.shape == (out_features, rank)
             and lora_B.dtype == dt and lora_B.device == dev
@@ -85,7 +99,7 @@ def linear_args_ok(x, weight, weight_scale, bias, lora_A, lora_B, scaling, dropo
             and type(scaling) is float and math.isfinite(scaling)
             and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
         )
-    except (ValueError, IndexError):  # weight not 2-D, lora_A or x 0-D
+    except IndexError:  # lora_A or x 0-D
         return False
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _backend, reference
 from ._checks import check_float_input, check_scalar, check_tensor
 from ._library import OpSpec, declare
-from ._linear import check_lora_args, draw_seed, linear_backward_fake
+from ._linear import check_lora_args, draw_seed, linear_backward_fake, lora_args_ok
 
 if _backend.TRITON_AVAILABLE:
     from ..triton import nf4_lora_linear as triton_kernels
@@ -144,6 +144,29 @@ def check_nf4_weight(x: Tensor, qweight: Tensor, absmax: Tensor, blocksize: int)
                              "base with fastpeft.lora_linear)")
 
 
+def _usual_args(x, qweight, absmax, bias, lora_A, lora_B, scaling, dropout_p,
+                blocksize) -> bool:
+    """Whether the arguments are ones the full checks accept, tested in one pass: a
+    shortcut for the usual call, as ``linear_args_ok`` is for lora_linear and
+    int8_lora_linear. Anything unusual returns False, and the full checks, which name the
+    argument, run."""
+    if not (isinstance(x, Tensor) and isinstance(qweight, Tensor)
+            and isinstance(absmax, Tensor) and type(blocksize) is int
+            and blocksize in BLOCKSIZES):
+        return False
+    try:
+        dev = x.device
+        out_features, half = qweight.shape
+        base_ok = (qweight.dtype == torch.uint8 and qweight.device == dev
+                   and not qweight.requires_grad and absmax.dtype == torch.float32
+                   and absmax.device == dev and not absmax.requires_grad
+                   and absmax.shape == (absmax_length(out_features, 2 * half, blocksize),))
+    except ValueError:  # qweight not 2-D
+        return False
+    return base_ok and lora_args_ok(x, 2 * half, out_features, bias, lora_A, lora_B, scaling,
+                                    dropout_p)
+
+
 def nf4_lora_linear(
     x: Tensor,
     qweight: Tensor,
@@ -176,13 +199,15 @@ def nf4_lora_linear(
         ``(..., out)`` in x's dtype. Gradients flow to ``x``, ``bias``, ``lora_A`` and
         ``lora_B``; the quantised weight is frozen.
     """
-    check_float_input("x", x)
-    blocksize = check_blocksize(blocksize)
-    check_nf4_weight(x, qweight, absmax, blocksize)
-    check_lora_args(x, qweight, bias, lora_A, lora_B, weight_name="qweight",
-                    in_features=2 * qweight.shape[1])
-    scaling = check_scalar("scaling", scaling)
-    dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
+    if not _usual_args(x, qweight, absmax, bias, lora_A, lora_B, scaling, dropout_p,
+                       blocksize):
+        check_float_input("x", x)
+        blocksize = check_blocksize(blocksize)
+        check_nf4_weight(x, qweight, absmax, blocksize)
+        check_lora_args(x, qweight, bias, lora_A, lora_B, weight_name="qweight",
+                        in_features=2 * qweight.shape[1])
+        scaling = check_scalar("scaling", scaling)
+        dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
 
