@@ -340,6 +340,55 @@ def test_missing_kernels_notice_without_compiler(tmp_path):
     assert "'cpu'" not in out[2]
 
 
+_FALLBACK = """
+import importlib.util
+find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "fastpeft._C" else find(name, *a)
+import torch, fastpeft
+assert not fastpeft._backend.native_available()
+g = torch.Generator().manual_seed(0)
+w = torch.randn(6, 8, generator=g)
+q8, s8 = fastpeft.quantize_int8(w)
+q4, am = fastpeft.quantize_nf4(w, 16)
+ids = torch.tensor([1, -1, 0, 1])
+calls = {
+    "lora_linear": lambda x, b, a, bb: fastpeft.lora_linear(x, w, b, a, bb, 0.5, 0.25),
+    "int8_lora_linear": lambda x, b, a, bb: fastpeft.int8_lora_linear(x, q8, s8, b, a, bb, 0.5),
+    "nf4_lora_linear": lambda x, b, a, bb: fastpeft.nf4_lora_linear(x, q4, am, b, a, bb, 0.5,
+                                                                    blocksize=16),
+    "multi_lora_linear": lambda x, b, a, bb: fastpeft.multi_lora_linear(
+        x, w, b, a.expand(2, -1, -1), bb.expand(2, -1, -1), torch.tensor([0.5, 2.0]), ids),
+}
+inputs = [torch.randn(shape, generator=g) for shape in [(4, 8), (6,), (2, 8), (6, 2)]]
+for name, call in calls.items():
+    assert "triton" in fastpeft.available_backends(name), name
+    grads = {}
+    for backend in ("triton", "reference"):
+        ts = [t.clone().requires_grad_() for t in inputs]
+        with fastpeft.use_backend(backend):
+            torch.manual_seed(3)
+            y = call(*ts)
+            y.square().sum().backward()
+        grads[backend] = [y.detach()] + [t.grad for t in ts]
+    for got, want in zip(grads["triton"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    print(name, "ok")
+"""
+
+
+def test_linear_ops_train_on_triton_without_the_compiled_library():
+    """Where fastpeft._C could not be built (and so the LoRA linear ops' C++ autograd is
+    missing), their Triton variants still run, with the same convention's Python autograd
+    (_library._linear_fallback): output and every gradient as the reference's."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, FASTPEFT_NO_JIT="1", TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _FALLBACK],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["lora_linear", "ok", "int8_lora_linear", "ok",
+                                  "nf4_lora_linear", "ok", "multi_lora_linear", "ok"]
+
+
 def test_double_backward_names_the_op():
     if "cpu" not in fastpeft.available_backends("lora_linear"):
         pytest.skip("fastpeft._C not built (the reference is differentiable twice)")

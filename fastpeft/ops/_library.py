@@ -21,7 +21,8 @@ Each op has one autograd, which serves all its variants, in one of two languages
   ``autograd.Function`` cost about 10 us a call more forward and 25 us more
   forward+backward. Their specs give no ``setup_context``/``backward``; their schemas
   follow the convention that file states (and checks). Without the compiled library
-  they have no autograd, so only the reference runs them.
+  (a machine that could not build it), :func:`_linear_fallback` states the same
+  convention in Python, so that their Triton variants still train there.
 * The others give a Python ``setup_context`` and ``backward``, which receives the
   variant's own backward op, registered at the ``Autograd`` key by
   :func:`_autograd_kernel` (``torch.library.register_autograd`` minus its per-call
@@ -47,6 +48,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .. import _backend
 
@@ -98,15 +100,16 @@ def declare(spec: OpSpec) -> None:
         torch.library.register_fake(f"fastpeft::{backward}", spec.backward_fake, lib=lib)
         forward_op = getattr(torch.ops.fastpeft, forward).default
         backward_op = getattr(torch.ops.fastpeft, backward).default
-        if spec.backward is not None:
+        setup_context, backward_formulas = spec.setup_context, spec.backward
+        if backward_formulas is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                forward_op.name(), "Autograd"):
+            # no compiled library: the C++ autograd's convention, in Python
+            setup_context, backward_formulas = _linear_fallback(forward_op)
+        if backward_formulas is not None:
             run_backward = functools.partial(_run_backward, backward_op)
             lib.impl(forward, _autograd_kernel(
-                forward_op, spec.setup_context, functools.partial(spec.backward, run_backward)),
+                forward_op, setup_context, functools.partial(backward_formulas, run_backward)),
                 "Autograd", with_keyset=True)
-            has_autograd = True
-        else:  # C++: there when the compiled library loaded
-            has_autograd = torch._C._dispatch_has_kernel_for_dispatch_key(
-                forward_op.name(), "Autograd")
         lib.impl(backward, _autograd_kernel(
             backward_op, None, functools.partial(_no_double_backward, spec.name)),
             "Autograd", with_keyset=True)
@@ -115,9 +118,52 @@ def declare(spec: OpSpec) -> None:
                                           spec.triton.forward, lib=lib)
             torch.library.register_kernel(f"fastpeft::{backward}", ("cpu", "cuda"),
                                           spec.triton.backward, lib=lib)
-        if has_autograd and (backend == "triton" or torch._C._dispatch_has_kernel_for_dispatch_key(
-                forward_op.name(), "CPU")):
+        if backend == "triton" or torch._C._dispatch_has_kernel_for_dispatch_key(
+                forward_op.name(), "CPU"):
             _backend.add_variant(spec.name, backend, forward_op)
+
+
+def _linear_fallback(op: torch._ops.OpOverload) -> tuple[Callable, Callable]:
+    """The LoRA linear ops' autograd where the compiled library (and so its C++ autograd,
+    ``csrc/linear_autograd.cpp``) is missing: the same convention and formulas, read off
+    ``op``'s schema, in Python, so that their Triton variants still train on a machine
+    that could not build the library. Slower per call; not used otherwise."""
+    names = [a.name for a in op._schema.arguments]
+    bias = names.index("bias")
+    lora = (bias + 1, bias + 2)
+
+    def setup_context(ctx, inputs, output) -> None:
+        args = [a for i, a in enumerate(inputs) if i != bias]
+        args.insert(bias + 2, output[1])  # the backward's arguments: xa after lora_B
+        ctx.tensor_at = [i for i, a in enumerate(args) if a is None or isinstance(a, Tensor)]
+        ctx.save_for_backward(*(args[i] for i in ctx.tensor_at))
+        ctx.args = args
+        for i in ctx.tensor_at:
+            args[i] = None
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(backward_op, ctx, grad_y, _grad_xa):
+        need = ctx.needs_input_grad
+        for i, wanted in enumerate(need):
+            if wanted and i not in (0, 1, bias, *lora):
+                raise RuntimeError(f"{op._name}: {names[i]} gets no gradient, but it requires "
+                                   "grad; pass it detached")
+        args = list(ctx.args)
+        for i, t in zip(ctx.tensor_at, ctx.saved_tensors, strict=True):
+            args[i] = t
+        grad_y = grad_y.contiguous()
+        dx, d_a, d_b = backward_op(grad_y, *args, need[0])
+        grads: list[Tensor | None] = [None] * len(need)
+        grads[0] = dx if need[0] else None
+        x, weight = args[0], args[1]
+        if need[1]:  # a trainable float base, d weight laid out as weight is
+            grads[1] = grad_y.t().mm(x) if weight.is_contiguous() else x.t().mm(grad_y).t()
+        if need[bias]:
+            grads[bias] = grad_y.sum(0)
+        grads[lora[0]], grads[lora[1]] = d_a, d_b
+        return tuple(grads)
+
+    return setup_context, backward
 
 
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
