@@ -69,6 +69,7 @@ def _backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, adapter_ids, 
 # autograd: the LoRA linear ops' C++ one (csrc/linear_autograd.cpp)
 declare(OpSpec("multi_lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake, None, None,
                triton_kernels))
+_NATIVE = torch.ops.fastpeft.multi_lora_linear.default
 
 
 def _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids) -> bool:
@@ -182,8 +183,10 @@ def multi_lora_linear(
         (zero for adapters no row names), and to ``weight`` and ``bias`` when they require
         grad.
     """
+    op = _backend.resolve("multi_lora_linear", x.device) if isinstance(x, Tensor) else None
     if _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids):
-        _check_ids(adapter_ids, lora_A.shape[0])
+        if op is not _NATIVE:  # (the C++ op checks the ids' values itself, as this would)
+            _check_ids(adapter_ids, lora_A.shape[0])
     else:
         check_multi_lora_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids)
     dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
@@ -193,7 +196,6 @@ def multi_lora_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(lead.numel(), x.shape[-1]).contiguous()
     ids = adapter_ids.reshape(-1).contiguous()
-    op = _backend.resolve("multi_lora_linear", x.device)
     if op is None or x2.numel() == 0 or weight.numel() == 0:  # empty: reference
         y = reference.multi_lora_linear(x2, weight, bias, lora_A, lora_B, scaling, ids, p,
                                         True, seed)

@@ -131,9 +131,10 @@ Grouping group_ids(const char* op, const at::Tensor& adapter_ids, const at::Tens
   const at::Tensor ids = adapter_ids.contiguous();
   const int64_t* id = ids.const_data_ptr<int64_t>();
   Grouping g = group_rows(id, T, n);
-  TORCH_CHECK(g.bad_row < 0, op, ": adapter_ids must hold values in [-1, ", n,
-              ") (-1 = the base alone; lora_A holds ", n, " adapters), got ",
-              g.bad_row >= 0 ? id[g.bad_row] : 0, " at row ", g.bad_row);
+  // ValueError, with the public function's words: on CPU tensors it leaves this check here
+  TORCH_CHECK_VALUE(g.bad_row < 0, op, ": adapter_ids: expected values in [-1, ", n,
+                    ") (-1 = the base alone; lora_A holds ", n, " adapters), got ",
+                    g.bad_row >= 0 ? id[g.bad_row] : 0, " at row ", g.bad_row);
   return g;
 }
 
