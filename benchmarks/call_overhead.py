@@ -20,6 +20,8 @@ import torch
 import fastpeft
 
 
+# (this script times other trees too, through PYTHONPATH: it imports nothing of the
+# harness that an older tree may lack)
 def _median_us(fn, runs: int) -> float:
     for _ in range(runs // 10):
         fn()

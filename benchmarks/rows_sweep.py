@@ -24,6 +24,8 @@ LAYERS = {"nf4": fastpeft.NF4LoRALinear, "int8": fastpeft.Int8LoRALinear}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+# (this script times other trees too, through PYTHONPATH: it imports nothing of the
+# harness that an older tree may lack)
 def _median_ms(fn, runs: int) -> float:
     for _ in range(3):
         fn()

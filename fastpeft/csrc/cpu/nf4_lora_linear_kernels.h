@@ -41,6 +41,16 @@ alignas(64) inline constexpr float kNf4[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
+// f(std::integral_constant<int, R>{}) with R = rows for 1 <= rows <= Max (Max past it):
+// the row-count templates of the dot kernels, chosen at run time.
+template <int Max, typename F>
+FASTPEFT_INLINE void with_rows(int rows, F&& f) {
+  if constexpr (Max > 1) {
+    if (rows < Max) return with_rows<Max - 1>(rows, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
 // The two values of each byte: kPairs[b] = {kNf4[b >> 4], kNf4[b & 15]}.
 inline const std::array<std::array<float, 2>, 256>& byte_pairs() {
   static const auto table = [] {
@@ -374,16 +384,7 @@ inline void chunk_dots(int rows, const uint8_t* q, int64_t nb, const float* absm
     chunk_dots_avx512<decltype(tr)::value>(q, nb, absmax, blocks, block_shift, lane_blocks, xp,
                                            ldp, out, next);
   };
-  switch (rows) {
-    case 1: return run(std::integral_constant<int, 1>{});
-    case 2: return run(std::integral_constant<int, 2>{});
-    case 3: return run(std::integral_constant<int, 3>{});
-    case 4: return run(std::integral_constant<int, 4>{});
-    case 5: return run(std::integral_constant<int, 5>{});
-    case 6: return run(std::integral_constant<int, 6>{});
-    case 7: return run(std::integral_constant<int, 7>{});
-    default: return run(std::integral_constant<int, 8>{});
-  }
+  with_rows<8>(rows, run);
 }
 #endif
 
@@ -403,12 +404,7 @@ void row_dots(CpuIsa isa, int rows, const uint8_t* q, const float* absmax, int b
 #endif
     row_dots_generic<TR, acc_t>(q, absmax, block_shift, b0, nb, xe, xo, ld, out);
   };
-  switch (rows) {
-    case 1: return run(std::integral_constant<int, 1>{});
-    case 2: return run(std::integral_constant<int, 2>{});
-    case 3: return run(std::integral_constant<int, 3>{});
-    default: return run(std::integral_constant<int, 4>{});
-  }
+  with_rows<4>(rows, run);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -482,16 +478,7 @@ void block_dots(CpuIsa isa, int rows, const float* w, int64_t n, const acc_t* x,
 #endif
     block_dots_generic<TR, acc_t>(w, n, x, ld, out);
   };
-  switch (rows) {
-    case 1: return run(std::integral_constant<int, 1>{});
-    case 2: return run(std::integral_constant<int, 2>{});
-    case 3: return run(std::integral_constant<int, 3>{});
-    case 4: return run(std::integral_constant<int, 4>{});
-    case 5: return run(std::integral_constant<int, 5>{});
-    case 6: return run(std::integral_constant<int, 6>{});
-    case 7: return run(std::integral_constant<int, 7>{});
-    default: return run(std::integral_constant<int, 8>{});
-  }
+  with_rows<8>(rows, run);
 }
 
 // The run decoder for `isa` (a function pointer: chosen once per op call).
