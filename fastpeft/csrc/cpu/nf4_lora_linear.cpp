@@ -62,10 +62,11 @@ constexpr int64_t kFusedRows = 4;
 // Runs of rows of W the decode forward reads side by side in each task.
 constexpr int64_t kStreams = 8;
 // The chunked decode forward (AVX-512) asks for the codes of its stream's row this many
-// rows ahead, into L2, a line per 64-byte step of the row it decodes (spread out, where a
-// burst of a whole row per row, prefetch_codes, overflowed L1 beside x). T = 1, 4096 x
-// 4096, 2 threads, weight not in cache, Zen 4 VM: 0.16-0.19x the fp32 F.linear, against
-// 0.21-0.26x with prefetch_codes (noisy: +-20% between runs).
+// rows ahead, into L2, a line per 64-byte step of the row it decodes, spread out: a burst
+// of a whole row per row (prefetch_codes) overflowed L1 beside x. On a Zen 4 VM (T = 1,
+// 4096 x 4096, fp32, 2 threads, timed from a cold cache as the harness times, in an ad hoc
+// loop not kept) it took the forward from about 0.25 to about 0.2 of the fp32 F.linear;
+// 1, 2 or 4 streams and 1 to 8 rows ahead were within that VM's +-20% scatter.
 constexpr int64_t kChunkPrefetchRows = 2;
 // The floats of x (all its rows) the chunked decode forward keeps per panel of columns: 16
 // KiB, half an L1. At T = 4 x's 4096 columns are 64 KiB, which read from L2 for every row
@@ -137,9 +138,10 @@ Nf4Weight checked_weight(const char* op, const at::Tensor& qweight, const at::Te
 
 // Whether the decode forward takes the chunked kernel: AVX-512, rows of whole blocks,
 // float accumulation (not fp64). It runs every row count of the decode path, 8 rows of x
-// a pass (T = 8, 4096 x 4096, fp32, 2 threads, Zen 4 VM: 2.7-2.9 ms against 4.3 ms for
-// block_dots; past 8 rows the tiles + GEMM stayed ahead: T = 16 6.5-7.9 ms against 6.3 ms
-// at T = 17).
+// a pass (`python benchmarks/rows_sweep.py --op nf4 --rows 1 3 4 8`, 4096 x 4096, fp32,
+// 2 threads, Zen 4 VM, forward against the row_dots / block_dots it replaces: T = 1
+// 0.51 against 0.66-0.72 ms, T = 4 1.2 against 2.2-2.6 ms, T = 8 2.7-4.4 against 4.1-4.9
+// ms; past 8 rows the tiles + GEMM stayed ahead: T = 16 6.5-7.9 ms, T = 17 6.3 ms).
 bool chunked(const Nf4Weight& w, at::ScalarType dtype) {
 #ifdef FASTPEFT_NF4_X86
   return dtype != at::kDouble && w.isa == CpuIsa::kAvx512 &&
