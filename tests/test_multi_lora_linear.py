@@ -401,3 +401,12 @@ def test_module_compiles_fullgraph():
         compiled = step(torch.compile(layer, fullgraph=True))
     for c, e in zip(compiled, step(layer), strict=True):
         torch.testing.assert_close(c, e)
+
+
+def test_bad_ids_refused_with_an_empty_weight():
+    """With out_features = 0 the reference runs (no kernel call), so the ids' values are
+    checked in Python there, as on every path that does not reach the C++ op."""
+    x, s = torch.randn(3, 8), torch.ones(2)
+    with pytest.raises(ValueError, match=r"adapter_ids: expected values in \[-1, 2\).*got 5"):
+        fastpeft.multi_lora_linear(x, torch.randn(0, 8), None, torch.randn(2, 2, 8),
+                                   torch.randn(2, 0, 2), s, torch.tensor([0, 5, 1]))

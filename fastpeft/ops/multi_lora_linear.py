@@ -185,7 +185,8 @@ def multi_lora_linear(
     """
     op = _backend.resolve("multi_lora_linear", x.device) if isinstance(x, Tensor) else None
     if _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids):
-        if op is not _NATIVE:  # (the C++ op checks the ids' values itself, as this would)
+        # (the C++ op checks the ids' values itself, as this would, where it runs)
+        if op is not _NATIVE or weight.numel() == 0:
             _check_ids(adapter_ids, lora_A.shape[0])
     else:
         check_multi_lora_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids)

@@ -68,9 +68,10 @@ constexpr int64_t kStreams = 8;
 // loop not kept) it took the forward from about 0.25 to about 0.2 of the fp32 F.linear;
 // 1, 2 or 4 streams and 1 to 8 rows ahead were within that VM's +-20% scatter.
 constexpr int64_t kChunkPrefetchRows = 2;
-// The floats of x (all its rows) the chunked decode forward keeps per panel of columns: 16
-// KiB, half an L1. At T = 4 x's 4096 columns are 64 KiB, which read from L2 for every row
-// of W made T = 4 cost 4x T = 1 (Zen 4 VM, 4096 x 4096, 2 threads, in cache).
+// The floats of x (the rows of one pass) the chunked decode forward keeps per panel of
+// columns: 16 KiB, half an L1. At T = 4 x's 4096 columns are 64 KiB, which, read from L2
+// for every row of W, made T = 4 cost 4x T = 1 (`python benchmarks/rows_sweep.py --op nf4
+// --rows 1 4` at 670b3ea: 0.52 and 1.92 ms; Zen 4 VM, 4096 x 4096, 2 threads).
 constexpr int64_t kPanelFloats = 4096;
 // Columns of dx a backward decode task owns: its fp32 accumulators are T x 1024 floats
 // (12 KiB at T = 3), its slices of 4 rows of W 16 KiB.
