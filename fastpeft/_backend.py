@@ -45,6 +45,9 @@ BUILD_HINT = ("install a C++ compiler and ninja (pip install ninja) and import f
 
 # How the C++ kernels were loaded (or why not), for `python -m fastpeft.info`.
 native_origin = "not loaded"
+# The loaded kernels' Python module (fastpeft._C or its build on first use), or None: its
+# helper weights_key serves MultiLoRALinear's cache of stacked adapters.
+native_module = None
 
 
 def load_native() -> bool:
@@ -52,7 +55,7 @@ def load_native() -> bool:
     prebuilt ``fastpeft._C`` when it loads with this torch, else a build of the shipped
     sources on first use, cached (:mod:`fastpeft._build`; ``FASTPEFT_NO_JIT=1`` skips it).
     Warns once when neither works: CPU tensors then run the reference."""
-    global _native_loaded, native_origin
+    global _native_loaded, native_origin, native_module
     prebuilt = "no prebuilt fastpeft._C is installed"
     if importlib.util.find_spec("fastpeft._C") is not None:
         try:
@@ -61,6 +64,7 @@ def load_native() -> bool:
             prebuilt = f"the prebuilt fastpeft._C does not load ({err})"
         else:
             _native_loaded, native_origin = True, f"prebuilt ({_C.__file__})"
+            native_module = _C
             return True
     if os.environ.get("FASTPEFT_NO_JIT", "0") == "1":
         reason = f"{prebuilt}, and FASTPEFT_NO_JIT=1 turns off the build on first use"
@@ -68,11 +72,12 @@ def load_native() -> bool:
         from . import _build
 
         try:
-            library = _build.jit_load()
+            module = _build.jit_load()
         except RuntimeError as err:
             reason = f"{prebuilt}, and building them failed: {err}"
         else:
-            _native_loaded, native_origin = True, f"built on first use ({library})"
+            _native_loaded, native_origin = True, f"built on first use ({module.__file__})"
+            native_module = module
             return True
     native_origin = f"unavailable: {reason}"
     warnings.warn(f"fastpeft: the fused CPU kernels are unavailable ({reason}); CPU tensors "

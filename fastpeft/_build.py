@@ -21,6 +21,7 @@ import shutil
 import sys
 import sysconfig
 import time
+import types
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
@@ -78,9 +79,10 @@ def build_key() -> str:
             f"-{digest.hexdigest()[:12]}")
 
 
-def jit_load() -> Path:
-    """Build (or find in the cache) the kernels' shared library and load it, which
-    registers the C++ kernels; returns the library's path. Raises ``RuntimeError`` with
+def jit_load() -> types.ModuleType:
+    """Build (or find in the cache) the kernels' shared library and import it, which
+    registers the C++ kernels; returns the module (``fastpeft._C``'s twin: its
+    ``__file__`` is the library). Raises ``RuntimeError`` with
     the reason when there are no sources, no compiler, no ninja, or the build fails."""
     from torch.utils import cpp_extension
 
@@ -100,12 +102,12 @@ def jit_load() -> Path:
                          f"(first use only; about a minute on 2 cores) into {build_dir} ...\n")
     start = time.perf_counter()
     try:
-        cpp_extension.load(
+        module = cpp_extension.load(
             name=name, sources=[str(p) for p in sources()], build_directory=str(build_dir),
             extra_include_paths=[str(SOURCE_DIR)], extra_cflags=cxx_flags(),
-            extra_ldflags=link_flags(), is_python_module=False, verbose=False)
+            extra_ldflags=link_flags(), is_python_module=True, verbose=False)
     except Exception as err:  # a compiler error, a broken toolchain
         raise RuntimeError(f"the build in {build_dir} failed: {err}") from err
     if fresh:
         sys.stderr.write(f"fastpeft: compiled in {time.perf_counter() - start:.0f} s\n")
-    return library
+    return module

@@ -25,7 +25,8 @@ from fastpeft import _build
 # Import fastpeft with the prebuilt fastpeft._C hidden (as tests/test_op_layer.py does:
 # an editable install's finder would still find the checkout's), then say where from, how
 # the kernels were loaded, whether lora_linear has the C++ backend, and whether the
-# loaded C++ kernel computes what the reference does.
+# loaded C++ kernel computes what the reference does, and that the build's Python module
+# has its helpers.
 _FIRST_USE = """
 import importlib.util
 find = importlib.util.find_spec
@@ -42,6 +43,7 @@ with fastpeft.use_backend("cpu"):
     y = fastpeft.lora_linear(x, w, bias, a, b, 2.0)
 want = reference.lora_linear(x, w, bias, a, b, 2.0, 0.0, False)
 print("same" if torch.allclose(y, want, atol=1e-4, rtol=1e-4) else "DIFFERENT")
+print(type(_backend.native_module.weights_key([x, w])).__name__)  # the module's helpers
 """
 
 BUILD_TIMEOUT_S = 900  # one compile, on a loaded 2-core machine
@@ -78,7 +80,7 @@ def test_concurrent_first_imports_share_one_build(tmp_path):
     library = build_dir / "fastpeft_cpu_kernels.so"
     assert library.is_file()
     loaded = [str(src / "fastpeft" / "__init__.py"), f"built on first use ({library})",
-              "True", "same"]
+              "True", "same", "bytes"]
     for out, err in results:
         assert out == loaded, err
         assert "unavailable" not in err and "Traceback" not in err

@@ -384,6 +384,77 @@ def test_module_serving_reuses_the_stack_until_a_weight_changes():
         assert layer.stacked(torch.float32)[0].shape[0] == 4
 
 
+@pytest.mark.parametrize("helpers", ["compiled", "python"])
+@pytest.mark.parametrize("change", ["data", "replace", "scaling", "dtype"])
+def test_module_serving_restacks_after_every_kind_of_change(change, helpers, monkeypatch):
+    """The kept stack is made again when a weight's storage is swapped (``.data =``, as
+    ``Module.to`` does), a weight is replaced by another Parameter, a scaling changes, or
+    the input's dtype does; each result as a fresh module computes it. With the compiled
+    key helpers and with their Python stand-in (no compiled kernels)."""
+    if helpers == "python":
+        monkeypatch.setattr(fastpeft._backend, "native_module", None)
+    elif fastpeft._backend.native_module is None:
+        pytest.skip("needs the compiled kernels")
+    layer = _module().eval()
+    x = torch.randn(4, 24)
+    ids = torch.tensor([0, 1, 2, -1])
+    with torch.no_grad():
+        layer(x, adapter_ids=ids)
+        if change == "data":
+            layer.lora_A["sql"].weight.data = torch.randn(4, 24)
+        elif change == "replace":
+            layer.lora_B["math"].weight = torch.nn.Parameter(torch.randn(20, 2))
+        elif change == "scaling":
+            layer.scaling["chat"] = 3.0
+        else:
+            layer.double()
+            x = x.double()
+        got = layer(x, adapter_ids=ids)
+    expected = layer(x, adapter_ids=ids)  # with grad: stacked per call
+    torch.testing.assert_close(got, expected)
+
+
+def test_module_serving_with_inference_tensors():
+    """Weights made under inference_mode have no version counter: the stack is then made
+    per call, not kept (and nothing raises)."""
+    with torch.inference_mode():
+        layer = _module().eval()
+        x = torch.randn(4, 24)
+        ids = torch.tensor([0, 1, 2, -1])
+        first = layer(x, adapter_ids=ids)
+        layer.lora_B["chat"].weight.mul_(2.0)
+        second = layer(x, adapter_ids=ids)
+    assert torch.equal(first[0], second[0]) and not torch.allclose(first[1], second[1])
+
+
+@pytest.mark.skipif(fastpeft._backend.native_module is None, reason="needs the compiled kernels")
+def test_weights_key_tells_every_change():
+    """The compiled helpers behind the kept stack: equal keys exactly while no tensor was
+    written, swapped or reshaped; parameters_key reads the same off the modules."""
+    from fastpeft import _backend
+
+    native = _backend.native_module
+    a, b = torch.randn(3, 4), torch.randn(5)
+    key = native.weights_key([a, b])
+    assert native.weights_key((a, b)) == key
+    a.add_(1.0)
+    assert native.weights_key([a, b]) != key
+    key = native.weights_key([a, b])
+    b.data = torch.randn(5)
+    assert native.weights_key([a, b]) != key
+    key = native.weights_key([a, b])
+    a.resize_(4, 3)
+    assert native.weights_key([a, b]) != key
+    with torch.inference_mode():
+        assert native.weights_key([torch.randn(2)]) is None
+    with pytest.raises(TypeError, match="item 1 is a int"):
+        native.weights_key([a, 1])
+    linears = [torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False)]
+    assert native.parameters_key(linears, "weight") == \
+        native.weights_key([m.weight for m in linears])
+    assert native.parameters_key(linears, "bias") is None  # the second has none
+
+
 def test_module_compiles_fullgraph():
     torch._dynamo.reset()
     layer = _module(dropout=0.1).train()

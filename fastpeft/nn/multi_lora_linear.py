@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _backend
 from ..ops._checks import check_positive_int
 from ..ops.multi_lora_linear import multi_lora_linear
 from .lora_linear import autocast_dtype, is_conv1d, linear_weight
@@ -186,7 +187,7 @@ class MultiLoRALinear(nn.Module):
                              "an adapter 'default' runs it when none is named, as PEFT)")
         else:
             ids = self.ids_of(adapter_names, x) if adapter_ids is None else adapter_ids
-        names = self.adapter_names
+        p = 0.0  # (eval: no dropout)
         if self.training:
             dropouts = set(self.lora_dropout.values())
             if len(dropouts) > 1:
@@ -194,17 +195,20 @@ class MultiLoRALinear(nn.Module):
                     "lora_dropout: one fused batch applies one dropout probability, but the "
                     f"adapters have {self.lora_dropout}; train with one lora_dropout, or in "
                     "eval mode")
-        p = self.lora_dropout[names[0]]
+            p = dropouts.pop()
         base = self.base_layer
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         bias = base.bias
         dtype = autocast_dtype(x)
-        if dtype is not None:  # as nn.Linear under autocast: every operand in its dtype
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        lora_A, lora_B, scaling = self.stacked(weight.dtype)
-        with torch.autocast(x.device.type, enabled=False) if dtype is not None \
-                else contextlib.nullcontext():
+        if dtype is None:
+            lora_A, lora_B, scaling = self.stacked(weight.dtype)
+            return multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, ids, p,
+                                     self.training)
+        # as nn.Linear under autocast: every operand in its dtype
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        lora_A, lora_B, scaling = self.stacked(dtype)
+        with torch.autocast(x.device.type, enabled=False):
             return multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, ids, p,
                                      self.training)
 
@@ -214,6 +218,16 @@ class MultiLoRALinear(nn.Module):
         # (the ModuleDicts' and modules' own dicts: nn.Module.__getattr__ per adapter was a
         # sizeable part of a serving call's Python)
         a_mods, b_mods, scalings = self.lora_A._modules, self.lora_B._modules, self.scaling
+        native = _backend.native_module
+        if native is not None and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            # serving: whether the kept stack is current, in one C++ call (the key is
+            # stack_adapters_cached's, read off the modules without listing the weights)
+            key = (dtype, tuple(map(scalings.__getitem__, a_mods)),
+                   native.parameters_key((*a_mods.values(), *b_mods.values()), "weight"))
+            cached = self.__dict__.get("_fastpeft_stack")
+            if cached is not None and key[2] is not None and cached[0] == key:
+                return cached[1]
         lora_A = [m._parameters.get("weight") for m in a_mods.values()]
         lora_B = [b_mods[a]._parameters.get("weight") for a in a_mods]
         if any(w is None for w in lora_A) or any(w is None for w in lora_B):
@@ -258,14 +272,26 @@ def stack_adapters_cached(owner: nn.Module, lora_A: Sequence[Tensor], lora_B: Se
     if (torch.is_grad_enabled() and any(w.requires_grad for w in weights)) \
             or torch.compiler.is_compiling():  # (compiled: the graph stacks them itself)
         return stack_adapters(lora_A, lora_B, scaling, dtype)
-    key = (dtype, tuple(map(float, scaling)), [(w.data_ptr(), w._version, w.shape)
-                                                for w in weights])
+    key = (dtype, tuple(scaling), _weights_key(weights))  # (also MultiLoRALinear.stacked's)
     cached = owner.__dict__.get("_fastpeft_stack")
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0] != key or key[2] is None:
         with torch.no_grad():
             cached = (key, stack_adapters(lora_A, lora_B, scaling, dtype))
         owner.__dict__["_fastpeft_stack"] = cached
     return cached[1]
+
+
+def _weights_key(weights: list[Tensor]) -> object:
+    """What the cached stack depends on in ``weights``: each one's data pointer, version
+    (bumped by every in-place write), dtype, device and shape; None (no caching) for
+    inference tensors, which have no version. One C++ call where the compiled kernels are
+    loaded (this lookup is on every serving call's path), else the same in Python."""
+    native = _backend.native_module
+    if native is not None:
+        return native.weights_key(weights)
+    if any(w.is_inference() for w in weights):
+        return None
+    return [(w.data_ptr(), w._version, w.dtype, w.device, w.shape) for w in weights]
 
 
 def per_row_ids(adapter_names: Sequence[str], adapters: Sequence[str], x: Tensor) -> Tensor:

@@ -72,11 +72,12 @@ declare(OpSpec("multi_lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fa
 _NATIVE = torch.ops.fastpeft.multi_lora_linear.default
 
 
-def _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids) -> bool:
-    """Whether the tensors are ones :func:`check_multi_lora_args` accepts (its ids' values
-    aside), tested in one pass: a shortcut for the usual call, which a serving step makes
-    once per layer (as ``linear_args_ok`` for lora_linear). Anything unusual returns False
-    and the full checks, which name the argument, run."""
+def _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p) -> bool:
+    """Whether the arguments are ones :func:`check_multi_lora_args` and the check of
+    ``dropout_p`` accept (the ids' values aside), tested in one pass: a shortcut for the
+    usual call, which a serving step makes once per layer (as ``linear_args_ok`` for
+    lora_linear). Anything unusual returns False and the full checks, which name the
+    argument, run."""
     if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
             and isinstance(lora_B, Tensor) and isinstance(scaling, Tensor)
             and isinstance(adapter_ids, Tensor) and (bias is None or isinstance(bias, Tensor))):
@@ -100,6 +101,7 @@ def _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids) -> bool:
         and scaling.device == dev and not scaling.requires_grad
         and adapter_ids.shape == x.shape[:-1] and adapter_ids.dtype == torch.int64
         and adapter_ids.device == dev
+        and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
     )
 
 
@@ -184,23 +186,24 @@ def multi_lora_linear(
         grad.
     """
     op = _backend.resolve("multi_lora_linear", x.device) if isinstance(x, Tensor) else None
-    if _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids):
+    if _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p):
         # (the C++ op checks the ids' values itself, as this would, where it runs)
         if op is not _NATIVE or weight.numel() == 0:
             _check_ids(adapter_ids, lora_A.shape[0])
     else:
         check_multi_lora_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids)
-    dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
+        dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
 
+    flat = x.dim() == 2  # (rows, in): no reshapes (a serving call's usual input)
     lead = x.shape[:-1]
-    x2 = x.reshape(lead.numel(), x.shape[-1]).contiguous()
-    ids = adapter_ids.reshape(-1).contiguous()
+    x2 = x.contiguous() if flat else x.reshape(lead.numel(), x.shape[-1]).contiguous()
+    ids = adapter_ids.contiguous() if flat else adapter_ids.reshape(-1).contiguous()
     if op is None or x2.numel() == 0 or weight.numel() == 0:  # empty: reference
         y = reference.multi_lora_linear(x2, weight, bias, lora_A, lora_B, scaling, ids, p,
                                         True, seed)
     else:
         y, _ = op(x2, base_weight(weight), bias, lora_A.contiguous(), lora_B.contiguous(),
                   scaling.contiguous(), ids, p, seed)
-    return y.reshape(*lead, weight.shape[0])
+    return y if flat else y.reshape(*lead, weight.shape[0])
