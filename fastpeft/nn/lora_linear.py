@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 
@@ -129,15 +128,17 @@ class LoRALinear(nn.Module):
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         bias = base.bias
         dtype = autocast_dtype(x)
-        if dtype is not None:  # as nn.Linear under autocast: every operand in its dtype
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        a, b = lora_weights(self, weight.dtype)
-        with torch.autocast(x.device.type, enabled=False) if dtype is not None \
-                else contextlib.nullcontext():
-            return lora_linear(
-                x, weight, bias, a, b, self.scaling, self.lora_dropout, self.training,
-            )
+        if dtype is None:
+            a, b = lora_weights(self, weight.dtype)
+            return lora_linear(x, weight, bias, a, b, self.scaling, self.lora_dropout,
+                               self.training)
+        # as nn.Linear under autocast: every operand in its dtype
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        a, b = lora_weights(self, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, bias, a, b, self.scaling, self.lora_dropout,
+                               self.training)
 
     def delta_weight(self) -> Tensor:
         """``scaling * lora_B @ lora_A`` computed in fp32, in the base dtype and the base

@@ -102,12 +102,13 @@ def lora_linear(
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
 
+    flat = x.dim() == 2  # (rows, in): no reshapes
     lead = x.shape[:-1]
-    x2 = x.reshape(lead.numel(), x.shape[-1]).contiguous()
+    x2 = x.contiguous() if flat else x.reshape(lead.numel(), x.shape[-1]).contiguous()
     op = _backend.resolve("lora_linear", x.device)
     if op is None or x2.numel() == 0 or weight.numel() == 0:  # empty: reference
         y = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scaling, p, True, seed)
     else:
         y, _ = op(x2, base_weight(weight), bias, lora_A.contiguous(), lora_B.contiguous(),
                   scaling, p, seed)
-    return y.reshape(*lead, weight.shape[0])
+    return y if flat else y.reshape(*lead, weight.shape[0])
