@@ -301,6 +301,18 @@ _ISAS = {"AVX512": ["avx512", "avx2", "generic"], "AVX2": ["avx2", "generic"]}.g
     torch.backends.cpu.get_cpu_capability(), ["generic"])
 
 
+def _cpu_has_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+if "avx512" in _ISAS and _cpu_has_flag("avx512_bf16"):
+    _ISAS.insert(0, "avx512bf16")  # AVX-512 with the bf16 dot products
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("T, K, N, blocksize", [
     (1, 600, 30, 64),   # blocks cross rows (600 % 64 != 0); masked / scalar tails
@@ -315,6 +327,9 @@ _ISAS = {"AVX512": ["avx512", "avx2", "generic"], "AVX2": ["avx2", "generic"]}.g
     (4, 320, 9, 32),
     (2, 512, 5, 128),   # a step inside one block
     (1, 1024, 6, 512),
+    # bf16 with AVX512_BF16: the chunked decode forward up to 16 rows, in passes of 8
+    (11, 256, 6, 64),
+    (16, 192, 5, 32),
 ])
 @pytest.mark.parametrize("isa", _ISAS)
 def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):

@@ -70,9 +70,10 @@ inline CpuPath cpu_path(c10::ScalarType dtype) {
 }
 
 // The vector ISA of the kernels written with intrinsics for more than one ISA (today
-// nf4_lora_linear's NF4 decoder): the widest the CPU has, or FASTPEFT_CPU_ISA=avx512 |
-// avx2 | generic (read at every call, so a test can run each one the CPU can in one
-// process; forcing one the CPU lacks is refused).
+// nf4_lora_linear's NF4 decoder): the widest the CPU has, or FASTPEFT_CPU_ISA=avx512bf16 |
+// avx512 | avx2 | generic (read at every call, so a test can run each one the CPU can in
+// one process; forcing one the CPU lacks is refused). avx512bf16 is kAvx512 with the
+// AVX512_BF16 dot products (cpu_bf16_dots); avx512 is kAvx512 without them.
 enum class CpuIsa { kGeneric, kAvx2, kAvx512 };
 
 inline bool cpu_has_avx2_fma() {
@@ -94,6 +95,15 @@ inline bool cpu_has_avx512bw() {  // with VL (every AVX-512 CPU with BW has it)
 #endif
 }
 
+inline bool cpu_has_avx512bf16() {
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+  static const bool has = cpu_has_avx512bw() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 inline CpuIsa cpu_isa() {
   const CpuIsa best = cpu_has_avx512bw() ? CpuIsa::kAvx512
                       : cpu_has_avx2_fma() ? CpuIsa::kAvx2
@@ -109,8 +119,22 @@ inline CpuIsa cpu_isa() {
     TORCH_CHECK(cpu_has_avx512bw(), "FASTPEFT_CPU_ISA=avx512, but this CPU lacks AVX-512 BW + VL");
     return CpuIsa::kAvx512;
   }
-  TORCH_CHECK(false, "FASTPEFT_CPU_ISA must be auto, avx512, avx2 or generic, got '", forced,
-              "'");
+  if (std::strcmp(forced, "avx512bf16") == 0) {
+    TORCH_CHECK(cpu_has_avx512bf16(),
+                "FASTPEFT_CPU_ISA=avx512bf16, but this CPU lacks AVX-512 BW + VL + BF16");
+    return CpuIsa::kAvx512;
+  }
+  TORCH_CHECK(false, "FASTPEFT_CPU_ISA must be auto, avx512bf16, avx512, avx2 or generic, got '",
+              forced, "'");
+}
+
+// Whether the kernels may use AVX512_BF16's dot products (vdpbf16ps) for bf16 inputs: the
+// CPU has them and FASTPEFT_CPU_ISA is unset, auto or avx512bf16.
+inline bool cpu_bf16_dots() {
+  if (!cpu_has_avx512bf16()) return false;
+  const char* forced = std::getenv("FASTPEFT_CPU_ISA");
+  return forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0 ||
+         std::strcmp(forced, "avx512bf16") == 0;
 }
 
 }  // namespace fastpeft::cpu

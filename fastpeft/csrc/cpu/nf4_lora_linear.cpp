@@ -57,6 +57,13 @@ namespace {
 // --op nf4 [--dtype bf16]` times both sides of each.
 constexpr int64_t kDecodeMaxRows = 8;
 constexpr int64_t kDxDecodeMaxRows = 3;
+// The forward's for bf16 x where it takes AVX512_BF16's dot products (bf16_dots), in
+// passes of 8 rows: on a Zen 4 VM (4096 x 4096, 2 threads, rows_sweep as above, this
+// kernel against the tiles of the tree before it) T = 16 took 3.4-4.3 ms against 4.4 ms.
+// On a CPU with AMX the tiles' GEMM is faster (not measured with this kernel).
+constexpr int64_t kBf16DecodeMaxRows = 16;
+// Rows of x the chunked decode forward (AVX-512) dots with each row of W in one pass.
+constexpr int64_t kChunkGroup = 8;
 // Rows of x up to which the decode forward decodes W in registers, per row group.
 constexpr int64_t kFusedRows = 4;
 // Runs of rows of W the decode forward reads side by side in each task.
@@ -68,11 +75,11 @@ constexpr int64_t kStreams = 8;
 // loop not kept) it took the forward from about 0.25 to about 0.2 of the fp32 F.linear;
 // 1, 2 or 4 streams and 1 to 8 rows ahead were within that VM's +-20% scatter.
 constexpr int64_t kChunkPrefetchRows = 2;
-// The floats of x (the rows of one pass) the chunked decode forward keeps per panel of
-// columns: 16 KiB, half an L1. At T = 4 x's 4096 columns are 64 KiB, which, read from L2
-// for every row of W, made T = 4 cost 4x T = 1 (`python benchmarks/rows_sweep.py --op nf4
-// --rows 1 4` at 670b3ea: 0.52 and 1.92 ms; Zen 4 VM, 4096 x 4096, 2 threads).
-constexpr int64_t kPanelFloats = 4096;
+// The bytes of x (the rows of one pass) the chunked decode forward keeps per panel of
+// columns: 16 KiB, half an L1. At T = 4 x's 4096 fp32 columns are 64 KiB, which, read
+// from L2 for every row of W, made T = 4 cost 4x T = 1 (`python benchmarks/rows_sweep.py
+// --op nf4 --rows 1 4` at 670b3ea: 0.52 and 1.92 ms; Zen 4 VM, 4096 x 4096, 2 threads).
+constexpr int64_t kPanelBytes = 16384;
 // Columns of dx a backward decode task owns: its fp32 accumulators are T x 1024 floats
 // (12 KiB at T = 3), its slices of 4 rows of W 16 KiB.
 constexpr int64_t kDxColumns = 1024;
@@ -153,6 +160,29 @@ bool chunked(const Nf4Weight& w, at::ScalarType dtype) {
 #endif
 }
 
+// Whether the decode forward of T rows takes the chunked kernel with AVX512_BF16's dot
+// products: bf16 x of at least 2 rows, a CPU that has them (and FASTPEFT_CPU_ISA not
+// forcing them off), rows of whole blocks. At one row the fp32 kernel on x widened is
+// faster: rounding W to bf16 needs its products with the scales (8 multiplies a step), and
+// there is one row to share them; at two they are even, from three on the dots win
+// (`FASTPEFT_CPU_ISA=avx512 python benchmarks/rows_sweep.py --op nf4 --dtype bf16 --rows 1
+// 2 3 4` against the same without FASTPEFT_CPU_ISA; Zen 4 VM, 4096 x 4096, 2 threads: T = 1
+// 0.49-0.84 against 0.63-0.65 ms, T = 2 0.64-0.76 against 0.68-0.71, T = 3 1.04-1.18
+// against 0.85-0.86, T = 4 1.43-1.48 against 0.92-0.97).
+bool bf16_dots(const Nf4Weight& w, at::ScalarType dtype, int64_t T) {
+#ifdef FASTPEFT_NF4_BF16
+  return T >= 2 && dtype == at::kBFloat16 && chunked(w, dtype) && cpu_bf16_dots();
+#else
+  (void)w, (void)dtype, (void)T;
+  return false;
+#endif
+}
+
+// Whether the forward of T rows takes the decode path.
+bool decode_rows(const Nf4Weight& w, at::ScalarType dtype, int64_t T) {
+  return T <= kDecodeMaxRows || (T <= kBf16DecodeMaxRows && bf16_dots(w, dtype, T));
+}
+
 // x (T, K) as acc_t (fp32, or fp64 for fp64), contiguous.
 at::Tensor acc_copy(const at::Tensor& x) {
   return x.to(dequant_gemm::acc_type(x)).contiguous();
@@ -182,12 +212,67 @@ void for_rows_interleaved(const Nf4Weight& w, int64_t begin, int64_t end, F&& f)
     }
 }
 
+#ifdef FASTPEFT_NF4_X86
+// The chunked decode forward (rows of W that start on a block): y (T, N) += x @ W^T, with
+// x already rearranged into the chunked order in groups of kChunkGroup rows (xp:
+// chunk_columns; fp32, or bf16 bits for the bf16 dots), a group of rows of x a pass, over panels of the columns whose part
+// of x stays in L1 beside the codes (kPanelBytes). dots(rows, q, nb, absmax, blocks,
+// block_shift, lane_blocks, xp, out, next) is the kernel (chunk_dots,
+// chunk_dots_bf16_rows).
+template <typename xp_t, typename scalar_t, typename Dots>
+void chunked_forward(const xp_t* xp, int64_t T, const Nf4Weight& w, scalar_t* ys,
+                     Dots&& dots) {
+  constexpr int64_t kGroup = kChunkGroup;
+  const int64_t K = w.K, N = w.N, half = K / 2;
+  const int64_t Kp = div_up(K, 128) * 128, row_blocks = half >> w.block_shift;
+  const int64_t align = std::max<int64_t>(64, int64_t{1} << w.block_shift);
+  // ~64K weights a task (32 KiB of codes)
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+  int32_t lane_blocks[16];
+  for (int i = 0; i < 16; ++i) lane_blocks[i] = (4 * i) >> w.block_shift;
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(static_cast<size_t>((end - begin) * T), 0.0f);
+    float out[kGroup];
+    for (int64_t t0 = 0; t0 < T; t0 += kGroup) {  // groups of up to kGroup rows of x
+      const int rows = static_cast<int>(std::min<int64_t>(kGroup, T - t0));
+      const int64_t per_byte = 2 * rows * static_cast<int64_t>(sizeof(xp_t));  // x's bytes
+      const int64_t panel = std::max(align, kPanelBytes / per_byte / align * align);
+      for (int64_t j0 = 0; j0 < half; j0 += panel) {  // bytes [j0, j0 + panel) of a row
+        const int64_t nb = std::min(panel, half - j0), b0 = j0 >> w.block_shift;
+        for_rows_interleaved<false>(w, begin, end, [&](int64_t n) {
+          const uint8_t* next =
+              n + kChunkPrefetchRows < end ? w.q + (n + kChunkPrefetchRows) * half + j0 : nullptr;
+          dots(rows, w.q + n * half + j0, nb, w.absmax + n * row_blocks + b0, row_blocks - b0,
+               w.block_shift, lane_blocks, xp + t0 * Kp + (j0 / 64) * rows * 128, out, next);
+          for (int r = 0; r < rows; ++r) sums[(n - begin) * T + t0 + r] += out[r];
+        });
+      }
+    }
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t r = 0; r < T; ++r) {
+        scalar_t& o = ys[r * N + n];
+        o = static_cast<scalar_t>(static_cast<float>(o) + sums[(n - begin) * T + r]);
+      }
+  });
+}
+#endif
+
 // Decode path forward: y (T, N) += x @ W^T, y holding b + s * xa @ B^T. Up to kFusedRows
 // rows, x is split into its even and odd columns once (row_dots' layout) and each row of
 // W decoded in registers; past them each row of W is decoded once into a buffer
 // (block_dots).
 void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
   const int64_t T = x.size(0), K = w.K, N = w.N, half = K / 2;
+#ifdef FASTPEFT_NF4_BF16
+  if (bf16_dots(w, x.scalar_type(), T)) {  // x as it is, in bf16 pairs
+    std::vector<uint16_t> xp(static_cast<size_t>(T * div_up(K, 128) * 128));
+    chunk_columns(reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>()), T, K,
+                  kChunkGroup, xp.data());
+    chunked_forward(xp.data(), T, w, y.mutable_data_ptr<at::BFloat16>(),
+                        [](int rows, auto&&... args) { chunk_dots_bf16_rows(rows, args...); });
+    return;
+  }
+#endif
   const at::Tensor xc = acc_copy(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "nf4_decode", [&] {
     using acc_t = acc_of<scalar_t>;
@@ -198,38 +283,10 @@ void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
 #ifdef FASTPEFT_NF4_X86
     if constexpr (std::is_same_v<acc_t, float>) {
       if (chunked(w, x.scalar_type())) {
-        // rows start on a block: the chunked kernel (x rearranged once), over panels of
-        // the columns whose part of x stays in L1 beside the codes (kPanelFloats)
-        const int64_t Kp = div_up(K, 128) * 128, row_blocks = half >> w.block_shift;
-        const int64_t align = std::max<int64_t>(64, int64_t{1} << w.block_shift);
-        std::vector<float> xp(static_cast<size_t>(T * Kp));
-        chunk_columns(xs, T, K, xp.data());
-        int32_t lane_blocks[16];
-        for (int i = 0; i < 16; ++i) lane_blocks[i] = (4 * i) >> w.block_shift;
-        at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-          std::vector<float> sums(static_cast<size_t>((end - begin) * T), 0.0f);
-          float dots[8];
-          for (int64_t t0 = 0; t0 < T; t0 += 8) {  // groups of up to 8 rows of x
-            const int rows = static_cast<int>(std::min<int64_t>(8, T - t0));
-            const int64_t panel = std::max(align, kPanelFloats / (2 * rows) / align * align);
-            for (int64_t j0 = 0; j0 < half; j0 += panel) {  // bytes [j0, j0 + panel) of a row
-              const int64_t nb = std::min(panel, half - j0), b0 = j0 >> w.block_shift;
-              for_rows_interleaved<false>(w, begin, end, [&](int64_t n) {
-                const uint8_t* next = n + kChunkPrefetchRows < end
-                                          ? w.q + (n + kChunkPrefetchRows) * half + j0
-                                          : nullptr;
-                chunk_dots(rows, w.q + n * half + j0, nb, w.absmax + n * row_blocks + b0,
-                           row_blocks - b0, w.block_shift, lane_blocks,
-                           xp.data() + t0 * Kp + 2 * j0, Kp, dots, next);
-                for (int r = 0; r < rows; ++r) sums[(n - begin) * T + t0 + r] += dots[r];
-              });
-            }
-          }
-          for (int64_t n = begin; n < end; ++n)
-            for (int64_t r = 0; r < T; ++r) {
-              scalar_t& out = ys[r * N + n];
-              out = static_cast<scalar_t>(static_cast<acc_t>(out) + sums[(n - begin) * T + r]);
-            }
+        std::vector<float> xp(static_cast<size_t>(T * div_up(K, 128) * 128));
+        chunk_columns(xs, T, K, kChunkGroup, xp.data());
+        chunked_forward(xp.data(), T, w, ys, [](int rows, auto&&... args) {
+          chunk_dots(rows, args...);
         });
         return;
       }
@@ -329,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
 
   auto [y, xa] = lora_branch::forward(x, b, lora_A, lora_B, scaling, dropout_p, seed_v);
   if (x.size(0) == 0 || w.N == 0 || w.K == 0) return {y, xa};
-  if (x.size(0) <= kDecodeMaxRows) {
+  if (decode_rows(w, x.scalar_type(), x.size(0))) {
     decode_forward(x, w, y);
   } else {
     dequant_gemm::add_base(x, w.N, w, y);  // onto y = b + s * xa @ B^T

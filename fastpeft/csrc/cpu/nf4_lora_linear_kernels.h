@@ -30,6 +30,10 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define FASTPEFT_NF4_X86 1
+// AVX512_BF16's intrinsics and target name: GCC 10, Clang 9
+#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10
+#define FASTPEFT_NF4_BF16 1
+#endif
 #endif
 
 namespace fastpeft::cpu::nf4_lora_linear {
@@ -311,36 +315,43 @@ __attribute__((target("avx2,fma"))) void row_dots_avx2(
 // even element and its low nibble the odd one.
 constexpr int64_t chunk_column(int k, int i) { return 8 * i + 2 * (k >> 1) + ((k & 1) ? 0 : 1); }
 
-// x (rows, K) into the chunked order: out (rows, Kp), Kp = K rounded up to 128.
+// x (rows, K) into the chunked order, in groups of `group` rows (the rows of one pass of
+// the dot kernels): group g (rows t0 = g * group .. t0 + m - 1) takes out[t0 * Kp :
+// (t0 + m) * Kp), Kp = K rounded up to 128, as (Kp / 128, m, 128): chunk c of its row r at
+// (c * m + r) * 128. A kernel step then finds the m rows' parts of x at fixed offsets from
+// one pointer (per-row pointers had filled the registers and gone to the stack).
 template <typename in_t, typename out_t>
-void chunk_columns(const in_t* x, int64_t rows, int64_t K, out_t* out) {
+void chunk_columns(const in_t* x, int64_t rows, int64_t K, int64_t group, out_t* out) {
   const int64_t Kp = (K + 127) / 128 * 128;
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t c = 0; c < Kp; c += 128)
+  for (int64_t t = 0; t < rows; ++t) {
+    const int64_t t0 = t / group * group, m = std::min(group, rows - t0);
+    out_t* dst = out + t0 * Kp + (t - t0) * 128;
+    for (int64_t c = 0; c < Kp; c += 128, dst += m * 128)
       for (int k = 0; k < 8; ++k)
         for (int i = 0; i < 16; ++i) {
           const int64_t col = c + chunk_column(k, i);
-          out[t * Kp + c + 16 * k + i] =
-              col < K ? static_cast<out_t>(x[t * K + col]) : out_t(0);
+          dst[16 * k + i] = col < K ? static_cast<out_t>(x[t * K + col]) : out_t(0);
         }
+  }
 }
 
 #ifdef FASTPEFT_NF4_X86
 // out[t] = x[t] . W[n] for TR <= 8 rows: q the row's nb bytes, absmax its first block's
 // scale (the row starts on a block), blocks its number of blocks, lane_blocks[i] the
 // chunk-relative block of lane i ((4 i) >> block_shift, block_shift the log2 of a block's
-// bytes), xp the chunked rows (ldp apart). next (or null): bytes to ask for into L2 as
-// the row goes, a line per step (the codes of a row decoded later).
+// bytes), xp the group's chunked rows from the first chunk of q (chunk_columns: TR * 128
+// elements a chunk). next (or null): bytes to ask for into L2 as the row goes, a line per
+// step (the codes of a row decoded later).
 template <int TR>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void chunk_dots_avx512(
     const uint8_t* __restrict q, int64_t nb, const float* __restrict absmax, int64_t blocks,
-    int block_shift, const int32_t* lane_blocks, const float* __restrict xp, int64_t ldp,
-    float* out, const uint8_t* next) {
+    int block_shift, const int32_t* lane_blocks, const float* __restrict xp, float* out,
+    const uint8_t* next) {
   const __m512 table = _mm512_load_ps(kNf4);
   const __m512i lane_block = _mm512_loadu_si512(lane_blocks);
   __m512 acc[TR];
   for (int t = 0; t < TR; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < nb; j += 64, xp += 128) {
+  for (int64_t j = 0; j < nb; j += 64, xp += TR * 128) {
     const int64_t left = nb - j;
     if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T1);
     const __m512i v = left >= 64 ? _mm512_loadu_si512(q + j)
@@ -354,14 +365,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void chunk_dots_avx512(
     const __m512 w0 = _mm512_permutexvar_ps(v, table);
     const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
     for (int t = 0; t < TR; ++t) {
-      p0[t] = _mm512_mul_ps(w0, _mm512_loadu_ps(xp + t * ldp));
-      p1[t] = _mm512_mul_ps(w1, _mm512_loadu_ps(xp + t * ldp + 16));
+      p0[t] = _mm512_mul_ps(w0, _mm512_loadu_ps(xp + t * 128));
+      p1[t] = _mm512_mul_ps(w1, _mm512_loadu_ps(xp + t * 128 + 16));
     }
 #define FASTPEFT_NF4_NIBBLE(k, p)                                                      \
   {                                                                                    \
     const __m512 wk = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * (k)), table);     \
     for (int t = 0; t < TR; ++t)                                                       \
-      p[t] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(xp + t * ldp + 16 * (k)), p[t]);      \
+      p[t] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(xp + t * 128 + 16 * (k)), p[t]);      \
   }
     FASTPEFT_NF4_NIBBLE(2, p0)
     FASTPEFT_NF4_NIBBLE(3, p1)
@@ -376,13 +387,70 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void chunk_dots_avx512(
   for (int t = 0; t < TR; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
+#ifdef FASTPEFT_NF4_BF16
+// chunk_dots_avx512 for bf16 x on CPUs with AVX512_BF16, TR <= 8 rows: each weight is
+// decoded as there and its fp32 product code * scale rounded to bf16, which is W as
+// bitsandbytes' dequantize_4bit gives it in bf16 (so, as the unfused bf16 layer computes);
+// vdpbf16ps then multiplies pairs of W and x in bf16 and adds the exact products in fp32:
+// two steps of the fp32 kernel's multiply-adds in one. xp holds x in the chunked order
+// (chunk_columns) as bf16 bits: the pair of nibbles (k, k + 1) rounded into one vector
+// (cvtne2ps: lanes 0-15 nibble k, 16-31 nibble k + 1) meets x's 32 elements at
+// 16 k .. 16 k + 31 of the chunk as they lie.
+template <int TR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void chunk_dots_bf16(
+    const uint8_t* __restrict q, int64_t nb, const float* __restrict absmax, int64_t blocks,
+    int block_shift, const int32_t* lane_blocks, const uint16_t* __restrict xp, float* out,
+    const uint8_t* next) {
+  const __m512 table = _mm512_load_ps(kNf4);
+  const __m512i lane_block = _mm512_loadu_si512(lane_blocks);
+  __m512 acc[TR];
+  for (int t = 0; t < TR; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nb; j += 64, xp += TR * 128) {
+    const int64_t left = nb - j;
+    if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T1);
+    const __m512i v = left >= 64 ? _mm512_loadu_si512(q + j)
+                                 : _mm512_maskz_loadu_epi8((~0ULL) >> (64 - left), q + j);
+    const int64_t b0 = j >> block_shift;
+    const int64_t nblk = std::min<int64_t>(16, blocks - b0);
+    const __m512 s = _mm512_permutexvar_ps(
+        lane_block,
+        _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nblk) - 1u), absmax + b0));
+#pragma GCC unroll 4
+    for (int k = 0; k < 8; k += 2) {
+      const __m512 w0 = _mm512_mul_ps(
+          _mm512_permutexvar_ps(k == 0 ? v : _mm512_srli_epi32(v, 4 * k), table), s);
+      const __m512 w1 =
+          _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * k + 4), table), s);
+      const __m512bh w = _mm512_cvtne2ps_pbh(w1, w0);
+      for (int t = 0; t < TR; ++t)
+        acc[t] = _mm512_dpbf16_ps(
+            acc[t], w, (__m512bh)_mm512_loadu_si512(xp + t * 128 + 16 * k));
+    }
+  }
+  for (int t = 0; t < TR; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+#endif
+
+#ifdef FASTPEFT_NF4_BF16
+// chunk_dots_bf16 for rows = 1 .. 8.
+inline void chunk_dots_bf16_rows(int rows, const uint8_t* q, int64_t nb, const float* absmax,
+                                 int64_t blocks, int block_shift, const int32_t* lane_blocks,
+                                 const uint16_t* xp, float* out, const uint8_t* next) {
+  auto run = [&](auto tr) {
+    chunk_dots_bf16<decltype(tr)::value>(q, nb, absmax, blocks, block_shift, lane_blocks, xp,
+                                         out, next);
+  };
+  with_rows<8>(rows, run);
+}
+#endif
+
 // chunk_dots_avx512 for rows = 1 .. 8.
 inline void chunk_dots(int rows, const uint8_t* q, int64_t nb, const float* absmax,
                        int64_t blocks, int block_shift, const int32_t* lane_blocks,
-                       const float* xp, int64_t ldp, float* out, const uint8_t* next) {
+                       const float* xp, float* out, const uint8_t* next) {
   auto run = [&](auto tr) {
     chunk_dots_avx512<decltype(tr)::value>(q, nb, absmax, blocks, block_shift, lane_blocks, xp,
-                                           ldp, out, next);
+                                           out, next);
   };
   with_rows<8>(rows, run);
 }
