@@ -50,6 +50,22 @@ def cpu_path() -> str:
     return f"{path} (auto: CPU capability {capability}; FASTPEFT_CPU_PATH=fused|aten forces)"
 
 
+def cpu_isa() -> str:
+    """The vector ISA of the NF4 decoder (as csrc/cpu/cpu_path.h decides):
+    ``FASTPEFT_CPU_ISA`` if set, else the widest the CPU has: "avx512bf16" (AVX-512 with
+    AVX512_BF16's dot products for bf16 inputs), "avx512", "avx2" or "generic"."""
+    forced = os.environ.get("FASTPEFT_CPU_ISA", "")
+    if forced not in ("", "auto"):
+        return f"{forced} (FASTPEFT_CPU_ISA)"
+    flags = _cpu_flags()
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        isa = "avx512bf16" if "avx512_bf16" in flags else "avx512"
+    else:
+        isa = "avx2" if capability == "AVX2" else "generic"
+    return f"{isa} (auto; FASTPEFT_CPU_ISA=avx512bf16|avx512|avx2|generic forces)"
+
+
 def _cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
@@ -73,6 +89,7 @@ def report() -> str:
         f"python {platform.python_version()}  {platform.machine()}",
         f"C++ CPU kernels: {_backend.native_origin}",
         f"C++ CPU path: {cpu_path()}",
+        f"NF4 decoder ISA: {cpu_isa()}",
         f"triton: {triton}; CUDA device: "
         f"{torch.cuda.get_device_name() if cuda else 'none'}",
         f"backend in force: {_backend.current()} (FASTPEFT_BACKEND or use_backend)",

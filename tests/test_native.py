@@ -350,6 +350,18 @@ def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):
         assert diff <= tol * scale, f"{isa} result {i}: max |diff| {diff:.3e} (scale {scale:.3g})"
 
 
+def test_info_names_the_decoder_isa(monkeypatch):
+    """python -m fastpeft.info says which ISA the NF4 decoder runs: the one forced, else
+    the widest this CPU has (the first of the ISAs the test above runs)."""
+    from fastpeft import info
+
+    monkeypatch.delenv("FASTPEFT_CPU_ISA", raising=False)
+    assert info.cpu_isa().startswith(f"{_ISAS[0]} (auto")
+    assert f"NF4 decoder ISA: {_ISAS[0]} (auto" in info.report()
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", "generic")
+    assert info.cpu_isa() == "generic (FASTPEFT_CPU_ISA)"
+
+
 def test_cpu_isa_refuses_unknown_names(monkeypatch):
     monkeypatch.setenv("FASTPEFT_CPU_ISA", "sse9")
     fn, tensors = _nf4_case(2, 64, 8, 4, torch.float32)
