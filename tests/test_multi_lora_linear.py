@@ -385,12 +385,16 @@ def test_module_serving_reuses_the_stack_until_a_weight_changes():
 
 
 @pytest.mark.parametrize("helpers", ["compiled", "python"])
-@pytest.mark.parametrize("change", ["data", "replace", "scaling", "dtype"])
+@pytest.mark.parametrize("change", ["data", "replace", "scaling", "dtype", "transpose",
+                                    "reorder_B", "scaling_in_place", "readd"])
 def test_module_serving_restacks_after_every_kind_of_change(change, helpers, monkeypatch):
     """The kept stack is made again when a weight's storage is swapped (``.data =``, as
-    ``Module.to`` does), a weight is replaced by another Parameter, a scaling changes, or
-    the input's dtype does; each result as a fresh module computes it. With the compiled
-    key helpers and with their Python stand-in (no compiled kernels)."""
+    ``Module.to`` does) or relaid out, a weight is replaced by another Parameter, the B
+    modules are put in another order than the A ones, a scaling changes (also in place,
+    a 0-d array), an adapter is deleted and added again (its new weights could take the
+    old ones' addresses if the stack did not keep them alive), or the input's dtype
+    changes; each result as a fresh module computes it. With the compiled key helpers and
+    with their Python stand-in (no compiled kernels)."""
     if helpers == "python":
         monkeypatch.setattr(fastpeft._backend, "native_module", None)
     elif fastpeft._backend.native_module is None:
@@ -406,6 +410,26 @@ def test_module_serving_restacks_after_every_kind_of_change(change, helpers, mon
             layer.lora_B["math"].weight = torch.nn.Parameter(torch.randn(20, 2))
         elif change == "scaling":
             layer.scaling["chat"] = 3.0
+        elif change == "transpose":  # the same storage, shape and version, read otherwise
+            w = layer.lora_A["chat"].weight
+            w.data = w.data.as_strided((8, 24), (1, 8))
+        elif change == "reorder_B":  # sql's and chat's B swapped, listed in A's old order
+            b_sql, b_chat, b_math = (layer.lora_B.pop(a) for a in ("sql", "chat", "math"))
+            layer.lora_B["chat"] = b_sql
+            layer.lora_B["sql"] = b_chat
+            layer.lora_B["math"] = b_math
+        elif change == "scaling_in_place":
+            import numpy as np
+
+            layer.scaling["chat"] = np.array(layer.scaling["chat"])
+            layer(x, adapter_ids=ids)
+            layer.scaling["chat"] *= 3
+        elif change == "readd":
+            for _ in range(3):
+                layer.delete_adapter("math")
+                layer.add_adapter("math", 2, 6, use_rslora=True)
+                torch.nn.init.normal_(layer.lora_B["math"].weight, std=0.3)
+                layer(x, adapter_ids=ids)
         else:
             layer.double()
             x = x.double()
@@ -430,7 +454,8 @@ def test_module_serving_with_inference_tensors():
 @pytest.mark.skipif(fastpeft._backend.native_module is None, reason="needs the compiled kernels")
 def test_weights_key_tells_every_change():
     """The compiled helpers behind the kept stack: equal keys exactly while no tensor was
-    written, swapped or reshaped; parameters_key reads the same off the modules."""
+    written, swapped, reshaped or relaid out; parameters_key reads the same off the
+    modules."""
     from fastpeft import _backend
 
     native = _backend.native_module
@@ -445,6 +470,10 @@ def test_weights_key_tells_every_change():
     key = native.weights_key([a, b])
     a.resize_(4, 3)
     assert native.weights_key([a, b]) != key
+    square = torch.randn(3, 3)
+    key = native.weights_key([square])
+    square.data = square.data.t()  # same storage, shape and version; other strides
+    assert native.weights_key([square]) != key
     with torch.inference_mode():
         assert native.weights_key([torch.randn(2)]) is None
     with pytest.raises(TypeError, match="item 1 is a int"):

@@ -38,7 +38,8 @@ def lora_weights(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast computes a linear layer in for ``x``; None outside autocast."""
-    if not torch._C._is_any_autocast_enabled():  # one call: on every layer call's path
+    # one call on every layer call's path (it covers CPU and CUDA, not every device type)
+    if (x.is_cpu or x.is_cuda) and not torch._C._is_any_autocast_enabled():
         return None
     if x.dtype in (torch.float32, torch.float16, torch.bfloat16) \
             and torch.is_autocast_enabled(x.device.type):

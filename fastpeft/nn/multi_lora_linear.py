@@ -222,9 +222,11 @@ class MultiLoRALinear(nn.Module):
         if native is not None and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():
             # serving: whether the kept stack is current, in one C++ call (the key is
-            # stack_adapters_cached's, read off the modules without listing the weights)
-            key = (dtype, tuple(map(scalings.__getitem__, a_mods)),
-                   native.parameters_key((*a_mods.values(), *b_mods.values()), "weight"))
+            # stack_adapters_cached's: A then B, both in lora_A's order, read off the
+            # modules without listing the weights)
+            modules = (*a_mods.values(), *map(b_mods.__getitem__, a_mods))
+            key = (dtype, tuple(float(scalings[a]) for a in a_mods),
+                   native.parameters_key(modules, "weight"))
             cached = self.__dict__.get("_fastpeft_stack")
             if cached is not None and key[2] is not None and cached[0] == key:
                 return cached[1]
@@ -265,33 +267,43 @@ def stack_adapters_cached(owner: nn.Module, lora_A: Sequence[Tensor], lora_B: Se
     """:func:`stack_adapters`, kept on ``owner`` between calls that need no gradient (grad
     disabled, as when serving, or no adapter weight requiring grad): a serving step then
     reads the adapters once, in the kernels, instead of copying them first. The stack is
-    made again when a weight changes (its version or storage: an optimizer step, a load,
-    ``.to()``), an adapter or a scaling changes, or the dtype does; it holds one copy of the
-    adapters' weights. With gradients needed, the stack is made per call, differentiably."""
+    made again when a weight changes (its version, storage or layout: an optimizer step, a
+    load, ``.to()``, ``.data =``), an adapter or a scaling changes, or the dtype does; it
+    holds one copy of the adapters' weights (and keeps their storages alive until it is
+    made again). A write through ``weight.data`` is not seen: PyTorch does not count it in
+    the version, so write into the weight itself (under ``torch.no_grad()``), as optimizers
+    and ``load_state_dict`` do. With gradients needed, the stack is made per call,
+    differentiably."""
     weights = [*lora_A, *lora_B]
     if (torch.is_grad_enabled() and any(w.requires_grad for w in weights)) \
             or torch.compiler.is_compiling():  # (compiled: the graph stacks them itself)
         return stack_adapters(lora_A, lora_B, scaling, dtype)
-    key = (dtype, tuple(scaling), _weights_key(weights))  # (also MultiLoRALinear.stacked's)
+    # (also MultiLoRALinear.stacked's key; the scalings copied, as floats)
+    key = (dtype, tuple(map(float, scaling)), _weights_key(weights))
     cached = owner.__dict__.get("_fastpeft_stack")
     if cached is None or cached[0] != key or key[2] is None:
         with torch.no_grad():
-            cached = (key, stack_adapters(lora_A, lora_B, scaling, dtype))
+            stack = stack_adapters(lora_A, lora_B, scaling, dtype)
+        # the weights' storages are kept with the stack: while they live no other tensor
+        # can take their addresses, so an equal key is never a new weight at an old address
+        cached = (key, stack, tuple(w.untyped_storage() for w in weights))
         owner.__dict__["_fastpeft_stack"] = cached
     return cached[1]
 
 
 def _weights_key(weights: list[Tensor]) -> object:
     """What the cached stack depends on in ``weights``: each one's data pointer, version
-    (bumped by every in-place write), dtype, device and shape; None (no caching) for
-    inference tensors, which have no version. One C++ call where the compiled kernels are
-    loaded (this lookup is on every serving call's path), else the same in Python."""
+    (bumped by every in-place write but those through ``.data``), dtype, device, shape and
+    strides; None (no caching) for inference tensors, which have no version. One C++ call
+    where the compiled kernels are loaded (this lookup is on every serving call's path),
+    else the same in Python."""
     native = _backend.native_module
     if native is not None:
         return native.weights_key(weights)
     if any(w.is_inference() for w in weights):
         return None
-    return [(w.data_ptr(), w._version, w.dtype, w.device, w.shape) for w in weights]
+    return [(w.data_ptr(), w._version, w.dtype, w.device, w.shape, w.stride())
+            for w in weights]
 
 
 def per_row_ids(adapter_names: Sequence[str], adapters: Sequence[str], x: Tensor) -> Tensor:

@@ -164,11 +164,12 @@ bool chunked(const Nf4Weight& w, at::ScalarType dtype) {
 // products: bf16 x of at least 2 rows, a CPU that has them (and FASTPEFT_CPU_ISA not
 // forcing them off), rows of whole blocks. At one row the fp32 kernel on x widened is
 // faster: rounding W to bf16 needs its products with the scales (8 multiplies a step), and
-// there is one row to share them; at two they are even, from three on the dots win
-// (`FASTPEFT_CPU_ISA=avx512 python benchmarks/rows_sweep.py --op nf4 --dtype bf16 --rows 1
-// 2 3 4` against the same without FASTPEFT_CPU_ISA; Zen 4 VM, 4096 x 4096, 2 threads: T = 1
-// 0.49-0.84 against 0.63-0.65 ms, T = 2 0.64-0.76 against 0.68-0.71, T = 3 1.04-1.18
-// against 0.85-0.86, T = 4 1.43-1.48 against 0.92-0.97).
+// there is one row to share them; at two they are even, from three on the dots win.
+// `python benchmarks/rows_sweep.py --op nf4 --dtype bf16 --rows 1 2 3 4`, without and with
+// FASTPEFT_CPU_ISA=avx512 (no dots), Zen 4 VM, 4096 x 4096, 2 threads, forward ms: T = 2
+// 0.68-0.73 against 0.64-0.78, T = 3 0.85-0.86 against 1.04-1.18, T = 4 0.92-0.97
+// against 1.43-1.48; T = 1, with the dots allowed at one row (an edit not kept),
+// 0.62-0.79 in five runs against 0.46-0.58 (one run 0.84).
 bool bf16_dots(const Nf4Weight& w, at::ScalarType dtype, int64_t T) {
 #ifdef FASTPEFT_NF4_BF16
   return T >= 2 && dtype == at::kBFloat16 && chunked(w, dtype) && cpu_bf16_dots();
