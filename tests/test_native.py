@@ -330,6 +330,9 @@ if "avx512" in _ISAS and _cpu_has_flag("avx512_bf16"):
     # bf16 with AVX512_BF16: the chunked decode forward up to 16 rows, in passes of 8
     (11, 256, 6, 64),
     (16, 192, 5, 32),
+    # rows longer than a panel of x (j0 > 0), the last one short, K % 128 != 0
+    (6, 1088, 4, 64),
+    (11, 1152, 3, 32),
 ])
 @pytest.mark.parametrize("isa", _ISAS)
 def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):
