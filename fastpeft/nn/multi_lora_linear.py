@@ -225,7 +225,7 @@ class MultiLoRALinear(nn.Module):
             # stack_adapters_cached's: A then B, both in lora_A's order, read off the
             # modules without listing the weights)
             modules = (*a_mods.values(), *map(b_mods.__getitem__, a_mods))
-            key = (dtype, tuple(float(scalings[a]) for a in a_mods),
+            key = (dtype, tuple(map(float, map(scalings.__getitem__, a_mods))),
                    native.parameters_key(modules, "weight"))
             cached = self.__dict__.get("_fastpeft_stack")
             if cached is not None and key[2] is not None and cached[0] == key:
