@@ -336,6 +336,30 @@ void chunk_columns(const in_t* x, int64_t rows, int64_t K, int64_t group, out_t*
 }
 
 #ifdef FASTPEFT_NF4_X86
+// Step j (a multiple of 64) of the chunked dot kernels over a row's nb bytes q: its 64
+// bytes of codes (zeros past nb) and each lane's block scale (lane_block: the lanes'
+// chunk-relative blocks; zero past the row's blocks); asks for next's line of the step
+// into L2 ahead (next or null).
+struct ChunkStep {
+  __m512i codes;
+  __m512 scales;
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline ChunkStep chunk_step(
+    const uint8_t* q, int64_t nb, int64_t j, const float* absmax, int64_t blocks,
+    int block_shift, __m512i lane_block, const uint8_t* next) {
+  const int64_t left = nb - j;
+  if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T1);
+  const __m512i codes = left >= 64 ? _mm512_loadu_si512(q + j)
+                                   : _mm512_maskz_loadu_epi8((~0ULL) >> (64 - left), q + j);
+  const int64_t b0 = j >> block_shift;
+  const int64_t nblk = std::min<int64_t>(16, blocks - b0);
+  const __m512 scales = _mm512_permutexvar_ps(
+      lane_block,
+      _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nblk) - 1u), absmax + b0));
+  return {codes, scales};
+}
+
 // out[t] = x[t] . W[n] for TR <= 8 rows: q the row's nb bytes, absmax its first block's
 // scale (the row starts on a block), blocks its number of blocks, lane_blocks[i] the
 // chunk-relative block of lane i ((4 i) >> block_shift, block_shift the log2 of a block's
@@ -352,15 +376,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void chunk_dots_avx512(
   __m512 acc[TR];
   for (int t = 0; t < TR; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t j = 0; j < nb; j += 64, xp += TR * 128) {
-    const int64_t left = nb - j;
-    if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T1);
-    const __m512i v = left >= 64 ? _mm512_loadu_si512(q + j)
-                                 : _mm512_maskz_loadu_epi8((~0ULL) >> (64 - left), q + j);
-    const int64_t b0 = j >> block_shift;
-    const int64_t nblk = std::min<int64_t>(16, blocks - b0);
-    const __m512 s = _mm512_permutexvar_ps(
-        lane_block,
-        _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nblk) - 1u), absmax + b0));
+    const ChunkStep step = chunk_step(q, nb, j, absmax, blocks, block_shift, lane_block, next);
+    const __m512i v = step.codes;
+    const __m512 s = step.scales;
     __m512 p0[TR], p1[TR];
     const __m512 w0 = _mm512_permutexvar_ps(v, table);
     const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
@@ -406,15 +424,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void chunk_dots_
   __m512 acc[TR];
   for (int t = 0; t < TR; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t j = 0; j < nb; j += 64, xp += TR * 128) {
-    const int64_t left = nb - j;
-    if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T1);
-    const __m512i v = left >= 64 ? _mm512_loadu_si512(q + j)
-                                 : _mm512_maskz_loadu_epi8((~0ULL) >> (64 - left), q + j);
-    const int64_t b0 = j >> block_shift;
-    const int64_t nblk = std::min<int64_t>(16, blocks - b0);
-    const __m512 s = _mm512_permutexvar_ps(
-        lane_block,
-        _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nblk) - 1u), absmax + b0));
+    const ChunkStep step = chunk_step(q, nb, j, absmax, blocks, block_shift, lane_block, next);
+    const __m512i v = step.codes;
+    const __m512 s = step.scales;
 #pragma GCC unroll 4
     for (int k = 0; k < 8; k += 2) {
       const __m512 w0 = _mm512_mul_ps(
