@@ -46,7 +46,8 @@ BUILD_HINT = ("install a C++ compiler and ninja (pip install ninja) and import f
 # How the C++ kernels were loaded (or why not), for `python -m fastpeft.info`.
 native_origin = "not loaded"
 # The loaded kernels' Python module (fastpeft._C or its build on first use), or None: its
-# helper weights_key serves MultiLoRALinear's cache of stacked adapters.
+# helpers weights_key and parameters_key serve the caches of stacked adapters
+# (fastpeft.nn.multi_lora_linear).
 native_module = None
 
 

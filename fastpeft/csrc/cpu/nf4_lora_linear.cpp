@@ -15,14 +15,16 @@
 // (csrc/linear_autograd.cpp).
 //
 // The base products have two paths, by the number of rows T:
-// * T <= kDecodeMaxRows (forward), kDxDecodeMaxRows (dx): the decode paths, where the
-//   codes are streamed once, half a byte per weight. Forward: threads take fixed runs of
-//   the output rows n. On AVX-512 with rows that start on a block (chunked()), each row
-//   of W is decoded in registers, 64 bytes a step, and dotted with up to 8 rows of x
-//   (chunk_dots), over panels of columns whose part of x stays in L1. Otherwise, for up
-//   to kFusedRows rows of x, each row of W is decoded in registers and dotted with them
-//   (row_dots); past that, it is decoded once into an L1 buffer and dotted with every row
-//   of x, 8 at a time (block_dots). Backward dx: threads take
+// * T <= kDecodeMaxRows (forward; kBf16DecodeMaxRows for bf16 x with the bf16 dots),
+//   kDxDecodeMaxRows (dx): the decode paths, where the codes are streamed once, half a
+//   byte per weight. Forward: threads take fixed runs of the output rows n. On AVX-512
+//   with rows that start on a block (chunked()), each row of W is decoded in registers,
+//   64 bytes a step, and dotted with up to 8 rows of x a pass (chunk_dots; for bf16 x of
+//   2 rows or more on a CPU with AVX512_BF16, W rounded to bf16 and multiplied by
+//   vdpbf16ps: chunk_dots_bf16), over panels of columns whose part of x stays in L1.
+//   Otherwise, for up to kFusedRows rows of x, each row of W is decoded in registers and
+//   dotted with them (row_dots); past that, it is decoded once into an L1 buffer and
+//   dotted with every row of x, 8 at a time (block_dots). Backward dx: threads take
 //   fixed runs of the columns k; the run's parts of 4 rows n at a time are decoded and
 //   added, times dy[t, n], onto fp32 accumulators of dx[:, run] (one load and store of
 //   them per 4 rows: axpy4).
@@ -216,14 +218,13 @@ void for_rows_interleaved(const Nf4Weight& w, int64_t begin, int64_t end, F&& f)
 #ifdef FASTPEFT_NF4_X86
 // The chunked decode forward (rows of W that start on a block): y (T, N) += x @ W^T, with
 // x already rearranged into the chunked order in groups of kChunkGroup rows (xp:
-// chunk_columns; fp32, or bf16 bits for the bf16 dots), a group of rows of x a pass, over panels of the columns whose part
-// of x stays in L1 beside the codes (kPanelBytes). dots(rows, q, nb, absmax, blocks,
-// block_shift, lane_blocks, xp, out, next) is the kernel (chunk_dots,
-// chunk_dots_bf16_rows).
+// chunk_columns; fp32, or bf16 bits for the bf16 dots), a group of rows of x a pass,
+// over panels of the columns whose part of x stays in L1 beside the codes (kPanelBytes).
+// dots(rows, q, nb, absmax, blocks, block_shift, lane_blocks, xp, out, next) is the
+// kernel (chunk_dots, chunk_dots_bf16_rows).
 template <typename xp_t, typename scalar_t, typename Dots>
 void chunked_forward(const xp_t* xp, int64_t T, const Nf4Weight& w, scalar_t* ys,
                      Dots&& dots) {
-  constexpr int64_t kGroup = kChunkGroup;
   const int64_t K = w.K, N = w.N, half = K / 2;
   const int64_t Kp = div_up(K, 128) * 128, row_blocks = half >> w.block_shift;
   const int64_t align = std::max<int64_t>(64, int64_t{1} << w.block_shift);
@@ -233,9 +234,9 @@ void chunked_forward(const xp_t* xp, int64_t T, const Nf4Weight& w, scalar_t* ys
   for (int i = 0; i < 16; ++i) lane_blocks[i] = (4 * i) >> w.block_shift;
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> sums(static_cast<size_t>((end - begin) * T), 0.0f);
-    float out[kGroup];
-    for (int64_t t0 = 0; t0 < T; t0 += kGroup) {  // groups of up to kGroup rows of x
-      const int rows = static_cast<int>(std::min<int64_t>(kGroup, T - t0));
+    float out[kChunkGroup];
+    for (int64_t t0 = 0; t0 < T; t0 += kChunkGroup) {  // a group of rows of x a pass
+      const int rows = static_cast<int>(std::min<int64_t>(kChunkGroup, T - t0));
       const int64_t per_byte = 2 * rows * static_cast<int64_t>(sizeof(xp_t));  // x's bytes
       const int64_t panel = std::max(align, kPanelBytes / per_byte / align * align);
       for (int64_t j0 = 0; j0 < half; j0 += panel) {  // bytes [j0, j0 + panel) of a row
@@ -270,7 +271,7 @@ void decode_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& y) {
     chunk_columns(reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>()), T, K,
                   kChunkGroup, xp.data());
     chunked_forward(xp.data(), T, w, y.mutable_data_ptr<at::BFloat16>(),
-                        [](int rows, auto&&... args) { chunk_dots_bf16_rows(rows, args...); });
+                    [](int rows, auto&&... args) { chunk_dots_bf16_rows(rows, args...); });
     return;
   }
 #endif
