@@ -32,9 +32,18 @@ def _validate(name: str, source: str) -> str:
 
 
 _ENV_BACKEND = _validate(os.environ.get("FASTPEFT_BACKEND", "auto") or "auto", "FASTPEFT_BACKEND")
-# use_backend's choice, per thread (a threading.local, which torch.compile reads and guards
-# on, where it cannot read a contextvars.ContextVar)
-_forced = threading.local()
+
+
+class _Forced(threading.local):
+    """use_backend's choice, per thread (a threading.local, which torch.compile reads and
+    guards on, where it cannot read a contextvars.ContextVar). The class attribute is the
+    default of every thread: reading it raises no AttributeError to catch, which from cold
+    caches cost a call tens of microseconds."""
+
+    name: str | None = None
+
+
+_forced = _Forced()
 _native_loaded = False
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -46,7 +55,7 @@ BUILD_HINT = ("install a C++ compiler and ninja (pip install ninja) and import f
 # How the C++ kernels were loaded (or why not), for `python -m fastpeft.info`.
 native_origin = "not loaded"
 # The loaded kernels' Python module (fastpeft._C or its build on first use), or None: its
-# helpers weights_key and parameters_key serve the caches of stacked adapters
+# helpers weights_key and adapters_key serve the caches of stacked adapters
 # (fastpeft.nn.multi_lora_linear).
 native_module = None
 
@@ -122,21 +131,24 @@ def available_backends(op: str) -> tuple[str, ...]:
     return tuple(found)
 
 
-def resolve(op: str, device: torch.device):
-    """The registered op that runs ``op`` for tensors on ``device`` (native C++ or Triton
+def resolve(op: str, x: torch.Tensor):
+    """The registered op that runs ``op`` for ``x``'s device (native C++ or Triton
     variant), or ``None`` for the reference path (also under ``torch.func`` transforms,
     which cannot transform a custom op's autograd). Memoised per (op, device type, backend
     in force): it is on every call's path, and a decode step calls the linear ops once
-    per projection."""
+    per projection, so it reads ``x.is_cpu`` / ``x.is_cuda`` rather than making a
+    ``torch.device`` and its type's string (which took a cold call tens of
+    microseconds)."""
     if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack():
         _warn_functorch(op)
         return None
-    key = (op, device.type, current())
+    kind = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+    key = (op, kind, current())
     try:
         return _resolved[key]
     except KeyError:
         pass
-    backend = select(device)
+    backend = select(x.device)
     if backend == "reference":
         found = None
     elif backend in _variants[op]:
@@ -164,7 +176,7 @@ def native_available() -> bool:
 def current() -> str:
     """The backend name in force in this thread: ``use_backend`` beats
     ``FASTPEFT_BACKEND``."""
-    forced = getattr(_forced, "name", None)
+    forced = _forced.name
     return forced if forced is not None else _ENV_BACKEND
 
 
@@ -176,7 +188,7 @@ def use_backend(name: str) -> Iterator[None]:
     >>> with fastpeft.use_backend("reference"):
     ...     y = fastpeft.lora_linear(x, w, None, a, b, 2.0)
     """
-    previous = getattr(_forced, "name", None)
+    previous = _forced.name
     _forced.name = _validate(name, "use_backend")
     try:
         yield

@@ -9,6 +9,7 @@ from helpers import assert_close_to_ref, backend_params, dtypes_for, forced
 
 import fastpeft
 from fastpeft import reference
+from fastpeft.nn.multi_lora_linear import stack_adapters
 from fastpeft.ops._linear import draw_seed
 
 # (leading dims of x, in, out, r, n adapters)
@@ -451,11 +452,40 @@ def test_module_serving_with_inference_tensors():
     assert torch.equal(first[0], second[0]) and not torch.allclose(first[1], second[1])
 
 
+@pytest.mark.parametrize("target", ["weight", "bias", "adapter"])
+def test_module_with_parametrised_weights(target):
+    """A parametrised tensor is no parameter of its module: the layer then reads the
+    attribute (the parametrisation's value), for the base's weight or bias and for an
+    adapter's weight, with and without gradients."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, t):
+            return 2.0 * t
+
+    layer = _module().eval()
+    x, ids = torch.randn(4, 24), torch.tensor([0, 1, 2, -1])
+    module = layer.lora_A["chat"] if target == "adapter" else layer.base_layer
+    parametrize.register_parametrization(module, "weight" if target == "adapter" else target,
+                                         Double())
+    base = layer.base_layer
+    expected = reference.multi_lora_linear(
+        x, base.weight, base.bias, *stack_adapters(
+            [layer.lora_A[a].weight for a in layer.adapter_names],
+            [layer.lora_B[a].weight for a in layer.adapter_names],
+            [layer.scaling[a] for a in layer.adapter_names], x.dtype), ids, 0.0, False)
+    torch.testing.assert_close(layer(x, adapter_ids=ids), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, adapter_ids=ids), expected)
+
+
 @pytest.mark.skipif(fastpeft._backend.native_module is None, reason="needs the compiled kernels")
 def test_weights_key_tells_every_change():
     """The compiled helpers behind the kept stack: equal keys exactly while no tensor was
-    written, swapped, reshaped or relaid out; parameters_key reads the same off the
-    modules."""
+    written, swapped, reshaped or relaid out; adapters_key reads the same off the
+    modules, with each adapter's scaling before its two weights."""
+    import struct
+
     from fastpeft import _backend
 
     native = _backend.native_module
@@ -478,10 +508,21 @@ def test_weights_key_tells_every_change():
         assert native.weights_key([torch.randn(2)]) is None
     with pytest.raises(TypeError, match="item 1 is a int"):
         native.weights_key([a, 1])
-    linears = [torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False)]
-    assert native.parameters_key(linears, "weight") == \
-        native.weights_key([m.weight for m in linears])
-    assert native.parameters_key(linears, "bias") is None  # the second has none
+    a_mods = {"x": torch.nn.Linear(4, 2, bias=False), "y": torch.nn.Linear(4, 2)}
+    b_mods = {"y": torch.nn.Linear(2, 3), "x": torch.nn.Linear(2, 3)}  # lora_A's order counts
+    scalings = {"y": 0.5, "x": 2}
+    expected = b"".join(struct.pack("d", float(scalings[k]))
+                        + native.weights_key([a_mods[k].weight, b_mods[k].weight])
+                        for k in a_mods)
+    assert native.adapters_key(a_mods, b_mods, scalings, "weight") == expected
+    assert native.adapters_key(a_mods, b_mods, scalings, "bias") is None  # x's A has none
+    assert native.adapters_key(a_mods, {"x": b_mods["x"]}, scalings, "weight") is None
+    assert native.adapters_key(a_mods, b_mods, {"x": 2.0}, "weight") is None
+    with pytest.raises(TypeError, match="must be real number"):
+        native.adapters_key(a_mods, b_mods, {"x": 2.0, "y": "0.5"}, "weight")
+    torch.nn.utils.parametrize.register_parametrization(a_mods["y"], "weight",
+                                                        torch.nn.Identity())
+    assert native.adapters_key(a_mods, b_mods, scalings, "weight") is None
 
 
 def test_module_compiles_fullgraph():

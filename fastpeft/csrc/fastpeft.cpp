@@ -1,7 +1,7 @@
 // `import fastpeft._C` loads this shared library; the CPU kernels (csrc/cpu/*.cpp)
 // register themselves with the dispatcher through static TORCH_LIBRARY_IMPL initialisers.
 // The Python module holds two helpers for the modules' Python: weights_key and
-// parameters_key.
+// adapters_key.
 #include <Python.h>
 
 #include <torch/csrc/Exceptions.h>
@@ -9,6 +9,7 @@
 #include <torch/csrc/utils/object_ptr.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -57,28 +58,55 @@ PyObject* weights_key(PyObject* /*self*/, PyObject* tensors) {
   END_HANDLE_TH_ERRORS
 }
 
-// parameters_key(modules, name) -> bytes: weights_key of module._parameters[name] for each
-// module, without the list of them; None when a module has no such parameter (a
-// parametrised or deleted weight) or it is an inference tensor. A serving call's lookup
-// of MultiLoRALinear's stack is this one call.
-PyObject* parameters_key(PyObject* /*self*/, PyObject* args) {
+// module.__dict__["_parameters"][name], borrowed (the module holds it), or nullptr where
+// there is none (a parametrised or deleted weight). Read off the instance dict: the
+// attribute lookup through the module's type (and a name string made per call) cost a
+// cold serving call about 2 us per module.
+PyObject* parameter_of(PyObject* module, PyObject* parameters, PyObject* name) {
+  THPObjectPtr dict(PyObject_GenericGetDict(module, nullptr));
+  if (!dict) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  PyObject* params = PyDict_GetItemWithError(dict.get(), parameters);
+  if (params == nullptr || !PyDict_Check(params)) return nullptr;
+  return PyDict_GetItemWithError(params, name);
+}
+
+// adapters_key(lora_A, lora_B, scaling, name) -> bytes | None: for each adapter of the dict
+// lora_A (name -> module), in its order, the bits of float(scaling[adapter]) and the words
+// of lora_A[adapter]._parameters[name] and lora_B[adapter]._parameters[name]; None where a
+// module or parameter is missing or a weight is an inference tensor. A serving call's
+// check that MultiLoRALinear's stack is current is this one call.
+PyObject* adapters_key(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject* modules = nullptr;
-  const char* name = nullptr;
-  if (!PyArg_ParseTuple(args, "Os:parameters_key", &modules, &name)) return nullptr;
-  THPObjectPtr seq(
-      PySequence_Fast(modules, "parameters_key: expected a list or tuple of modules"));
-  if (!seq) return nullptr;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.get());
+  PyObject *a_modules = nullptr, *b_modules = nullptr, *scalings = nullptr, *name = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!O!U:adapters_key", &PyDict_Type, &a_modules, &PyDict_Type,
+                        &b_modules, &PyDict_Type, &scalings, &name))
+    return nullptr;
+  static PyObject* const parameters = PyUnicode_InternFromString("_parameters");
   std::vector<int64_t> words;
-  words.reserve(static_cast<size_t>(n) * 9);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    THPObjectPtr params(
-        PyObject_GetAttrString(PySequence_Fast_GET_ITEM(seq.get(), i), "_parameters"));
-    if (!params) return nullptr;
-    PyObject* t = PyDict_Check(params.get()) ? PyDict_GetItemString(params.get(), name) : nullptr;
-    if (t == nullptr || !THPVariable_Check(t) || !append_words(THPVariable_Unpack(t), words))
+  words.reserve(static_cast<size_t>(PyDict_Size(a_modules)) * 15);
+  Py_ssize_t pos = 0;
+  PyObject *adapter = nullptr, *a_module = nullptr;
+  while (PyDict_Next(a_modules, &pos, &adapter, &a_module)) {
+    PyObject* b_module = PyDict_GetItemWithError(b_modules, adapter);
+    PyObject* scaling = b_module ? PyDict_GetItemWithError(scalings, adapter) : nullptr;
+    if (scaling == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
       Py_RETURN_NONE;
+    }
+    const double value = PyFloat_AsDouble(scaling);
+    if (value == -1.0 && PyErr_Occurred()) return nullptr;
+    int64_t bits = 0;
+    std::memcpy(&bits, &value, sizeof bits);
+    words.push_back(bits);
+    for (PyObject* module : {a_module, b_module}) {
+      PyObject* t = parameter_of(module, parameters, name);
+      if (t == nullptr && PyErr_Occurred()) return nullptr;
+      if (t == nullptr || !THPVariable_Check(t) || !append_words(THPVariable_Unpack(t), words))
+        Py_RETURN_NONE;
+    }
   }
   return as_bytes(words);
   END_HANDLE_TH_ERRORS
@@ -89,9 +117,10 @@ PyMethodDef methods[] = {
      "weights_key(tensors) -> bytes | None: data pointers, versions, dtypes, devices, "
      "sizes and strides of the tensors (None for an inference tensor); equal bytes mean "
      "unchanged tensors, where the caller keeps their storages alive."},
-    {"parameters_key", parameters_key, METH_VARARGS,
-     "parameters_key(modules, name) -> bytes | None: weights_key of each module's "
-     "_parameters[name] (None where one has none)."},
+    {"adapters_key", adapters_key, METH_VARARGS,
+     "adapters_key(lora_A, lora_B, scaling, name) -> bytes | None: per adapter of the dict "
+     "lora_A, in order, its float scaling and the weights_key words of lora_A[a] and "
+     "lora_B[a]'s _parameters[name] (None where one is missing)."},
     {nullptr, nullptr, 0, nullptr}};
 
 #define FASTPEFT_STR2(x) #x

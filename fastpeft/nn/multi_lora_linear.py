@@ -176,17 +176,23 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: Tensor, adapter_names: Sequence[str] | None = None,
                 adapter_ids: Tensor | None = None) -> Tensor:
-        if not self.lora_A:
+        # (submodules and parameters read off their dicts, not through
+        # nn.Module.__getattr__: a serving call's Python is a sizeable part of its time)
+        modules = self._modules
+        adapters = modules["lora_A"]._modules
+        if not adapters:
             raise ValueError("MultiLoRALinear: no adapters yet (add_adapter)")
-        if adapter_names is None and adapter_ids is None \
-                and (self.active_names is not None or "default" in self.lora_A):
+        if adapter_ids is not None and adapter_names is None:
+            ids = adapter_ids
+        elif adapter_names is not None and adapter_ids is None:
+            ids = self.ids_of(adapter_names, x)
+        elif adapter_names is None and (self.active_names is not None
+                                        or "default" in adapters):
             ids = self.active_ids(x)
-        elif (adapter_names is None) == (adapter_ids is None):
+        else:
             raise ValueError("adapter_names / adapter_ids: pass exactly one of them (or, in a "
                              "model, set them with fastpeft.set_adapter_names; a layer with "
                              "an adapter 'default' runs it when none is named, as PEFT)")
-        else:
-            ids = self.ids_of(adapter_names, x) if adapter_ids is None else adapter_ids
         p = 0.0  # (eval: no dropout)
         if self.training:
             dropouts = set(self.lora_dropout.values())
@@ -196,9 +202,14 @@ class MultiLoRALinear(nn.Module):
                     f"adapters have {self.lora_dropout}; train with one lora_dropout, or in "
                     "eval mode")
             p = dropouts.pop()
-        base = self.base_layer
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        bias = base.bias
+        base = modules["base_layer"]
+        params = base._parameters
+        weight, bias = params.get("weight"), params.get("bias")
+        if weight is None or (bias is None and "bias" not in params):
+            # a parametrised weight or bias is no parameter of the base: the attributes then
+            weight, bias = base.weight, base.bias
+        if self.fan_in_fan_out:
+            weight = weight.t()
         dtype = autocast_dtype(x)
         if dtype is None:
             lora_A, lora_B, scaling = self.stacked(weight.dtype)
@@ -214,21 +225,21 @@ class MultiLoRALinear(nn.Module):
 
     def stacked(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """:func:`stack_adapters` of every adapter, in :attr:`adapter_names` order (kept
-        between calls where no gradient is needed: :func:`stack_adapters_cached`)."""
-        # (the ModuleDicts' and modules' own dicts: nn.Module.__getattr__ per adapter was a
-        # sizeable part of a serving call's Python)
-        a_mods, b_mods, scalings = self.lora_A._modules, self.lora_B._modules, self.scaling
+        between calls where no gradient is needed, as :func:`stack_adapters_cached`)."""
+        # (the module dicts themselves: nn.Module.__getattr__ per adapter was a sizeable
+        # part of a serving call's Python)
+        modules = self._modules
+        a_mods, b_mods = modules["lora_A"]._modules, modules["lora_B"]._modules
+        scalings = self.scaling
         native = _backend.native_module
+        key = None
         if native is not None and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():
-            # serving: whether the kept stack is current, in one C++ call (the key is
-            # stack_adapters_cached's: A then B, both in lora_A's order, read off the
-            # modules without listing the weights)
-            modules = (*a_mods.values(), *map(b_mods.__getitem__, a_mods))
-            key = (dtype, tuple(map(float, map(scalings.__getitem__, a_mods))),
-                   native.parameters_key(modules, "weight"))
+            # serving: whether the kept stack is current, in one C++ call that reads the
+            # scalings and the weights off the modules without listing them
+            key = native.adapters_key(a_mods, b_mods, scalings, "weight")
             cached = self.__dict__.get("_fastpeft_stack")
-            if cached is not None and key[2] is not None and cached[0] == key:
+            if key is not None and cached is not None and cached[0] == (dtype, key):
                 return cached[1]
         lora_A = [m._parameters.get("weight") for m in a_mods.values()]
         lora_B = [b_mods[a]._parameters.get("weight") for a in a_mods]
@@ -236,8 +247,10 @@ class MultiLoRALinear(nn.Module):
             # a parametrised weight is no parameter of its module: the attribute then
             lora_A = [m.weight for m in a_mods.values()]
             lora_B = [b_mods[a].weight for a in a_mods]
-        return stack_adapters_cached(self, lora_A, lora_B, [scalings[a] for a in a_mods],
-                                     dtype)
+        scaling = [scalings[a] for a in a_mods]
+        if key is None:
+            return stack_adapters_cached(self, lora_A, lora_B, scaling, dtype)
+        return _keep_stack(self, (dtype, key), lora_A, lora_B, scaling, dtype)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{a}(r={self.r[a]}, alpha={self.lora_alpha[a]})"
@@ -278,17 +291,28 @@ def stack_adapters_cached(owner: nn.Module, lora_A: Sequence[Tensor], lora_B: Se
     if (torch.is_grad_enabled() and any(w.requires_grad for w in weights)) \
             or torch.compiler.is_compiling():  # (compiled: the graph stacks them itself)
         return stack_adapters(lora_A, lora_B, scaling, dtype)
-    # (also MultiLoRALinear.stacked's key; the scalings copied, as floats)
-    key = (dtype, tuple(map(float, scaling)), _weights_key(weights))
+    weights_key = _weights_key(weights)
+    if weights_key is None:  # inference tensors: no versions to tell a change by
+        return stack_adapters(lora_A, lora_B, scaling, dtype)
+    # (the scalings copied, as floats: one changed in place is seen)
+    key = (dtype, tuple(map(float, scaling)), weights_key)
     cached = owner.__dict__.get("_fastpeft_stack")
-    if cached is None or cached[0] != key or key[2] is None:
-        with torch.no_grad():
-            stack = stack_adapters(lora_A, lora_B, scaling, dtype)
-        # the weights' storages are kept with the stack: while they live no other tensor
-        # can take their addresses, so an equal key is never a new weight at an old address
-        cached = (key, stack, tuple(w.untyped_storage() for w in weights))
-        owner.__dict__["_fastpeft_stack"] = cached
-    return cached[1]
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    return _keep_stack(owner, key, lora_A, lora_B, scaling, dtype)
+
+
+def _keep_stack(owner: nn.Module, key: object, lora_A: Sequence[Tensor],
+                lora_B: Sequence[Tensor], scaling: Sequence[float],
+                dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """A new stack, kept on ``owner`` under ``key`` with the weights' storages: while they
+    live no other tensor can take their addresses, so an equal key is never a new weight
+    at an old address."""
+    with torch.no_grad():
+        stack = stack_adapters(lora_A, lora_B, scaling, dtype)
+    storages = tuple(w.untyped_storage() for w in (*lora_A, *lora_B))
+    owner.__dict__["_fastpeft_stack"] = (key, stack, storages)
+    return stack
 
 
 def _weights_key(weights: list[Tensor]) -> object:

@@ -184,7 +184,7 @@ def bottleneck_adapter(
     ln_eps = check_scalar("ln_eps", ln_eps, lo=0.0, lo_inclusive=False)
 
     shape = x.shape
-    op = _backend.resolve("bottleneck_adapter", x.device)
+    op = _backend.resolve("bottleneck_adapter", x)
     if op is None or x.numel() == 0:  # an empty x: the reference gives the empty result
         return reference.bottleneck_adapter(
             x, down_weight, down_bias, up_weight, up_bias, activation=activation,

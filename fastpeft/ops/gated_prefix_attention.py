@@ -139,7 +139,7 @@ def gated_prefix_attention(
         scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
     else:
         scale = check_scalar("scale", scale)
-    op = _backend.resolve("gated_prefix_attention", q.device)
+    op = _backend.resolve("gated_prefix_attention", q)
     if op is None or q.numel() == 0:  # an empty output: the reference gives it
         return reference.gated_prefix_attention(
             q, k, v, prefix_k, prefix_v, gate, causal=causal, scale=scale,

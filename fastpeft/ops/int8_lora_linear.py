@@ -129,7 +129,7 @@ def int8_lora_linear(
     flat = x.dim() == 2
     lead = x.shape[:-1]
     x2 = x.contiguous() if flat else x.reshape(lead.numel(), x.shape[-1]).contiguous()
-    op = _backend.resolve("int8_lora_linear", x.device)
+    op = _backend.resolve("int8_lora_linear", x)
     if op is None or x2.numel() == 0 or qweight.numel() == 0:  # empty: reference
         y = reference.int8_lora_linear(x2, qweight, weight_scale, bias, lora_A, lora_B, scaling,
                                        p, True, seed)

@@ -105,7 +105,7 @@ def lora_linear(
     flat = x.dim() == 2  # (rows, in): no reshapes
     lead = x.shape[:-1]
     x2 = x.contiguous() if flat else x.reshape(lead.numel(), x.shape[-1]).contiguous()
-    op = _backend.resolve("lora_linear", x.device)
+    op = _backend.resolve("lora_linear", x)
     if op is None or x2.numel() == 0 or weight.numel() == 0:  # empty: reference
         y = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scaling, p, True, seed)
     else:

@@ -185,7 +185,7 @@ def multi_lora_linear(
         (zero for adapters no row names), and to ``weight`` and ``bias`` when they require
         grad.
     """
-    op = _backend.resolve("multi_lora_linear", x.device) if isinstance(x, Tensor) else None
+    op = _backend.resolve("multi_lora_linear", x) if isinstance(x, Tensor) else None
     if _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p):
         # (the C++ op checks the ids' values itself, as this would, where it runs)
         if op is not _NATIVE or weight.numel() == 0:

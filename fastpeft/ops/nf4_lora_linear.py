@@ -214,7 +214,7 @@ def nf4_lora_linear(
     flat = x.dim() == 2
     lead = x.shape[:-1]
     x2 = x.contiguous() if flat else x.reshape(lead.numel(), x.shape[-1]).contiguous()
-    op = _backend.resolve("nf4_lora_linear", x.device)
+    op = _backend.resolve("nf4_lora_linear", x)
     if op is None or x2.numel() == 0 or qweight.numel() == 0:  # empty: reference
         y = reference.nf4_lora_linear(x2, qweight, absmax, bias, lora_A, lora_B, scaling, p,
                                       True, seed, blocksize)
