@@ -116,6 +116,61 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x, const at::
 }
 
 // ---------------------------------------------------------------------------------------
+// kFused forward for a few rows (T <= kFewRows): xd in acc_t, then xa by rows of A and y
+// by rows of B, each pass parallel over its rows (few_rows_down, few_rows_up) in tasks of
+// at least kFewRowsTaskBytes of the weight: there is little arithmetic per byte, and the
+// threads' reads of A and B from memory overlap.
+constexpr int64_t kFewRowsTaskBytes = 16384;
+
+std::tuple<at::Tensor, at::Tensor> forward_few_rows(const at::Tensor& x, const at::Tensor& bias,
+                                                    const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B, double scaling,
+                                                    double dropout_p, uint64_t seed) {
+  const int64_t T = x.size(0), K = x.size(1), N = lora_B.size(0), R = lora_A.size(0);
+  at::Tensor xa = at::empty({T, R}, x.options());
+  at::Tensor y = at::empty({T, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_branch", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const int64_t groups = div_up(K, 4);
+    std::vector<acc_t> xs(static_cast<size_t>(T * K)), sxa(static_cast<size_t>(T * R));
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (dropout_p > 0.0) {  // the mask of forward_kernel's tile of rows 0 .. T - 1
+      const acc_t keep_scale = acc_t(1.0 / (1.0 - dropout_p));
+      const float keep_on = std::is_same_v<acc_t, float> ? static_cast<float>(keep_scale) : 1.0f;
+      std::vector<float> keep(static_cast<size_t>(T * 4 * groups));
+      dropout_keep_rows(seed, 0, groups, T, groups, dropout_threshold(dropout_p), keep_on,
+                        keep.data(), 4 * groups);
+      for (int64_t t = 0; t < T; ++t)
+        load_dropped<scalar_t, acc_t, true>(xp + t * K, K, K, keep.data() + t * 4 * groups,
+                                            keep_scale, xs.data() + t * K);
+    } else {
+      for (int64_t t = 0; t < T; ++t)
+        load_dropped<scalar_t, acc_t, false>(xp + t * K, K, K, nullptr, acc_t(1),
+                                             xs.data() + t * K);
+    }
+    const scalar_t* A = lora_A.const_data_ptr<scalar_t>();
+    const auto grain = [](int64_t row_elems) {
+      return std::max<int64_t>(1, kFewRowsTaskBytes / std::max<int64_t>(
+                                      1, row_elems * static_cast<int64_t>(sizeof(scalar_t))));
+    };
+    at::parallel_for(0, R, grain(K), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> a_row(std::is_same_v<scalar_t, acc_t> ? 0 : static_cast<size_t>(K));
+      few_rows_down(xs.data(), A, T, K, R, begin, end, sxa.data(), a_row.data());
+    });
+    scalar_t* xa_out = xa.mutable_data_ptr<scalar_t>();
+    for (int64_t e = 0; e < T * R; ++e) xa_out[e] = static_cast<scalar_t>(sxa[e]);
+    const scalar_t* B = lora_B.const_data_ptr<scalar_t>();
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, N, grain(R), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> b_row(std::is_same_v<scalar_t, acc_t> ? 0 : static_cast<size_t>(R));
+      few_rows_up(sxa.data(), B, b, static_cast<acc_t>(scaling), T, R, N, begin, end,
+                  y.mutable_data_ptr<scalar_t>(), b_row.data());
+    });
+  });
+  return {y, xa};
+}
+
+// ---------------------------------------------------------------------------------------
 // kFused backward: dyB and dB in one pass over dy, then dx_lora and dA in one pass over x.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fused(
@@ -331,6 +386,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            double scaling, double dropout_p, uint64_t seed) {
   if (cpu_path(x.scalar_type()) == CpuPath::kAten)
     return forward_aten(x, bias, lora_A, lora_B, scaling, dropout_p, seed);
+  if (x.size(0) <= kFewRows)
+    return forward_few_rows(x, bias, lora_A, lora_B, scaling, dropout_p, seed);
   return forward_fused(x, bias, lora_A, lora_B, scaling, dropout_p, seed);
 }
 

@@ -183,6 +183,80 @@ FASTPEFT_MULTIVERSION void forward_kernel(
 }
 
 // ---------------------------------------------------------------------------------------
+// Forward for a few rows (T <= kFewRows: decode steps), on A and B as they lie, without
+// forward_kernel's packing of A^T and B^T (R x (K + N) values laid out afresh each call,
+// which at T = 1 took longer than the products) or its tiles of kFwdRows rows (five of six
+// empty at T = 1). Two passes, each a dot product along the rows of a weight:
+//   xa[t][r] = xd[t] . A[r]  (length K)       y[t][n] = b[n] + s * xa[t] . B[n]  (length R)
+// with the same chunks of kDownChunk over K as down_tile.
+constexpr int64_t kFewRows = 8;
+
+// x . w over n elements (acc_t, unit stride): two vector accumulators per chunk of
+// kDownChunk, the chunk's lanes summed in order and added to the total.
+template <typename acc_t>
+FASTPEFT_INLINE acc_t dot_chunked(const acc_t* __restrict x, const acc_t* __restrict w,
+                                  int64_t n) {
+  using V = typename VecT<acc_t>::type;
+  constexpr int L = VecT<acc_t>::lanes;
+  acc_t total = 0;
+  for (int64_t k0 = 0; k0 < n; k0 += kDownChunk) {
+    const int64_t k1 = std::min(n, k0 + kDownChunk);
+    V acc0{}, acc1{};
+    int64_t k = k0;
+    for (; k + 2 * L <= k1; k += 2 * L) {
+      acc0 += vload(x + k) * vload(w + k);
+      acc1 += vload(x + k + L) * vload(w + k + L);
+    }
+    for (; k + L <= k1; k += L) acc0 += vload(x + k) * vload(w + k);
+    acc_t part = hsum<acc_t>(acc0 + acc1);
+    for (; k < k1; ++k) part += x[k] * w[k];
+    total += part;
+  }
+  return total;
+}
+
+// xa rows [r_begin, r_end) of A (R, K; acc_t, or scalar_t converted row by row into
+// a_row, K values of scratch): sxa[t * R + r] = xd[t] . A[r] for t < T, xs (T, K) being
+// xd in acc_t.
+template <typename scalar_t, typename acc_t = acc_of<scalar_t>>
+FASTPEFT_MULTIVERSION void few_rows_down(const acc_t* __restrict xs, const scalar_t* __restrict A,
+                                         int64_t T, int64_t K, int64_t R, int64_t r_begin,
+                                         int64_t r_end, acc_t* __restrict sxa,
+                                         acc_t* __restrict a_row) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const acc_t* w;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      w = A + r * K;
+    } else {
+      load_dropped<scalar_t, acc_t, false>(A + r * K, K, K, nullptr, acc_t(1), a_row);
+      w = a_row;
+    }
+    for (int64_t t = 0; t < T; ++t) sxa[t * R + r] = dot_chunked(xs + t * K, w, K);
+  }
+}
+
+// y columns [n_begin, n_end): y[t][n] = b[n] + s * xa[t] . B[n] for t < T, sxa (T, R) xa in
+// acc_t, bias null for none. b_row: R values of scratch for a B row of scalar_t.
+template <typename scalar_t, typename acc_t = acc_of<scalar_t>>
+FASTPEFT_MULTIVERSION void few_rows_up(const acc_t* __restrict sxa, const scalar_t* __restrict B,
+                                       const scalar_t* __restrict bias, acc_t s, int64_t T,
+                                       int64_t R, int64_t N, int64_t n_begin, int64_t n_end,
+                                       scalar_t* __restrict y, acc_t* __restrict b_row) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const acc_t* w;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      w = B + n * R;
+    } else {
+      load_dropped<scalar_t, acc_t, false>(B + n * R, R, R, nullptr, acc_t(1), b_row);
+      w = b_row;
+    }
+    const acc_t b = bias != nullptr ? to_acc(bias[n]) : acc_t(0);
+    for (int64_t t = 0; t < T; ++t)
+      y[t * N + n] = static_cast<scalar_t>(b + s * dot_chunked(sxa + t * R, w, R));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Backward, one pass over dy: dyB = dy @ B (T, R) and dB = s * dy^T @ xa (N, R). Parallel
 // over blocks of NB columns of N: a block owns dB[block, :] (accumulated in dB_acc) and
 // writes its share of dyB, dy[:, block] @ B[block, :], into a partial of its own (T, Rp),
