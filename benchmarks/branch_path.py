@@ -1,8 +1,8 @@
 """The LoRA branch's two C++ paths (csrc/cpu/cpu_path.h) against the number of rows: the
 NF4 op (whose decode base is cheap at a few rows, so the branch shows) timed with
 FASTPEFT_CPU_PATH=fused and =aten side by side, as fastpeft-bench times (interleaved,
-caches flushed before each call), no gradient. Where kAten wins at a few rows, fp32 takes
-it up to kAtenBranchMaxRows rows.
+caches flushed before each call), no gradient. Up to kFewRows (8) rows the fused path runs
+its few-rows kernels (dot products along the rows of A and B, lora_branch_kernels.h).
 
     python benchmarks/branch_path.py                       # 4096 -> 4096, fp32
     python benchmarks/branch_path.py --features 1024 --rows 1 4 16 64
