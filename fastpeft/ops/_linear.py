@@ -112,7 +112,14 @@ def base_weight(weight: Tensor) -> Tensor:
     return weight.contiguous()
 
 
-def draw_seed(device: torch.device) -> Tensor:
-    """A fresh dropout seed from torch's generator for ``device`` (so ``torch.manual_seed``
-    makes runs reproducible); kept on the device so no kernel waits on the host."""
-    return torch.randint(-(2**62), 2**62, (1,), dtype=torch.int64, device=device)
+def draw_seed(like: Tensor | torch.device) -> Tensor:
+    """A fresh dropout seed from torch's generator for ``like``'s device (a tensor's, or a
+    device), so ``torch.manual_seed`` makes runs reproducible; kept on the device so no
+    kernel waits on the host. For a CPU tensor the draw names no device: making the
+    device object and parsing the argument took a cold call about 25 us, a third of the
+    draw."""
+    if isinstance(like, Tensor):
+        if like.is_cpu:
+            return torch.randint(-(2**62), 2**62, (1,), dtype=torch.int64)
+        like = like.device
+    return torch.randint(-(2**62), 2**62, (1,), dtype=torch.int64, device=like)
