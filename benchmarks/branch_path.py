@@ -1,8 +1,9 @@
 """The LoRA branch's two C++ paths (csrc/cpu/cpu_path.h) against the number of rows: the
 NF4 op (whose decode base is cheap at a few rows, so the branch shows) timed with
 FASTPEFT_CPU_PATH=fused and =aten side by side, as fastpeft-bench times (interleaved,
-caches flushed before each call), no gradient. Up to kFewRows (8) rows the fused path runs
-its few-rows kernels (dot products along the rows of A and B, lora_branch_kernels.h).
+caches flushed before each call), no gradient. Up to kFewRows (8) rows the forward runs
+its few-rows kernels (dot products along the rows of A and B, lora_branch_kernels.h) on
+every path but a forced aten, so there the columns compare those with ATen's GEMMs.
 
     python benchmarks/branch_path.py                       # 4096 -> 4096, fp32
     python benchmarks/branch_path.py --features 1024 --rows 1 4 16 64
@@ -35,7 +36,7 @@ def main() -> None:
     dtype, d = DTYPES[args.dtype], args.features
     layer = NF4LoRALinear.from_linear(torch.nn.Linear(d, d), args.rank, 2 * args.rank)
     layer = layer.to(dtype).eval().requires_grad_(False)
-    weights = (layer.qweight, layer.absmax, layer.bias, layer.lora_A.weight,
+    weights = (layer.qweight, layer.absmax.float(), layer.bias, layer.lora_A.weight,
                layer.lora_B.weight, layer.scaling, 0.0, None, layer.blocksize)
     op = torch.ops.fastpeft.nf4_lora_linear.default
     before = os.environ.get("FASTPEFT_CPU_PATH")

@@ -37,7 +37,8 @@ def cpu_path() -> str:
     """The C++ path of lora_linear, int8_lora_linear and bottleneck_adapter (as
     csrc/cpu/cpu_path.h decides): ``FASTPEFT_CPU_PATH`` if set, else "aten" (ATen / oneDNN
     GEMMs) for bf16 (and fp16 with AVX512-FP16) on CPUs with AVX-512, "fused" (fastpeft's
-    own kernels) for every other dtype and CPU."""
+    own kernels) for every other dtype and CPU. Up to 8 rows the LoRA branch's forward
+    takes fastpeft's few-rows kernels on either path, unless aten is forced."""
     forced = os.environ.get("FASTPEFT_CPU_PATH", "")
     if forced not in ("", "auto"):
         return f"{forced} (FASTPEFT_CPU_PATH)"
@@ -47,7 +48,8 @@ def cpu_path() -> str:
         path = f"aten for {fp16}bf16, fused for the other dtypes"
     else:
         path = "fused"
-    return f"{path} (auto: CPU capability {capability}; FASTPEFT_CPU_PATH=fused|aten forces)"
+    return (f"{path}, the LoRA branch's forward of up to 8 rows fused (auto: CPU capability "
+            f"{capability}; FASTPEFT_CPU_PATH=fused|aten forces)")
 
 
 def cpu_isa() -> str:

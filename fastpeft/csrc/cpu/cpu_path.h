@@ -26,6 +26,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 namespace fastpeft::cpu {
 
@@ -56,16 +57,23 @@ inline bool aten_lowp_gemm(c10::ScalarType dtype) {
 #endif
 }
 
-// The path in force for tensors of `dtype`: FASTPEFT_CPU_PATH if set (fused, aten; empty
-// or auto: the default), else kAten for a 16-bit dtype aten_lowp_gemm takes on a CPU with
-// AVX-512F, else kFused.
-inline CpuPath cpu_path(c10::ScalarType dtype) {
+// FASTPEFT_CPU_PATH when it forces a path (fused, aten), else nullopt (unset, empty or
+// auto).
+inline std::optional<CpuPath> forced_cpu_path() {
   const char* forced = std::getenv("FASTPEFT_CPU_PATH");
-  if (forced != nullptr && *forced != '\0' && std::strcmp(forced, "auto") != 0) {
-    if (std::strcmp(forced, "fused") == 0) return CpuPath::kFused;
-    if (std::strcmp(forced, "aten") == 0) return CpuPath::kAten;
-    TORCH_CHECK(false, "FASTPEFT_CPU_PATH must be auto, fused or aten, got '", forced, "'");
-  }
+  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0)
+    return std::nullopt;
+  if (std::strcmp(forced, "fused") == 0) return CpuPath::kFused;
+  if (std::strcmp(forced, "aten") == 0) return CpuPath::kAten;
+  TORCH_CHECK(false, "FASTPEFT_CPU_PATH must be auto, fused or aten, got '", forced, "'");
+}
+
+// The path in force for tensors of `dtype`: FASTPEFT_CPU_PATH if it forces one, else kAten
+// for a 16-bit dtype aten_lowp_gemm takes on a CPU with AVX-512F, else kFused. (The LoRA
+// branch's forward takes its few-rows kernels up to a few rows unless kAten is forced:
+// lora_branch::forward.)
+inline CpuPath cpu_path(c10::ScalarType dtype) {
+  if (const auto forced = forced_cpu_path()) return *forced;
   return cpu_has_avx512f() && aten_lowp_gemm(dtype) ? CpuPath::kAten : CpuPath::kFused;
 }
 
