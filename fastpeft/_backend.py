@@ -36,11 +36,14 @@ _ENV_BACKEND = _validate(os.environ.get("FASTPEFT_BACKEND", "auto") or "auto", "
 
 class _Forced(threading.local):
     """use_backend's choice, per thread (a threading.local, which torch.compile reads and
-    guards on, where it cannot read a contextvars.ContextVar). The class attribute is the
-    default of every thread: reading it raises no AttributeError to catch, which from cold
-    caches cost a call tens of microseconds."""
+    guards on, where it cannot read a contextvars.ContextVar). Every thread starts with
+    ``name = None`` in its own dict (__init__ runs per thread): reading it raises no
+    AttributeError to catch, which from cold caches cost a call tens of microseconds. Not
+    a class attribute: torch.compile guarded that through the class and missed a later
+    ``use_backend``."""
 
-    name: str | None = None
+    def __init__(self) -> None:
+        self.name: str | None = None
 
 
 _forced = _Forced()

@@ -385,6 +385,24 @@ def test_module_serving_reuses_the_stack_until_a_weight_changes():
         assert layer.stacked(torch.float32)[0].shape[0] == 4
 
 
+def test_module_frozen_adapters_keep_one_stack_with_and_without_grad():
+    """Frozen adapters (requires_grad False) need no gradient with grad mode on either: the
+    same kept stack serves calls with and without it, and adapters that train get a
+    differentiable stack per call."""
+    layer = _module().eval().requires_grad_(False)
+    x, ids = torch.randn(4, 24), torch.tensor([0, 1, 2, -1])
+    with torch.no_grad():
+        kept = layer.stacked(torch.float32)
+    assert layer.stacked(torch.float32)[0] is kept[0]
+    with torch.no_grad():
+        assert layer.stacked(torch.float32)[0] is kept[0]
+    layer.lora_A["sql"].weight.requires_grad_(True)
+    trained = layer.stacked(torch.float32)
+    assert trained[0] is not kept[0] and trained[0].requires_grad
+    (layer(x, adapter_ids=ids) ** 2).sum().backward()
+    assert layer.lora_A["sql"].weight.grad is not None
+
+
 @pytest.mark.parametrize("helpers", ["compiled", "python"])
 @pytest.mark.parametrize("change", ["data", "replace", "scaling", "dtype", "transpose",
                                     "reorder_B", "scaling_in_place", "readd"])

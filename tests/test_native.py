@@ -259,7 +259,8 @@ def test_lora_linear_thread_count_independent(T, K, N, R, p, dtype, monkeypatch)
     dy @ W) are ATen's, which MKL threads itself and whose last bits may change with the
     thread count, as torch.mm's do; with W = 0 they add exact zeros, and y, dx are the
     LoRA branch's alone. d lora_A and d lora_B never involve the base GEMM. The fused
-    path (FASTPEFT_CPU_PATH=fused): the aten path's rank-R products are ATen GEMMs too."""
+    path (FASTPEFT_CPU_PATH=fused): the aten path's rank-R products are ATen GEMMs too
+    (but for the forward of up to 8 rows, which runs the fused path's kernels)."""
     monkeypatch.setenv("FASTPEFT_CPU_PATH", "fused")
     _assert_thread_count_independent(
         lambda: _lora_case(T, K, N, R, dtype, p=p, zero_weight=True),

@@ -82,6 +82,52 @@ def test_use_backend_is_per_thread():
         assert _backend.current() == "auto"
 
 
+def test_use_backend_after_compiling_recompiles():
+    """torch.compile guards on use_backend's per-thread choice: a function compiled (and
+    compiled again once its first call memoised the choice) in a thread that never
+    entered use_backend runs the reference inside it. A default read through the class
+    had kept the compiled kernels' graph there."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(any("fastpeft" in str(n.target) for n in gm.graph.nodes))
+        return gm.forward
+
+    seen = {}
+
+    def run():
+        torch._dynamo.reset()
+        f = torch.compile(lambda x, w, a, b: fastpeft.lora_linear(x, w, None, a, b, 2.0),
+                          backend=backend)
+        x, w, a, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+        f(x, w, a, b)
+        f(x, w, a, b)
+        seen["before"] = len(graphs)
+        with fastpeft.use_backend("reference"):
+            f(x, w, a, b)
+        seen["inside"] = len(graphs)
+
+    thread = threading.Thread(target=run)  # a thread whose per-thread state is fresh
+    thread.start()
+    thread.join(120)
+    assert seen["inside"] == seen["before"] + 1 and graphs[-1] is False
+    assert graphs[0] is _backend.native_available()
+
+
+def test_dropout_seed_follows_the_inputs_not_the_default_device():
+    """The seed a dropout call draws is on x's device whatever torch.set_default_device or
+    a ``with torch.device(...)`` block says (a seed on "meta" had sent a CPU call to the
+    fake kernel, which returns uninitialised memory)."""
+    x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+    torch.manual_seed(0)
+    expected = fastpeft.lora_linear(x, w, None, a, b, 2.0, dropout_p=0.5)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        y = fastpeft.lora_linear(x, w, None, a, b, 2.0, dropout_p=0.5)
+    assert y.device.type == "cpu"
+    torch.testing.assert_close(y, expected)
+
+
 # --- 4. zero-size dimensions give the empty result and its gradients ------------------------
 
 

@@ -85,23 +85,27 @@ PyObject* adapters_key(PyObject* /*self*/, PyObject* args) {
                         &b_modules, &PyDict_Type, &scalings, &name))
     return nullptr;
   static PyObject* const parameters = PyUnicode_InternFromString("_parameters");
+  if (parameters == nullptr) return nullptr;
   std::vector<int64_t> words;
   words.reserve(static_cast<size_t>(PyDict_Size(a_modules)) * 15);
   Py_ssize_t pos = 0;
-  PyObject *adapter = nullptr, *a_module = nullptr;
-  while (PyDict_Next(a_modules, &pos, &adapter, &a_module)) {
-    PyObject* b_module = PyDict_GetItemWithError(b_modules, adapter);
-    PyObject* scaling = b_module ? PyDict_GetItemWithError(scalings, adapter) : nullptr;
+  PyObject *adapter_ref = nullptr, *a_module_ref = nullptr;
+  while (PyDict_Next(a_modules, &pos, &adapter_ref, &a_module_ref)) {
+    // owned: a scaling's __float__ may run Python code that changes the dicts
+    THPObjectPtr adapter(Py_NewRef(adapter_ref)), a_module(Py_NewRef(a_module_ref));
+    PyObject* b_ref = PyDict_GetItemWithError(b_modules, adapter.get());
+    PyObject* scaling = b_ref ? PyDict_GetItemWithError(scalings, adapter.get()) : nullptr;
     if (scaling == nullptr) {
       if (PyErr_Occurred()) return nullptr;
       Py_RETURN_NONE;
     }
-    const double value = PyFloat_AsDouble(scaling);
+    THPObjectPtr b_module(Py_NewRef(b_ref)), scaling_ref(Py_NewRef(scaling));
+    const double value = PyFloat_AsDouble(scaling_ref.get());
     if (value == -1.0 && PyErr_Occurred()) return nullptr;
     int64_t bits = 0;
     std::memcpy(&bits, &value, sizeof bits);
     words.push_back(bits);
-    for (PyObject* module : {a_module, b_module}) {
+    for (PyObject* module : {a_module.get(), b_module.get()}) {
       PyObject* t = parameter_of(module, parameters, name);
       if (t == nullptr && PyErr_Occurred()) return nullptr;
       if (t == nullptr || !THPVariable_Check(t) || !append_words(THPVariable_Unpack(t), words))

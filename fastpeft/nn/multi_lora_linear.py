@@ -233,14 +233,16 @@ class MultiLoRALinear(nn.Module):
         scalings = self.scaling
         native = _backend.native_module
         key = None
-        if native is not None and not torch.is_grad_enabled() \
-                and not torch.compiler.is_compiling():
-            # serving: whether the kept stack is current, in one C++ call that reads the
-            # scalings and the weights off the modules without listing them
+        if native is not None and not torch.compiler.is_compiling() \
+                and (not torch.is_grad_enabled() or _frozen(a_mods, b_mods)):
+            # whether the kept stack is current, in one C++ call that reads the scalings
+            # and the weights off the modules without listing them (None: no caching)
             key = native.adapters_key(a_mods, b_mods, scalings, "weight")
-            cached = self.__dict__.get("_fastpeft_stack")
-            if key is not None and cached is not None and cached[0] == (dtype, key):
-                return cached[1]
+            if key is not None:
+                key = (dtype, key)
+                cached = self.__dict__.get("_fastpeft_stack")
+                if cached is not None and cached[0] == key:
+                    return cached[1]
         lora_A = [m._parameters.get("weight") for m in a_mods.values()]
         lora_B = [b_mods[a]._parameters.get("weight") for a in a_mods]
         if any(w is None for w in lora_A) or any(w is None for w in lora_B):
@@ -250,13 +252,24 @@ class MultiLoRALinear(nn.Module):
         scaling = [scalings[a] for a in a_mods]
         if key is None:
             return stack_adapters_cached(self, lora_A, lora_B, scaling, dtype)
-        return _keep_stack(self, (dtype, key), lora_A, lora_B, scaling, dtype)
+        return _keep_stack(self, key, lora_A, lora_B, scaling, dtype)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{a}(r={self.r[a]}, alpha={self.lora_alpha[a]})"
                              for a in self.adapter_names)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"adapters=[{adapters}]")
+
+
+def _frozen(*module_dicts: dict[str, nn.Module]) -> bool:
+    """Whether no module of the dicts has a ``weight`` parameter that requires grad (False
+    where one has none, a parametrised weight: the caller then checks the attributes)."""
+    for mods in module_dicts:
+        for m in mods.values():
+            w = m._parameters.get("weight")
+            if w is None or w.requires_grad:
+                return False
+    return True
 
 
 def stack_adapters(lora_A: Sequence[Tensor], lora_B: Sequence[Tensor],

@@ -1,9 +1,11 @@
 // The rank-R kernels of the LoRA branch on CPU (lora_branch.h: its math; lora_branch.cpp:
 // the orchestration that runs these), shared by lora_linear and int8_lora_linear.
 //
-// All three are register-blocked micro-kernels on 32-byte vectors (simd.h) with fp32
-// accumulation (fp64 for double), multi-versioned for AVX2/FMA, called on disjoint
-// work ranges from at::parallel_for. Shapes: x (T, K), A (R, K), B (N, R), dy (T, N).
+// The forward and the two backward passes are register-blocked micro-kernels, and the
+// forward of a few rows (few_rows_down, few_rows_up) dot products along the weights'
+// rows; all on 32-byte vectors (simd.h) with fp32 accumulation (fp64 for double),
+// multi-versioned for AVX2/FMA, called on disjoint work ranges from at::parallel_for.
+// Shapes: x (T, K), A (R, K), B (N, R), dy (T, N).
 #pragma once
 
 #include <algorithm>
