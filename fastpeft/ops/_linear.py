@@ -112,14 +112,7 @@ def base_weight(weight: Tensor) -> Tensor:
     return weight.contiguous()
 
 
-_CPU = torch.device("cpu")
-
-
-def draw_seed(like: Tensor | torch.device) -> Tensor:
-    """A fresh dropout seed from torch's generator for ``like``'s device (a tensor's, or a
-    device), so ``torch.manual_seed`` makes runs reproducible; kept on the device so no
-    kernel waits on the host. For a CPU tensor the device is a module constant: making
-    ``x.device`` and parsing it took a cold call about 25 us, a third of the draw (and
-    naming none would follow ``torch.set_default_device``)."""
-    device = (_CPU if like.is_cpu else like.device) if isinstance(like, Tensor) else like
+def draw_seed(device: torch.device) -> Tensor:
+    """A fresh dropout seed from torch's generator for ``device`` (so ``torch.manual_seed``
+    makes runs reproducible); kept on the device so no kernel waits on the host."""
     return torch.randint(-(2**62), 2**62, (1,), dtype=torch.int64, device=device)

@@ -122,7 +122,7 @@ def int8_lora_linear(
         scaling = check_scalar("scaling", scaling)
         dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
     p = dropout_p if training else 0.0
-    seed = draw_seed(x) if p > 0.0 else None
+    seed = draw_seed(x.device) if p > 0.0 else None
 
     # A 2-D x (a decode step) skips the reshapes: on a tensor that requires grad each is an
     # autograd view, and at T = 1 the Python around the kernel is a sizeable part of a call.

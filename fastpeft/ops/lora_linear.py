@@ -100,7 +100,7 @@ def lora_linear(
         scaling = check_scalar("scaling", scaling)
         dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
     p = dropout_p if training else 0.0
-    seed = draw_seed(x) if p > 0.0 else None
+    seed = draw_seed(x.device) if p > 0.0 else None
 
     flat = x.dim() == 2  # (rows, in): no reshapes
     lead = x.shape[:-1]

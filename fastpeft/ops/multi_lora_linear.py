@@ -194,7 +194,7 @@ def multi_lora_linear(
         check_multi_lora_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids)
         dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
     p = dropout_p if training else 0.0
-    seed = draw_seed(x) if p > 0.0 else None
+    seed = draw_seed(x.device) if p > 0.0 else None
 
     flat = x.dim() == 2  # (rows, in): no reshapes (a serving call's usual input)
     lead = x.shape[:-1]
