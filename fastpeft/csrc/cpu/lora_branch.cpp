@@ -116,8 +116,8 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x, const at::
 }
 
 // ---------------------------------------------------------------------------------------
-// kFused forward for a few rows (T <= kFewRows): xd in acc_t, then xa by rows of A and y
-// by rows of B, each pass parallel over its rows (few_rows_down, few_rows_up) in tasks of
+// Forward for a few rows (T <= kFewRows; on either path, unless kAten is forced): xd in
+// acc_t, then xa by rows of A and y by rows of B, each pass parallel over its rows (few_rows_down, few_rows_up) in tasks of
 // at least kFewRowsTaskBytes of the weight: there is little arithmetic per byte, and the
 // threads' reads of A and B from memory overlap.
 constexpr int64_t kFewRowsTaskBytes = 16384;
