@@ -117,9 +117,9 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x, const at::
 
 // ---------------------------------------------------------------------------------------
 // Forward for a few rows (T <= kFewRows; on either path, unless kAten is forced): xd in
-// acc_t, then xa by rows of A and y by rows of B, each pass parallel over its rows (few_rows_down, few_rows_up) in tasks of
-// at least kFewRowsTaskBytes of the weight: there is little arithmetic per byte, and the
-// threads' reads of A and B from memory overlap.
+// acc_t, then xa by rows of A and y by rows of B, each pass parallel over its rows
+// (few_rows_down, few_rows_up) in tasks of at least kFewRowsTaskBytes of the weight: there
+// is little arithmetic per byte, and the threads' reads of A and B from memory overlap.
 constexpr int64_t kFewRowsTaskBytes = 16384;
 
 std::tuple<at::Tensor, at::Tensor> forward_few_rows(const at::Tensor& x, const at::Tensor& bias,
