@@ -151,10 +151,9 @@ bool gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor& sca
 // Decode path forward (T <= kDecodeMaxRows, or kGemvMaxRows where the GEMV runs), the LoRA
 // branch fused: returns (y, xa) with xa = xd @ A^T and y = b + s * xa @ B^T + x @ W^T,
 // written once by the streaming kernel.
-// xd is built as lora_branch::forward_kernel builds it (the same Philox words,
-// dropout_keep_rows, and the same products, load_dropped), so the mask is bit-identical
-// to lora_linear's; the rank-R products are small here (T x R x (K + N)) and need no
-// packing of A or B.
+// xd and the rank-R products are lora_branch's few-rows helpers (dropped_rows: the mask
+// bit-identical to lora_linear's; lora_down_kernel; lora_terms in the epilogue): small
+// here (T x R x (K + N)), with no packing of A or B.
 std::tuple<at::Tensor, at::Tensor> decode_forward(
     const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
@@ -162,32 +161,16 @@ std::tuple<at::Tensor, at::Tensor> decode_forward(
   const int64_t T = x.size(0), K = x.size(1), N = q.size(0), R = lora_A.size(0);
   at::Tensor y = at::empty({T, N}, x.options()), xa = at::empty({T, R}, x.options());
   if (T == 0) return {y, xa};
-  const bool dropout = dropout_p > 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_decode", [&] {
     using acc_t = acc_of<scalar_t>;
-    using lora_branch::load_dropped;
     const scalar_t* xs = x.const_data_ptr<scalar_t>();
-    const int64_t groups = div_up(K, 4);
-    const acc_t keep_scale = dropout ? acc_t(1.0 / (1.0 - dropout_p)) : acc_t(1);
-    std::vector<acc_t> xd(static_cast<size_t>(T * K));
-    if (dropout) {  // as forward_kernel: keep holds c (float kernels) or 1 (double)
-      const float keep_on = std::is_same_v<acc_t, float> ? static_cast<float>(keep_scale) : 1.0f;
-      std::vector<float> keep(static_cast<size_t>(T * 4 * groups));
-      dropout_keep_rows(seed, 0, groups, T, groups, dropout_threshold(dropout_p), keep_on,
-                        keep.data(), 4 * groups);
-      for (int64_t t = 0; t < T; ++t)
-        load_dropped<scalar_t, acc_t, true>(xs + t * K, K, K, keep.data() + t * 4 * groups,
-                                            keep_scale, xd.data() + t * K);
-    } else {
-      for (int64_t t = 0; t < T; ++t)
-        load_dropped<scalar_t, acc_t, false>(xs + t * K, K, K, nullptr, 1, xd.data() + t * K);
-    }
+    const std::vector<acc_t> xd = lora_branch::dropped_rows(xs, T, K, dropout_p, seed);
     // xa in acc_t, then s * xa for the epilogue (forward_kernel likewise uses the
     // unrounded xa for y)
     // no copy for fp32 / fp64
     const at::Tensor A = lora_A.to(dequant_gemm::acc_type(x)).contiguous();
     std::vector<acc_t> sxa(static_cast<size_t>(T * R));
-    lora_down_kernel(xd.data(), A.const_data_ptr<acc_t>(), T, K, R, sxa.data());
+    lora_down_kernel(xd.data(), A.const_data_ptr<acc_t>(), T, K, R, 0, R, sxa.data());
     scalar_t* xa_out = xa.mutable_data_ptr<scalar_t>();
     for (int64_t e = 0; e < T * R; ++e) {
       xa_out[e] = static_cast<scalar_t>(sxa[e]);

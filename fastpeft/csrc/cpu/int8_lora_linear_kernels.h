@@ -20,6 +20,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu/lora_branch_kernels.h"
 #include "cpu/simd.h"
 
 #ifdef FASTPEFT_HAVE_AVX2_PATH
@@ -161,72 +162,11 @@ void permute_rows(const scalar_t* __restrict x, int64_t T, int64_t K, acc_t* __r
 }
 
 // ---------------------------------------------------------------------------------------
-// The decode forward's rank-R products.
-
-// xa (T, R) = xd @ A^T for the decode path, xd (T, K) and A (R, K) in acc_t: T x R dot
-// products, NR rows of A at a time sharing each vector of xd.
-template <int NR, typename acc_t, typename V = typename VecT<acc_t>::type>
-FASTPEFT_INLINE void lora_dots(const acc_t* __restrict xd, const acc_t* __restrict A,
-                               int64_t K, acc_t* __restrict out) {
-  constexpr int L = VecT<acc_t>::lanes;
-  const int64_t Kv = K / L * L;
-  V a[NR] = {};
-  for (int64_t k = 0; k < Kv; k += L) {
-    const V xv = vload(xd + k);
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) a[j] += xv * vload(A + j * K + k);
-  }
-  for (int j = 0; j < NR; ++j) {
-    acc_t sum = hsum<acc_t>(a[j]);
-    for (int64_t k = Kv; k < K; ++k) sum += xd[k] * A[j * K + k];
-    out[j] = sum;
-  }
-}
-
-template <typename acc_t>
-FASTPEFT_MULTIVERSION void lora_down_kernel(const acc_t* __restrict xd,
-                                            const acc_t* __restrict A, int64_t T, int64_t K,
-                                            int64_t R, acc_t* __restrict xa) {
-  for (int64_t t = 0; t < T; ++t) {
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) lora_dots<4>(xd + t * K, A + r * K, K, xa + t * R + r);
-    for (; r < R; ++r) lora_dots<1>(xd + t * K, A + r * K, K, xa + t * R + r);
-  }
-}
-
-// The LoRA branch, fused into the decode forward: y = bias + sxa @ B^T + (x @ W^T).
-template <typename scalar_t, typename acc_t>
-struct LoraUp {
-  const acc_t* sxa;       // (T, R): s * xa in acc_t
-  const scalar_t* B;      // (N, R) lora_B
-  const scalar_t* bias;   // (N,), or nullptr
-  int64_t R;
-};
-
-// The LoRA terms of rows n0 .. n0 + ng - 1 (ng <= kGroupRows) of y, lo (T, kGroupRows) =
-// bias[n0 + j] + Σ_r sxa[t, r] * B[n0 + j, r]: a row of B converted to acc_t into brow
-// (R), then dot products vectorised over r. Rank-1 updates over r vectorised over j would
-// need B^T, and at decode sizes transposing B costs more than the products themselves
-// (`fastpeft-bench --ops int8_lora_linear` measures the decode shapes).
-template <typename scalar_t, typename acc_t, typename V = typename VecT<acc_t>::type>
-FASTPEFT_INLINE void lora_terms(const LoraUp<scalar_t, acc_t>& up, int64_t T, int64_t n0,
-                                int64_t ng, acc_t* __restrict brow, acc_t* __restrict lo) {
-  constexpr int L = VecT<acc_t>::lanes;
-  const int64_t R = up.R, Rv = R / L * L;
-  for (int64_t j = 0; j < ng; ++j) {
-    const scalar_t* b = up.B + (n0 + j) * R;
-    for (int64_t r = 0; r < R; ++r) brow[r] = static_cast<acc_t>(b[r]);
-    const acc_t bias = up.bias ? static_cast<acc_t>(up.bias[n0 + j]) : acc_t(0);
-    for (int64_t t = 0; t < T; ++t) {
-      const acc_t* sx = up.sxa + t * R;
-      V acc = {};
-      for (int64_t r = 0; r < Rv; r += L) acc += vload(sx + r) * vload(brow + r);
-      acc_t sum = hsum<acc_t>(acc);
-      for (int64_t r = Rv; r < R; ++r) sum += sx[r] * brow[r];
-      lo[t * kGroupRows + j] = bias + sum;
-    }
-  }
-}
+// The decode forward's rank-R products: lora_branch's few-rows helpers (lora_down_kernel,
+// LoraUp, lora_terms), the up products fused into the epilogue below.
+using lora_branch::lora_down_kernel;
+using lora_branch::lora_terms;
+using lora_branch::LoraUp;
 
 // xp (T, K) from permute_rows; y (T, N) in scalar_t, written: y[t, n] = bias[n] +
 // sxa[t, :] . B[n, :] + scale[n] * x[t, :] . Q[n, :], rounded once. acc is per-thread
@@ -265,7 +205,7 @@ FASTPEFT_MULTIVERSION void decode_forward_kernel(
         t0 = T;
       }
     }
-    lora_terms(up, T, n0, ng, brow, lo);
+    lora_terms(up, T, n0, ng, brow, lo, kGroupRows);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < ng; ++j) {
         const int64_t n = n0 + j;
@@ -421,7 +361,7 @@ FASTPEFT_MULTIVERSION void gemv_epilogue(const float* __restrict dots, int64_t l
   float* brow = scratch + T * kGroupRows;  // (R)
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kGroupRows) {
     const int64_t ng = std::min(kGroupRows, n_end - n0);
-    lora_terms(up, T, n0, ng, brow, lo);
+    lora_terms(up, T, n0, ng, brow, lo, kGroupRows);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < ng; ++j)
         y[t * N + n0 + j] = static_cast<scalar_t>(

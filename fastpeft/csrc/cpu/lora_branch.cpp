@@ -118,8 +118,9 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x, const at::
 // ---------------------------------------------------------------------------------------
 // Forward for a few rows (T <= kFewRows; on either path, unless kAten is forced): xd in
 // acc_t, then xa by rows of A and y by rows of B, each pass parallel over its rows
-// (few_rows_down, few_rows_up) in tasks of at least kFewRowsTaskBytes of the weight: there
-// is little arithmetic per byte, and the threads' reads of A and B from memory overlap.
+// (lora_down_kernel, lora_up_kernel) in tasks of at least kFewRowsTaskBytes of the weight:
+// there is little arithmetic per byte, and the threads' reads of A and B from memory
+// overlap.
 constexpr int64_t kFewRowsTaskBytes = 16384;
 
 std::tuple<at::Tensor, at::Tensor> forward_few_rows(const at::Tensor& x, const at::Tensor& bias,
@@ -131,40 +132,28 @@ std::tuple<at::Tensor, at::Tensor> forward_few_rows(const at::Tensor& x, const a
   at::Tensor y = at::empty({T, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_branch", [&] {
     using acc_t = acc_of<scalar_t>;
-    const int64_t groups = div_up(K, 4);
-    std::vector<acc_t> xs(static_cast<size_t>(T * K)), sxa(static_cast<size_t>(T * R));
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    if (dropout_p > 0.0) {  // the mask of forward_kernel's tile of rows 0 .. T - 1
-      const acc_t keep_scale = acc_t(1.0 / (1.0 - dropout_p));
-      const float keep_on = std::is_same_v<acc_t, float> ? static_cast<float>(keep_scale) : 1.0f;
-      std::vector<float> keep(static_cast<size_t>(T * 4 * groups));
-      dropout_keep_rows(seed, 0, groups, T, groups, dropout_threshold(dropout_p), keep_on,
-                        keep.data(), 4 * groups);
-      for (int64_t t = 0; t < T; ++t)
-        load_dropped<scalar_t, acc_t, true>(xp + t * K, K, K, keep.data() + t * 4 * groups,
-                                            keep_scale, xs.data() + t * K);
-    } else {
-      for (int64_t t = 0; t < T; ++t)
-        load_dropped<scalar_t, acc_t, false>(xp + t * K, K, K, nullptr, acc_t(1),
-                                             xs.data() + t * K);
-    }
-    const scalar_t* A = lora_A.const_data_ptr<scalar_t>();
-    const auto grain = [](int64_t row_elems) {
-      return std::max<int64_t>(1, kFewRowsTaskBytes / std::max<int64_t>(
-                                      1, row_elems * static_cast<int64_t>(sizeof(scalar_t))));
+    const std::vector<acc_t> xd =
+        dropped_rows(x.const_data_ptr<scalar_t>(), T, K, dropout_p, seed);
+    // no copy for fp32 / fp64
+    const at::Tensor A = lora_A.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const auto grain = [](int64_t row_bytes) {
+      return std::max<int64_t>(1, kFewRowsTaskBytes / std::max<int64_t>(1, row_bytes));
     };
-    at::parallel_for(0, R, grain(K), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> a_row(std::is_same_v<scalar_t, acc_t> ? 0 : static_cast<size_t>(K));
-      few_rows_down(xs.data(), A, T, K, R, begin, end, sxa.data(), a_row.data());
+    std::vector<acc_t> sxa(static_cast<size_t>(T * R));
+    at::parallel_for(0, R, grain(K * sizeof(acc_t)), [&](int64_t begin, int64_t end) {
+      lora_down_kernel(xd.data(), A.const_data_ptr<acc_t>(), T, K, R, begin, end, sxa.data());
     });
     scalar_t* xa_out = xa.mutable_data_ptr<scalar_t>();
-    for (int64_t e = 0; e < T * R; ++e) xa_out[e] = static_cast<scalar_t>(sxa[e]);
-    const scalar_t* B = lora_B.const_data_ptr<scalar_t>();
-    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, N, grain(R), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> b_row(std::is_same_v<scalar_t, acc_t> ? 0 : static_cast<size_t>(R));
-      few_rows_up(sxa.data(), B, b, static_cast<acc_t>(scaling), T, R, N, begin, end,
-                  y.mutable_data_ptr<scalar_t>(), b_row.data());
+    for (int64_t e = 0; e < T * R; ++e) {  // y from the unrounded xa, as forward_kernel's
+      xa_out[e] = static_cast<scalar_t>(sxa[e]);
+      sxa[e] *= static_cast<acc_t>(scaling);
+    }
+    const LoraUp<scalar_t, acc_t> up{sxa.data(), lora_B.const_data_ptr<scalar_t>(),
+                                     bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                     R};
+    at::parallel_for(0, N, grain(R * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(static_cast<size_t>(T * kUpCols + R));
+      lora_up_kernel(up, T, N, begin, end, y.mutable_data_ptr<scalar_t>(), scratch.data());
     });
   });
   return {y, xa};
@@ -386,8 +375,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            double scaling, double dropout_p, uint64_t seed) {
   // Up to kFewRows rows the few-rows kernels, whatever cpu_path's choice, unless kAten is
   // forced: ATen's GEMMs cost more there, bf16 on AVX-512 included (nf4_lora_linear T = 1,
-  // 4096 x 4096, r = 16, bf16, caches flushed, Zen 4: 0.65 ms against 0.84 with kAten;
-  // 1024 x 1024: 0.10 against 0.25; python benchmarks/branch_path.py --dtype bf16).
+  // 4096 x 4096, r = 16, bf16, caches flushed, Zen 4: 0.51-0.65 ms against 0.65-0.84 with
+  // kAten; 1024 x 1024: 0.10-0.15 against 0.25-0.33, two runs of
+  // python benchmarks/branch_path.py --dtype bf16).
   const auto forced = forced_cpu_path();
   if (x.size(0) <= kFewRows && forced != CpuPath::kAten)
     return forward_few_rows(x, bias, lora_A, lora_B, scaling, dropout_p, seed);

@@ -2,7 +2,7 @@
 // the orchestration that runs these), shared by lora_linear and int8_lora_linear.
 //
 // The forward and the two backward passes are register-blocked micro-kernels, and the
-// forward of a few rows (few_rows_down, few_rows_up) dot products along the weights'
+// branch of a few rows (lora_down_kernel, lora_up_kernel) dot products along the weights'
 // rows; all on 32-byte vectors (simd.h) with fp32 accumulation (fp64 for double),
 // multi-versioned for AVX2/FMA, called on disjoint work ranges from at::parallel_for.
 // Shapes: x (T, K), A (R, K), B (N, R), dy (T, N).
@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/philox.h"
 #include "cpu/simd.h"
@@ -185,76 +186,124 @@ FASTPEFT_MULTIVERSION void forward_kernel(
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward for a few rows (T <= kFewRows: decode steps), on A and B as they lie, without
+// The branch for a few rows (T <= kFewRows: decode steps), on A and B as they lie, without
 // forward_kernel's packing of A^T and B^T (R x (K + N) values laid out afresh each call,
 // which at T = 1 took longer than the products) or its tiles of kFwdRows rows (five of six
-// empty at T = 1). Two passes, each a dot product along the rows of a weight:
-//   xa[t][r] = xd[t] . A[r]  (length K)       y[t][n] = b[n] + s * xa[t] . B[n]  (length R)
-// with the same chunks of kDownChunk over K as down_tile.
+// empty at T = 1): dot products along the rows of each weight,
+//   xa[t][r] = xd[t] . A[r]  (length K)       y[t][n] = b[n] + sxa[t] . B[n]  (length R)
+// with sxa = s * xa. Used by lora_branch.cpp's forward_few_rows and by int8_lora_linear's
+// decode forward, which adds the up products in its own epilogue.
 constexpr int64_t kFewRows = 8;
 
-// x . w over n elements (acc_t, unit stride): two vector accumulators per chunk of
-// kDownChunk, the chunk's lanes summed in order and added to the total.
-template <typename acc_t>
-FASTPEFT_INLINE acc_t dot_chunked(const acc_t* __restrict x, const acc_t* __restrict w,
-                                  int64_t n) {
-  using V = typename VecT<acc_t>::type;
-  constexpr int L = VecT<acc_t>::lanes;
-  acc_t total = 0;
-  for (int64_t k0 = 0; k0 < n; k0 += kDownChunk) {
-    const int64_t k1 = std::min(n, k0 + kDownChunk);
-    V acc0{}, acc1{};
-    int64_t k = k0;
-    for (; k + 2 * L <= k1; k += 2 * L) {
-      acc0 += vload(x + k) * vload(w + k);
-      acc1 += vload(x + k + L) * vload(w + k + L);
-    }
-    for (; k + L <= k1; k += L) acc0 += vload(x + k) * vload(w + k);
-    acc_t part = hsum<acc_t>(acc0 + acc1);
-    for (; k < k1; ++k) part += x[k] * w[k];
-    total += part;
-  }
-  return total;
-}
-
-// xa rows [r_begin, r_end) of A (R, K; acc_t, or scalar_t converted row by row into
-// a_row, K values of scratch): sxa[t * R + r] = xd[t] . A[r] for t < T, xs (T, K) being
-// xd in acc_t.
+// xd (T, K) in acc_t: x's rows, times forward_kernel's dropout mask for rows 0 .. T - 1
+// (the same Philox words and products, so the mask is lora_linear's) where dropout_p > 0.
 template <typename scalar_t, typename acc_t = acc_of<scalar_t>>
-FASTPEFT_MULTIVERSION void few_rows_down(const acc_t* __restrict xs, const scalar_t* __restrict A,
-                                         int64_t T, int64_t K, int64_t R, int64_t r_begin,
-                                         int64_t r_end, acc_t* __restrict sxa,
-                                         acc_t* __restrict a_row) {
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    const acc_t* w;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      w = A + r * K;
-    } else {
-      load_dropped<scalar_t, acc_t, false>(A + r * K, K, K, nullptr, acc_t(1), a_row);
-      w = a_row;
-    }
-    for (int64_t t = 0; t < T; ++t) sxa[t * R + r] = dot_chunked(xs + t * K, w, K);
-  }
-}
-
-// y columns [n_begin, n_end): y[t][n] = b[n] + s * xa[t] . B[n] for t < T, sxa (T, R) xa in
-// acc_t, bias null for none. b_row: R values of scratch for a B row of scalar_t.
-template <typename scalar_t, typename acc_t = acc_of<scalar_t>>
-FASTPEFT_MULTIVERSION void few_rows_up(const acc_t* __restrict sxa, const scalar_t* __restrict B,
-                                       const scalar_t* __restrict bias, acc_t s, int64_t T,
-                                       int64_t R, int64_t N, int64_t n_begin, int64_t n_end,
-                                       scalar_t* __restrict y, acc_t* __restrict b_row) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const acc_t* w;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      w = B + n * R;
-    } else {
-      load_dropped<scalar_t, acc_t, false>(B + n * R, R, R, nullptr, acc_t(1), b_row);
-      w = b_row;
-    }
-    const acc_t b = bias != nullptr ? to_acc(bias[n]) : acc_t(0);
+std::vector<acc_t> dropped_rows(const scalar_t* __restrict x, int64_t T, int64_t K,
+                                double dropout_p, uint64_t seed) {
+  std::vector<acc_t> xd(static_cast<size_t>(T * K));
+  if (dropout_p <= 0.0) {
     for (int64_t t = 0; t < T; ++t)
-      y[t * N + n] = static_cast<scalar_t>(b + s * dot_chunked(sxa + t * R, w, R));
+      load_dropped<scalar_t, acc_t, false>(x + t * K, K, K, nullptr, acc_t(1), xd.data() + t * K);
+    return xd;
+  }
+  // keep holds c (float kernels) or 1 (double), as in forward_kernel
+  const int64_t groups = div_up(K, 4);
+  const acc_t keep_scale = acc_t(1.0 / (1.0 - dropout_p));
+  const float keep_on = std::is_same_v<acc_t, float> ? static_cast<float>(keep_scale) : 1.0f;
+  std::vector<float> keep(static_cast<size_t>(T * 4 * groups));
+  dropout_keep_rows(seed, 0, groups, T, groups, dropout_threshold(dropout_p), keep_on,
+                    keep.data(), 4 * groups);
+  for (int64_t t = 0; t < T; ++t)
+    load_dropped<scalar_t, acc_t, true>(x + t * K, K, K, keep.data() + t * 4 * groups,
+                                        keep_scale, xd.data() + t * K);
+  return xd;
+}
+
+// out[j] = xd . A[j] for j < NR, xd (K) and A (NR, K) in acc_t: NR rows of A at a time
+// sharing each vector of xd.
+template <int NR, typename acc_t, typename V = typename VecT<acc_t>::type>
+FASTPEFT_INLINE void lora_dots(const acc_t* __restrict xd, const acc_t* __restrict A,
+                               int64_t K, acc_t* __restrict out) {
+  constexpr int L = VecT<acc_t>::lanes;
+  const int64_t Kv = K / L * L;
+  V a[NR] = {};
+  for (int64_t k = 0; k < Kv; k += L) {
+    const V xv = vload(xd + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) a[j] += xv * vload(A + j * K + k);
+  }
+  for (int j = 0; j < NR; ++j) {
+    acc_t sum = hsum<acc_t>(a[j]);
+    for (int64_t k = Kv; k < K; ++k) sum += xd[k] * A[j * K + k];
+    out[j] = sum;
+  }
+}
+
+// xa[:, r_begin : r_end) of xa (T, R) = xd @ A^T, xd (T, K) and A (R, K) in acc_t. Each
+// dot product is computed alike whatever the range (lora_dots' rows are independent), so
+// splitting R over threads changes no bits.
+template <typename acc_t>
+FASTPEFT_MULTIVERSION void lora_down_kernel(const acc_t* __restrict xd,
+                                            const acc_t* __restrict A, int64_t T, int64_t K,
+                                            int64_t R, int64_t r_begin, int64_t r_end,
+                                            acc_t* __restrict xa) {
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t r = r_begin;
+    for (; r + 4 <= r_end; r += 4) lora_dots<4>(xd + t * K, A + r * K, K, xa + t * R + r);
+    for (; r < r_end; ++r) lora_dots<1>(xd + t * K, A + r * K, K, xa + t * R + r);
+  }
+}
+
+// The up products' operands: y = bias + sxa @ B^T (+ the base term, added by the caller).
+template <typename scalar_t, typename acc_t>
+struct LoraUp {
+  const acc_t* sxa;       // (T, R): s * xa in acc_t
+  const scalar_t* B;      // (N, R) lora_B
+  const scalar_t* bias;   // (N,), or nullptr
+  int64_t R;
+};
+
+// The LoRA terms of rows n0 .. n0 + ng - 1 of y, lo[t * ldo + j] = bias[n0 + j] +
+// Σ_r sxa[t, r] * B[n0 + j, r]: a row of B converted to acc_t into brow (R), then dot
+// products vectorised over r. Rank-1 updates over r vectorised over j would need B^T, and
+// at decode sizes transposing B costs more than the products themselves
+// (`fastpeft-bench --ops int8_lora_linear` measures the decode shapes).
+template <typename scalar_t, typename acc_t, typename V = typename VecT<acc_t>::type>
+FASTPEFT_INLINE void lora_terms(const LoraUp<scalar_t, acc_t>& up, int64_t T, int64_t n0,
+                                int64_t ng, acc_t* __restrict brow, acc_t* __restrict lo,
+                                int64_t ldo) {
+  constexpr int L = VecT<acc_t>::lanes;
+  const int64_t R = up.R, Rv = R / L * L;
+  for (int64_t j = 0; j < ng; ++j) {
+    const scalar_t* b = up.B + (n0 + j) * R;
+    for (int64_t r = 0; r < R; ++r) brow[r] = static_cast<acc_t>(b[r]);
+    const acc_t bias = up.bias ? static_cast<acc_t>(up.bias[n0 + j]) : acc_t(0);
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t* sx = up.sxa + t * R;
+      V acc = {};
+      for (int64_t r = 0; r < Rv; r += L) acc += vload(sx + r) * vload(brow + r);
+      acc_t sum = hsum<acc_t>(acc);
+      for (int64_t r = Rv; r < R; ++r) sum += sx[r] * brow[r];
+      lo[t * ldo + j] = bias + sum;
+    }
+  }
+}
+
+// y[:, n_begin : n_end) of y (T, N) in scalar_t, written: the LoRA terms alone (lora_terms
+// in blocks of kUpCols columns). scratch: T * kUpCols + R values of acc_t.
+constexpr int64_t kUpCols = 64;
+
+template <typename scalar_t, typename acc_t>
+FASTPEFT_MULTIVERSION void lora_up_kernel(const LoraUp<scalar_t, acc_t>& up, int64_t T,
+                                          int64_t N, int64_t n_begin, int64_t n_end,
+                                          scalar_t* __restrict y, acc_t* __restrict scratch) {
+  acc_t* lo = scratch;                // (T, kUpCols)
+  acc_t* brow = scratch + T * kUpCols;  // (R)
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kUpCols) {
+    const int64_t ng = std::min(kUpCols, n_end - n0);
+    lora_terms(up, T, n0, ng, brow, lo, kUpCols);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < ng; ++j) y[t * N + n0 + j] = static_cast<scalar_t>(lo[t * kUpCols + j]);
   }
 }
 
