@@ -18,7 +18,7 @@ import importlib.util
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -59,7 +59,8 @@ BUILD_HINT = ("install a C++ compiler and ninja (pip install ninja) and import f
 native_origin = "not loaded"
 # The loaded kernels' Python module (fastpeft._C or its build on first use), or None: its
 # helpers weights_key and adapters_key serve the caches of stacked adapters
-# (fastpeft.nn.multi_lora_linear).
+# (fastpeft.nn.multi_lora_linear), and its <op>_call functions the LoRA linear ops' usual
+# eager CPU calls (native_call).
 native_module = None
 
 
@@ -181,6 +182,28 @@ def current() -> str:
     ``FASTPEFT_BACKEND``."""
     forced = _forced.name
     return forced if forced is not None else _ENV_BACKEND
+
+
+def eager_native() -> bool:
+    """Whether a public function may hand its call to its C++ entry point
+    (:func:`native_call`): not while torch.compile traces it (the entry point is opaque to
+    Dynamo), and only where the backend in force (``"auto"`` or ``"cpu"``) runs CPU
+    tensors on the native ops. Two reads, no device: it is on every call's path."""
+    return not torch.compiler.is_compiling() and current() in ("auto", "cpu")
+
+
+def _declined(*args: object) -> None:
+    return None
+
+
+def native_call(op: str) -> Callable[..., torch.Tensor | None]:
+    """The C++ entry point of ``op``'s usual eager CPU call, ``fastpeft._C.<op>_call``
+    (``csrc/calls.cpp``), for the LoRA linear ops. It takes the public function's arguments
+    and returns the output, or ``None`` for any call that is not the usual one (a bad
+    argument, a tensor subclass, a non-CPU tensor, a torch.func transform, ...), which the
+    public function then runs as before. Where the compiled kernels did not load, or lack
+    it, a function that always returns ``None``."""
+    return getattr(native_module, f"{op}_call", None) or _declined
 
 
 @contextlib.contextmanager

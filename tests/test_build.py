@@ -26,7 +26,7 @@ from fastpeft import _build
 # an editable install's finder would still find the checkout's), then say where from, how
 # the kernels were loaded, whether lora_linear has the C++ backend, and whether the
 # loaded C++ kernel computes what the reference does, and that the build's Python module
-# has its helpers.
+# has its helpers and its C++ entry points of the usual calls.
 _FIRST_USE = """
 import importlib.util
 find = importlib.util.find_spec
@@ -44,6 +44,7 @@ with fastpeft.use_backend("cpu"):
 want = reference.lora_linear(x, w, bias, a, b, 2.0, 0.0, False)
 print("same" if torch.allclose(y, want, atol=1e-4, rtol=1e-4) else "DIFFERENT")
 print(type(_backend.native_module.weights_key([x, w])).__name__)  # the module's helpers
+print(_backend.native_call("lora_linear")(x, w, bias, a, b, 2.0, 0.0, False).shape)
 """
 
 BUILD_TIMEOUT_S = 900  # one compile, on a loaded 2-core machine
@@ -80,7 +81,7 @@ def test_concurrent_first_imports_share_one_build(tmp_path):
     library = build_dir / "fastpeft_cpu_kernels.so"
     assert library.is_file()
     loaded = [str(src / "fastpeft" / "__init__.py"), f"built on first use ({library})",
-              "True", "same", "bytes"]
+              "True", "same", "bytes", "torch.Size([5, 12])"]
     for out, err in results:
         assert out == loaded, err
         assert "unavailable" not in err and "Traceback" not in err
@@ -92,3 +93,20 @@ def test_concurrent_first_imports_share_one_build(tmp_path):
     assert out == loaded, err
     assert "compiling" not in err and "compiled" not in err, err
     assert seconds < 60, f"the third process took {seconds:.0f} s: did it build again?"
+
+
+def test_every_source_file_is_package_data():
+    """Each file of fastpeft/csrc matches a package-data pattern of pyproject.toml, so that
+    a wheel carries what the build on first use compiles (a header missing there fails
+    only on a user's machine)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["fastpeft"]
+    package = root / "fastpeft"
+    files = {p for p in (package / "csrc").rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts}
+    assert files
+    packaged = {p for pattern in patterns for p in package.glob(pattern)}
+    missing = sorted(p.relative_to(package).as_posix() for p in files - packaged)
+    assert not missing, f"not in pyproject.toml's package-data: {missing}"

@@ -1,7 +1,7 @@
 // `import fastpeft._C` loads this shared library; the CPU kernels (csrc/cpu/*.cpp)
 // register themselves with the dispatcher through static TORCH_LIBRARY_IMPL initialisers.
-// The Python module holds two helpers for the modules' Python: weights_key and
-// adapters_key.
+// The Python module holds two helpers for the modules' Python (weights_key and
+// adapters_key) and the LoRA linear ops' usual eager CPU calls (<op>_call, calls.cpp).
 #include <Python.h>
 
 #include <torch/csrc/Exceptions.h>
@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "calls.h"
 
 namespace {
 
@@ -125,6 +127,16 @@ PyMethodDef methods[] = {
      "adapters_key(lora_A, lora_B, scaling, name) -> bytes | None: per adapter of the dict "
      "lora_A, in order, its float scaling and the weights_key words of lora_A[a] and "
      "lora_B[a]'s _parameters[name] (None where one is missing)."},
+#define FASTPEFT_CALL(op)                                                                  \
+  {#op "_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(fastpeft::op##_call)), \
+   METH_FASTCALL,                                                                         \
+   #op "_call(<fastpeft." #op "'s arguments>) -> Tensor | None: the usual eager CPU call "  \
+   "in C++, or None for any other (csrc/calls.cpp)."}
+    FASTPEFT_CALL(lora_linear),
+    FASTPEFT_CALL(int8_lora_linear),
+    FASTPEFT_CALL(nf4_lora_linear),
+    FASTPEFT_CALL(multi_lora_linear),
+#undef FASTPEFT_CALL
     {nullptr, nullptr, 0, nullptr}};
 
 #define FASTPEFT_STR2(x) #x

@@ -87,6 +87,10 @@ def check_int8_weight(x: Tensor, qweight: Tensor, weight_scale: Tensor) -> None:
                          "float base with fastpeft.lora_linear)")
 
 
+# fastpeft._C.int8_lora_linear_call (csrc/calls.cpp), or a stand-in that declines every call
+_NATIVE_CALL = _backend.native_call("int8_lora_linear")
+
+
 def int8_lora_linear(
     x: Tensor,
     qweight: Tensor,
@@ -115,6 +119,11 @@ def int8_lora_linear(
         ``(..., out)`` in x's dtype. Gradients flow to ``x``, ``bias``, ``lora_A`` and
         ``lora_B``; the quantised weight is frozen.
     """
+    if _backend.eager_native():  # the usual eager CPU call, in C++ (None: not that)
+        y = _NATIVE_CALL(x, qweight, weight_scale, bias, lora_A, lora_B, scaling, dropout_p,
+                          training)
+        if y is not None:
+            return y
     if not linear_args_ok(x, qweight, weight_scale, bias, lora_A, lora_B, scaling, dropout_p):
         check_float_input("x", x)
         check_int8_weight(x, qweight, weight_scale)

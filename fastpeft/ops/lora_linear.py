@@ -66,6 +66,10 @@ declare(OpSpec("lora_linear", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake, No
                triton_kernels))
 
 
+# fastpeft._C.lora_linear_call (csrc/calls.cpp), or a stand-in that declines every call
+_NATIVE_CALL = _backend.native_call("lora_linear")
+
+
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -93,6 +97,10 @@ def lora_linear(
         ``(..., out)``. Gradients flow to ``x``, ``lora_A``, ``lora_B`` (and to ``weight``,
         ``bias`` when they require grad).
     """
+    if _backend.eager_native():  # the usual eager CPU call, in C++ (None: not that)
+        y = _NATIVE_CALL(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+        if y is not None:
+            return y
     if not linear_args_ok(x, weight, None, bias, lora_A, lora_B, scaling, dropout_p):
         check_float_input("x", x)
         check_tensor("weight", weight, ndim=2)

@@ -152,6 +152,10 @@ def check_multi_lora_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A
     _check_ids(adapter_ids, n)
 
 
+# fastpeft._C.multi_lora_linear_call (csrc/calls.cpp), or a stand-in that declines every call
+_NATIVE_CALL = _backend.native_call("multi_lora_linear")
+
+
 def multi_lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -185,6 +189,11 @@ def multi_lora_linear(
         (zero for adapters no row names), and to ``weight`` and ``bias`` when they require
         grad.
     """
+    if _backend.eager_native():  # the usual eager CPU call, in C++ (None: not that)
+        y = _NATIVE_CALL(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p,
+                           training)
+        if y is not None:
+            return y
     op = _backend.resolve("multi_lora_linear", x) if isinstance(x, Tensor) else None
     if _usual_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p):
         # (the C++ op checks the ids' values itself, as this would, where it runs)

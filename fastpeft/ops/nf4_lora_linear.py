@@ -167,6 +167,10 @@ def _usual_args(x, qweight, absmax, bias, lora_A, lora_B, scaling, dropout_p,
                                     dropout_p)
 
 
+# fastpeft._C.nf4_lora_linear_call (csrc/calls.cpp), or a stand-in that declines every call
+_NATIVE_CALL = _backend.native_call("nf4_lora_linear")
+
+
 def nf4_lora_linear(
     x: Tensor,
     qweight: Tensor,
@@ -199,6 +203,11 @@ def nf4_lora_linear(
         ``(..., out)`` in x's dtype. Gradients flow to ``x``, ``bias``, ``lora_A`` and
         ``lora_B``; the quantised weight is frozen.
     """
+    if _backend.eager_native():  # the usual eager CPU call, in C++ (None: not that)
+        y = _NATIVE_CALL(x, qweight, absmax, bias, lora_A, lora_B, scaling, dropout_p, training,
+                         blocksize)
+        if y is not None:
+            return y
     if not _usual_args(x, qweight, absmax, bias, lora_A, lora_B, scaling, dropout_p,
                        blocksize):
         check_float_input("x", x)
