@@ -14,6 +14,7 @@ import platform
 import torch
 
 from . import _backend
+from .ops import _memory
 
 
 def _version(package: str) -> str:
@@ -68,6 +69,25 @@ def cpu_isa() -> str:
     return f"{isa} (auto; FASTPEFT_CPU_ISA=avx512bf16|avx512|avx2|generic forces)"
 
 
+def huge_pages() -> str:
+    """Whether the quantised codes go in transparent huge pages (fastpeft/ops/_memory.py),
+    and the kernel's setting for them (Linux's
+    /sys/kernel/mm/transparent_hugepage/enabled: the mode in brackets)."""
+    if os.environ.get("FASTPEFT_HUGE_PAGES", "1") == "0":
+        return "off (FASTPEFT_HUGE_PAGES=0)"
+    if not _memory.enabled():
+        return "off (needs the compiled kernels on Linux)"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            setting = f.read().strip()
+    except OSError:
+        setting = "unknown"
+    mode = setting[setting.find("[") + 1:setting.find("]")] if "[" in setting else setting
+    note = "; the kernel gives none, codes stay in 4 KiB pages" if mode == "never" else ""
+    return (f"codes of 2 MiB or more (kernel setting: {mode}{note}; "
+            "FASTPEFT_HUGE_PAGES=0 turns off)")
+
+
 def _cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
@@ -92,6 +112,7 @@ def report() -> str:
         f"C++ CPU kernels: {_backend.native_origin}",
         f"C++ CPU path: {cpu_path()}",
         f"NF4 decoder ISA: {cpu_isa()}",
+        f"huge pages: {huge_pages()}",
         f"triton: {triton}; CUDA device: "
         f"{torch.cuda.get_device_name() if cuda else 'none'}",
         f"backend in force: {_backend.current()} (FASTPEFT_BACKEND or use_backend)",

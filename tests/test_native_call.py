@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -134,6 +135,10 @@ def _bad_variants(op: str) -> dict[str, list]:
     variant("empty x", 0, torch.randn(0, IN))
     variant("x on the meta device", 0, torch.randn(3, IN, device="meta"))
     variant("x a list", 0, [[0.0] * IN] * 3)
+    with warnings.catch_warnings():  # (nested tensors are a prototype)
+        warnings.simplefilter("ignore")
+        variant("x nested", 0, torch.nested.nested_tensor([torch.randn(2, IN),
+                                                           torch.randn(3, IN)]))
     bias_at = 3 if op in ("int8_lora_linear", "nf4_lora_linear") else 2
     variant("bias of the wrong length", bias_at, torch.randn(OUT + 1))
     training_at = len(base) - (2 if op == "nf4_lora_linear" else 1)

@@ -49,12 +49,14 @@ namespace {
 using OptTensor = std::optional<at::Tensor>;
 using Outputs = std::tuple<at::Tensor, at::Tensor>;
 
-// obj as a tensor where it is exactly a torch.Tensor or an nn.Parameter, dense and on the
-// CPU, else nullptr.
+// obj as a tensor where it is exactly a torch.Tensor or an nn.Parameter, dense (not
+// nested) and on the CPU, else nullptr. The pointer borrows the argument's tensor: the
+// calls copy the tensors (owned references) before they let the GIL go.
 const at::Tensor* cpu_tensor(PyObject* obj) {
   if (!THPVariable_CheckExact(obj)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(obj);
-  return t.defined() && t.is_cpu() && t.layout() == at::kStrided ? &t : nullptr;
+  return t.defined() && t.is_cpu() && t.layout() == at::kStrided && !t.is_nested() ? &t
+                                                                                  : nullptr;
 }
 
 // bias: None (-> *out empty), or a tensor of shape (n,) in dtype.
@@ -124,7 +126,8 @@ bool plain_context() {
 // draw_seed(x.device) for a CPU x.
 OptTensor draw_seed(double p) {
   if (p == 0.0) return std::nullopt;
-  return at::randint(-(int64_t{1} << 62), int64_t{1} << 62, {1}, at::kLong);
+  return at::randint(-(int64_t{1} << 62), int64_t{1} << 62, {1},
+                     at::TensorOptions().dtype(at::kLong).device(at::kCPU).pinned_memory(false));
 }
 
 // x as (rows, in), contiguous.
@@ -145,8 +148,8 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// Runs f (the op's call, returning y) without the GIL, as torch's own bindings do, and
-// wraps y.
+// Runs f (the op's call, returning y, holding its own references to the tensors) without
+// the GIL, as torch's own bindings do, and wraps y.
 template <typename F>
 PyObject* run(F&& f) {
   at::Tensor y;
@@ -177,11 +180,11 @@ PyObject* lora_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   using Sig = Outputs(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
                       const at::Tensor&, double, double, const OptTensor&);
   static const auto op = find_op<Sig>("fastpeft::lora_linear");
-  return run([&] {
+  return run([&, x = *x, w = *w, a = *a, b = *b] {
     const OptTensor seed = draw_seed(p);
-    return with_leading(std::get<0>(op.call(rows_of(*x), base_weight(*w), bias, a->contiguous(),
-                                         b->contiguous(), scaling, p, seed)),
-                     *x);
+    return with_leading(std::get<0>(op.call(rows_of(x), base_weight(w), bias, a.contiguous(),
+                                            b.contiguous(), scaling, p, seed)),
+                        x);
   });
   END_HANDLE_TH_ERRORS
 }
@@ -209,11 +212,11 @@ PyObject* int8_lora_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ss
   using Sig = Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                       const at::Tensor&, const at::Tensor&, double, double, const OptTensor&);
   static const auto op = find_op<Sig>("fastpeft::int8_lora_linear");
-  return run([&] {
+  return run([&, x = *x, q = *q, s = *s, a = *a, b = *b] {
     const OptTensor seed = draw_seed(p);
-    return with_leading(std::get<0>(op.call(rows_of(*x), q->contiguous(), s->contiguous(), bias,
-                                         a->contiguous(), b->contiguous(), scaling, p, seed)),
-                     *x);
+    return with_leading(std::get<0>(op.call(rows_of(x), q.contiguous(), s.contiguous(), bias,
+                                            a.contiguous(), b.contiguous(), scaling, p, seed)),
+                        x);
   });
   END_HANDLE_TH_ERRORS
 }
@@ -251,12 +254,12 @@ PyObject* nf4_lora_linear_call(PyObject* /*self*/, PyObject* const* args, Py_ssi
                       const at::Tensor&, const at::Tensor&, double, double, const OptTensor&,
                       int64_t);
   static const auto op = find_op<Sig>("fastpeft::nf4_lora_linear");
-  return run([&] {
+  return run([&, x = *x, q = *q, am = *am, a = *a, b = *b] {
     const OptTensor seed = draw_seed(p);
-    return with_leading(std::get<0>(op.call(rows_of(*x), q->contiguous(), am->contiguous(), bias,
-                                         a->contiguous(), b->contiguous(), scaling, p, seed,
-                                         blocksize)),
-                     *x);
+    return with_leading(std::get<0>(op.call(rows_of(x), q.contiguous(), am.contiguous(), bias,
+                                            a.contiguous(), b.contiguous(), scaling, p, seed,
+                                            blocksize)),
+                        x);
   });
   END_HANDLE_TH_ERRORS
 }
@@ -293,12 +296,12 @@ PyObject* multi_lora_linear_call(PyObject* /*self*/, PyObject* const* args, Py_s
                       const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                       const OptTensor&);
   static const auto op = find_op<Sig>("fastpeft::multi_lora_linear");
-  return run([&] {
+  return run([&, x = *x, w = *w, a = *a, b = *b, s = *s, ids = *ids] {
     const OptTensor seed = draw_seed(p);
-    const at::Tensor flat_ids = x->dim() == 2 ? ids->contiguous() : ids->reshape(-1).contiguous();
-    return with_leading(std::get<0>(op.call(rows_of(*x), base_weight(*w), bias, a->contiguous(),
-                                         b->contiguous(), s->contiguous(), flat_ids, p, seed)),
-                     *x);
+    const at::Tensor flat_ids = x.dim() == 2 ? ids.contiguous() : ids.reshape(-1).contiguous();
+    return with_leading(std::get<0>(op.call(rows_of(x), base_weight(w), bias, a.contiguous(),
+                                            b.contiguous(), s.contiguous(), flat_ids, p, seed)),
+                        x);
   });
   END_HANDLE_TH_ERRORS
 }

@@ -1,7 +1,8 @@
 // `import fastpeft._C` loads this shared library; the CPU kernels (csrc/cpu/*.cpp)
 // register themselves with the dispatcher through static TORCH_LIBRARY_IMPL initialisers.
 // The Python module holds two helpers for the modules' Python (weights_key and
-// adapters_key) and the LoRA linear ops' usual eager CPU calls (<op>_call, calls.cpp).
+// adapters_key), the LoRA linear ops' usual eager CPU calls (<op>_call, calls.cpp), and
+// memory in huge pages for the quantised weights (huge_pages.cpp).
 #include <Python.h>
 
 #include <torch/csrc/Exceptions.h>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "calls.h"
+#include "huge_pages.h"
 
 namespace {
 
@@ -137,6 +139,12 @@ PyMethodDef methods[] = {
     FASTPEFT_CALL(nf4_lora_linear),
     FASTPEFT_CALL(multi_lora_linear),
 #undef FASTPEFT_CALL
+    {"huge_page_empty", fastpeft::huge_page_empty, METH_O,
+     "huge_page_empty(nbytes) -> uint8 tensor | None: fresh memory on a 2 MiB boundary, "
+     "advised for transparent huge pages (csrc/huge_pages.cpp); None off Linux."},
+    {"advise_huge_pages", fastpeft::advise_huge_pages, METH_O,
+     "advise_huge_pages(tensor) -> int: the whole 2 MiB spans of the tensor's memory "
+     "advised for huge pages and collapsed into them; the bytes advised."},
     {nullptr, nullptr, 0, nullptr}};
 
 #define FASTPEFT_STR2(x) #x

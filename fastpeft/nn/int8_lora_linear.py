@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from ..ops import _memory
 from ..ops._checks import check_positive_int
 from ..ops.int8_lora_linear import int8_lora_linear, quantize_int8
 from .lora_linear import autocast_dtype, is_conv1d, linear_weight, lora_weights
@@ -102,8 +103,8 @@ class Int8LoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.lora_dropout = float(lora_dropout)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.register_buffer(
-            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        self.register_buffer(  # in huge pages from 2 MiB on a Linux CPU (ops/_memory.py)
+            "qweight", _memory.zeros((out_features, in_features), torch.int8, device)
         )
         self.register_buffer(
             "weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device)

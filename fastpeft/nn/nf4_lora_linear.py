@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..ops import _memory
 from ..ops._checks import check_positive_int
 from ..ops.nf4_lora_linear import (
     absmax_length,
@@ -204,11 +205,12 @@ class NF4LoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.lora_dropout = float(lora_dropout)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2,
-                                                    dtype=torch.uint8, device=device))
-        self.register_buffer("absmax", torch.zeros(
-            absmax_length(out_features, in_features, self.blocksize), dtype=torch.float32,
-            device=device))
+        # (codes and scales of 2 MiB or more in huge pages on a Linux CPU: ops/_memory.py)
+        self.register_buffer("qweight", _memory.zeros((out_features, in_features // 2),
+                                                      torch.uint8, device))
+        self.register_buffer("absmax", _memory.zeros(
+            (absmax_length(out_features, in_features, self.blocksize),), torch.float32,
+            device))
         self.register_buffer("bias", torch.zeros(out_features, **factory) if bias else None)
         self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
@@ -308,6 +310,7 @@ class NF4LoRALinear(nn.Module):
                   dtype=dtype)
         new.qweight = qweight  # the very bytes of layer.weight (buffers keep their names)
         new.absmax = absmax
+        _memory.advise(qweight)  # in huge pages where they lie (ops/_memory.py)
         if bias is not None:
             with torch.no_grad():
                 new.bias.copy_(bias)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from . import _memory
 from ._checks import check_float_input, check_scalar, check_tensor
 from ._library import OpSpec, declare
 from ._linear import check_lora_args, draw_seed, linear_args_ok, linear_backward_fake
@@ -63,6 +64,8 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
         ``(qweight, weight_scale)``: ``qweight`` int8 ``(out, in)`` in ``[-127, 127]`` and
         ``weight_scale`` float32 ``(out,)`` with ``weight ~ qweight * weight_scale[:, None]``;
         bitsandbytes' row-wise format is ``CB = qweight``, ``SCB = 127 * weight_scale``.
+        On a Linux CPU, a ``qweight`` of 2 MiB or more lies in transparent huge pages
+        (:mod:`fastpeft.ops._memory`).
     """
     check_float_input("weight", weight)
     if weight.dim() != 2:
@@ -73,7 +76,8 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"weight: expected finite values, got inf or NaN in {rows.numel()} "
                          f"row(s) (first: row {int(rows[0])}); a row's int8 scale would be "
                          "inf or NaN and every output of that row NaN")
-    return reference.quantize_int8(weight)
+    qweight, weight_scale = reference.quantize_int8(weight)
+    return _memory.in_huge_pages(qweight), weight_scale
 
 
 def check_int8_weight(x: Tensor, qweight: Tensor, weight_scale: Tensor) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from . import _memory
 from ._checks import check_float_input, check_scalar, check_tensor
 from ._library import OpSpec, declare
 from ._linear import check_lora_args, draw_seed, linear_backward_fake, lora_args_ok
@@ -90,7 +91,9 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64) -> tuple[Tensor, Tensor]:
     Returns:
         ``(qweight, absmax)``: ``qweight`` uint8 ``(out, in // 2)``, two codes per byte
         (the earlier element in the high nibble), and ``absmax`` float32
-        ``(ceil(out * in / blocksize),)``, the largest magnitude of each block.
+        ``(ceil(out * in / blocksize),)``, the largest magnitude of each block. On a Linux
+        CPU, tensors of 2 MiB or more lie in transparent huge pages
+        (:mod:`fastpeft.ops._memory`).
     """
     check_float_input("weight", weight)
     if weight.dim() != 2:
@@ -105,7 +108,8 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64) -> tuple[Tensor, Tensor]:
         raise ValueError(f"weight: expected finite values, got inf or NaN in {rows.numel()} "
                          f"row(s) (first: row {int(rows[0])}); a block's absmax would be inf "
                          "or NaN and every output that reads it NaN")
-    return reference.quantize_nf4(weight, blocksize)
+    qweight, absmax = reference.quantize_nf4(weight, blocksize)
+    return _memory.in_huge_pages(qweight), _memory.in_huge_pages(absmax)
 
 
 def dequantize_nf4(qweight: Tensor, absmax: Tensor, blocksize: int = 64,
