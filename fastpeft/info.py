@@ -76,7 +76,7 @@ def huge_pages() -> str:
     if os.environ.get("FASTPEFT_HUGE_PAGES", "1") == "0":
         return "off (FASTPEFT_HUGE_PAGES=0)"
     if not _memory.enabled():
-        return "off (needs the compiled kernels on Linux)"
+        return "off (needs the compiled kernels, on Linux with 2 MiB transparent huge pages)"
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             setting = f.read().strip()

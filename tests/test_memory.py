@@ -121,3 +121,12 @@ def test_advise_keeps_the_values_in_place():
     assert 0 < advised <= t.nbytes and advised % _memory.HUGE_PAGE == 0
     assert t.data_ptr() == ptr and torch.equal(t, before)
     assert _memory.advise(torch.zeros(100, dtype=torch.uint8)) == 0
+
+
+def test_off_where_huge_pages_are_not_two_mib(monkeypatch):
+    """arm64 kernels with 16 or 64 KiB pages have 32 or 512 MiB huge pages, which 2 MiB
+    alignment does not reach: ordinary memory there."""
+    monkeypatch.setattr(_memory, "_two_mib_pages", lambda: False)
+    assert not _memory.enabled()
+    q, _ = fastpeft.quantize_nf4(torch.randn(*BIG))
+    assert q.untyped_storage().resizable()

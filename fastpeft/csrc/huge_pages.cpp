@@ -15,7 +15,8 @@
 //       for memory that is someone else's (bitsandbytes' codes, reused as they lie): the
 //       whole 2 MiB spans inside the tensor's bytes advised MADV_HUGEPAGE, then collapsed
 //       into huge pages now (MADV_COLLAPSE, Linux 6.1+; older kernels leave it to
-//       khugepaged). Returns the bytes advised, 0 where none (small, not CPU, off Linux).
+//       khugepaged). Returns the bytes advised (whether or not the collapse succeeded), 0
+//       where none (small, not CPU, off Linux).
 //
 // Both are hints: where transparent huge pages are off ("never") the memory stays in
 // 4 KiB pages and works the same.
@@ -37,9 +38,11 @@
 namespace fastpeft {
 namespace {
 
+#ifdef __linux__
+// x86-64's and 4 KiB-page arm64's huge page; fastpeft/ops/_memory.py asks here only where
+// the kernel's hpage_pmd_size is this
 constexpr uintptr_t kHuge = uintptr_t{1} << 21;
 
-#ifdef __linux__
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25  // Linux 6.1's value, for older headers
 #endif
@@ -98,7 +101,7 @@ PyObject* advise_huge_pages(PyObject* /*self*/, PyObject* arg) {
   }
   long long advised = 0;
 #ifdef __linux__
-  const at::Tensor& t = THPVariable_Unpack(arg);
+  const at::Tensor t = THPVariable_Unpack(arg);  // owned: the GIL is let go below
   if (t.defined() && t.is_cpu() && t.layout() == at::kStrided && t.has_storage() &&
       t.is_contiguous()) {
     const uintptr_t begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
@@ -106,10 +109,13 @@ PyObject* advise_huge_pages(PyObject* /*self*/, PyObject* arg) {
     const uintptr_t first = round_up(begin, kHuge), last = end / kHuge * kHuge;
     if (last > first) {
       void* p = reinterpret_cast<void*>(first);
+      // the collapse copies the pages (about 0.15 s per 64 MiB): other threads run
+      Py_BEGIN_ALLOW_THREADS
       if (madvise(p, last - first, MADV_HUGEPAGE) == 0) {
         madvise(p, last - first, MADV_COLLAPSE);  // now, where the kernel can
         advised = static_cast<long long>(last - first);
       }
+      Py_END_ALLOW_THREADS
     }
   }
 #endif

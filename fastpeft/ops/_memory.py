@@ -13,14 +13,17 @@ and is advised for huge pages (``fastpeft._C.huge_page_empty``), and codes it re
 they lie (bitsandbytes' storage, ``NF4LoRALinear.from_bnb``) get the advice in place
 (``advise_huge_pages``). This is a hint to the kernel: where transparent huge pages are
 off, the memory is in 4 KiB pages and everything works the same. It applies to CPU tensors
-of at least 2 MiB, where the compiled kernels are loaded; ``FASTPEFT_HUGE_PAGES=0`` turns
-it off. Such a tensor is an ordinary tensor but for one thing: its storage cannot be
-resized (as any tensor made by ``torch.from_blob``).
+of at least 2 MiB, on Linux with 2 MiB huge pages and the compiled kernels loaded;
+``FASTPEFT_HUGE_PAGES=0`` turns it off. Such a tensor is an ordinary tensor but for one
+thing: its storage cannot be resized (as any tensor made by ``torch.from_blob``), so
+``resize_`` to more elements, or an ``out=`` that needs more room, raises.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -32,10 +35,24 @@ HUGE_PAGE = 2 * 2**20
 
 
 def enabled() -> bool:
-    """Whether fastpeft puts its codes in huge pages here: the compiled kernels are loaded
-    and have the allocator (Linux builds) and ``FASTPEFT_HUGE_PAGES`` is not ``0``."""
+    """Whether fastpeft puts its codes in huge pages here: Linux with 2 MiB huge pages
+    (x86-64; arm64 with 4 KiB pages), the compiled kernels loaded, and
+    ``FASTPEFT_HUGE_PAGES`` not ``0``."""
     return (os.environ.get("FASTPEFT_HUGE_PAGES", "1") != "0"
-            and hasattr(_backend.native_module, "huge_page_empty"))
+            and hasattr(_backend.native_module, "huge_page_empty") and _two_mib_pages())
+
+
+@functools.lru_cache(maxsize=1)
+def _two_mib_pages() -> bool:
+    """Linux, and its transparent huge pages are 2 MiB (the size the allocator aligns to;
+    arm64 kernels with 16 or 64 KiB pages have 32 or 512 MiB ones)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read()) == HUGE_PAGE
+    except (OSError, ValueError):  # no THP in this kernel (or no sysfs): nothing to gain
+        return False
 
 
 def _wanted(t: Tensor) -> bool:

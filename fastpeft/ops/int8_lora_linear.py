@@ -64,8 +64,8 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
         ``(qweight, weight_scale)``: ``qweight`` int8 ``(out, in)`` in ``[-127, 127]`` and
         ``weight_scale`` float32 ``(out,)`` with ``weight ~ qweight * weight_scale[:, None]``;
         bitsandbytes' row-wise format is ``CB = qweight``, ``SCB = 127 * weight_scale``.
-        On a Linux CPU, a ``qweight`` of 2 MiB or more lies in transparent huge pages
-        (:mod:`fastpeft.ops._memory`).
+        On a Linux CPU, a ``qweight`` of 2 MiB or more lies in transparent huge pages, in
+        a storage that cannot be resized (:mod:`fastpeft.ops._memory`).
     """
     check_float_input("weight", weight)
     if weight.dim() != 2:

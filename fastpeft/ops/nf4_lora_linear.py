@@ -92,8 +92,8 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64) -> tuple[Tensor, Tensor]:
         ``(qweight, absmax)``: ``qweight`` uint8 ``(out, in // 2)``, two codes per byte
         (the earlier element in the high nibble), and ``absmax`` float32
         ``(ceil(out * in / blocksize),)``, the largest magnitude of each block. On a Linux
-        CPU, tensors of 2 MiB or more lie in transparent huge pages
-        (:mod:`fastpeft.ops._memory`).
+        CPU, tensors of 2 MiB or more lie in transparent huge pages, in a storage that
+        cannot be resized (:mod:`fastpeft.ops._memory`).
     """
     check_float_input("weight", weight)
     if weight.dim() != 2:
