@@ -68,8 +68,12 @@ constexpr int64_t kBf16DecodeMaxRows = 16;
 constexpr int64_t kChunkGroup = 8;
 // Rows of x up to which the decode forward decodes W in registers, per row group.
 constexpr int64_t kFusedRows = 4;
-// Runs of rows of W the decode forward reads side by side in each task.
-constexpr int64_t kStreams = 8;
+// Runs of rows of W the decode forward reads side by side in each task (see
+// for_rows_interleaved). On a Zen 4 VM (T = 1, 4096 x 4096, 2 threads, each call after an
+// F.linear that evicts the codes, 2, 4 and 8 streams interleaved in one process, 60 runs)
+// 2 streams took 3-9% less time than 8 in each of 14 A/B runs, fp32 and bf16, codes in
+// huge pages or not; 1 stream was level with 2.
+constexpr int64_t kStreams = 2;
 // The chunked decode forward (AVX-512) asks for the codes of its stream's row this many
 // rows ahead, into L2, a line per 64-byte step of the row it decodes, spread out: a burst
 // of a whole row per row (prefetch_codes) overflowed L1 beside x. On a Zen 4 VM (T = 1,
@@ -204,7 +208,8 @@ inline void prefetch_codes(const Nf4Weight& w, int64_t n) {
 // several reads from memory in flight, where one sequential stream a thread left the
 // decode waiting on memory (T = 1, 4096 x 4096, weight not in cache, AMX Xeon VM:
 // 0.53-0.58x the fp32 F.linear's time, against 0.77-0.84x for one stream, 0.63-0.80x for
-// 8 streams without the prefetch and 0.75-0.83x for one stream with it).
+// 8 streams without the prefetch and 0.75-0.83x for one stream with it; 2 streams were not
+// measured there).
 template <bool kPrefetch = true, typename F>
 void for_rows_interleaved(const Nf4Weight& w, int64_t begin, int64_t end, F&& f) {
   const int64_t per = div_up(end - begin, kStreams);
