@@ -28,6 +28,10 @@
 #include <cstring>
 #include <optional>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+
 namespace fastpeft::cpu {
 
 enum class CpuPath { kFused, kAten };
@@ -106,6 +110,20 @@ inline bool cpu_has_avx512bw() {  // with VL (every AVX-512 CPU with BW has it)
 inline bool cpu_has_avx512bf16() {
 #if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
   static const bool has = cpu_has_avx512bw() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Whether the CPU has AMX's bf16 tile multiplies (CPUID leaf 7: EDX bit 22), which oneDNN's
+// bf16 GEMMs use: a hint for the choice between them and fastpeft's AVX512_BF16 kernels.
+inline bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) != 0 && ((d >> 22) & 1u) != 0;
+  }();
   return has;
 #else
   return false;

@@ -28,6 +28,9 @@
 //   fixed runs of the columns k; the run's parts of 4 rows n at a time are decoded and
 //   added, times dy[t, n], onto fp32 accumulators of dx[:, run] (one load and store of
 //   them per 4 rows: axpy4).
+// * bf16 dy of kDxDecodeMaxRows + 1 to kBf16DxMaxRows rows on a CPU with AVX512_BF16,
+//   rows of whole blocks (dx): decode_dx_bf16, W decoded into panels of bf16 pairs of
+//   rows and multiplied with dy by vdpbf16ps, accumulators in registers.
 // * larger T: compute-bound: ATen's GEMM on tiles of W decoded into a per-thread buffer
 //   (dequant_gemm.h, shared with int8_lora_linear).
 // The pieces are fixed by the shapes and every element's reduction runs on one thread in
@@ -89,6 +92,24 @@ constexpr int64_t kPanelBytes = 16384;
 // Columns of dx a backward decode task owns: its fp32 accumulators are T x 1024 floats
 // (12 KiB at T = 3), its slices of 4 rows of W 16 KiB.
 constexpr int64_t kDxColumns = 1024;
+// Rows of bf16 dy up to which dx takes AVX512_BF16's dot products on decoded panels of W
+// (decode_dx_bf16), from kDxDecodeMaxRows + 1 on, on a CPU without AMX. On a Zen 4 VM
+// (2 threads, the op's backward with and without this kernel alternated in one process,
+// each call from a cold cache, two runs) at 4096 x 4096 it took 1.9-2.0, 3.2-3.4, 7.7-7.9,
+// 13.9-14.0 ms at T = 4, 16, 64, 128 against 5.0-5.2, 7.5-7.7, 12.8-12.9, 18.0-18.4 ms
+// for the fp32 tiles (T < 32) and oneDNN's bf16 tiles (T >= 32); at 128 rows also ahead
+// at 2048 x 2048 (4.3 against 4.8 ms) and 1024 x 1024 (1.7 against 2.0), at 256 even or
+// behind (7.7 against 7.4 ms at 2048), at 512 behind (52 against 50 ms at 4096); at 1 to 3
+// rows decode_dx was as fast. With AMX, whose bf16 GEMM this was not measured against, it
+// stops where the bf16 tiles start (dequant_gemm::kLowpDxMinRows).
+constexpr int64_t kBf16DxMaxRows = 128;
+// decode_dx_bf16's task: one 64-byte step of the rows' codes, 128 columns of dx (fp32
+// accumulators of T x 512 bytes), a panel of 32 pairs of rows of W over them in bf16
+// (16 KiB). Same runs as above, 4096 x 4096: one step a task took T = 16 in 3.2-3.4 ms,
+// against 4.1-4.3 for 4 steps and 5.2-5.4 for 2 (8 pairs); 32 pairs a panel took T = 64
+// in 7.7-7.9 ms, against 8.3-8.6 for 16 and 8.8-9.2 for 8.
+constexpr int64_t kBf16DxSteps = 1;
+constexpr int kBf16DxPairs = 32;
 
 // The quantised weight, checked: N, K and the block geometry.
 struct Nf4Weight {
@@ -179,6 +200,21 @@ bool chunked(const Nf4Weight& w, at::ScalarType dtype) {
 bool bf16_dots(const Nf4Weight& w, at::ScalarType dtype, int64_t T) {
 #ifdef FASTPEFT_NF4_BF16
   return T >= 2 && dtype == at::kBFloat16 && chunked(w, dtype) && cpu_bf16_dots();
+#else
+  (void)w, (void)dtype, (void)T;
+  return false;
+#endif
+}
+
+// Whether dx of T rows of dy takes the bf16 dot products (decode_dx_bf16): bf16 dy, rows of
+// whole blocks, a CPU that has the dots (FASTPEFT_CPU_ISA not forcing them off), the
+// rows between decode_dx's and kBf16DxMaxRows (or kLowpDxMinRows with AMX).
+bool bf16_dx(const Nf4Weight& w, at::ScalarType dtype, int64_t T) {
+#ifdef FASTPEFT_NF4_BF16
+  const int64_t max_rows =
+      cpu_has_amx_bf16() ? dequant_gemm::kLowpDxMinRows - 1 : kBf16DxMaxRows;
+  return T > kDxDecodeMaxRows && T <= max_rows && dtype == at::kBFloat16 &&
+         chunked(w, dtype) && cpu_bf16_dots();
 #else
   (void)w, (void)dtype, (void)T;
   return false;
@@ -379,6 +415,71 @@ void decode_dx(const at::Tensor& dy, const Nf4Weight& w, at::Tensor& dx) {
   });
 }
 
+#ifdef FASTPEFT_NF4_BF16
+// dx (T, K) += dy (T, N) @ W for bf16 dy on a CPU with AVX512_BF16, rows of whole blocks:
+// threads take runs of kBf16DxSteps 64-byte steps of the rows' codes (128 columns of dx
+// each); for each run, the rows of W are decoded kBf16DxPairs pairs at a time into a panel
+// of bf16 pairs (decode_pair_bf16: W rounded to bf16, as the unfused bf16 layer has it),
+// and the rows of dy are multiplied with the panel by vdpbf16ps, 16 at a time, onto fp32
+// accumulators of the run's columns in the chunked order (dx_dots_bf16): two products per
+// lane and instruction, each decoded weight used by every row of dy from a register, the
+// accumulators loaded and stored once per panel. dx gets them in its own order at the end.
+void decode_dx_bf16(const at::Tensor& dy, const Nf4Weight& w, at::Tensor& dx) {
+  const int64_t T = dy.size(0), K = w.K, N = w.N, half = K / 2, pairs = div_up(N, 2);
+  const int64_t row_blocks = half >> w.block_shift, row_steps = div_up(half, 64);
+  // dy as (pairs, T) 32-bit pairs (dy[t, n], dy[t, n + 1]), 0 after an odd N's last row
+  std::vector<uint32_t> dy_pairs(static_cast<size_t>(pairs * T));
+  {
+    const at::Tensor dyc = dy.contiguous();
+    const at::BFloat16* d = dyc.const_data_ptr<at::BFloat16>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t p = 0; p < pairs; ++p) {
+        const uint32_t second = 2 * p + 1 < N ? d[t * N + 2 * p + 1].x : 0;
+        dy_pairs[p * T + t] = d[t * N + 2 * p].x | (second << 16);  // element n in the low half
+      }
+  }
+  int32_t lane_blocks[16];
+  for (int i = 0; i < 16; ++i) lane_blocks[i] = (4 * i) >> w.block_shift;
+  auto* dxs = dx.mutable_data_ptr<at::BFloat16>();
+  at::parallel_for(0, div_up(row_steps, kBf16DxSteps), 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kGroups = 8 * kBf16DxSteps;  // of 16 columns
+    std::vector<uint16_t> panel(static_cast<size_t>(kBf16DxPairs * kGroups * 32));
+    std::vector<float> acc(static_cast<size_t>(T * kGroups * 16));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j0 = task * kBf16DxSteps * 64;  // the run's first byte of a row
+      const int64_t steps = std::min(kBf16DxSteps, row_steps - task * kBf16DxSteps);
+      const int64_t groups = 8 * steps, cols = 16 * groups;
+      std::fill(acc.begin(), acc.begin() + T * cols, 0.0f);
+      for (int64_t p0 = 0; p0 < pairs; p0 += kBf16DxPairs) {
+        const int np = static_cast<int>(std::min<int64_t>(kBf16DxPairs, pairs - p0));
+        for (int p = 0; p < np; ++p) {
+          const int64_t n = 2 * (p0 + p);
+          const bool second = n + 1 < N;
+          decode_pair_bf16(w.q + n * half, second ? w.q + (n + 1) * half : nullptr, half, j0,
+                           steps, w.absmax + n * row_blocks,
+                           w.absmax + (second ? n + 1 : n) * row_blocks, row_blocks,
+                           w.block_shift, lane_blocks, panel.data() + p * groups * 32);
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += 16)
+          dx_dots_bf16_rows(static_cast<int>(std::min<int64_t>(16, T - t0)), panel.data(), np,
+                            groups, dy_pairs.data() + p0 * T + t0, T, acc.data() + t0 * cols, cols);
+      }
+      for (int64_t t = 0; t < T; ++t) {  // the chunked order back to dx's columns
+        at::BFloat16* o = dxs + t * K + 2 * j0;
+        const float* a = acc.data() + t * cols;
+        for (int64_t s = 0; s < steps; ++s)
+          for (int k = 0; k < 8; ++k)
+            for (int i = 0; i < 16; ++i) {
+              const int64_t c = 128 * s + chunk_column(k, i);
+              if (2 * j0 + c < K)
+                o[c] = static_cast<at::BFloat16>(static_cast<float>(o[c]) + a[128 * s + 16 * k + i]);
+            }
+      }
+    }
+  });
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -417,6 +518,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   auto [dx, dA, dB] = lora_branch::backward(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p,
                                             seed_v, compute_dx);
   if (compute_dx && x.size(0) > 0 && w.N > 0 && w.K > 0) {  // onto the LoRA term
+#ifdef FASTPEFT_NF4_BF16
+    if (bf16_dx(w, dx.scalar_type(), x.size(0))) {
+      decode_dx_bf16(grad_y, w, dx);
+      return {dx, dA, dB};
+    }
+#endif
     if (x.size(0) <= kDxDecodeMaxRows) {
       decode_dx(grad_y, w, dx);
     } else {
