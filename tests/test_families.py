@@ -133,7 +133,11 @@ def test_int8_base(name):
     for layer in layers:  # looks like a Linear to model code
         assert layer.weight.shape == (layer.out_features, layer.in_features)
         assert layer.weight.device == layer.qweight.device
-    # the same model with every adapted weight replaced by its dequantised value
+    with torch.no_grad():  # a trained adapter: the LoRA branch adds to the output
+        for layer in layers:
+            layer.lora_B.weight.normal_(0.0, 0.2)
+    # PEFT on the same model with every adapted weight replaced by its dequantised value,
+    # with the same LoRA weights
     reference = copy.deepcopy(base)
     for n, layer in model.named_modules():
         if isinstance(layer, fastpeft.Int8LoRALinear):
@@ -141,10 +145,10 @@ def test_int8_base(name):
             dq = layer.dequantized_weight(w.dtype)
             with torch.no_grad():
                 w.copy_(dq.t() if layer.fan_in_fan_out else dq)
-    assert_close(logits(model, batch), logits(reference, batch), atol=1e-4)
-    out = logits(model, batch)
-    out.square().mean().backward()
-    assert all(m.lora_A.weight.grad is not None for m in layers)
+    pm = peft_lora_model(reference, name)
+    copy_lora(model, pm)
+    assert_close(logits(model, batch), logits(pm, batch), atol=1e-4)
+    assert_same_grads(lora_grads(model, batch), lora_grads(pm, batch), atol=1e-4)
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n not in ENCODERS])

@@ -238,18 +238,34 @@ def copy_lora_from_peft(model, pm) -> None:
                 p.copy_(src[n])
 
 
-def train(model, ids, mask, steps: int = 6) -> list[float]:
+def train(model, ids, mask, steps: int = 6, second_grads: dict | None = None) -> list[float]:
+    """AdamW steps; the losses. second_grads (a dict) receives the second step's gradients
+    under PEFT-independent names (at the first, a fresh lora_B or adaption gate of zeros
+    leaves the other factor's gradient zero): Adam's steps do not change when a gradient
+    is scaled, so the losses alone would not see a gradient off by a constant factor."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses = []
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         optimizer.zero_grad()
         loss = loss_of(model, ids, mask)
         loss.backward()
+        if step == 1 and second_grads is not None:
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    key = n.replace("base_model.model.", "", 1).replace(".default", "")
+                    second_grads[key] = p.grad.clone()
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_same_grads(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys()
+    for key, grad in ours.items():
+        assert grad.abs().max() > 0, key
+        torch.testing.assert_close(grad, theirs[key], atol=1e-6, rtol=1e-4, msg=key)
 
 
 def test_inject_lora_follows_peft_loss_trajectory(base, batch):
@@ -261,9 +277,12 @@ def test_inject_lora_follows_peft_loss_trajectory(base, batch):
     assert trainable(model).keys() == {
         n.replace("base_model.model.", "", 1).replace(".default", "")
         for n in trainable(pm)}
-    ours, theirs = train(model, ids, mask), train(pm, ids, mask)
+    ours_grads, theirs_grads = {}, {}
+    ours, theirs = train(model, ids, mask, second_grads=ours_grads), train(
+        pm, ids, mask, second_grads=theirs_grads)
     assert ours[-1] < ours[0]
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), atol=1e-4, rtol=1e-4)
+    assert_same_grads(ours_grads, theirs_grads)
 
 
 def test_inject_adaption_prompt_follows_peft_loss_trajectory(base, batch):
@@ -279,9 +298,12 @@ def test_inject_adaption_prompt_follows_peft_loss_trajectory(base, batch):
         ours_attn.adaption_prompt.copy_(theirs_attn.adaption_prompt)
     assert isinstance(ours_attn, AdaptedAttention)
     assert not isinstance(model.model.layers[0].self_attn, AdaptedAttention)
-    ours, theirs = train(model, ids, full), train(pm, ids, full)
+    ours_grads, theirs_grads = {}, {}
+    ours, theirs = train(model, ids, full, second_grads=ours_grads), train(
+        pm, ids, full, second_grads=theirs_grads)
     assert ours[-1] < ours[0]
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), atol=1e-4, rtol=1e-4)
+    assert_same_grads(ours_grads, theirs_grads)
 
 
 def test_int8_base_lora_trains_like_fp32_base(base, batch):

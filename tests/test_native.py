@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import fastpeft
+from fastpeft import reference
 
 OPS = ("lora_linear", "int8_lora_linear", "nf4_lora_linear", "gated_prefix_attention",
        "bottleneck_adapter")
@@ -121,6 +122,7 @@ def _nf4_case(T: int, K: int, N: int, R: int, dtype: torch.dtype, *, p: float = 
         return fastpeft.nf4_lora_linear(x, qweight, absmax, bias, lora_A, lora_B, 0.5, p,
                                         blocksize=blocksize)
 
+    fn.weight = (qweight, absmax, blocksize)  # for a float64 W
     return fn, tensors
 
 
@@ -357,6 +359,34 @@ def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):
         scale = b.double().abs().max().item() or 1.0
         diff = (a.double() - b.double()).abs().max().item()
         assert diff <= tol * scale, f"{isa} result {i}: max |diff| {diff:.3e} (scale {scale:.3g})"
+    if dtype == torch.bfloat16:
+        _assert_nf4_bf16_within_rounding(fn, tensors, got, f"{isa} T={T} K={K} N={N}")
+
+
+def _assert_nf4_bf16_within_rounding(fn, tensors, got, what):
+    """y and dx of a bf16 nf4_lora_linear against float64, element by element, within
+    what bf16 rounding allows: of each result (u = 2^-8), of W where a kernel rounds it to
+    bf16, and of the LoRA branch's intermediates (2u of the sums of absolute products).
+    One wrong code or scale in a product is far outside it, where a tolerance relative to
+    the largest element is not."""
+    qweight, absmax, blocksize = fn.weight
+    t64 = {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
+    with fastpeft.use_backend("reference"):
+        torch.manual_seed(0)  # the same dropout seed as the run under test
+        y = fn(**t64)
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=g).to(torch.bfloat16).double()
+    y.backward(dy)
+    W = reference.dequantize_nf4(qweight, absmax, blocksize, torch.float64).abs()
+    x, b = t64["x"].detach().abs(), t64["bias"].detach().abs()
+    A, B = t64["lora_A"].detach().abs(), t64["lora_B"].detach().abs()
+    s, u = 0.5 / (1 - 0.1), 2.0 ** -8  # scaling over dropout's keep rate (its largest)
+    y_bound = u * y.detach().abs() + 2 * u * (x @ W.T + s * (x @ A.T) @ B.T + b)
+    dx_bound = u * t64["x"].grad.abs() + 2 * u * (dy.abs() @ W + s * (dy.abs() @ B) @ A)
+    for name, a, want, bound in (("y", got[0], y.detach(), y_bound),
+                                 ("dx", got[1], t64["x"].grad, dx_bound)):
+        excess = ((a.double() - want).abs() - bound).max().item()
+        assert excess <= 0, f"{what} {name}: an element off by {excess:.3g} past its bound"
 
 
 def test_info_names_the_decoder_isa(monkeypatch):
