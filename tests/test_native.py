@@ -105,6 +105,7 @@ def _int8_case(T: int, K: int, N: int, R: int, dtype: torch.dtype, *, p: float =
     def fn(*, x, bias, lora_A, lora_B, weight_scale):
         return fastpeft.int8_lora_linear(x, qweight, weight_scale, bias, lora_A, lora_B, 0.5, p)
 
+    fn.weight64 = reference.dequantize_int8(qweight, weight_scale, torch.float64)
     return fn, tensors
 
 
@@ -122,7 +123,7 @@ def _nf4_case(T: int, K: int, N: int, R: int, dtype: torch.dtype, *, p: float = 
         return fastpeft.nf4_lora_linear(x, qweight, absmax, bias, lora_A, lora_B, 0.5, p,
                                         blocksize=blocksize)
 
-    fn.weight = (qweight, absmax, blocksize)  # for a float64 W
+    fn.weight64 = reference.dequantize_nf4(qweight, absmax, blocksize, torch.float64)
     return fn, tensors
 
 
@@ -337,9 +338,9 @@ if "avx512" in _ISAS and _cpu_has_flag("avx512_bf16"):
     (6, 1088, 4, 64),
     (11, 1152, 3, 32),
     # bf16 dx with AVX512_BF16 (4 rows on, 11 and 16 above too): several runs of columns
-    # (the last a short step), panels of 8 pairs of rows of W with an odd last row, three
-    # passes over the rows of dy, the last short
-    (40, 704, 37, 64),
+    # (the last a short step), two panels of pairs of rows of W (bf16_dx::kPanelPairs =
+    # 32), the last with an odd last row, three passes over the rows of dy, the last short
+    (40, 704, 69, 64),
 ])
 @pytest.mark.parametrize("isa", _ISAS)
 def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):
@@ -360,24 +361,36 @@ def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):
         diff = (a.double() - b.double()).abs().max().item()
         assert diff <= tol * scale, f"{isa} result {i}: max |diff| {diff:.3e} (scale {scale:.3g})"
     if dtype == torch.bfloat16:
-        _assert_nf4_bf16_within_rounding(fn, tensors, got, f"{isa} T={T} K={K} N={N}")
+        _assert_bf16_within_rounding(fn, tensors, got, f"{isa} T={T} K={K} N={N}")
 
 
-def _assert_nf4_bf16_within_rounding(fn, tensors, got, what):
-    """y and dx of a bf16 nf4_lora_linear against float64, element by element, within
-    what bf16 rounding allows: of each result (u = 2^-8), of W where a kernel rounds it to
-    bf16, and of the LoRA branch's intermediates (2u of the sums of absolute products).
-    One wrong code or scale in a product is far outside it, where a tolerance relative to
-    the largest element is not."""
-    qweight, absmax, blocksize = fn.weight
-    t64 = {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
+@pytest.mark.parametrize("T", [1, 3, 4, 16, 17, 40])
+@pytest.mark.parametrize("isa", _ISAS)
+def test_int8_lora_linear_bf16_within_rounding(isa, T, monkeypatch):
+    """bf16 int8_lora_linear on each ISA: the decode and tile paths, and the bf16 dx with
+    AVX512_BF16's dots from 9 rows (runs of 256 columns, the last short; two panels of
+    pairs of rows of W, an odd last row)."""
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
+    fn, tensors = _int8_case(T, 300, 69, 4, torch.bfloat16)
+    _assert_bf16_within_rounding(fn, tensors, _run(fn, _fresh(tensors)), f"{isa} T={T}")
+
+
+def _assert_bf16_within_rounding(fn, tensors, got, what):
+    """y and dx of a bf16 quantised LoRA linear (fn.weight64: its W in float64) against
+    float64, element by element, within what bf16 rounding allows: of each result
+    (u = 2^-8), of W (or of dy times int8's scale) where a kernel rounds it to bf16, and of
+    the LoRA branch's intermediates (2u of the sums of absolute products). One wrong code
+    or scale in a product is far outside it, where a tolerance relative to the largest
+    element is not."""
+    t64 = {k: v.detach().double().requires_grad_() if v.requires_grad else v
+           for k, v in tensors.items()}
     with fastpeft.use_backend("reference"):
         torch.manual_seed(0)  # the same dropout seed as the run under test
         y = fn(**t64)
     g = torch.Generator().manual_seed(1)
     dy = torch.randn(y.shape, generator=g).to(torch.bfloat16).double()
     y.backward(dy)
-    W = reference.dequantize_nf4(qweight, absmax, blocksize, torch.float64).abs()
+    W = fn.weight64.abs()
     x, b = t64["x"].detach().abs(), t64["bias"].detach().abs()
     A, B = t64["lora_A"].detach().abs(), t64["lora_B"].detach().abs()
     s, u = 0.5 / (1 - 0.1), 2.0 ** -8  # scaling over dropout's keep rate (its largest)

@@ -30,6 +30,9 @@
 //   into a per-thread buffer, accumulating onto the LoRA part's y / dx: dequant_gemm.h,
 //   shared with nf4_lora_linear, which says how the tiles are sized and threaded (fp32
 //   tiles sized for L2, or on the kAten path 16-bit tiles spanning the reduction).
+// * bf16 dy of kBf16DxMinRows to kBf16DxMaxRows rows on a CPU with AVX512_BF16 (dx): Q
+//   decoded into panels of bf16 pairs of rows and multiplied with dy ⊙ sc by vdpbf16ps
+//   (bf16_dx.h, shared with nf4_lora_linear), accumulators in registers.
 // Every path computes an output element the same way whatever the thread count: the tiles
 // and row groups are fixed by the shapes, and each element's reduction over K (or N) runs
 // on one thread.
@@ -42,6 +45,7 @@
 #include <atomic>
 #include <vector>
 
+#include "cpu/bf16_dx.h"
 #include "cpu/checks.h"
 #include "cpu/cpu_path.h"
 #include "cpu/dequant_gemm.h"
@@ -63,6 +67,17 @@ namespace {
 // decode and prefill shapes on the machine at hand.
 constexpr int64_t kDecodeMaxRows = 16;
 constexpr int64_t kGemvMaxRows = 32;
+// Rows of bf16 dy from which, and up to which on a CPU without AMX, dx takes AVX512_BF16's
+// dot products (add_base_dx_bf16). On a Zen 4 VM (4096 x 4096, 2 threads, the op's backward
+// with FASTPEFT_CPU_ISA=auto and =avx512 alternated in one process, each call from a cold
+// cache, two runs) they took 3.4-4.0, 3.6-4.0, 5.4-6.2, 16.3-16.6 ms at T = 12, 16, 32,
+// 128 against 4.5-5.1, 5.6-6.4, 9.0-11.2, 19.7 ms for dx_decode_kernel (T <= 16) and the
+// fp32 / bf16 tiles; at T = 8 and 192 they were even, at T = 4 2.9 against 2.0 ms (the
+// decode kernel streams Q by whole rows, the dots' runs of columns read 256 bytes of each).
+// With AMX, whose bf16 GEMM this was not measured against, they stop below the bf16 tiles'
+// dequant_gemm::kLowpDxMinRows.
+constexpr int64_t kBf16DxMinRows = 9;
+constexpr int64_t kBf16DxMaxRows = 128;
 
 // Whether the forward's AVX2 GEMV runs (fp32 accumulation, on a CPU with AVX2 + FMA).
 bool gemv_applies(const at::Tensor& x) {
@@ -207,11 +222,82 @@ struct TileDecoder {
   }
 };
 
+#ifdef FASTPEFT_BF16_DX
+// Columns of dx a task of the bf16 dx owns (bf16_dx.h): 16 groups of 16, 256 bytes of each
+// row of Q. Same runs as for kBf16DxMaxRows: T = 16 took 3.6-4.0 ms with 256 columns,
+// against 5.6-5.8 with 128, 4.1 with 512 and 5.1 with 1024.
+constexpr int64_t kBf16DxColumns = 256;
+
+// The bf16 dx's panel entries of rows n and n + 1 of Q (q0, q1; q1 null past the last row:
+// zeros) over columns [k0, k0 + 16 groups) of K: the int8 values, exact in bf16 (the
+// scale is folded into dy: bf16_dx::dy_pairs), zeros past K.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void decode_pair_bf16(
+    const int8_t* q0, const int8_t* q1, int64_t K, int64_t k0, int64_t groups, uint16_t* out) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k = k0 + 16 * g, left = std::min<int64_t>(16, K - k);
+    const __mmask16 m = static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q0 + k)));
+    const __m512 w1 = q1 == nullptr ? _mm512_setzero_ps()
+                                    : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                          _mm_maskz_loadu_epi8(m, q1 + k)));
+    _mm512_storeu_si512(out + 32 * g, bf16_dx::pair_bf16(w0, w1));
+  }
+}
+
+// dx (T, K) += dy (T, N) @ W for bf16 dy on a CPU with AVX512_BF16 (bf16_dx.h): threads
+// take runs of kBf16DxColumns columns; the rows of Q are decoded a pair at a time into
+// panels of bf16 pairs and multiplied by vdpbf16ps with dy ⊙ sc rounded to bf16, each
+// product of a bf16 and an int8 exact in fp32. (The unfused layer rounds W = Q ⊙ sc to
+// bf16 instead: either way one rounding of the relative size of bf16's, per product.)
+void add_base_dx_bf16(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& scale,
+                      at::Tensor& dx) {
+  const int64_t T = dy.size(0), N = dy.size(1), K = q.size(1);
+  const int8_t* qs = q.const_data_ptr<int8_t>();
+  auto* dxs = dx.mutable_data_ptr<at::BFloat16>();
+  constexpr int64_t run = kBf16DxColumns;
+  const auto cols_of = [&](int64_t task) {
+    return std::min(run, K - task * run);
+  };
+  bf16_dx::add_dx_bf16(
+      T, N, bf16_dx::dy_pairs(dy, scale.const_data_ptr<float>()), div_up(K, run),
+      run / 16, [&](int64_t task) { return div_up(cols_of(task), 16); },
+      [&](int64_t task, int64_t n, uint16_t* out) {
+        decode_pair_bf16(qs + n * K, n + 1 < N ? qs + (n + 1) * K : nullptr, K,
+                         task * run, div_up(cols_of(task), 16), out);
+      },
+      [&](int64_t task, const float* acc, int64_t lda) {
+        const int64_t k0 = task * run, kt = cols_of(task);
+        for (int64_t t = 0; t < T; ++t) {
+          at::BFloat16* o = dxs + t * K + k0;
+          for (int64_t c = 0; c < kt; ++c)
+            o[c] = static_cast<at::BFloat16>(static_cast<float>(o[c]) + acc[t * lda + c]);
+        }
+      });
+}
+#endif
+
+// Whether dx of T rows takes the bf16 dots (add_base_dx_bf16): bf16 dy, a CPU with
+// AVX512_BF16 (FASTPEFT_CPU_ISA not forcing it off), kBf16DxMinRows to kBf16DxMaxRows
+// rows, or below the bf16 tiles' kLowpDxMinRows on a CPU with AMX.
+bool bf16_dx(at::ScalarType dtype, int64_t T) {
+#ifdef FASTPEFT_BF16_DX
+  const int64_t max_rows =
+      cpu_has_amx_bf16() ? dequant_gemm::kLowpDxMinRows - 1 : kBf16DxMaxRows;
+  return T >= kBf16DxMinRows && T <= max_rows && dtype == at::kBFloat16 && cpu_bf16_dots();
+#else
+  (void)dtype, (void)T;
+  return false;
+#endif
+}
+
 // dx (T, K) += dy (T, N) @ W, dx in x's dtype holding the LoRA term.
 void add_base_dx(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& scale,
                  at::Tensor& dx) {
   const int64_t T = dy.size(0), N = dy.size(1), K = q.size(1);
   if (T == 0 || N == 0 || K == 0) return;
+#ifdef FASTPEFT_BF16_DX
+  if (bf16_dx(dx.scalar_type(), T)) return add_base_dx_bf16(dy, q, scale, dx);
+#endif
   if (T <= kDecodeMaxRows) {
     const auto acc = dequant_gemm::acc_type(dy);
     // (dy ⊙ sc)^T (N, T) times 2^-24 (see group_part): the scale folded into dy, one

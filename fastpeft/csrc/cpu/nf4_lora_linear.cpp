@@ -104,12 +104,10 @@ constexpr int64_t kDxColumns = 1024;
 // stops where the bf16 tiles start (dequant_gemm::kLowpDxMinRows).
 constexpr int64_t kBf16DxMaxRows = 128;
 // decode_dx_bf16's task: one 64-byte step of the rows' codes, 128 columns of dx (fp32
-// accumulators of T x 512 bytes), a panel of 32 pairs of rows of W over them in bf16
+// accumulators of T x 512 bytes) under panels of bf16_dx::kPanelPairs pairs of rows of W
 // (16 KiB). Same runs as above, 4096 x 4096: one step a task took T = 16 in 3.2-3.4 ms,
-// against 4.1-4.3 for 4 steps and 5.2-5.4 for 2 (8 pairs); 32 pairs a panel took T = 64
-// in 7.7-7.9 ms, against 8.3-8.6 for 16 and 8.8-9.2 for 8.
+// against 4.1-4.3 for 4 steps and 5.2-5.4 for 2 (with 8 pairs a panel).
 constexpr int64_t kBf16DxSteps = 1;
-constexpr int kBf16DxPairs = 32;
 
 // The quantised weight, checked: N, K and the block geometry.
 struct Nf4Weight {
@@ -416,67 +414,45 @@ void decode_dx(const at::Tensor& dy, const Nf4Weight& w, at::Tensor& dx) {
 }
 
 #ifdef FASTPEFT_NF4_BF16
-// dx (T, K) += dy (T, N) @ W for bf16 dy on a CPU with AVX512_BF16, rows of whole blocks:
-// threads take runs of kBf16DxSteps 64-byte steps of the rows' codes (128 columns of dx
-// each); for each run, the rows of W are decoded kBf16DxPairs pairs at a time into a panel
-// of bf16 pairs (decode_pair_bf16: W rounded to bf16, as the unfused bf16 layer has it),
-// and the rows of dy are multiplied with the panel by vdpbf16ps, 16 at a time, onto fp32
-// accumulators of the run's columns in the chunked order (dx_dots_bf16): two products per
-// lane and instruction, each decoded weight used by every row of dy from a register, the
-// accumulators loaded and stored once per panel. dx gets them in its own order at the end.
+// dx (T, K) += dy (T, N) @ W for bf16 dy on a CPU with AVX512_BF16, rows of whole blocks
+// (bf16_dx.h): threads take runs of kBf16DxSteps 64-byte steps of the rows' codes (128
+// columns of dx each); the rows of W are decoded a pair at a time into panels of bf16
+// pairs (decode_pair_bf16), whose columns are in the chunked order, put back in dx's at
+// the end.
 void decode_dx_bf16(const at::Tensor& dy, const Nf4Weight& w, at::Tensor& dx) {
-  const int64_t T = dy.size(0), K = w.K, N = w.N, half = K / 2, pairs = div_up(N, 2);
+  const int64_t T = dy.size(0), K = w.K, N = w.N, half = K / 2;
   const int64_t row_blocks = half >> w.block_shift, row_steps = div_up(half, 64);
-  // dy as (pairs, T) 32-bit pairs (dy[t, n], dy[t, n + 1]), 0 after an odd N's last row
-  std::vector<uint32_t> dy_pairs(static_cast<size_t>(pairs * T));
-  {
-    const at::Tensor dyc = dy.contiguous();
-    const at::BFloat16* d = dyc.const_data_ptr<at::BFloat16>();
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t p = 0; p < pairs; ++p) {
-        const uint32_t second = 2 * p + 1 < N ? d[t * N + 2 * p + 1].x : 0;
-        dy_pairs[p * T + t] = d[t * N + 2 * p].x | (second << 16);  // element n in the low half
-      }
-  }
   int32_t lane_blocks[16];
   for (int i = 0; i < 16; ++i) lane_blocks[i] = (4 * i) >> w.block_shift;
   auto* dxs = dx.mutable_data_ptr<at::BFloat16>();
-  at::parallel_for(0, div_up(row_steps, kBf16DxSteps), 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kGroups = 8 * kBf16DxSteps;  // of 16 columns
-    std::vector<uint16_t> panel(static_cast<size_t>(kBf16DxPairs * kGroups * 32));
-    std::vector<float> acc(static_cast<size_t>(T * kGroups * 16));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t j0 = task * kBf16DxSteps * 64;  // the run's first byte of a row
-      const int64_t steps = std::min(kBf16DxSteps, row_steps - task * kBf16DxSteps);
-      const int64_t groups = 8 * steps, cols = 16 * groups;
-      std::fill(acc.begin(), acc.begin() + T * cols, 0.0f);
-      for (int64_t p0 = 0; p0 < pairs; p0 += kBf16DxPairs) {
-        const int np = static_cast<int>(std::min<int64_t>(kBf16DxPairs, pairs - p0));
-        for (int p = 0; p < np; ++p) {
-          const int64_t n = 2 * (p0 + p);
-          const bool second = n + 1 < N;
-          decode_pair_bf16(w.q + n * half, second ? w.q + (n + 1) * half : nullptr, half, j0,
-                           steps, w.absmax + n * row_blocks,
-                           w.absmax + (second ? n + 1 : n) * row_blocks, row_blocks,
-                           w.block_shift, lane_blocks, panel.data() + p * groups * 32);
+  const auto steps_of = [&](int64_t task) {
+    return std::min(kBf16DxSteps, row_steps - task * kBf16DxSteps);
+  };
+  bf16_dx::add_dx_bf16(
+      T, N, bf16_dx::dy_pairs(dy, nullptr), div_up(row_steps, kBf16DxSteps), 8 * kBf16DxSteps,
+      [&](int64_t task) { return 8 * steps_of(task); },
+      [&](int64_t task, int64_t n, uint16_t* out) {
+        const bool second = n + 1 < N;
+        decode_pair_bf16(w.q + n * half, second ? w.q + (n + 1) * half : nullptr, half,
+                         task * kBf16DxSteps * 64, steps_of(task), w.absmax + n * row_blocks,
+                         w.absmax + (second ? n + 1 : n) * row_blocks, row_blocks,
+                         w.block_shift, lane_blocks, out);
+      },
+      [&](int64_t task, const float* acc, int64_t lda) {  // the chunked order to dx's
+        const int64_t c0 = task * kBf16DxSteps * 128;
+        for (int64_t t = 0; t < T; ++t) {
+          at::BFloat16* o = dxs + t * K + c0;
+          const float* a = acc + t * lda;
+          for (int64_t s = 0; s < steps_of(task); ++s)
+            for (int k = 0; k < 8; ++k)
+              for (int i = 0; i < 16; ++i) {
+                const int64_t c = 128 * s + chunk_column(k, i);
+                if (c0 + c < K)
+                  o[c] = static_cast<at::BFloat16>(static_cast<float>(o[c]) +
+                                                   a[128 * s + 16 * k + i]);
+              }
         }
-        for (int64_t t0 = 0; t0 < T; t0 += 16)
-          dx_dots_bf16_rows(static_cast<int>(std::min<int64_t>(16, T - t0)), panel.data(), np,
-                            groups, dy_pairs.data() + p0 * T + t0, T, acc.data() + t0 * cols, cols);
-      }
-      for (int64_t t = 0; t < T; ++t) {  // the chunked order back to dx's columns
-        at::BFloat16* o = dxs + t * K + 2 * j0;
-        const float* a = acc.data() + t * cols;
-        for (int64_t s = 0; s < steps; ++s)
-          for (int k = 0; k < 8; ++k)
-            for (int i = 0; i < 16; ++i) {
-              const int64_t c = 128 * s + chunk_column(k, i);
-              if (2 * j0 + c < K)
-                o[c] = static_cast<at::BFloat16>(static_cast<float>(o[c]) + a[128 * s + 16 * k + i]);
-            }
-      }
-    }
-  });
+      });
 }
 #endif
 

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu/bf16_dx.h"
 #include "cpu/cpu_path.h"
 #include "cpu/simd.h"
 
@@ -44,16 +45,6 @@ alignas(64) inline constexpr float kNf4[16] = {
     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
-// f(std::integral_constant<int, R>{}) with R = rows for 1 <= rows <= Max (Max past it):
-// the row-count templates of the dot kernels, chosen at run time.
-template <int Max, typename F>
-FASTPEFT_INLINE void with_rows(int rows, F&& f) {
-  if constexpr (Max > 1) {
-    if (rows < Max) return with_rows<Max - 1>(rows, f);
-  }
-  f(std::integral_constant<int, Max>{});
-}
 
 // The two values of each byte: kPairs[b] = {kNf4[b >> 4], kNf4[b & 15]}.
 inline const std::array<std::array<float, 2>, 256>& byte_pairs() {
@@ -444,22 +435,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void chunk_dots_
 #endif
 
 #ifdef FASTPEFT_NF4_BF16
-// The bf16 dx's panel (dx_dots_bf16) for rows n and n + 1 of W over `steps` 64-byte steps
-// of their codes from byte j0 (chunk_step: q0, q1 and absmax0, absmax1 the rows' first
-// code and scale, nb and blocks a row's bytes and blocks; q1 null for a missing row n + 1,
-// whose weights are then 0): 8 groups of 16 columns a step, in the chunked order (group 8 s + k holds
-// nibble k of the 16 lanes of step s), each group 32 bf16 values, W[n, c] and W[n + 1, c]
-// side by side, so that vdpbf16ps adds dy[t, n] W[n, c] + dy[t, n + 1] W[n + 1, c] into
-// the lane of column c. The products code * scale are rounded to bf16 by cvtne2ps, to
-// nearest even: W as bitsandbytes' bf16 dequantisation gives it.
+// The bf16 dx's panel entries (bf16_dx.h) of rows n and n + 1 of W over `steps` 64-byte
+// steps of their codes from byte j0 (chunk_step: q0, q1 and absmax0, absmax1 the rows'
+// first code and scale, nb and blocks a row's bytes and blocks; q1 null for a missing row
+// n + 1, whose weights are then 0): 8 groups of 16 columns a step, in the chunked order
+// (group 8 s + k holds nibble k of the 16 lanes of step s). The products code * scale are
+// rounded to bf16 to nearest even (pair_bf16): W as bitsandbytes' bf16 dequantisation
+// gives it.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void decode_pair_bf16(
     const uint8_t* q0, const uint8_t* q1, int64_t nb, int64_t j0, int64_t steps,
     const float* absmax0, const float* absmax1, int64_t blocks, int block_shift,
     const int32_t* lane_blocks, uint16_t* __restrict out) {
-  alignas(64) static constexpr uint16_t kIdx[32] = {
-      0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};  // lane j of w0 | w1
-  const __m512i idx = _mm512_load_si512(kIdx);
   const __m512 table = _mm512_load_ps(kNf4);
   const __m512i lane_block = _mm512_loadu_si512(lane_blocks);
   for (int64_t s = 0; s < steps; ++s) {
@@ -475,40 +461,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void deco
       const __m512 w1 = _mm512_mul_ps(
           _mm512_permutexvar_ps(k == 0 ? b.codes : _mm512_srli_epi32(b.codes, 4 * k), table),
           b.scales);
-      const __m512bh v = _mm512_cvtne2ps_pbh(w1, w0);
-      _mm512_storeu_si512(out + 32 * (8 * s + k), _mm512_permutexvar_epi16(idx, (__m512i)v));
+      _mm512_storeu_si512(out + 32 * (8 * s + k), bf16_dx::pair_bf16(w0, w1));
     }
   }
-}
-
-// acc (TR rows, row stride lda) += dy @ W over a panel of `pairs` pairs of rows of W
-// (decode_pair_bf16's layout, `groups` groups of 16 columns a pair), dy as pairs of bf16
-// (dy[t, n], dy[t, n + 1]) in one 32-bit word, the TR rows' words of a pair side by side
-// and ldp words from one pair to the next: a group's TR accumulators stay in registers
-// over the panel, each pair a vdpbf16ps per row of dy with dy's pair broadcast.
-template <int TR>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dx_dots_bf16(
-    const uint16_t* __restrict panel, int pairs, int64_t groups, const uint32_t* __restrict dy,
-    int64_t ldp, float* __restrict acc, int64_t lda) {
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 a[TR];
-    for (int t = 0; t < TR; ++t) a[t] = _mm512_loadu_ps(acc + t * lda + 16 * g);
-    const uint32_t* d = dy;
-    for (int p = 0; p < pairs; ++p, d += ldp) {
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(panel + (p * groups + g) * 32);
-      for (int t = 0; t < TR; ++t)
-        a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)_mm512_set1_epi32(static_cast<int>(d[t])), w);
-    }
-    for (int t = 0; t < TR; ++t) _mm512_storeu_ps(acc + t * lda + 16 * g, a[t]);
-  }
-}
-
-// dx_dots_bf16 for rows = 1 .. 16.
-inline void dx_dots_bf16_rows(int rows, const uint16_t* panel, int pairs, int64_t groups,
-                              const uint32_t* dy, int64_t ldp, float* acc, int64_t lda) {
-  with_rows<16>(rows, [&](auto tr) {
-    dx_dots_bf16<decltype(tr)::value>(panel, pairs, groups, dy, ldp, acc, lda);
-  });
 }
 #endif
 

@@ -125,4 +125,14 @@ FASTPEFT_INLINE float to_acc(c10::BFloat16 v) {  // a shift, written out so it v
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 inline int64_t div_up(int64_t v, int64_t m) { return (v + m - 1) / m; }
 
+// f(std::integral_constant<int, R>{}) with R = rows for 1 <= rows <= Max (Max past it):
+// the row-count templates of the dot kernels, chosen at run time.
+template <int Max, typename F>
+FASTPEFT_INLINE void with_rows(int rows, F&& f) {
+  if constexpr (Max > 1) {
+    if (rows < Max) return with_rows<Max - 1>(rows, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
 }  // namespace fastpeft::cpu
