@@ -275,7 +275,8 @@ def test_lora_linear_thread_count_independent(T, K, N, R, p, dtype, monkeypatch)
     "T, K, N",
     [(T, 600, 300) for T in ROWS]
     + [(20, 600, 300),  # the forward's GEMV path (T <= 32), the blocked backward
-       (333, 600, 200)],  # one output tile: the blocked GEMMs in a region of their own
+       (333, 600, 200),  # one output tile: the blocked GEMMs in a region of their own
+       (40, 600, 99)],  # bf16: dx with the dots (runs of 256 columns)
 )
 def test_int8_lora_linear_thread_count_independent(T, K, N, dtype, monkeypatch):
     """Every path of the int8 op (decode kernels, GEMV, dequantised tiles + GEMM), with
@@ -287,7 +288,13 @@ def test_int8_lora_linear_thread_count_independent(T, K, N, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T, K, N", [(T, 600, 300) for T in ROWS] + [(333, 600, 200)])
+@pytest.mark.parametrize(
+    "T, K, N",
+    [(T, 600, 300) for T in ROWS]
+    + [(333, 600, 200),
+       (7, 640, 99),  # rows of whole blocks: the chunked forward, bf16's dots for dx
+       (20, 640, 99)],
+)
 def test_nf4_lora_linear_thread_count_independent(T, K, N, dtype, monkeypatch):
     """Every path of the NF4 op (the decode path's row dots and dx, dequantised tiles +
     GEMM); K = 600 is no multiple of the block size: blocks cross rows."""
