@@ -371,6 +371,32 @@ def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):
         _assert_bf16_within_rounding(fn, tensors, got, f"{isa} T={T} K={K} N={N}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("blocksize", [2, 4, 8])
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("isa", _ISAS)
+def test_nf4_op_takes_the_smallest_blocks(isa, T, blocksize, dtype, monkeypatch):
+    """The registered op takes blocks of 2 and 4 weights, which the modules do not make: a
+    64-byte step of codes then spans more blocks than a vector holds scales, so the AVX-512
+    chunked kernels must not run them (they did, and gave wrong sums)."""
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
+    K, N = 256, 9
+    qweight, absmax = reference.quantize_nf4(torch.randn(N, K), blocksize)
+    x, a, b = _randn(T, K, dtype=dtype), _randn(4, K, dtype=dtype), _randn(N, 4, dtype=dtype)
+    dy = _randn(T, N, dtype=dtype)
+    y, xa = torch.ops.fastpeft.nf4_lora_linear(x, qweight, absmax, None, a, b, 0.5, 0.0, None,
+                                                blocksize)
+    dx, _, _ = torch.ops.fastpeft.nf4_lora_linear_backward(
+        dy, x, qweight, absmax, a, b, xa, 0.5, 0.0, None, blocksize, True)
+    w = reference.dequantize_nf4(qweight, absmax, blocksize, torch.float64)
+    want_y = x.double() @ w.T + 0.5 * (x.double() @ a.double().T) @ b.double().T
+    want_dx = dy.double() @ w + 0.5 * (dy.double() @ b.double()) @ a.double()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for name, got, want in (("y", y, want_y), ("dx", dx, want_dx)):
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert err <= tol, f"{isa} blocksize {blocksize} {name}: relative error {err:.3g}"
+
+
 @pytest.mark.parametrize("T", [1, 3, 4, 16, 17, 40])
 @pytest.mark.parametrize("isa", _ISAS)
 def test_int8_lora_linear_bf16_within_rounding(isa, T, monkeypatch):

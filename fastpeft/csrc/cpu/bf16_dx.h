@@ -5,10 +5,12 @@
 // the rest:
 //
 // * dy_pairs: dy as 32-bit words (dy[t, n] s[n], dy[t, n + 1] s[n + 1]) in bf16, laid out
-//   (N / 2, T), with a per-row scale s folded in (int8's weight_scale) or none (NF4).
+//   (N / 2 rounded up, T), with a per-row scale s folded in (int8's weight_scale) or none
+//   (NF4).
 // * pair_bf16: two rows' 16 values each, rounded to bf16 (cvtne2ps, to nearest even) and
 //   interleaved W[n, c], W[n + 1, c]: vdpbf16ps then adds dy[t, n] W[n, c] +
-//   dy[t, n + 1] W[n + 1, c] into the lane of column c.
+//   dy[t, n + 1] W[n + 1, c] into the lane of column c. (Both instructions take values
+//   below 2^-126 as 0, which the unfused layer's bf16 GEMM may not.)
 // * dx_dots: TR <= 16 rows of dy against a panel of pairs, a group of 16 columns at a
 //   time with its TR accumulators in registers over the panel.
 // * add_dx_bf16: the threading (runs of columns, each on one thread, so a result does not
@@ -25,15 +27,19 @@
 #include "cpu/cpu_path.h"
 #include "cpu/simd.h"
 
-#if defined(__x86_64__) && \
-    (defined(__clang__) ? __clang_major__ >= 9 : (defined(__GNUC__) && __GNUC__ >= 10))
+// (Apple's clang numbers its releases apart from LLVM's: its 12 is the first on LLVM 10.)
+#if defined(__x86_64__) &&                                                   \
+    (defined(__apple_build_version__) ? __clang_major__ >= 12                \
+     : defined(__clang__)             ? __clang_major__ >= 9                 \
+                                      : (defined(__GNUC__) && __GNUC__ >= 10))
 #include <immintrin.h>
 #define FASTPEFT_BF16_DX 1  // AVX512_BF16's intrinsics and target name: GCC 10, Clang 9
 #endif
 
 namespace fastpeft::cpu::bf16_dx {
 
-// Pairs of rows of W a panel holds: 32 pairs of 128 columns are 16 KiB of bf16. On a Zen 4
+// Pairs of rows of W a panel holds: 32 pairs of 128 columns (NF4's runs) are 16 KiB of
+// bf16, of 256 (int8's) 32 KiB. On a Zen 4
 // VM (NF4, 4096 x 4096, 2 threads, the backward alternated with and without the kernel in
 // one process, from a cold cache) 32 pairs took T = 64 in 7.7-7.9 ms, against 8.3-8.6 ms for
 // 16 and 8.8-9.2 ms for 8.

@@ -18,7 +18,7 @@
 // W gets no gradient (frozen); d bias = Σ_t dy is taken by the autograd
 // (csrc/linear_autograd.cpp).
 //
-// The base GEMMs have two paths, by the number of rows T:
+// The base GEMMs have these paths, by the number of rows T and the dtype:
 // * T <= kDecodeMaxRows (decode): memory-bound, so the kernels of
 //   int8_lora_linear_kernels.h stream Q once, one byte per weight, widening it in
 //   registers. The forward also fuses the LoRA branch (decode_forward): at this size
@@ -279,7 +279,7 @@ void add_base_dx_bf16(const at::Tensor& dy, const at::Tensor& q, const at::Tenso
 // Whether dx of T rows takes the bf16 dots (add_base_dx_bf16): bf16 dy, a CPU with
 // AVX512_BF16 (FASTPEFT_CPU_ISA not forcing it off), kBf16DxMinRows to kBf16DxMaxRows
 // rows, or below the bf16 tiles' kLowpDxMinRows on a CPU with AMX.
-bool bf16_dx(at::ScalarType dtype, int64_t T) {
+[[maybe_unused]] bool bf16_dx(at::ScalarType dtype, int64_t T) {
 #ifdef FASTPEFT_BF16_DX
   const int64_t max_rows =
       cpu_has_amx_bf16() ? dequant_gemm::kLowpDxMinRows - 1 : kBf16DxMaxRows;

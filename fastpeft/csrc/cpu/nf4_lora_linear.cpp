@@ -169,15 +169,17 @@ Nf4Weight checked_weight(const char* op, const at::Tensor& qweight, const at::Te
           block_shift, isa, decoder(isa)};
 }
 
-// Whether the decode forward takes the chunked kernel: AVX-512, rows of whole blocks,
-// float accumulation (not fp64). It runs every row count of the decode path, 8 rows of x
+// Whether the decode forward takes the chunked kernel: AVX-512, rows of whole blocks of
+// 8 weights or more (a lane's 4 bytes in one block, a 64-byte step's 16 scales in one
+// load: blocksize 2 and 4, which the op takes but the modules do not, go the other
+// kernels' way), float accumulation (not fp64). It runs every row count of the decode path, 8 rows of x
 // a pass (`python benchmarks/rows_sweep.py --op nf4 --rows 1 3 4 8`, 4096 x 4096, fp32,
 // 2 threads, Zen 4 VM, forward against the row_dots / block_dots it replaces: T = 1
 // 0.51 against 0.66-0.72 ms, T = 4 1.2 against 2.2-2.6 ms, T = 8 2.7-4.4 against 4.1-4.9
 // ms; past 8 rows the tiles + GEMM stayed ahead: T = 16 6.5-7.9 ms, T = 17 6.3 ms).
 bool chunked(const Nf4Weight& w, at::ScalarType dtype) {
 #ifdef FASTPEFT_NF4_X86
-  return dtype != at::kDouble && w.isa == CpuIsa::kAvx512 &&
+  return dtype != at::kDouble && w.isa == CpuIsa::kAvx512 && w.block_shift >= 2 &&
          (w.K / 2) % (int64_t{1} << w.block_shift) == 0;
 #else
   (void)w, (void)dtype;
@@ -207,7 +209,7 @@ bool bf16_dots(const Nf4Weight& w, at::ScalarType dtype, int64_t T) {
 // Whether dx of T rows of dy takes the bf16 dot products (decode_dx_bf16): bf16 dy, rows of
 // whole blocks, a CPU that has the dots (FASTPEFT_CPU_ISA not forcing them off), the
 // rows between decode_dx's and kBf16DxMaxRows (or kLowpDxMinRows with AMX).
-bool bf16_dx(const Nf4Weight& w, at::ScalarType dtype, int64_t T) {
+[[maybe_unused]] bool bf16_dx(const Nf4Weight& w, at::ScalarType dtype, int64_t T) {
 #ifdef FASTPEFT_NF4_BF16
   const int64_t max_rows =
       cpu_has_amx_bf16() ? dequant_gemm::kLowpDxMinRows - 1 : kBf16DxMaxRows;
