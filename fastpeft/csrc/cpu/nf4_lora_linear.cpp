@@ -172,11 +172,12 @@ Nf4Weight checked_weight(const char* op, const at::Tensor& qweight, const at::Te
 // Whether the decode forward takes the chunked kernel: AVX-512, rows of whole blocks of
 // 8 weights or more (a lane's 4 bytes in one block, a 64-byte step's 16 scales in one
 // load: blocksize 2 and 4, which the op takes but the modules do not, go the other
-// kernels' way), float accumulation (not fp64). It runs every row count of the decode path, 8 rows of x
-// a pass (`python benchmarks/rows_sweep.py --op nf4 --rows 1 3 4 8`, 4096 x 4096, fp32,
-// 2 threads, Zen 4 VM, forward against the row_dots / block_dots it replaces: T = 1
-// 0.51 against 0.66-0.72 ms, T = 4 1.2 against 2.2-2.6 ms, T = 8 2.7-4.4 against 4.1-4.9
-// ms; past 8 rows the tiles + GEMM stayed ahead: T = 16 6.5-7.9 ms, T = 17 6.3 ms).
+// kernels' way), float accumulation (not fp64). It runs every row count of the decode
+// path, 8 rows of x a pass (`python benchmarks/rows_sweep.py --op nf4 --rows 1 3 4 8`,
+// 4096 x 4096, fp32, 2 threads, Zen 4 VM, forward against the row_dots / block_dots it
+// replaces: T = 1 0.51 against 0.66-0.72 ms, T = 4 1.2 against 2.2-2.6 ms, T = 8 2.7-4.4
+// against 4.1-4.9 ms; past 8 rows the tiles + GEMM stayed ahead: T = 16 6.5-7.9 ms,
+// T = 17 6.3 ms).
 bool chunked(const Nf4Weight& w, at::ScalarType dtype) {
 #ifdef FASTPEFT_NF4_X86
   return dtype != at::kDouble && w.isa == CpuIsa::kAvx512 && w.block_shift >= 2 &&
