@@ -75,7 +75,9 @@ constexpr int64_t kFusedRows = 4;
 // for_rows_interleaved). On a Zen 4 VM (T = 1, 4096 x 4096, 2 threads, each call after an
 // F.linear that evicts the codes, 2, 4 and 8 streams interleaved in one process, 60 runs)
 // 2 streams took 3-9% less time than 8 in each of 14 A/B runs, fp32 and bf16, codes in
-// huge pages or not; 1 stream was level with 2.
+// huge pages or not; 1 stream was level with 2. The AVX2 kernels (FASTPEFT_CPU_ISA=avx2 on
+// the same VM, 40 runs) too: T = 1 1.22-1.24 ms against 1.24-1.25, T = 4 2.03-2.04
+// against 2.16-2.22, T = 8 4.27-4.35 against 4.43-4.49.
 constexpr int64_t kStreams = 2;
 // The chunked decode forward (AVX-512) asks for the codes of its stream's row this many
 // rows ahead, into L2, a line per 64-byte step of the row it decodes, spread out: a burst
