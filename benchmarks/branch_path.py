@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from unittest import mock
 
 import torch
 
@@ -39,7 +40,6 @@ def main() -> None:
     weights = (layer.qweight, layer.absmax.float(), layer.bias, layer.lora_A.weight,
                layer.lora_B.weight, layer.scaling, 0.0, None, layer.blocksize)
     op = torch.ops.fastpeft.nf4_lora_linear.default
-    before = os.environ.get("FASTPEFT_CPU_PATH")
 
     def on(path, x):
         def call():
@@ -50,18 +50,13 @@ def main() -> None:
     print(f"nf4_lora_linear {d}x{d}, r={args.rank}, {args.dtype}, {args.threads} threads; "
           "median ms, caches flushed before each call")
     print(f"  {'rows':>5} {'fused':>8} {'aten':>8}")
-    try:
+    with mock.patch.dict(os.environ):  # the setting is put back after
         with torch.no_grad():
             for rows in args.rows:
                 x = torch.randn(rows, d, dtype=dtype)
                 t = time_interleaved({"fused": on("fused", x), "aten": on("aten", x)},
                                      torch.device("cpu"), runs=args.runs)
                 print(f"  {rows:5d} {t['fused'].median_ms:8.3f} {t['aten'].median_ms:8.3f}")
-    finally:
-        if before is None:
-            os.environ.pop("FASTPEFT_CPU_PATH", None)
-        else:
-            os.environ["FASTPEFT_CPU_PATH"] = before
 
 
 if __name__ == "__main__":

@@ -437,8 +437,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void chunk_dots_
 // The bf16 dx's panel entries (bf16_dx.h) of rows n and n + 1 of W over `steps` 64-byte
 // steps of their codes from byte j0 (chunk_step: q0, q1 and absmax0, absmax1 the rows'
 // first code and scale, nb and blocks a row's bytes and blocks; q1 null for a missing row
-// n + 1, whose weights are then (minus) 0): 8 groups of 16 columns a step, in the chunked order
-// (group 8 s + k holds nibble k of the 16 lanes of step s). The products code * scale are
+// n + 1, whose weights are then (minus) 0): 8 groups of 16 columns a step, in the
+// chunked order (group 8 s + k holds nibble k of the 16 lanes of step s). The products code * scale are
 // rounded to bf16 to nearest even (pair_bf16): W as bitsandbytes' bf16 dequantisation
 // gives it.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void decode_pair_bf16(
