@@ -397,12 +397,14 @@ def test_nf4_op_takes_the_smallest_blocks(isa, T, blocksize, dtype, monkeypatch)
         assert err <= tol, f"{isa} blocksize {blocksize} {name}: relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("T", [1, 3, 4, 16, 17, 40])
+@pytest.mark.parametrize("T", [1, 3, 4, 6, 16, 17, 40])
 @pytest.mark.parametrize("isa", _ISAS)
 def test_int8_lora_linear_bf16_within_rounding(isa, T, monkeypatch):
-    """bf16 int8_lora_linear on each ISA: the decode and tile paths, and the bf16 dx with
-    AVX512_BF16's dots from 9 rows (runs of 256 columns, the last short; two panels of
-    pairs of rows of W, an odd last row)."""
+    """bf16 int8_lora_linear on each ISA: the decode and tile paths; with AVX512_BF16's
+    dots the forward's GEMV from 2 rows (4, 2 and 1 streams of rows of Q at 3-4, 6 and
+    8-row passes; K = 300: a full and a masked 32-column tail; 69 rows of Q: rows past the
+    streams) and the bf16 dx from 9 rows (runs of 256 columns, the last short; two panels
+    of pairs of rows of W, an odd last row)."""
     monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
     fn, tensors = _int8_case(T, 300, 69, 4, torch.bfloat16)
     _assert_bf16_within_rounding(fn, tensors, _run(fn, _fresh(tensors)), f"{isa} T={T}")

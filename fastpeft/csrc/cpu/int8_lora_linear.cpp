@@ -25,7 +25,9 @@
 //   packing A and B for the lora_branch kernels would cost a sizeable part of the whole
 //   op. With fp32 accumulation on AVX2 the base product is a GEMV kernel of its own
 //   (gemv_forward), in passes of 4 rows, and the forward takes this path up to
-//   kGemvMaxRows. The backward accumulates onto the LoRA part's dx.
+//   kGemvMaxRows; for bf16 x on a CPU with AVX512_BF16 the GEMV multiplies Q widened to
+//   bf16 with x as it lies by vdpbf16ps, in passes of 8 rows (gemv_bf16). The backward
+//   accumulates onto the LoRA part's dx.
 // * larger T: compute-bound, so ATen's GEMM does the arithmetic on tiles of W dequantised
 //   into a per-thread buffer, accumulating onto the LoRA part's y / dx: dequant_gemm.h,
 //   shared with nf4_lora_linear, which says how the tiles are sized and threaded (fp32
@@ -43,6 +45,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <vector>
 
 #include "cpu/bf16_dx.h"
@@ -77,6 +80,14 @@ constexpr int64_t kGemvMaxRows = 32;
 // With AMX, whose bf16 GEMM this was not measured against, they stop below the bf16 tiles'
 // dequant_gemm::kLowpDxMinRows.
 constexpr int64_t kBf16DxMinRows = 9;
+// Rows of bf16 x from which the forward's GEMV takes AVX512_BF16's dot products (gemv_bf16)
+// instead of gemv_avx2 on x widened to fp32. `python benchmarks/rows_sweep.py --op int8
+// --dtype bf16`, without and with FASTPEFT_CPU_ISA=avx512 (no dots), Zen 4 VM, 4096 x 4096,
+// 2 threads, forward ms: T = 2 0.52-0.59 against 0.64-0.94, T = 4 0.66-0.93 against
+// 1.05-1.72, T = 8 1.02-1.35 against 1.82-2.67, T = 16 2.39-2.62 against 4.01-4.53, T = 32
+// 4.78-4.96 against 8.60-11.1 (passes of 16 rows, whose x no longer fits L1, took 7.1 and
+// 13.0 ms at T = 16 and 32). At one row both stream Q at the same rate.
+constexpr int64_t kGemvBf16MinRows = 2;
 constexpr int64_t kBf16DxMaxRows = 128;
 
 // Whether the forward's AVX2 GEMV runs (fp32 accumulation, on a CPU with AVX2 + FMA).
@@ -110,6 +121,13 @@ at::Tensor checked_weight(const char* op, const at::Tensor& qweight,
   return weight_scale.contiguous();
 }
 
+// Whether the decode forward's GEMV of T rows takes AVX512_BF16's dot products
+// (gemv_bf16): bf16 x of kGemvBf16MinRows or more, on a CPU that has them
+// (FASTPEFT_CPU_ISA not forcing them off).
+[[maybe_unused]] bool bf16_gemv(int64_t T) {
+  return T >= kGemvBf16MinRows && cpu_bf16_dots();
+}
+
 // The decode forward's base GEMM at T <= kGemvMaxRows with fp32 accumulation, on AVX2 +
 // FMA: the GEMV kernel gemv_avx2 and its epilogue, y = b + s * xa @ B^T + x @ W^T (see
 // int8_lora_linear_kernels.h for why it beats the tile kernel there). Returns false where
@@ -121,22 +139,40 @@ bool gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor& sca
 #ifdef FASTPEFT_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<acc_t, float>) {
     if (T > kGemvMaxRows || !have_gemv_avx2()) return false;
-    std::vector<float> x32;  // x in fp32, natural order
-    const float* xf = nullptr;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      xf = xs;
-    } else {
-      x32.assign(xs, xs + T * K);
-      xf = x32.data();
+    const int8_t* qs = q.const_data_ptr<int8_t>();
+    // A pass: dots (rows, ld) of `rows` rows of x from row t0 against Q's rows [begin, end).
+    std::function<void(int64_t, int64_t, int64_t, int64_t, float*, int64_t)> pass;
+    int64_t pass_rows = kGemvPassRows;
+    std::vector<float> x32;  // x in fp32, natural order, for gemv_avx2
+#ifdef FASTPEFT_BF16_DX
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (bf16_gemv(T)) {
+        const uint16_t* xb = reinterpret_cast<const uint16_t*>(xs);
+        pass_rows = kGemvBf16PassRows;
+        pass = [=](int64_t t0, int64_t rows, int64_t begin, int64_t end, float* dots,
+                   int64_t ld) { gemv_bf16(xb + t0 * K, K, rows, qs, K, begin, end, dots, ld); };
+      }
+    }
+#endif
+    if (!pass) {
+      const float* xf = nullptr;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        xf = xs;
+      } else {
+        x32.assign(xs, xs + T * K);
+        xf = x32.data();
+      }
+      pass = [=](int64_t t0, int64_t rows, int64_t begin, int64_t end, float* dots,
+                 int64_t ld) { gemv_avx2(xf + t0 * K, rows, qs, K, begin, end, dots, ld); };
     }
     // Threads take chunks of ~1 MiB of Q from a shared counter rather than fixed halves of
     // the rows: on cores shared with other processes one thread often runs slower, and the
     // op waits for the slowest. (A row's dot products do not depend on its chunk, so the
-    // chunking may follow the thread count.) gemv_avx2 streams a chunk as 3 or 4
-    // sequential runs of rows. Past kGemvPassRows rows it makes several passes over a
-    // chunk, which is then sized for L2 (256 KiB of the 512 KiB) so that only the first
-    // pass reads Q from memory.
-    const int64_t chunk_bytes = T <= kGemvPassRows ? int64_t{1} << 20 : int64_t{1} << 18;
+    // chunking may follow the thread count.) The kernels stream a chunk as up to 4
+    // sequential runs of rows. Past one pass's rows (pass_rows) they make several passes
+    // over a chunk, which is then sized for L2 (256 KiB of the 512 KiB) so that only the
+    // first pass reads Q from memory.
+    const int64_t chunk_bytes = T <= pass_rows ? int64_t{1} << 20 : int64_t{1} << 18;
     // A small layer is still split between the threads.
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t chunk = std::max<int64_t>(
@@ -150,9 +186,8 @@ bool gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor& sca
       std::vector<float> scratch(static_cast<size_t>(T * kGroupRows + up.R));
       for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
         const int64_t begin = c * chunk, end = std::min(N, begin + chunk);
-        for (int64_t t0 = 0; t0 < T; t0 += kGemvPassRows)
-          gemv_avx2(xf + t0 * K, std::min(kGemvPassRows, T - t0), q.const_data_ptr<int8_t>(),
-                    K, begin, end, dots.data() + t0 * chunk, chunk);
+        for (int64_t t0 = 0; t0 < T; t0 += pass_rows)
+          pass(t0, std::min(pass_rows, T - t0), begin, end, dots.data() + t0 * chunk, chunk);
         gemv_epilogue<scalar_t>(dots.data(), chunk, scale.const_data_ptr<float>(), up, y, T, N,
                                 begin, end, scratch.data());
       }
@@ -236,10 +271,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void decode_pair
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t k = k0 + 16 * g, left = std::min<int64_t>(16, K - k);
     const __mmask16 m = static_cast<__mmask16>((1u << left) - 1u);
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q0 + k)));
-    const __m512 w1 = q1 == nullptr ? _mm512_setzero_ps()
-                                    : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                          _mm_maskz_loadu_epi8(m, q1 + k)));
+    const __m512 w0 = widen16_ps(_mm_maskz_loadu_epi8(m, q0 + k));
+    const __m512 w1 =
+        q1 == nullptr ? _mm512_setzero_ps() : widen16_ps(_mm_maskz_loadu_epi8(m, q1 + k));
     _mm512_storeu_si512(out + 32 * g, bf16_dx::pair_bf16(w0, w1));
   }
 }

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu/bf16_dx.h"
 #include "cpu/lora_branch_kernels.h"
 #include "cpu/simd.h"
 
@@ -347,6 +348,134 @@ inline void gemv_avx2(const float* __restrict x, int64_t T, const int8_t* __rest
     default: return gemv_avx2_rows<4>(x, q, K, n_begin, n_end, dots, ld);
   }
 }
+
+#ifdef FASTPEFT_BF16_DX
+// ---------------------------------------------------------------------------------------
+// Forward GEMV for bf16 x on a CPU with AVX512_BF16, up to kGemvBf16PassRows rows a pass:
+// the same dots[t][i] = x[t, :] . Q[n_begin + i, :] as gemv_avx2, and the same streams of
+// rows with their prefetch. Each 32 bytes of Q are widened to fp32 (vpmovsxbd +
+// vcvtdq2ps) and packed into 32 bf16 in column order (vcvtne2ps2bf16, exact: an int8 has 8
+// significant bits), which meet x's 32 bf16 as they lie in memory: vdpbf16ps adds the
+// exact products of a pair of columns into a fp32 lane. So a widened vector serves twice
+// the columns of an fp32 FMA, and x needs no conversion. (vdpbf16ps takes values of x
+// below 2^-126 as 0, which the unfused layer's bf16 GEMM may not.)
+constexpr int64_t kGemvBf16PassRows = 8;
+
+// 16 bytes of Q -> 16 floats, exactly. (The masked forms with every lane set: GCC 12
+// warns of the unmasked ones' undefined pass-through operand where they are inlined.)
+__attribute__((target("avx512f"), always_inline)) inline __m512 widen16_ps(__m128i bytes) {
+  return _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_maskz_cvtepi8_epi32(0xFFFF, bytes));
+}
+
+// Q[k .. k + n) as bf16 in order, zeros past n (n <= 32).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) inline __m512bh
+widen32_bf16(const int8_t* p, int n) {
+  __m128i lo, hi;
+  if (n >= 32) {
+    lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+  } else {
+    lo = _mm_maskz_loadu_epi8(static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u), p);
+    hi = _mm_maskz_loadu_epi8(static_cast<__mmask16>(n > 16 ? (1u << (n - 16)) - 1u : 0u),
+                              p + 16);
+  }
+  return _mm512_cvtne2ps_pbh(widen16_ps(hi), widen16_ps(lo));
+}
+
+// x[t, k .. k + n) as 32 bf16, zeros past n (n <= 32).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) inline __m512bh
+load32_bf16(const uint16_t* p, int n) {
+  if (n >= 32) return (__m512bh)_mm512_loadu_si512(p);
+  return (__m512bh)_mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1u), p);
+}
+
+// The sum of v's 16 lanes, in a fixed order. (Through memory: GCC 12 warns of the
+// undefined operands of _mm512_reduce_add_ps and of the lane shuffles where they are
+// inlined.)
+__attribute__((target("avx512f"), always_inline)) inline float sum16(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  float sum = 0;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
+  return sum;
+}
+
+// dot[t][j] = x[t, :] . row j for the TR rows of x (bf16 bits, row stride ldx) and the NR
+// rows of Q: TR * NR accumulators (at most 16), each row's NR widened vectors in registers
+// for the TR rows of x, which are read from L1. An accumulator sees the same sequence of
+// operations whatever NR is, so a row's dots do not depend on its stream.
+template <int TR, int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void gemv_tile_bf16(
+    const uint16_t* __restrict x, int64_t ldx, const int8_t* const (&row)[NR], int64_t K,
+    float (&dot)[TR][NR]) {
+  static_assert(TR * NR <= 16, "accumulators must fit the registers");
+  __m512 a[TR][NR];
+  for (int t = 0; t < TR; ++t)
+    for (int j = 0; j < NR; ++j) a[t][j] = _mm512_setzero_ps();
+  const int64_t K64 = K / 64 * 64;
+  int64_t k = 0;
+  for (; k < K64; k += 64) {  // a cache line of each row per step
+    for (int j = 0; j < NR; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(row[j] + k + kPrefetchBytes), _MM_HINT_T0);
+#pragma GCC unroll 2
+    for (int h = 0; h < 64; h += 32) {
+      __m512bh w[NR];
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) w[j] = widen32_bf16(row[j] + k + h, 32);
+#pragma GCC unroll 16
+      for (int t = 0; t < TR; ++t) {
+        const __m512bh xv = load32_bf16(x + t * ldx + k + h, 32);
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; ++j) a[t][j] = _mm512_dpbf16_ps(a[t][j], w[j], xv);
+      }
+    }
+  }
+  for (; k < K; k += 32) {
+    const int n = static_cast<int>(std::min<int64_t>(32, K - k));
+    __m512bh w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = widen32_bf16(row[j] + k, n);
+    for (int t = 0; t < TR; ++t) {
+      const __m512bh xv = load32_bf16(x + t * ldx + k, n);
+      for (int j = 0; j < NR; ++j) a[t][j] = _mm512_dpbf16_ps(a[t][j], w[j], xv);
+    }
+  }
+  for (int t = 0; t < TR; ++t)
+    for (int j = 0; j < NR; ++j) dot[t][j] = sum16(a[t][j]);
+}
+
+// The TR-row GEMV over [n_begin, n_end), as gemv_avx2_rows: S streams of rows, 4 up to 4
+// rows of x, 2 up to 8 (the accumulators' limit).
+template <int TR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void gemv_bf16_rows(
+    const uint16_t* __restrict x, int64_t ldx, const int8_t* __restrict q, int64_t K,
+    int64_t n_begin, int64_t n_end, float* __restrict dots, int64_t ld) {
+  static_assert(TR <= 8, "at most 8 rows of x a pass");
+  constexpr int S = TR <= 4 ? 4 : 2;
+  const int64_t M = (n_end - n_begin) / S;
+  for (int64_t i = 0; i < M; ++i) {
+    const int8_t* row[S];
+    float dot[TR][S];
+    for (int s = 0; s < S; ++s) row[s] = q + (n_begin + s * M + i) * K;
+    gemv_tile_bf16<TR, S>(x, ldx, row, K, dot);
+    for (int t = 0; t < TR; ++t)
+      for (int s = 0; s < S; ++s) dots[t * ld + s * M + i] = dot[t][s];
+  }
+  for (int64_t n = n_begin + S * M; n < n_end; ++n) {
+    const int8_t* row[1] = {q + n * K};
+    float dot[TR][1];
+    gemv_tile_bf16<TR, 1>(x, ldx, row, K, dot);
+    for (int t = 0; t < TR; ++t) dots[t * ld + n - n_begin] = dot[t][0];
+  }
+}
+
+// T (1 .. kGemvBf16PassRows) rows of x: the GEMV above, with T a compile-time constant.
+inline void gemv_bf16(const uint16_t* x, int64_t ldx, int64_t T, const int8_t* q, int64_t K,
+                      int64_t n_begin, int64_t n_end, float* dots, int64_t ld) {
+  with_rows<kGemvBf16PassRows>(static_cast<int>(T), [&](auto tr) {
+    gemv_bf16_rows<decltype(tr)::value>(x, ldx, q, K, n_begin, n_end, dots, ld);
+  });
+}
+#endif
 
 // Its epilogue: y[t, n] = bias[n] + sxa[t, :] . B[n, :] + scale[n] * dots[t * ld + n -
 // n_begin] for the T rows and the rows [n_begin, n_end) of y (row stride N), rounded
