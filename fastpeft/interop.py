@@ -39,7 +39,13 @@ from .nn.int8_lora_linear import Int8LoRALinear
 from .nn.lora_linear import LoRALinear
 from .nn.multi_lora_linear import BASE, MultiLoRALinear, check_adapter_name
 from .nn.nf4_lora_linear import NF4LoRALinear
-from .nn.peft_lora import fuse_lora_model, fuse_peft_lora, is_param_wrapper, lora_parts
+from .nn.peft_lora import (
+    all_plain_lora,
+    fuse_lora_model,
+    fuse_peft_lora,
+    is_param_wrapper,
+    lora_parts,
+)
 
 __all__ = ["from_peft", "load_adapter", "merge_and_unload", "save_adapter"]
 
@@ -70,9 +76,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     same objects), and outputs and gradients are unchanged up to floating-point rounding
     (for bitsandbytes int8 layers: up to the difference between bitsandbytes' int8 matmul
     and fastpeft's weight-only dequantisation; NF4 layers dequantise as bitsandbytes does).
-    LoRA layers the fused kernels do not cover (DoRA, LoRA biases, embeddings,
-    convolutions, MoE expert parameters, FP4 bases) keep PEFT's forward, with one
-    warning.
+    LoRA layers the fused kernels do not cover (DoRA, LoRA biases, PEFT's other LoRA
+    variants such as aLoRA, embeddings, convolutions, MoE expert parameters, FP4 bases) keep
+    PEFT's forward, with one warning.
     """
     try:
         from peft.tuners.lora import LoraLayer
@@ -93,8 +99,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         fuse_lora_model(base_model)  # mixed-adapter batches in training too
     if skipped:
         warnings.warn(f"from_peft: {len(skipped)} PEFT LoRA layers keep PEFT's forward "
-                      f"(layer type or DoRA/LoRA bias not fused): {', '.join(skipped[:5])}"
-                      + (", ..." if len(skipped) > 5 else ""), stacklevel=2)
+                      f"(layer type, DoRA, LoRA bias or LoRA variant not fused): "
+                      f"{', '.join(skipped[:5])}" + (", ..." if len(skipped) > 5 else ""),
+                      stacklevel=2)
     return peft_model
 
 
@@ -109,17 +116,17 @@ def peft_adapted_attention_classes() -> tuple[type, ...]:
 
 def fuse_lora_layer(layer: nn.Module, configs: dict[str, Any]) -> bool:
     """Gives one PEFT LoRA layer the fused forward (see :func:`from_peft`); False where it
-    keeps PEFT's: a layer type the fused ops do not cover, DoRA or a LoRA bias. ``configs``:
-    the PEFT model's ``peft_config`` (read for rsLoRA where PEFT < 0.16 does not keep it on
-    the layer)."""
+    keeps PEFT's: a layer type the fused ops do not cover, or an adapter that is not plain
+    LoRA (DoRA, a LoRA bias, another LoRA variant: :func:`~fastpeft.nn.peft_lora.plain_lora`).
+    ``configs``: the PEFT model's ``peft_config`` (read for rsLoRA where PEFT < 0.16 does not
+    keep it on the layer)."""
     rslora = getattr(layer, "use_rslora", None)
     if not isinstance(rslora, dict):  # PEFT < 0.16
         rslora = layer.use_rslora = {}
     for a, c in configs.items():
         if a in layer.lora_A and a not in rslora:
             rslora[a] = bool(getattr(c, "use_rslora", False))
-    uncovered = any(layer.use_dora.values()) or any(getattr(layer, "lora_bias", {}).values())
-    return not uncovered and fuse_peft_lora(layer)
+    return all_plain_lora(layer) and fuse_peft_lora(layer)
 
 
 def convert_adapted_attention(name: str, layer: nn.Module) -> nn.Module:
@@ -194,9 +201,16 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     its own ``adapter_config.json`` (its ``r``, ``lora_alpha``, targets, ...). PEFT loads
     them with ``PeftModel.from_pretrained(base, directory)`` (or ``directory/<name>``,
     ``adapter_name=<name>``), then ``load_adapter(directory/<name>, adapter_name=<name>)``.
+    A PEFT model holding several adapters (:func:`from_peft` keeps its layers PEFT's) is
+    written by its own ``save_pretrained``, in that layout.
     """
     from safetensors.torch import save_file
 
+    if _is_peft_model(model) and len(getattr(model, "peft_config", {})) > 1:
+        # several adapters of a PEFT model (from_peft keeps its layers PEFT's): PEFT's own
+        # writer, which knows each adapter's config and layers, in the same layout
+        model.save_pretrained(os.fspath(directory))
+        return
     multi = _multi_adapters(model)
     if multi:  # PEFT's multi-adapter layout: "default" at the root, the others below it
         for adapter in multi:  # (a name with a path separator would write elsewhere)

@@ -10,9 +10,12 @@ state):
   through (and every adapter added to an existing one): where it put a new layer in place,
   that layer gets the fused forward as :func:`fastpeft.from_peft` gives it
   (:func:`fastpeft.interop.fuse_lora_layer`: the layer keeps its class's PEFT behaviour,
-  parameters and state-dict keys; DoRA, LoRA biases, embeddings and other layer types keep
-  PEFT's forward, with one warning per kind). An adapter added to an existing layer leaves
-  that layer as it was: fused if it was made under the patch, PEFT's if not;
+  parameters and state-dict keys; DoRA, LoRA biases and other LoRA variants, embeddings
+  and other layer types keep PEFT's forward, with one warning per kind). An adapter added
+  to an existing layer leaves that layer as it was: fused if it was made under the patch,
+  PEFT's if not. The ``LoraModel`` itself then takes mixed-adapter batches in training
+  too, as :func:`fastpeft.from_peft` makes it
+  (:class:`fastpeft.nn.peft_lora.MixedBatchTraining`);
 - ``peft.tuners.adaption_prompt.model.AdaptionPromptModel._create_adapted_attentions``,
   which makes the adaption-prompt attentions of each new adapter: after it, each becomes
   :class:`fastpeft.nn.AdaptedAttention` holding PEFT's very parameters (PEFT's swapping of
@@ -117,6 +120,9 @@ def _wrap_create_and_replace(original: Callable) -> Callable:
         layer = getattr(parent, child, None)
         if layer is not before:  # a new layer, not one more adapter on an existing one
             _fuse_created_lora(layer, self.peft_config)
+        from .nn.peft_lora import fuse_lora_model
+
+        fuse_lora_model(self)  # mixed-adapter batches in training too, as from_peft's
         return result
 
     return _mark(_create_and_replace, original)
@@ -142,11 +148,12 @@ def _fuse_created_lora(layer: nn.Module | None, configs: dict[str, Any]) -> None
     from peft.tuners.lora import LoraLayer
 
     from .interop import fuse_lora_layer
+    from .nn.peft_lora import all_plain_lora
 
     if isinstance(layer, LoraLayer) and not fuse_lora_layer(layer, configs):
         base = type(layer.get_base_layer()).__name__
-        uncovered = any(layer.use_dora.values()) or any(getattr(layer, "lora_bias", {}).values())
-        kind = "DoRA / LoRA bias" if uncovered else f"{type(layer).__name__} on {base}"
+        kind = f"{type(layer).__name__} on {base}" if all_plain_lora(layer) else \
+            "DoRA / LoRA bias / LoRA variant"
         _warn_once(kind, f"patch_peft: PEFT LoRA layers ({kind}) keep PEFT's forward: the "
                          f"fused kernels do not cover them")
 

@@ -57,6 +57,12 @@ def peft_model(gpt2: bool = False, dropout: float = 0.0) -> torch.nn.Module:
     return model.eval()
 
 
+def _has_alora() -> bool:
+    import inspect
+
+    return "alora_invocation_tokens" in inspect.signature(peft.LoraConfig).parameters
+
+
 def batch(n: int = len(NAMES), length: int = 6):
     g = torch.Generator().manual_seed(2)
     return torch.randint(0, 97, (n, length), generator=g)
@@ -170,6 +176,121 @@ def test_unknown_adapter_refused_as_peft_does():
     fused = fastpeft.from_peft(peft_model())
     with pytest.raises(ValueError, match="non-existing adapter"):
         fused(input_ids=batch(2), adapter_names=["sql", "nope"])
+
+
+def _pre_hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_refused_mixed_training_leaves_no_hooks_behind():
+    """A mixed training batch refused from inside the forward (adapters with different
+    dropout) leaves none of PEFT's ``adapter_names`` hooks on the layers (PEFT's context
+    removes them only after a call that returns): later calls, plain or mixed, of other
+    batch sizes, in training and eval, run as if it had not happened."""
+    model = peft_model(dropout=0.1)
+    model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["sql"].p = 0.2
+    fused = fastpeft.from_peft(model).train()
+    hooks = _pre_hooks(fused)
+    with pytest.raises(ValueError, match="different lora_dropout"):
+        fused(input_ids=batch(), adapter_names=NAMES)
+    assert _pre_hooks(fused) == hooks
+    fused(input_ids=batch(3)).logits.sum().backward()  # the active adapter, on 3 rows
+    fused.eval()
+    with torch.no_grad():
+        fused(input_ids=batch(2), adapter_names=["sql", "math"])
+        fused(input_ids=batch(4))
+    assert _pre_hooks(fused) == hooks
+
+
+def test_mixed_training_refusals_name_the_cause():
+    """Mixed training batches fastpeft cannot train are refused, naming ``adapter_names`` and
+    why: under gradient checkpointing (its recomputation would run without the names: the
+    gradients were wrong, or torch's checkpoint failed); the model runs on afterwards."""
+    fused = fastpeft.from_peft(peft_model()).train()
+    # (transformers 5.x renamed it activation checkpointing)
+    what = "activation" if hasattr(fused, "activation_checkpointing_enable") else "gradient"
+    getattr(fused, f"{what}_checkpointing_enable")()
+    hooks = _pre_hooks(fused)
+    with pytest.raises(ValueError, match=r"adapter_names: .*gradient checkpointing"):
+        fused(input_ids=batch(), adapter_names=NAMES)
+    assert _pre_hooks(fused) == hooks
+    getattr(fused, f"{what}_checkpointing_disable")()
+    fused(input_ids=batch(), adapter_names=NAMES).logits.sum().backward()
+
+
+@pytest.mark.skipif(not _has_alora(), reason="this PEFT has no aLoRA (alora_invocation_tokens)")
+def test_lora_variants_keep_peft_forward():
+    """An adapter PEFT computes as a LoRA variant (here aLoRA: active from its invocation
+    tokens on) is not fused as plain LoRA: PEFT's logits, active alone or after
+    ``set_adapter``."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]),
+                                adapter_name="plain")
+    model.add_adapter("alora", peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                               alora_invocation_tokens=[5, 6]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+    ids = torch.randint(7, 97, (2, 8), generator=torch.Generator().manual_seed(2))
+    ids[:, 3], ids[:, 4] = 5, 6
+    fused = fastpeft.from_peft(copy.deepcopy(model))
+    for adapter in ("plain", "alora"):
+        model.set_adapter(adapter)
+        fused.set_adapter(adapter)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(input_ids=ids).logits,
+                                       model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_peft_models_train_mixed_batches():
+    """A model PEFT builds under ``patch_peft`` (as a Trainer does) takes mixed training
+    batches as one ``from_peft`` makes does, with the same gradients."""
+    fastpeft.patch_peft()
+    try:
+        patched = peft_model()
+    finally:
+        fastpeft.unpatch_peft()
+    converted = fastpeft.from_peft(peft_model())
+    grads = []
+    for model in (patched, converted):
+        model.train()(input_ids=batch(), adapter_names=NAMES).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if "lora_" in n})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torch_save_after_serving(tmp_path):
+    """``torch.save`` of a converted model after a serving call, which keeps the stacked
+    adapters (and their weights' storages) between calls: saved without them, and loaded
+    it serves the same logits."""
+    fused = fastpeft.from_peft(peft_model())
+    ids = batch()
+    with torch.no_grad():
+        want = fused(input_ids=ids, adapter_names=NAMES).logits
+    torch.save(fused, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, adapter_names=NAMES).logits, want)
+
+
+def test_save_adapter_of_a_peft_model_with_several_adapters(tmp_path):
+    """``fastpeft.save_adapter`` of a ``from_peft`` model with several adapters writes every
+    one (PEFT's own layout, by PEFT's writer), whichever is active; loaded into a plain
+    model, the mixed batch gives PEFT's logits."""
+    reference = peft_model()
+    fused = fastpeft.from_peft(copy.deepcopy(reference))
+    fused.set_adapter("math")  # on q_proj and o_proj only
+    fastpeft.save_adapter(fused, tmp_path)
+    assert {"sql", "chat", "math"} <= {p.name for p in tmp_path.iterdir()}
+    plain = tiny_llama()
+    for adapter in ADAPTERS:
+        fastpeft.load_adapter(plain, tmp_path / adapter, adapter_name=adapter)
+    ids = batch()
+    with torch.no_grad():
+        want = reference(input_ids=ids, adapter_names=NAMES).logits
+    torch.testing.assert_close(logits_of(plain, ids, NAMES), want, rtol=1e-5, atol=1e-5)
 
 
 # --- several adapters injected into a plain model (MultiLoRALinear), saved and loaded ----

@@ -3,6 +3,8 @@ against lora_linear adapter by adapter, and its checks."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import assert_close_to_ref, backend_params, dtypes_for, forced
@@ -362,8 +364,35 @@ def test_module_adapter_ids_and_refusals():
     layer.lora_dropout["chat"] = 0.3
     with pytest.raises(ValueError, match="lora_dropout: one fused batch"):
         layer.train()(x, adapter_ids=ids)
+    with pytest.raises(ValueError, match="lora_dropout: one fused batch"):
+        layer(x, adapter_names=["math", "__base__", "sql", "chat"])
+    # only the batch's adapters must agree: "chat" idle, by names, ids or names set
+    layer(x, adapter_names=["math", "__base__", "sql", "sql"]).sum().backward()
+    layer(x, adapter_ids=torch.tensor([2, -1, 0, 0])).sum().backward()
+    layer.active_names = ("sql", "sql", "math", "__base__")
+    layer(x).sum().backward()
+    layer.active_names = None
+    layer.eval()
     layer.delete_adapter("chat")
     assert layer.adapter_names == ["sql", "math"]
+
+
+def test_module_saves_and_copies_after_serving(tmp_path):
+    """The stack kept between serving calls (with the weights' storages) is left out of the
+    module's pickled state: ``torch.save`` works after serving (it refused the storages
+    next to the same data typed), ``deepcopy`` copies no stale stack, and both serve as the
+    original does."""
+    layer = _module().eval()
+    x, names = torch.randn(4, 24), ["math", "__base__", "sql", "chat"]
+    with torch.no_grad():
+        want = layer(x, adapter_names=names)
+    assert "_fastpeft_stack" in layer.__dict__
+    torch.save(layer, tmp_path / "layer.pt")
+    copied = copy.deepcopy(layer)
+    assert "_fastpeft_stack" not in copied.__dict__
+    for other in (torch.load(tmp_path / "layer.pt", weights_only=False), copied):
+        with torch.no_grad():
+            torch.testing.assert_close(other(x, adapter_names=names), want)
 
 
 def test_module_serving_reuses_the_stack_until_a_weight_changes():

@@ -484,6 +484,22 @@ def test_from_peft_qlora_matches_peft(bnb, nf4_calls, double_quant, loaded_in_4b
         assert abs(a - b) < 1e-4 * abs(b)
 
 
+def test_from_peft_qlora_mixed_training_refused(bnb):
+    """A mixed-adapter training batch on a QLoRA model is refused, naming adapter_names and
+    the quantised base: the fused mixed batch takes float bases, and PEFT's own mixed batch
+    (which would run instead) does not train (PEFT refuses it; on a repacked bitsandbytes
+    layer it failed deep inside). A plain training call still runs."""
+    peft = pytest.importorskip("peft")
+    ids, mask = batch()
+    pm = peft.get_peft_model(qlora_llama(bnb), peft.LoraConfig(r=4, target_modules=SEVEN),
+                             adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(r=4, target_modules=SEVEN))
+    fastpeft.from_peft(pm).train()
+    with pytest.raises(ValueError, match=r"adapter_names: .*bitsandbytes"):
+        pm(input_ids=ids, attention_mask=mask, adapter_names=["a", "b"])
+    pm(input_ids=ids, attention_mask=mask).logits.sum().backward()
+
+
 def test_from_peft_qlora_eval_after_bitsandbytes_repacked(bnb):
     """A PEFT QLoRA model run in eval mode before the conversion (bitsandbytes repacks its
     layers for its bf16 CPU kernel there, on such a CPU): the fused layers read them back."""

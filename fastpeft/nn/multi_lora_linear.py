@@ -16,7 +16,7 @@ from ..ops.multi_lora_linear import multi_lora_linear
 from .lora_linear import autocast_dtype, is_conv1d, linear_weight
 
 __all__ = ["BASE", "MultiLoRALinear", "check_adapter_name", "per_row_ids",
-           "set_adapter_names", "stack_adapters", "stack_adapters_cached"]
+           "set_adapter_names", "stack_adapters", "stack_adapters_cached", "without_caches"]
 
 #: The adapter name that selects the base layer alone (PEFT's ``"__base__"``).
 BASE = "__base__"
@@ -193,15 +193,7 @@ class MultiLoRALinear(nn.Module):
             raise ValueError("adapter_names / adapter_ids: pass exactly one of them (or, in a "
                              "model, set them with fastpeft.set_adapter_names; a layer with "
                              "an adapter 'default' runs it when none is named, as PEFT)")
-        p = 0.0  # (eval: no dropout)
-        if self.training:
-            dropouts = set(self.lora_dropout.values())
-            if len(dropouts) > 1:
-                raise ValueError(
-                    "lora_dropout: one fused batch applies one dropout probability, but the "
-                    f"adapters have {self.lora_dropout}; train with one lora_dropout, or in "
-                    "eval mode")
-            p = dropouts.pop()
+        p = self._batch_dropout(adapter_names, adapter_ids) if self.training else 0.0
         base = modules["base_layer"]
         params = base._parameters
         weight, bias = params.get("weight"), params.get("bias")
@@ -222,6 +214,33 @@ class MultiLoRALinear(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, ids, p,
                                      self.training)
+
+    def __getstate__(self) -> dict:
+        return without_caches(super().__getstate__())
+
+    def _batch_dropout(self, adapter_names: Sequence[str] | None,
+                       adapter_ids: Tensor | None) -> float:
+        """The one dropout probability of a training batch: its adapters' ``lora_dropout``
+        (those of the names or ids given, else of the names set), which must agree; the
+        layer's other adapters may differ."""
+        ps = set(self.lora_dropout.values())
+        if len(ps) == 1:
+            return ps.pop()
+        if adapter_names is not None:
+            used = set(adapter_names)
+        elif adapter_ids is not None:
+            order = self.adapter_names
+            used = {order[i] for i in adapter_ids.unique().tolist() if 0 <= i < len(order)}
+        else:
+            names = self.active_names or "default"
+            used = {names} if isinstance(names, str) else set(names)
+        dropouts = {a: p for a, p in self.lora_dropout.items() if a in used}
+        if len(set(dropouts.values())) > 1:
+            raise ValueError(
+                "lora_dropout: one fused batch applies one dropout probability, but the "
+                f"batch's adapters have {dropouts}; train them in separate batches, give them "
+                "one lora_dropout, or run in eval mode")
+        return next(iter(dropouts.values()), 0.0)
 
     def stacked(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """:func:`stack_adapters` of every adapter, in :attr:`adapter_names` order (kept
@@ -313,6 +332,14 @@ def stack_adapters_cached(owner: nn.Module, lora_A: Sequence[Tensor], lora_B: Se
     if cached is not None and cached[0] == key:
         return cached[1]
     return _keep_stack(owner, key, lora_A, lora_B, scaling, dtype)
+
+
+def without_caches(state: dict) -> dict:
+    """A module's pickled state (``torch.save``, ``copy.deepcopy``) without the stacked
+    adapters and ids kept between serving calls: the stack also holds the weights' storages
+    (which ``torch.save`` refuses to write next to the same data typed), and is made again
+    on the first call."""
+    return {k: v for k, v in state.items() if k not in ("_fastpeft_stack", "_fastpeft_ids")}
 
 
 def _keep_stack(owner: nn.Module, key: object, lora_A: Sequence[Tensor],

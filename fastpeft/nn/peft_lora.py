@@ -20,12 +20,12 @@ from ..ops.multi_lora_linear import multi_lora_linear
 from ..ops.nf4_lora_linear import nf4_lora_linear
 from .int8_lora_linear import Int8LoRALinear, bnb_int8_weight, is_bnb, is_bnb_int8
 from .lora_linear import LoRALinear, autocast_dtype, is_conv1d
-from .multi_lora_linear import MultiLoRALinear, per_row_ids, stack_adapters_cached
+from .multi_lora_linear import MultiLoRALinear, per_row_ids, stack_adapters_cached, without_caches
 from .nf4_lora_linear import NF4LoRALinear, bnb_nf4_problem, bnb_nf4_weight, is_bnb_4bit
 
-__all__ = ["FusedPeftLora", "LoraParts", "MixedBatchTraining", "all_lora_fused",
+__all__ = ["FusedPeftLora", "LoraParts", "MixedBatchTraining", "all_plain_lora",
            "fuse_lora_model", "fuse_peft_lora", "fused_base", "is_param_wrapper", "lora_parts",
-           "param_wrapper_class", "weights_readable"]
+           "mixed_batch_problem", "param_wrapper_class", "plain_lora", "weights_readable"]
 
 #: Where PEFT keeps ``ParamWrapper`` (PEFT >= 0.17), LoRA on an ``nn.Parameter``.
 _PARAM_WRAPPER = ("peft.tuners.lora.layer", "ParamWrapper")
@@ -47,11 +47,16 @@ class FusedPeftLora:
     :func:`fastpeft.patch_peft`): the layer stays PEFT's (its parameters, adapters,
     ``merge``, state-dict keys and saving are untouched) and its forward runs fastpeft's
     fused op for the one active adapter. PEFT's own forward runs wherever the fused one does
-    not apply: adapters disabled or merged, several active, DoRA or a LoRA bias, per-sample
-    ``adapter_names``; and, with one warning per process, wherever reading the weights
-    without calling their modules would bypass what a distributed engine or offloading put
-    on them (:func:`weights_readable`: DeepSpeed ZeRO-3's gathering hooks, accelerate's
-    offloading, a base layer sharded by itself)."""
+    not apply: adapters disabled or merged, several active, DoRA, a LoRA bias or another
+    LoRA variant (:func:`plain_lora`); and, with one warning per process, wherever reading
+    the weights without calling their modules would bypass what a distributed engine or
+    offloading put on them (:func:`weights_readable`: DeepSpeed ZeRO-3's gathering hooks,
+    accelerate's offloading, a base layer sharded by itself). Per-sample ``adapter_names``
+    (PEFT's mixed batch) run :func:`fastpeft.multi_lora_linear` where they can
+    (:meth:`_mixed_batch`)."""
+
+    def __getstate__(self) -> dict:
+        return without_caches(super().__getstate__())
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if not args and kwargs.keys() == {"adapter_names"}:
@@ -110,8 +115,7 @@ class FusedPeftLora:
                 or not (is_conv1d(base) or isinstance(base, nn.Linear))):
             return None
         names = [a for a in dict.fromkeys(adapter_names) if a in self.lora_A]
-        if any(self.use_dora.get(a) or getattr(self, "lora_bias", {}).get(a)
-               or a in getattr(self, "lora_variant", {}) for a in names):
+        if not all(plain_lora(self, a) for a in names):
             return None
         modules = [base, *(self.lora_A[a] for a in names), *(self.lora_B[a] for a in names)]
         if not all(weights_readable(m) for m in modules):
@@ -149,9 +153,20 @@ class FusedPeftLora:
         if len(active) != 1:
             return None
         (a,) = active
-        if self.use_dora.get(a) or getattr(self, "lora_bias", {}).get(a):
-            return None
-        return a
+        return a if plain_lora(self, a) else None
+
+
+def plain_lora(layer: nn.Module, adapter: str) -> bool:
+    """Whether PEFT LoRA ``layer``'s ``adapter`` is plain LoRA, what the fused ops compute:
+    not DoRA, a LoRA bias or another of PEFT's LoRA variants (``lora_variant``: aLoRA's
+    activation from its invocation tokens on, and the like)."""
+    return not (layer.use_dora.get(adapter) or getattr(layer, "lora_bias", {}).get(adapter)
+                or adapter in getattr(layer, "lora_variant", {}))
+
+
+def all_plain_lora(layer: nn.Module) -> bool:
+    """Whether every adapter of PEFT LoRA ``layer`` is plain LoRA (:func:`plain_lora`)."""
+    return all(plain_lora(layer, a) for a in layer.lora_A)
 
 
 def fused_base(base: nn.Module) -> bool:
@@ -253,34 +268,73 @@ def __getattr__(name: str) -> type:
 
 
 class MixedBatchTraining:
-    """Mixed into PEFT's ``LoraModel`` class by :func:`fastpeft.from_peft`: a mixed batch
-    (``model(..., adapter_names=[...])``) is also accepted in training mode when every LoRA
-    layer of the model runs fastpeft's fused forward, where each adapter gets the gradient
-    of its own rows (the same as training each sub-batch on its own). PEFT refuses
-    ``adapter_names`` in training mode; everything else about the call is PEFT's."""
+    """Mixed into PEFT's ``LoraModel`` class by :func:`fastpeft.from_peft` (and
+    :func:`fastpeft.patch_peft`): a mixed batch (``model(..., adapter_names=[...])``) is also
+    accepted in training mode when every LoRA layer of the model runs fastpeft's fused
+    mixed batch (:func:`mixed_batch_problem`), where each adapter gets the gradient of its
+    own rows (the same as training each sub-batch on its own). PEFT refuses
+    ``adapter_names`` in training mode; everything else about the call is PEFT's. A call
+    that raises leaves no ``adapter_names`` hook behind on the layers (PEFT's own context
+    removes its hooks only after a call that returns)."""
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         hooks = super()._enable_peft_forward_hooks
-        if kwargs.get("adapter_names") is None or not self.training or not all_lora_fused(self):
+        if kwargs.get("adapter_names") is None:
             with hooks(*args, **kwargs):
                 yield
             return
-        with contextlib.ExitStack() as stack:
-            self.training = False  # PEFT's refusal reads this module's own flag only
-            try:
-                stack.enter_context(hooks(*args, **kwargs))
-            finally:
-                self.training = True
-            yield
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.training:
+                    problem = mixed_batch_problem(self)
+                    if problem is not None:
+                        raise ValueError(f"adapter_names: a mixed batch in training mode {problem}")
+                    self.training = False  # PEFT's refusal reads this module's own flag only
+                    try:
+                        stack.enter_context(hooks(*args, **kwargs))
+                    finally:
+                        self.training = True
+                else:
+                    stack.enter_context(hooks(*args, **kwargs))
+                yield
+        except BaseException:
+            _remove_adapter_names_hooks(self)
+            raise
 
 
-def all_lora_fused(model: nn.Module) -> bool:
-    """Whether every PEFT LoRA layer (one that holds adapters) in ``model`` is fused."""
+def _remove_adapter_names_hooks(model: nn.Module) -> None:
+    """Removes the forward pre-hooks by which PEFT passes a call's ``adapter_names`` to its
+    layers: the partials of its ``_adapter_names_pre_forward_hook``."""
+    for m in model.modules():
+        hooks = m._forward_pre_hooks
+        for k in [k for k, h in hooks.items()
+                  if getattr(getattr(h, "func", None), "__name__", None)
+                  == "_adapter_names_pre_forward_hook"]:
+            del hooks[k]
+            m._forward_pre_hooks_with_kwargs.pop(k, None)
+
+
+def mixed_batch_problem(model: nn.Module) -> str | None:
+    """Why fastpeft cannot train a mixed batch (``adapter_names``) of PEFT ``model``, as
+    the end of a sentence; None where it can: every LoRA layer fused, on a float base (the
+    fused mixed batch has no quantised base), and no gradient checkpointing (whose
+    recomputation in backward would run without the batch's ``adapter_names``)."""
     from peft.tuners.lora import LoraLayer
 
-    return all(isinstance(m, FusedPeftLora) for m in model.modules()
-               if isinstance(m, LoraLayer) and len(m.lora_A) > 0)
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer) and len(m.lora_A) > 0:
+            if not isinstance(m, FusedPeftLora):
+                return (f"needs every LoRA layer fused by fastpeft, and {name} keeps PEFT's "
+                        f"forward (PEFT refuses adapter_names in training)")
+            if is_bnb(m.get_base_layer()):
+                return (f"needs float base layers, and {name}'s is bitsandbytes-quantised; "
+                        f"train each adapter's rows in a batch of their own")
+        if getattr(m, "gradient_checkpointing", False) is True:
+            return (f"cannot run with gradient checkpointing ({name or 'the model'}): its "
+                    f"recomputation would not see adapter_names; disable it, or use "
+                    f"fastpeft.inject with fastpeft.set_adapter_names, whose names stay set")
+    return None
 
 
 def fuse_lora_model(model: nn.Module) -> None:
