@@ -399,6 +399,31 @@ def test_injected_mixed_batch_trains_each_adapter_on_its_rows():
     assert checked > 0
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_injected_mixed_batch_trains_under_gradient_checkpointing(reentrant):
+    """Under gradient checkpointing the recomputation in backward reads the names set, so
+    with backward inside ``set_adapter_names`` the gradients are those without it."""
+    grads = []
+    for checkpointing in (False, True):
+        model = injected().train()
+        if checkpointing:
+            what = "activation" if hasattr(model, "activation_checkpointing_enable") \
+                else "gradient"  # (transformers 5.x renamed it)
+            getattr(model, f"{what}_checkpointing_enable")(
+                {"use_reentrant": reentrant})
+        with fastpeft.set_adapter_names(model, ROWS):
+            model(input_ids=ids128()).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # backward after the context exited would recompute with other names: refused
+    with fastpeft.set_adapter_names(model, ROWS):
+        loss = model(input_ids=ids128()).logits.square().mean()
+    with pytest.raises(RuntimeError, match=r"adapter_names: .* runs again in backward"):
+        loss.backward()
+
+
 def test_save_several_adapters_in_peft_layout_and_load_both_ways(tmp_path):
     from safetensors.torch import load_file
 

@@ -182,6 +182,9 @@ class MultiLoRALinear(nn.Module):
         adapters = modules["lora_A"]._modules
         if not adapters:
             raise ValueError("MultiLoRALinear: no adapters yet (add_adapter)")
+        if adapter_names is None and adapter_ids is None and self.training \
+                and not torch.compiler.is_compiling():
+            self._check_recomputed_names()
         if adapter_ids is not None and adapter_names is None:
             ids = adapter_ids
         elif adapter_names is not None and adapter_ids is None:
@@ -217,6 +220,21 @@ class MultiLoRALinear(nn.Module):
 
     def __getstate__(self) -> dict:
         return without_caches(super().__getstate__())
+
+    def _check_recomputed_names(self) -> None:
+        """Under gradient checkpointing a training forward runs again in backward (the
+        recomputation), reading :attr:`active_names` then: refuses names other than the
+        forward's (names set by a ``set_adapter_names`` context that has exited, or by a
+        later forward), which would give wrong gradients."""
+        names = self.active_names
+        if torch._C._current_graph_task_id() == -1:  # not in backward
+            self.__dict__["_fastpeft_forward_names"] = names
+        elif self.__dict__.get("_fastpeft_forward_names", names) != names:
+            raise RuntimeError(
+                f"adapter_names: this layer's forward runs again in backward (gradient "
+                f"checkpointing) with names {names!r} set, but ran with "
+                f"{self.__dict__['_fastpeft_forward_names']!r}; call backward inside the "
+                f"fastpeft.set_adapter_names context, before the names change")
 
     def _batch_dropout(self, adapter_names: Sequence[str] | None,
                        adapter_ids: Tensor | None) -> float:
