@@ -411,6 +411,7 @@ def test_injected_mixed_batch_trains_under_gradient_checkpointing(reentrant):
                 else "gradient"  # (transformers 5.x renamed it)
             getattr(model, f"{what}_checkpointing_enable")(
                 {"use_reentrant": reentrant})
+            model.enable_input_require_grads()  # (reentrant: older transformers do not)
         with fastpeft.set_adapter_names(model, ROWS):
             model(input_ids=ids128()).logits.square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
