@@ -326,7 +326,9 @@ def mixed_batch_problem(model: nn.Module) -> str | None:
         if isinstance(m, LoraLayer) and len(m.lora_A) > 0:
             if not isinstance(m, FusedPeftLora):
                 return (f"needs every LoRA layer fused by fastpeft, and {name} keeps PEFT's "
-                        f"forward (PEFT refuses adapter_names in training)")
+                        f"forward (PEFT refuses adapter_names in training; a layer PEFT made "
+                        f"after fastpeft.from_peft, by add_adapter, is fused by calling it "
+                        f"again)")
             if is_bnb(m.get_base_layer()):
                 return (f"needs float base layers, and {name}'s is bitsandbytes-quantised; "
                         f"train each adapter's rows in a batch of their own")
