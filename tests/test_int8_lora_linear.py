@@ -306,6 +306,35 @@ def test_trains_like_the_float_base():
             assert (g - w).norm() <= 0.02 * w.norm(), f"step {step}"
 
 
+@pytest.mark.parametrize("module", ["int8", "nf4"])
+def test_scales_stay_float32_through_dtype_conversions(module):
+    """``Module.to(dtype)`` / ``.half()`` / ``.double()`` cast every float buffer; the
+    weight scales (int8's weight_scale, NF4's absmax) stay float32, bit for bit (a bf16
+    copy moved each by up to 2^-9 of itself), the LoRA weights and bias take the dtype,
+    and the bf16 layer computes with the float32 layer's quantised weight."""
+    linear = nn.Linear(64, 24)
+    cls = fastpeft.Int8LoRALinear if module == "int8" else fastpeft.NF4LoRALinear
+    layer = cls.from_linear(linear, 4, 8)
+    name = "weight_scale" if module == "int8" else "absmax"
+    scales = getattr(layer, name).clone()
+    for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half(),
+                    lambda m: m.double(), lambda m: m.to("cpu", torch.bfloat16),
+                    lambda m: m.float()):
+        layer = convert(layer)
+        assert torch.equal(getattr(layer, name), scales) \
+            and getattr(layer, name).dtype == torch.float32
+    bf16 = layer.to(torch.bfloat16)
+    assert bf16.lora_A.weight.dtype == bf16.bias.dtype == torch.bfloat16
+    assert bf16.state_dict()[name].dtype == torch.float32
+    x = torch.randn(3, 64)
+    w = bf16.dequantized_weight(torch.float64)
+    want = x.double() @ w.T + bf16.bias.double()  # (B = 0: no LoRA part)
+    err = (bf16(x.bfloat16()).double() - want).abs().max() / want.abs().max()
+    assert err < 1e-2
+    meta = cls(64, 24, r=4, device="meta").to(torch.bfloat16).to_empty(device="cpu")
+    assert getattr(meta, name).dtype == torch.float32 and not getattr(meta, name).is_meta
+
+
 def test_to_linear_and_requantising_merge():
     linear = nn.Linear(48, 32)
     layer = fastpeft.Int8LoRALinear.from_linear(linear, r=4, lora_alpha=8).eval()

@@ -13,7 +13,7 @@ from ..ops._checks import check_positive_int
 from ..ops.int8_lora_linear import int8_lora_linear, quantize_int8
 from .lora_linear import autocast_dtype, is_conv1d, linear_weight, lora_weights
 
-__all__ = ["Int8LoRALinear", "bnb_int8_weight", "is_bnb", "is_bnb_int8"]
+__all__ = ["Float32Scales", "Int8LoRALinear", "bnb_int8_weight", "is_bnb", "is_bnb_int8"]
 
 
 def is_bnb(module: nn.Module) -> bool:
@@ -42,7 +42,34 @@ def bnb_int8_weight(layer: nn.Module) -> tuple[Tensor, Tensor]:
     return cb, scb
 
 
-class Int8LoRALinear(nn.Module):
+class Float32Scales(nn.Module):
+    """A quantised layer whose scale buffers (named in ``_float32_scales``) stay float32
+    through ``Module.to(dtype)``, ``.half()``, ``.bfloat16()`` and ``.double()``, which cast
+    every float buffer: the ops take them in float32 (as bitsandbytes keeps its scales),
+    and a bf16 copy would move each by up to 2^-9 of itself, a weight's whole block or row.
+    Device moves apply to them as to the rest."""
+
+    _float32_scales: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in self._float32_scales
+                if self._buffers.get(n) is not None}
+        for n in kept:
+            self._buffers[n] = None  # out of the conversion
+        try:
+            super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.update(kept)
+            raise
+        for n, t in kept.items():
+            moved = fn(t)
+            if moved.dtype != t.dtype:  # a dtype conversion: the device move alone
+                moved = moved.to(t.dtype) if t.is_meta else t.to(moved.device)
+            self._buffers[n] = moved
+        return self
+
+
+class Int8LoRALinear(Float32Scales):
     """``x @ (qweight * weight_scale[:, None]).T + bias + scaling * lora_B(lora_A(dropout(x)))``.
 
     The base weight is stored at one byte per parameter (per-output-row symmetric int8,
@@ -72,6 +99,8 @@ class Int8LoRALinear(nn.Module):
             ``weight_scale`` float32 on ``device``. The layer computes in its input's
             dtype, casting the (small) LoRA weights and bias to it when they differ.
     """
+
+    _float32_scales = ("weight_scale",)
 
     qweight: Tensor
     weight_scale: Tensor
@@ -200,7 +229,8 @@ class Int8LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The activations' dtype is the compute dtype: the LoRA weights and the bias may be
         # kept in another (PEFT keeps them in float32 on a bf16 model) and are cast, the
-        # scale stays float32 (Module.to(dtype) casts float buffers too). All are small.
+        # scale stays float32 (Float32Scales; cast back should one be assigned in another
+        # dtype). All are small.
         # Merged: the LoRA product is inside qweight already; scaling 0 drops the branch.
         dtype = autocast_dtype(x)
         if dtype is not None:  # under autocast: the activations in autocast's dtype

@@ -47,6 +47,11 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
+def _merge_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a merge computes in: float32, or float64 for a float64 weight."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 class LoRALinear(nn.Module):
     """``base(x) + scaling * lora_B(lora_A(dropout(x)))`` computed by one fused op.
 
@@ -142,9 +147,11 @@ class LoRALinear(nn.Module):
                                self.training)
 
     def delta_weight(self) -> Tensor:
-        """``scaling * lora_B @ lora_A`` computed in fp32, in the base dtype and the base
-        weight's layout (``(out, in)``, or ``(in, out)`` for a ``Conv1D``)."""
-        return self._delta_fp32().to(self.base_layer.weight.dtype)
+        """``scaling * lora_B @ lora_A`` computed in fp32 (fp64 for a float64 base), in the
+        base dtype and the base weight's layout (``(out, in)``, or ``(in, out)`` for a
+        ``Conv1D``)."""
+        w = self.base_layer.weight
+        return self._delta(_merge_dtype(w)).to(w.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -153,7 +160,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("merge: this LoRALinear is already merged")
         w = self.base_layer.weight
-        w.copy_((w.float() + self._delta_fp32()).to(w.dtype))
+        dtype = _merge_dtype(w)
+        w.copy_((w.to(dtype) + self._delta(dtype)).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -162,11 +170,12 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("unmerge: this LoRALinear is not merged")
         w = self.base_layer.weight
-        w.copy_((w.float() - self._delta_fp32()).to(w.dtype))
+        dtype = _merge_dtype(w)
+        w.copy_((w.to(dtype) - self._delta(dtype)).to(w.dtype))
         self.merged = False
 
-    def _delta_fp32(self) -> Tensor:
-        delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
+    def _delta(self, dtype: torch.dtype) -> Tensor:
+        delta = self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype) * self.scaling
         return delta.t() if self.fan_in_fan_out else delta
 
     def extra_repr(self) -> str:

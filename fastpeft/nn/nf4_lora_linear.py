@@ -17,7 +17,7 @@ from ..ops.nf4_lora_linear import (
     nf4_lora_linear,
     quantize_nf4,
 )
-from .int8_lora_linear import is_bnb
+from .int8_lora_linear import Float32Scales, is_bnb
 from .lora_linear import autocast_dtype, is_conv1d, linear_weight, lora_weights
 
 __all__ = ["NF4LoRALinear", "bnb_nf4_problem", "bnb_nf4_weight", "is_bnb_4bit"]
@@ -135,7 +135,7 @@ def _standard_layout(layer: nn.Module, state):
     return state
 
 
-class NF4LoRALinear(nn.Module):
+class NF4LoRALinear(Float32Scales):
     """``x @ W.T + bias + scaling * lora_B(lora_A(dropout(x)))`` with ``W`` a frozen 4-bit
     NF4 weight (QLoRA): ``W[n, k] = NF4[code] * absmax[block]``, in blocks of
     ``blocksize`` elements of the weight read row-major.
@@ -169,6 +169,8 @@ class NF4LoRALinear(nn.Module):
             ``absmax`` float32 on ``device``. The layer computes in its input's dtype,
             casting the (small) LoRA weights and bias to it when they differ.
     """
+
+    _float32_scales = ("absmax",)
 
     qweight: Tensor
     absmax: Tensor
@@ -325,8 +327,8 @@ class NF4LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # As Int8LoRALinear: the activations' dtype is the compute dtype; the LoRA weights
-        # and the bias are cast to it, absmax stays float32 (Module.to(dtype) casts float
-        # buffers too). Merged: the LoRA product is inside the codes; scaling 0 drops it.
+        # and the bias are cast to it, absmax stays float32 (Float32Scales). Merged: the
+        # LoRA product is inside the codes; scaling 0 drops it.
         dtype = autocast_dtype(x)
         if dtype is not None:  # under autocast: the activations in autocast's dtype
             with torch.autocast(x.device.type, enabled=False):

@@ -402,8 +402,10 @@ __attribute__((target("avx512f"), always_inline)) inline float sum16(__m512 v) {
 
 // dot[t][j] = x[t, :] . row j for the TR rows of x (bf16 bits, row stride ldx) and the NR
 // rows of Q: TR * NR accumulators (at most 16), each row's NR widened vectors in registers
-// for the TR rows of x, which are read from L1. An accumulator sees the same sequence of
-// operations whatever NR is, so a row's dots do not depend on its stream.
+// for the TR rows of x, which the dots read from cache (8 rows of K = 4096 are 64 KiB: L2;
+// passes of 16 rows, 128 KiB of x, were slower: see kGemvBf16MinRows). An accumulator sees
+// the same sequence of operations whatever NR is, so a row's dots do not depend on its
+// stream.
 template <int TR, int NR>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void gemv_tile_bf16(
     const uint16_t* __restrict x, int64_t ldx, const int8_t* const (&row)[NR], int64_t K,
