@@ -340,6 +340,9 @@ def _good():
 
 BAD = [
     ("x", torch.randint(0, 3, (3, 10)), TypeError, r"x: expected dtype float32"),
+    # x in another dtype than the weights: x named, not the first weight
+    ("x", torch.randn(3, 10).bfloat16(), TypeError,
+     r"x: expected dtype torch.float32 \(like down_weight, down_bias, up_weight, up_bias\)"),
     ("down_weight", torch.randn(4, 9), ValueError, r"down_weight: expected shape \(m, 10\)"),
     ("down_weight", torch.randn(4, 10, 1), ValueError, r"down_weight: expected a 2-D"),
     ("down_weight", torch.randn(0, 10), ValueError, r"down_weight: expected at least one"),

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
-from ._checks import check_float_input, check_scalar, check_tensor
+from ._checks import check_float_input, check_same_dtype, check_scalar, check_tensor
 from ._library import OpSpec, declare
 
 if _backend.TRITON_AVAILABLE:
@@ -117,6 +117,12 @@ def check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation
     """Shape / dtype / device checks of ``bottleneck_adapter``; each error names its
     argument."""
     d = x.shape[-1]
+    # the odd dtype out named (x among weights of another dtype, or one weight), as
+    # lora_linear does
+    given = {"x": x, "down_weight": down_weight, "down_bias": down_bias,
+             "up_weight": up_weight, "up_bias": up_bias, "ln_weight": ln_weight,
+             "ln_bias": ln_bias, "residual": residual}
+    check_same_dtype({n: t for n, t in given.items() if isinstance(t, Tensor)})
     check_tensor("down_weight", down_weight, ndim=2, like=x)
     if down_weight.shape[1] != d:
         raise ValueError(
