@@ -354,6 +354,24 @@ def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):
     """Each NF4 decoder this CPU runs gives the reference's output and gradients."""
     monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
     fn, tensors = _nf4_case(T, K, N, 4, dtype, blocksize=blocksize)
+    _assert_isa_matches_reference(fn, tensors, dtype, f"{isa} T={T} K={K} N={N}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("T", [1, 5, 16, 20, 40])
+@pytest.mark.parametrize("isa", _ISAS)
+def test_int8_lora_linear_every_isa(isa, T, dtype, monkeypatch):
+    """Each int8 path this CPU runs, by ISA: the GEMV (AVX2, or AVX512_BF16's dots for bf16)
+    and, with FASTPEFT_CPU_ISA=generic, the multi-versioned tile kernel, up to 16 rows (and
+    the GEMV to 32); the dequantised tiles past them; K = 300, N = 69: tails."""
+    monkeypatch.setenv("FASTPEFT_CPU_ISA", isa)
+    fn, tensors = _int8_case(T, 300, 69, 4, dtype)
+    _assert_isa_matches_reference(fn, tensors, dtype, f"{isa} T={T}")
+
+
+def _assert_isa_matches_reference(fn, tensors, dtype, what):
+    """The C++ run's output and gradients against the reference backend's (bf16: also
+    against float64 within bf16 rounding's bound)."""
     got = _run(fn, _fresh(tensors))
     tensors = _fresh(tensors)  # the reference's gradients in tensors of their own
     with fastpeft.use_backend("reference"):
@@ -366,9 +384,9 @@ def test_nf4_lora_linear_every_isa(isa, T, K, N, blocksize, dtype, monkeypatch):
     for i, (a, b) in enumerate(zip(got, want[: len(got)], strict=True)):
         scale = b.double().abs().max().item() or 1.0
         diff = (a.double() - b.double()).abs().max().item()
-        assert diff <= tol * scale, f"{isa} result {i}: max |diff| {diff:.3e} (scale {scale:.3g})"
+        assert diff <= tol * scale, f"{what} result {i}: max |diff| {diff:.3e} (scale {scale:.3g})"
     if dtype == torch.bfloat16:
-        _assert_bf16_within_rounding(fn, tensors, got, f"{isa} T={T} K={K} N={N}")
+        _assert_bf16_within_rounding(fn, tensors, got, what)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

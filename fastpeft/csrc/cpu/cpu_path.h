@@ -83,7 +83,7 @@ inline CpuPath cpu_path(c10::ScalarType dtype) {
 
 // The vector ISA of the kernels written with intrinsics for more than one ISA (today
 // nf4_lora_linear's NF4 decoder; the AVX512_BF16 dots of the NF4 and int8 ops follow
-// cpu_bf16_dots): the widest the CPU has, or FASTPEFT_CPU_ISA=avx512bf16 |
+// cpu_bf16_dots, and int8's AVX2 GEMV runs unless generic is forced): the widest the CPU has, or FASTPEFT_CPU_ISA=avx512bf16 |
 // avx512 | avx2 | generic (read at every call, so a test can run each one the CPU can in
 // one process; forcing one the CPU lacks is refused). avx512bf16 is kAvx512 with the
 // AVX512_BF16 dot products (cpu_bf16_dots); avx512 is kAvx512 without them.

@@ -90,10 +90,20 @@ constexpr int64_t kBf16DxMinRows = 9;
 constexpr int64_t kGemvBf16MinRows = 2;
 constexpr int64_t kBf16DxMaxRows = 128;
 
-// Whether the forward's AVX2 GEMV runs (fp32 accumulation, on a CPU with AVX2 + FMA).
+// Whether the forward's GEMV kernels may run: a CPU with AVX2 + FMA, unless
+// FASTPEFT_CPU_ISA=generic forces the tile kernel (multi-versioned) instead.
+bool have_gemv() {
+#ifdef FASTPEFT_HAVE_AVX2_PATH
+  return have_gemv_avx2() && cpu_isa() != CpuIsa::kGeneric;
+#else
+  return false;
+#endif
+}
+
+// Whether the forward's AVX2 GEMV runs (fp32 accumulation, have_gemv()).
 bool gemv_applies(const at::Tensor& x) {
 #ifdef FASTPEFT_HAVE_AVX2_PATH
-  return x.scalar_type() != at::kDouble && have_gemv_avx2();
+  return x.scalar_type() != at::kDouble && have_gemv();
 #else
   return false;
 #endif
@@ -138,7 +148,7 @@ bool gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor& sca
                   scalar_t* y) {
 #ifdef FASTPEFT_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (T > kGemvMaxRows || !have_gemv_avx2()) return false;
+    if (T > kGemvMaxRows || !have_gemv()) return false;
     const int8_t* qs = q.const_data_ptr<int8_t>();
     // A pass: dots (rows, ld) of `rows` rows of x from row t0 against Q's rows [begin, end).
     std::function<void(int64_t, int64_t, int64_t, int64_t, float*, int64_t)> pass;
