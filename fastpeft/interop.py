@@ -99,7 +99,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         fuse_lora_model(base_model)  # mixed-adapter batches in training too
     if skipped:
         warnings.warn(f"from_peft: {len(skipped)} PEFT LoRA layers keep PEFT's forward "
-                      f"(layer type, DoRA, LoRA bias or LoRA variant not fused): "
+                      f"(a layer type, or an adapter other than plain LoRA, not fused): "
                       f"{', '.join(skipped[:5])}" + (", ..." if len(skipped) > 5 else ""),
                       stacklevel=2)
     return peft_model

@@ -153,7 +153,7 @@ def _fuse_created_lora(layer: nn.Module | None, configs: dict[str, Any]) -> None
     if isinstance(layer, LoraLayer) and not fuse_lora_layer(layer, configs):
         base = type(layer.get_base_layer()).__name__
         kind = f"{type(layer).__name__} on {base}" if all_plain_lora(layer) else \
-            "DoRA / LoRA bias / LoRA variant"
+            "DoRA / LoRA bias / LoRA variant / tensor scaling"
         _warn_once(kind, f"patch_peft: PEFT LoRA layers ({kind}) keep PEFT's forward: the "
                          f"fused kernels do not cover them")
 

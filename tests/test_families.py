@@ -117,7 +117,11 @@ def test_from_peft_fuses_every_layer(name, monkeypatch):
     monkeypatch.setattr(peft_lora, "lora_linear",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     assert_close(logits(converted, batch), want)
-    assert len(calls) == len(want_grads) // 2  # every adapted layer, once
+    # every adapted layer once, but LoRA on parameters (PEFT's ParamWrapper: from PEFT
+    # 0.22 these target_modules also reach an MoE's 3-D expert weights), which keeps
+    # PEFT's forward
+    wrapped = sum(1 for m in converted.modules() if peft_lora.is_param_wrapper(m))
+    assert len(calls) == len(want_grads) // 2 - wrapped
     assert_same_grads(lora_grads(converted, batch), want_grads)
 
 

@@ -168,6 +168,45 @@ def test_converted_layers_fall_back_to_peft_where_fusion_does_not_apply(base, ba
     assert not any(isinstance(m, peft_lora.FusedPeftLora) for m in dora.modules())
 
 
+def test_lora_on_another_tuner_keeps_peft_forward():
+    """A PEFT mixed model's LoRA stacked on another tuner's layer (LoHa here): the fused op
+    would read the innermost base and skip the LoHa; PEFT's forward runs, with PEFT's
+    output and gradients for both adapters."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 2))
+    model = peft.get_peft_model(base, peft.LoHaConfig(target_modules=["0"], init_weights=False),
+                                adapter_name="loha", mixed=True)
+    model.add_adapter("lora", peft.LoraConfig(target_modules=["0"], init_lora_weights=False))
+    model.set_adapter(["loha", "lora"])
+    twin = copy.deepcopy(model)
+    for module in model.modules():  # (as patch_peft fuses them: from_peft takes PeftModels)
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            assert fastpeft.interop.fuse_lora_layer(module, {})
+    x = torch.randn(4, 10)
+    y, want = model(x), twin(x)
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    y.sum().backward()
+    want.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any("hada" in n for n in grads) and all(g is not None for g in grads.values())
+    for n, p in twin.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-6, atol=1e-6, msg=n)
+
+
+def test_compiled_hotswap_preparation_keeps_peft_forward(base, batch):
+    """PEFT's ``prepare_model_for_compiled_hotswap`` makes each scaling a tensor (and pads
+    the ranks): the layers then run PEFT's forward, whose output the preparation keeps."""
+    hotswap = pytest.importorskip("peft.utils.hotswap")
+    ids, _ = batch
+    pm = fastpeft.from_peft(peft.get_peft_model(base, peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)))
+    with torch.no_grad():
+        before = pm(input_ids=ids).logits
+        hotswap.prepare_model_for_compiled_hotswap(pm, target_rank=8)
+        torch.testing.assert_close(pm(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
 def test_from_peft_adaption_prompt(base, batch):
     ids, mask = batch
     pm = peft.get_peft_model(base, peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=2,

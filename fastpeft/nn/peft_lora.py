@@ -111,7 +111,7 @@ class FusedPeftLora:
         bitsandbytes base, DoRA or a LoRA bias among the named adapters, hooked weights."""
         base = self.get_base_layer()
         if (self.disable_adapters or self.merged or is_bnb(base) or x.dim() < 2
-                or len(adapter_names) != x.shape[0]
+                or len(adapter_names) != x.shape[0] or self._wraps_a_tuner()
                 or not (is_conv1d(base) or isinstance(base, nn.Linear))):
             return None
         names = [a for a in dict.fromkeys(adapter_names) if a in self.lora_A]
@@ -147,7 +147,7 @@ class FusedPeftLora:
         return multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, ids, p, self.training)
 
     def _fused_adapter(self, args: tuple, kwargs: dict) -> str | None:
-        if args or kwargs or self.disable_adapters or self.merged:
+        if args or kwargs or self.disable_adapters or self.merged or self._wraps_a_tuner():
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1:
@@ -155,13 +155,21 @@ class FusedPeftLora:
         (a,) = active
         return a if plain_lora(self, a) else None
 
+    def _wraps_a_tuner(self) -> bool:
+        """Whether this layer's ``base_layer`` is another tuner's layer (a PEFT mixed model's
+        LoRA on a LoHa, LoKr, AdaLoRA, ... layer), whose forward the fused ops, reading the
+        innermost base, would skip: PEFT's forward runs there."""
+        return self.base_layer is not self.get_base_layer()
+
 
 def plain_lora(layer: nn.Module, adapter: str) -> bool:
     """Whether PEFT LoRA ``layer``'s ``adapter`` is plain LoRA, what the fused ops compute:
     not DoRA, a LoRA bias or another of PEFT's LoRA variants (``lora_variant``: aLoRA's
-    activation from its invocation tokens on, and the like)."""
+    activation from its invocation tokens on, and the like), with a float scaling (PEFT's
+    ``prepare_model_for_compiled_hotswap`` makes it a tensor, which PEFT's forward takes)."""
     return not (layer.use_dora.get(adapter) or getattr(layer, "lora_bias", {}).get(adapter)
-                or adapter in getattr(layer, "lora_variant", {}))
+                or adapter in getattr(layer, "lora_variant", {})
+                or isinstance(layer.scaling.get(adapter), torch.Tensor))
 
 
 def all_plain_lora(layer: nn.Module) -> bool:
