@@ -63,8 +63,8 @@ class FusedPeftLora:
             y = self._mixed_batch(x, kwargs["adapter_names"])
             if y is not None:
                 return y
-        a = self._fused_adapter(args, kwargs)
         base = self.get_base_layer()
+        a = self._fused_adapter(args, kwargs, base)
         if a is None or not fused_base(base):
             return super().forward(x, *args, **kwargs)
         if not (weights_readable(base) and weights_readable(self.lora_A[a])
@@ -107,11 +107,12 @@ class FusedPeftLora:
         """PEFT's mixed batch (``adapter_names``: one adapter name per sample, ``"__base__"``
         for none) as one :func:`fastpeft.multi_lora_linear` call: the base GEMM once, each
         adapter on its own rows, in training as in inference. ``None`` where PEFT's own
-        forward must run (its checks and refusals included): adapters disabled or merged, an
-        bitsandbytes base, DoRA or a LoRA bias among the named adapters, hooked weights."""
+        forward must run (its checks and refusals included): adapters disabled or merged, a
+        bitsandbytes base, another tuner's layer as ``base_layer``, an adapter named that
+        is not plain LoRA (:func:`plain_lora`), hooked weights."""
         base = self.get_base_layer()
         if (self.disable_adapters or self.merged or is_bnb(base) or x.dim() < 2
-                or len(adapter_names) != x.shape[0] or self._wraps_a_tuner()
+                or len(adapter_names) != x.shape[0] or self.base_layer is not base
                 or not (is_conv1d(base) or isinstance(base, nn.Linear))):
             return None
         names = [a for a in dict.fromkeys(adapter_names) if a in self.lora_A]
@@ -146,20 +147,18 @@ class FusedPeftLora:
         p = dropouts[names[0]]
         return multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, ids, p, self.training)
 
-    def _fused_adapter(self, args: tuple, kwargs: dict) -> str | None:
-        if args or kwargs or self.disable_adapters or self.merged or self._wraps_a_tuner():
+    def _fused_adapter(self, args: tuple, kwargs: dict, base: nn.Module) -> str | None:
+        """The one active adapter the fused op computes on ``base`` (the innermost base
+        layer), or None: also where ``base_layer`` is another tuner's layer (a PEFT mixed
+        model's LoRA on a LoHa, LoKr, AdaLoRA, ... layer), whose forward the fused op,
+        reading ``base``, would skip (as :meth:`_mixed_batch` does)."""
+        if args or kwargs or self.disable_adapters or self.merged or self.base_layer is not base:
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1:
             return None
         (a,) = active
         return a if plain_lora(self, a) else None
-
-    def _wraps_a_tuner(self) -> bool:
-        """Whether this layer's ``base_layer`` is another tuner's layer (a PEFT mixed model's
-        LoRA on a LoHa, LoKr, AdaLoRA, ... layer), whose forward the fused ops, reading the
-        innermost base, would skip: PEFT's forward runs there."""
-        return self.base_layer is not self.get_base_layer()
 
 
 def plain_lora(layer: nn.Module, adapter: str) -> bool:
