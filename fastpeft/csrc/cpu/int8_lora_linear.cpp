@@ -85,8 +85,9 @@ constexpr int64_t kBf16DxMinRows = 9;
 // --dtype bf16`, without and with FASTPEFT_CPU_ISA=avx512 (no dots), Zen 4 VM, 4096 x 4096,
 // 2 threads, forward ms: T = 2 0.52-0.59 against 0.64-0.94, T = 4 0.66-0.93 against
 // 1.05-1.72, T = 8 1.02-1.35 against 1.82-2.67, T = 16 2.39-2.62 against 4.01-4.53, T = 32
-// 4.78-4.96 against 8.60-11.1 (passes of 16 rows, whose x no longer fits L1, took 7.1 and
-// 13.0 ms at T = 16 and 32). At one row both stream Q at the same rate.
+// 4.78-4.96 against 8.60-11.1 (passes of 16 rows, 128 KiB of x at K = 4096 against 64 KiB,
+// took 7.1 and 13.0 ms at T = 16 and 32). One row stays on gemv_avx2: the dots were not
+// measured there.
 constexpr int64_t kGemvBf16MinRows = 2;
 constexpr int64_t kBf16DxMaxRows = 128;
 
