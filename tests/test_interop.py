@@ -121,6 +121,24 @@ def test_from_peft_lora_all_seven_projections(base, batch, fused_calls):
     assert any(not torch.equal(before[n], p) for n, p in params_before.items())
 
 
+def test_from_peft_reads_as_peft_in_status_and_repr(base, tmp_path):
+    """The fused classes keep PEFT's class names where PEFT and users read them: the
+    layers' repr, get_layer_status()'s module_type and get_model_status(); pickle still
+    finds them by their own qualified names."""
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    layer_status, model_status, text = pm.get_layer_status(), pm.get_model_status(), repr(pm)
+    fastpeft.from_peft(pm)
+    q_proj = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__qualname__ == "FusedLinear"
+    assert type(pm.base_model).__qualname__ == "FusedLoraModel"
+    assert {s.module_type for s in pm.get_layer_status()} == {"lora.Linear"}
+    assert pm.get_layer_status() == layer_status and pm.get_model_status() == model_status
+    assert repr(pm) == text
+    torch.save(pm, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded.base_model.model.model.layers[0].self_attn.q_proj) is type(q_proj)
+
+
 def test_from_peft_keeps_scaling_dropout_and_rslora(base, batch):
     ids, _ = batch
     pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=6, lora_dropout=0.25,

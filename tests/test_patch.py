@@ -178,7 +178,7 @@ def test_patch_twice_is_harmless_and_unpatch_restores_peft():
             prompt_model.__dict__["_create_adapted_attentions"]) == patched
     assert tuple(m.__wrapped__ for m in patched) == originals
     model = peft.get_peft_model(tiny_llama(), lora_config())
-    assert all(type(m).__name__ == "FusedLinear" for m in lora_layers(model))
+    assert all(type(m).__qualname__ == "FusedLinear" for m in lora_layers(model))
     fastpeft.unpatch_peft()
     fastpeft.unpatch_peft()
     assert not peft_patched()

@@ -257,12 +257,16 @@ _FUSED: dict[str, type] = {}
 
 
 def _fused_class(name: str) -> type:
+    """The fused subclass ``name`` of its PEFT class. Its ``__name__`` is PEFT's own
+    (``Linear``, ``LoraModel``, ...), so that reprs, ``get_layer_status()``'s
+    ``module_type`` ("lora.Linear") and ``get_model_status()`` read as PEFT's do; its
+    ``__qualname__`` is ``name``, by which pickle finds it here (:func:`__getattr__`)."""
     if name not in _FUSED:
         module, cls_name = (_PEFT_CLASSES | _LORA_MODEL)[name]
         base = getattr(importlib.import_module(module), cls_name)
         mixin = MixedBatchTraining if name == "FusedLoraModel" else FusedPeftLora
-        _FUSED[name] = type(name, (mixin, base), {"__module__": __name__,
-                                                  "__qualname__": name})
+        _FUSED[name] = type(cls_name, (mixin, base), {"__module__": __name__,
+                                                      "__qualname__": name})
     return _FUSED[name]
 
 
