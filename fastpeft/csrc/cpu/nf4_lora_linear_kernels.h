@@ -36,6 +36,7 @@
 #endif
 #endif
 
+FASTPEFT_AVX512_WARNINGS_OFF
 namespace fastpeft::cpu::nf4_lora_linear {
 
 // The 16 NF4 values, bitsandbytes' table (reference.NF4_VALUES).
@@ -629,3 +630,4 @@ FASTPEFT_MULTIVERSION void axpy4(const acc_t* a, const float* __restrict w, int6
 }
 
 }  // namespace fastpeft::cpu::nf4_lora_linear
+FASTPEFT_AVX512_WARNINGS_ON

@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #endif
 
+FASTPEFT_AVX512_WARNINGS_OFF
 namespace fastpeft::cpu {
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
@@ -240,3 +241,4 @@ inline void dropout_keep_rows(uint64_t seed, uint64_t c0, int64_t row_stride, in
 }
 
 }  // namespace fastpeft::cpu
+FASTPEFT_AVX512_WARNINGS_ON

@@ -48,6 +48,21 @@ namespace fastpeft::cpu {
 // them without AVX does not apply (it is reported where the helpers are used, hence no pop).
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+// GCC 12's AVX-512 headers give unmasked intrinsics (vpermps, vpsrld, the reductions'
+// shuffles, ...) an uninitialised vector as the unused pass-through operand and then warn,
+// falsely, that it may be used uninitialised, once per inlined call (GCC bug 105593,
+// fixed in GCC 13). The AVX-512 kernels sit between these two macros.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#define FASTPEFT_AVX512_WARNINGS_OFF                          \
+  _Pragma("GCC diagnostic push")                              \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"") \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define FASTPEFT_AVX512_WARNINGS_ON _Pragma("GCC diagnostic pop")
+#else
+#define FASTPEFT_AVX512_WARNINGS_OFF
+#define FASTPEFT_AVX512_WARNINGS_ON
+#endif
+
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
 
