@@ -15,6 +15,11 @@ from .nn.bottleneck_adapter import ADAPTER_PRESETS
 from .ops._checks import check_positive_int as _positive_int
 from .reference import ACTIVATIONS
 
+
+def _bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
 __all__ = ["AdaptionPromptConfig", "BottleneckConfig", "LoraConfig"]
 
 
@@ -140,6 +145,7 @@ class AdaptionPromptConfig:
         _positive_int("adapter_layers", self.adapter_layers)
         if self.gate not in ("scalar", "per_head"):
             raise ValueError(f"gate: expected 'scalar' or 'per_head', got {self.gate!r}")
+        _bool("gate_tanh", self.gate_tanh)
 
 
 @dataclass
@@ -178,9 +184,9 @@ class BottleneckConfig:
             self.placements = base.placements
         self.placements = tuple(self.placements)
         bad = [p for p in self.placements if p not in ("attention", "feed_forward")]
-        if bad or not self.placements:
-            raise ValueError("placements: expected 'attention' and/or 'feed_forward', "
-                             f"got {self.placements!r}")
+        if bad or not self.placements or len(set(self.placements)) < len(self.placements):
+            raise ValueError("placements: expected 'attention' and/or 'feed_forward' (each "
+                             f"once), got {self.placements!r}")
         if self.activation is None:
             self.activation = base.activation
         if self.activation not in ACTIVATIONS:
@@ -190,6 +196,10 @@ class BottleneckConfig:
         _positive_int("reduction_factor", self.reduction_factor)
         if self.layer_norm is None:
             self.layer_norm = base.layer_norm
+        _bool("layer_norm", self.layer_norm)
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) \
+                or not math.isfinite(self.scaling):
+            raise ValueError(f"scaling: expected a finite number, got {self.scaling!r}")
         if self.bottleneck_size is not None:
             _positive_int("bottleneck_size", self.bottleneck_size)
 

@@ -14,7 +14,7 @@ from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
 from .nn.adapted_attention import AdaptedAttention, compute_dtype
 from .nn.bottleneck_adapter import BottleneckAdapter
 from .nn.int8_lora_linear import Int8LoRALinear, is_bnb, is_bnb_int8
-from .nn.lora_linear import LoRALinear, is_conv1d, linear_weight
+from .nn.lora_linear import LoRALinear, is_conv1d, linear_weight, own_forward
 from .nn.multi_lora_linear import MultiLoRALinear, check_adapter_name
 from .nn.nf4_lora_linear import NF4LoRALinear, bnb_nf4_problem, is_bnb_4bit
 from .nn.peft_lora import FusedPeftLora, is_param_wrapper, lora_parts, param_wrapper_class
@@ -121,6 +121,19 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         if _is_linear(module) and name.rpartition(".")[0] not in inside
         and module is not output_layer and _matches(name, target_modules)
     ]
+    # nn.Linear subclasses with a forward of their own: 'all-linear' leaves them out (with
+    # a note), a target naming them is refused
+    custom = [name for name, module in targets if own_forward(module)]
+    if custom and not all_linear:
+        kinds = {name: type(module).__name__ for name, module in targets}
+        one = len(custom) == 1
+        raise NotImplementedError(
+            f"target_modules: {_names(f'{n} ({kinds[n]})' for n in custom)} "
+            f"{'has a forward of its own' if one else 'have forwards of their own'} "
+            f"({'an nn.Linear subclass' if one else 'nn.Linear subclasses'}), which "
+            f"fastpeft's fused LoRA layers (computing x @ weight.T + bias) would bypass; "
+            f"leave {'it' if one else 'them'} out, or adapt {'it' if one else 'them'} with PEFT")
+    targets = [(name, module) for name, module in targets if name not in custom]
     left_out = _unadapted_experts(model, target_modules, all_linear, params, inside)
     source = "what PEFT's 'all-linear' adapts" if all_linear else "target_parameters"
     if config.target_parameters or left_out:  # needs PEFT's ParamWrapper: refuse before changes
@@ -154,6 +167,9 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
             raise ValueError(f"target_parameters: {owner}.{param} has shape {shape}; PEFT's "
                              f"ParamWrapper adapts 2-D (out, in) and 3-D (experts, ...) ones")
     for name, linear in targets:  # refused before anything changes
+        if hasattr(linear, BOTTLENECK_CHILD):  # the fused layer would bypass its hook
+            raise ValueError(f"config: {name} has a bottleneck adapter already; inject the "
+                             f"LoraConfig before the BottleneckConfig")
         if is_bnb_4bit(linear) and bnb_nf4_problem(linear) is not None:
             raise ValueError(f"target_modules: {name}: "
                              f"{bnb_nf4_problem(linear).removeprefix('layer: ')}")
@@ -194,6 +210,9 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
                      f"{_names(_describe(e) for e in left_out)} unadapted and frozen, as PEFT "
                      f"does for model type {_model_type(model)!r}; name them in "
                      f"target_parameters to adapt them")
+    if custom:
+        notes.append(f"target_modules='all-linear' leaves {_names(custom)} unadapted: "
+                     f"nn.Linear subclasses with a forward of their own")
     if params and not targets and target_modules:
         notes.append(f"target_modules {target_modules!r} matched no linear layer")
     if targets and config.target_parameters and not params:
@@ -493,6 +512,14 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
                                  f"already ({type(module).__name__})")
             elif not _is_linear(module):
                 continue
+            elif hasattr(module, BOTTLENECK_CHILD):
+                raise ValueError(f"config: {name} has a bottleneck adapter already; inject "
+                                 f"the LoRA configs before the BottleneckConfig")
+            elif own_forward(module):
+                raise NotImplementedError(
+                    f"target_modules: {name} is a {type(module).__name__}, an nn.Linear "
+                    f"subclass with a forward of its own, which MultiLoRALinear (computing "
+                    f"x @ weight.T + bias) would bypass; leave it out")
             elif is_bnb(module):
                 raise NotImplementedError(
                     f"target_modules: {name} is a bitsandbytes {type(module).__name__}; "
@@ -525,17 +552,22 @@ def _inject_adaption_prompt(model: nn.Module, config: AdaptionPromptConfig) -> N
     if len(attentions) < config.adapter_layers:
         raise ValueError(f"adapter_layers: {config.adapter_layers} layers asked for, "
                          f"{type(model).__name__} has {len(attentions)}")
+    adapted = {}  # every layer checked and built before any is put in place
     for name in attentions[len(attentions) - config.adapter_layers:]:
         attn = model.get_submodule(name)
+        if isinstance(attn, AdaptedAttention):
+            raise ValueError(f"config: {name} has an adaption prompt already")
         if hasattr(attn, BOTTLENECK_CHILD):  # its hook would never run inside the wrapper
             raise ValueError(f"config: {name} has a bottleneck adapter already; inject the "
                              f"AdaptionPromptConfig before the BottleneckConfig")
         try:
-            adapted = AdaptedAttention(attn, config.adapter_len, gate=config.gate,
-                                       gate_tanh=config.gate_tanh, dtype=_model_dtype(model))
+            adapted[name] = AdaptedAttention(attn, config.adapter_len, gate=config.gate,
+                                             gate_tanh=config.gate_tanh,
+                                             dtype=_model_dtype(model))
         except (TypeError, NotImplementedError) as err:
             raise type(err)(f"{name} ({type(model).__name__}): {err}") from err
-        replace(model, name, adapted)
+    for name, layer in adapted.items():
+        replace(model, name, layer)
 
 
 # --- bottleneck adapters ----------------------------------------------------------------
@@ -554,11 +586,12 @@ def _inject_bottleneck(model: nn.Module, config: BottleneckConfig) -> None:
         raise ValueError("model: its config has no hidden_size to size the adapters from")
     bottleneck = config.size_for(hidden)
     dtype = _model_dtype(model)
-    for placement, name in sites:
-        sublayer = model.get_submodule(name)
-        if hasattr(sublayer, BOTTLENECK_CHILD):
+    for placement, name in sites:  # refused before any adapter is added
+        if hasattr(model.get_submodule(name), BOTTLENECK_CHILD):
             raise ValueError(f"config: {name} (the {placement} of a block) has a bottleneck "
                              f"adapter already")
+    for placement, name in sites:
+        sublayer = model.get_submodule(name)
         param = next(sublayer.parameters())
         adapter = BottleneckAdapter(
             hidden, bottleneck, config.activation, config.layer_norm, config.scaling,

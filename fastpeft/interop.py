@@ -40,6 +40,7 @@ from .nn.lora_linear import LoRALinear
 from .nn.multi_lora_linear import BASE, MultiLoRALinear, check_adapter_name
 from .nn.nf4_lora_linear import NF4LoRALinear
 from .nn.peft_lora import (
+    FusedPeftLora,
     all_plain_lora,
     fuse_lora_model,
     fuse_peft_lora,
@@ -70,7 +71,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     checkpoints), ``load_adapter``, ``merge_and_unload``, disabling or switching adapters
     (PEFT's own forward runs where the fused one does not apply). PEFT's adaption-prompt
     attentions become :class:`fastpeft.nn.AdaptedAttention`, which holds the same
-    ``adaption_prompt`` / ``adaption_gate`` under the same keys.
+    ``adaption_prompt`` / ``adaption_gate`` under the same keys: those of every adapter,
+    the ones PEFT keeps aside while another is active included.
 
     An optimizer built before the conversion keeps working (the parameters are the very
     same objects), and outputs and gradients are unchanged up to floating-point rounding
@@ -97,6 +99,15 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     base_model = getattr(peft_model, "base_model", None)
     if isinstance(base_model, nn.Module):
         fuse_lora_model(base_model)  # mixed-adapter batches in training too
+        # adaption prompts of the adapters not active: PEFT keeps their attentions outside
+        # the model, to put them in place on set_adapter
+        cached = getattr(base_model, "_cached_adapters", None)
+        for adapter, layers in (cached.items() if isinstance(cached, dict) else ()):
+            if isinstance(layers, list):
+                cached[adapter] = [
+                    convert_adapted_attention(f"{adapter!r}'s attention {i}", layer)
+                    if isinstance(layer, peft_adapted) else layer
+                    for i, layer in enumerate(layers)]
     if skipped:
         warnings.warn(f"from_peft: {len(skipped)} PEFT LoRA layers keep PEFT's forward "
                       f"(a layer type, or an adapter other than plain LoRA, not fused): "
@@ -189,10 +200,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     nested wrappers) and the parameters' qualified names as ``target_parameters``.
     Bottleneck adapters, which PEFT lacks, use the same layout with ``peft_type``
     ``"FASTPEFT_BOTTLENECK"``. A model with adapters of more than one method is refused:
-    PEFT's format holds one method per directory; so is a PEFT model with LoRA layers
-    that :func:`from_peft` left as PEFT's for a reason fastpeft cannot save (DoRA, LoRA
-    biases, embeddings, ...), whose tensors only PEFT's own ``save_pretrained`` knows how
-    to write.
+    PEFT's format holds one method per directory.
 
     A model with :class:`fastpeft.MultiLoRALinear` layers (:func:`fastpeft.inject` with
     several LoRA configs) is saved in PEFT's multi-adapter layout, as
@@ -201,14 +209,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     its own ``adapter_config.json`` (its ``r``, ``lora_alpha``, targets, ...). PEFT loads
     them with ``PeftModel.from_pretrained(base, directory)`` (or ``directory/<name>``,
     ``adapter_name=<name>``), then ``load_adapter(directory/<name>, adapter_name=<name>)``.
-    A PEFT model holding several adapters (:func:`from_peft` keeps its layers PEFT's) is
-    written by its own ``save_pretrained``, in that layout.
+
+    A PEFT model (:func:`from_peft`, :func:`fastpeft.patch_peft`) is written by its own
+    ``save_pretrained``, whatever it holds: every tensor PEFT saves (``modules_to_save``,
+    a classifier head, trained biases, ...) and PEFT's config with its task type; as PEFT
+    does, an adapter not named ``"default"`` goes to ``directory/<name>``.
     """
     from safetensors.torch import save_file
 
-    if _is_peft_model(model) and len(getattr(model, "peft_config", {})) > 1:
-        # several adapters of a PEFT model (from_peft keeps its layers PEFT's): PEFT's own
-        # writer, which knows each adapter's config and layers, in the same layout
+    if _is_peft_model(model):
+        # from_peft keeps a PEFT model's layers PEFT's: PEFT's own writer, which knows each
+        # adapter's config and every tensor it trains (modules_to_save, a classifier head,
+        # biases, embeddings, DoRA), and its task type
         model.save_pretrained(os.fspath(directory))
         return
     multi = _multi_adapters(model)
@@ -225,25 +237,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
             with open(os.path.join(out, CONFIG_NAME), "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
         return
-    unconverted = _unconverted_peft_layers(model)
-    if unconverted:
-        raise ValueError(f"model: {', '.join(unconverted[:3])} are PEFT LoRA layers that "
-                         f"fastpeft did not convert; save with PEFT's save_pretrained")
     config = _adapter_config(model)
     state = {k: t.detach().contiguous() for k, t in adapter_state_dict(model).items()}
     os.makedirs(directory, exist_ok=True)
     save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-
-
-def _unconverted_peft_layers(model: nn.Module) -> list[str]:
-    if not _is_peft_model(model):
-        return []
-    from peft.tuners.lora import LoraLayer
-
-    return [n for n, m in model.named_modules()
-            if isinstance(m, LoraLayer) and not is_lora_layer(m)]
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike,
@@ -414,6 +413,8 @@ def _configure(model: nn.Module, config: Any) -> None:
             layer.lora_alpha, layer.use_rslora = alpha, config.use_rslora
             layer.scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
             layer.lora_dropout = float(config.lora_dropout)
+        elif isinstance(layer, FusedPeftLora) and isinstance(config, LoraConfig):
+            _configure_peft_layer(model, name, layer, config)
         elif is_param_wrapper(layer) and isinstance(config, LoraConfig):
             # PEFT's per-adapter dicts (its dropout is always 0: PEFT refuses any other)
             r, alpha = config.rank_and_alpha(param_target_key(name, layer))
@@ -426,6 +427,25 @@ def _configure(model: nn.Module, config: Any) -> None:
             layer.gate_tanh = config.gate_tanh
         elif isinstance(layer, BottleneckAdapter) and isinstance(config, BottleneckConfig):
             layer.activation, layer.scaling = config.activation, float(config.scaling)
+
+
+def _configure_peft_layer(model: nn.Module, name: str, layer: nn.Module,
+                          config: LoraConfig) -> None:
+    """The saved LoRA hyperparameters on a PEFT layer's active adapters (their scaling,
+    rsLoRA, dropout), and in the PEFT model's config of each, which its saving writes."""
+    r, alpha = config.rank_and_alpha(name)  # r == the layer's: the shapes fit
+    for a in [a for a in layer.active_adapters if a in layer.lora_A]:
+        layer.lora_alpha[a] = alpha
+        layer.scaling[a] = alpha / (math.sqrt(r) if config.use_rslora else r)
+        if isinstance(getattr(layer, "use_rslora", None), dict):
+            layer.use_rslora[a] = config.use_rslora
+        p = float(config.lora_dropout)
+        layer.lora_dropout[a] = nn.Dropout(p) if p > 0 else nn.Identity()
+        peft_config = getattr(model, "peft_config", {}).get(a)
+        if peft_config is not None:
+            peft_config.lora_alpha, peft_config.use_rslora = config.lora_alpha, config.use_rslora
+            peft_config.lora_dropout = p
+            peft_config.alpha_pattern = dict(config.alpha_pattern)
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -479,7 +499,7 @@ def _adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, A
                                            None) or None,
         "inference_mode": True,
         "revision": None,
-        "task_type": "CAUSAL_LM" if type(base).__name__.endswith("ForCausalLM") else None,
+        "task_type": _task_type(base),
     }
     (kind,) = kinds
     if kind == "LORA":
@@ -494,6 +514,22 @@ def _adapter_config(model: nn.Module, adapter: str | None = None) -> dict[str, A
                                   else "scalar", "gate_tanh": first.gate_tanh}
         return config
     return {**common, "peft_type": BOTTLENECK_TYPE, "fastpeft": _bottleneck_config(layers)}
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for a transformers generative model (which picks the PeftModel
+    class, with its ``generate``, on loading): ``"CAUSAL_LM"`` (GPT-2's
+    ``GPT2LMHeadModel`` included) or ``"SEQ_2_SEQ_LM"``; else None."""
+    name = type(model).__name__
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:  # pragma: no cover - transformers is there for any such model
+        return "CAUSAL_LM" if name.endswith("ForCausalLM") else None
+    if name in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if name in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values():
+        return "SEQ_2_SEQ_LM"
+    return None
 
 
 def _lora_config(layers: list[tuple[str, nn.Module]], names: dict[int, str],
@@ -596,7 +632,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     :class:`fastpeft.Int8LoRALinear` or :class:`fastpeft.NF4LoRALinear` a float
     ``nn.Linear`` holding the dequantised weight plus the LoRA product (their ``merge``
     re-quantises into int8 / NF4 instead), a PEFT layer
-    converted by :func:`from_peft` its base layer after PEFT's own merge, PEFT's
+    converted by :func:`from_peft` its base layer after PEFT's own merge (a PEFT model
+    is merged and unwrapped by its own ``merge_and_unload``: its ``modules_to_save`` and
+    the layers left to PEFT's forward too), PEFT's
     ``ParamWrapper`` (LoRA on MoE experts / routers, nested ones included) the module it
     wraps after PEFT's merge into the parameters. Returns the model without PEFT's
     wrapper, like PEFT's ``merge_and_unload``.
@@ -613,6 +651,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if unmergeable:
         raise ValueError(f"model: {', '.join(unmergeable[:3])} cannot be merged into the "
                          f"base weights (only LoRA can)")
+    if _is_peft_model(model):
+        # PEFT's layers (from_peft keeps them PEFT's): PEFT's merge, which also unwraps its
+        # modules_to_save and the layers from_peft left to PEFT (embeddings, DoRA, ...)
+        return model.merge_and_unload()
     unwrapped: list[str] = []
     for name, layer in layers:
         if any(name.startswith(outer + ".") for outer in unwrapped):

@@ -179,6 +179,7 @@ def gated_prefix_attention(
     gate_tanh: bool = False,
     key_padding_mask: Tensor | None = None,
     upcast: bool = True,
+    attn_mask: Tensor | None = None,
 ) -> Tensor:
     """LLaMA-Adapter's zero-init attention: two separate softmaxes, the prompt one gated.
 
@@ -186,7 +187,9 @@ def gated_prefix_attention(
     with ``g = tanh(gate)`` or ``gate``. q: (B, H, M, D); k, v: (B, Hkv, N, D);
     prefix_k, prefix_v: (B or 1, Hkv, P, D); gate: (H,) or (1,). Causal masking is
     bottom-right aligned (query i sees keys j <= i + N - M); ``key_padding_mask`` (B, N)
-    is True for keys to keep. Rows with no visible key get 0 from the sequence part.
+    is True for keys to keep; ``attn_mask``, a bool mask broadcastable to (B, H, M, N), True
+    to attend, further restricts the sequence part to any pattern (the block-diagonal mask
+    of packed sequences, for one). Rows with no visible key get 0 from the sequence part.
     Scores and softmaxes are computed in fp32 (as PEFT does), the result is in q's dtype;
     ``upcast=False`` computes everything in q's dtype instead (the tests use it to measure
     what plain PyTorch loses in a low-precision dtype).
@@ -208,6 +211,8 @@ def gated_prefix_attention(
     visible = visible.expand(b, 1, m, n)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
+    if attn_mask is not None:
+        visible = visible & attn_mask
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # empty rows: 0, not NaN
     seq = probs @ expand(v)

@@ -402,6 +402,112 @@ def test_inject_bottleneck_placements_identity_and_training(base, batch):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_adaption_prompt_packed_sequences(attn, monkeypatch):
+    """Packed sequences (position_ids restarting within a row, no attention_mask, as
+    padding-free collators give): transformers masks block-diagonally, which the fused
+    kernels do not take; the unfused attention runs there (one warning) and matches PEFT,
+    and each document gets what it gets alone."""
+    from fastpeft.nn import adapted_attention
+
+    monkeypatch.setattr(adapted_attention, "_warned_unfused", False)
+    pm = peft.get_peft_model(tiny_llama(attn=attn), peft.AdaptionPromptConfig(
+        adapter_len=3, adapter_layers=2, task_type="CAUSAL_LM"))
+    perturb(pm, "adaption_gate", std=2.0)
+    ids = torch.randint(0, 101, (2, 9))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4], [0, 1, 2, 0, 1, 2, 3, 4, 5]])
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logits.square().mean().backward()
+        return logits.detach(), {id(p): p.grad.clone() for p in trainable(model).values()}
+
+    ref_logits, ref_grads = run(pm)
+    fastpeft.from_peft(pm)
+    with pytest.warns(UserWarning, match="unfused attention"):
+        logits, grads = run(pm)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert_same(grads, ref_grads, atol=1e-6)
+    with torch.no_grad():
+        alone = pm(input_ids=ids[:1, :4]).logits
+    torch.testing.assert_close(logits[:1, :4], alone, atol=1e-5, rtol=1e-5)
+    # compiled: no branch on the mask's values in the graph; a packed batch is refused
+    compiled = torch.compile(pm, fullgraph=attn == "sdpa")
+    with pytest.raises(RuntimeError, match=r"under torch\.compile"):
+        compiled(input_ids=ids, position_ids=pos, use_cache=False)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            keep_rows(compiled(input_ids=ids, attention_mask=mask).logits, mask),
+            keep_rows(pm(input_ids=ids, attention_mask=mask).logits, mask))
+    # left- or right-padded batches keep the fused kernels: causal masks with key padding
+    fused = []
+    monkeypatch.setattr(adapted_attention, "gated_prefix_attention",
+                        lambda *a, _op=adapted_attention.gated_prefix_attention, **k:
+                        fused.append(1) or _op(*a, **k))
+    for pad in (slice(0, 3), slice(6, 9)):
+        mask = torch.ones_like(ids)
+        mask[0, pad] = 0
+        with torch.no_grad():
+            pm(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert len(fused) == 2 * 2
+
+
+def test_adaption_prompt_keeps_starcoder2_residual_dropout():
+    """Starcoder2 drops out its attention's output in training (residual_dropout): with
+    the gate at zero, the adapted model in training mode is the base model's, mask for
+    mask."""
+    config = transformers.Starcoder2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=101, sliding_window=None, residual_dropout=0.5)
+    base = transformers.Starcoder2ForCausalLM(config).train()
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.AdaptionPromptConfig(
+        adapter_len=3, adapter_layers=2)).train()
+    ids = torch.randint(0, 101, (2, 7))
+    torch.manual_seed(3)
+    want = base(input_ids=ids).logits
+    torch.manual_seed(3)
+    got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(want, base.eval()(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adaption_prompt_and_bottleneck_under_autocast(dtype, base, batch):
+    """A Trainer's bf16=True / fp16=True: the fp32 model runs under autocast. The rotary
+    tables promote q and k back to fp32 while v stays in autocast's dtype, and a bottleneck
+    adapter's fp32 weights meet its sublayer's autocast output: both compute in
+    autocast's dtype, as PEFT's (unfused) layers do."""
+    ids, mask = batch
+    pm = peft.get_peft_model(base, peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=2,
+                                                             task_type="CAUSAL_LM"))
+    perturb(pm, "adaption_gate", std=1.0)
+    with torch.autocast("cpu", dtype=dtype):
+        ref_logits, ref_grads = grads_and_logits(pm, ids, mask)
+        fastpeft.from_peft(pm)
+        logits, grads = grads_and_logits(pm, ids, mask)
+    assert logits.dtype == ref_logits.dtype == dtype
+    torch.testing.assert_close(keep_rows(logits, mask).float(),
+                               keep_rows(ref_logits, mask).float(), atol=2e-2, rtol=2e-2)
+    assert_same(grads, ref_grads, atol=2e-3)
+
+    model = fastpeft.inject(tiny_llama(), fastpeft.BottleneckConfig("houlsby"))
+    perturb(model, "up_weight")
+    adapter = next(m for m in model.modules() if isinstance(m, fastpeft.BottleneckAdapter))
+    x = torch.randn(2, 5, 64)
+    with torch.autocast("cpu", dtype=dtype):
+        y = adapter(x)
+        loss = model(input_ids=ids, attention_mask=mask).logits.float().square().mean()
+    loss.backward()
+    low = copy.deepcopy(adapter).to(dtype)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, low(x.to(dtype)))
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in trainable(model).values())
+
+
 def test_inject_combines_methods_and_freezes_the_rest(base):
     model = fastpeft.inject(base, fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
     model = fastpeft.inject(model, fastpeft.BottleneckConfig("pfeiffer", bottleneck_size=8))
@@ -612,6 +718,83 @@ def test_configs_and_inject_refuse(base):
         AdaptedAttention(torch.nn.Linear(4, 4))
 
 
+def test_config_values_refused():
+    for kwargs, match in (({"scaling": float("nan")}, "^scaling"),
+                          ({"scaling": float("inf")}, "^scaling"),
+                          ({"placements": ("attention", "attention")}, "^placements")):
+        with pytest.raises(ValueError, match=match):
+            fastpeft.BottleneckConfig(**kwargs)
+    with pytest.raises(TypeError, match=r"^layer_norm"):
+        fastpeft.BottleneckConfig(layer_norm="yes")
+    with pytest.raises(TypeError, match=r"^gate_tanh"):
+        fastpeft.AdaptionPromptConfig(gate_tanh="no")
+
+
+def test_inject_refusals_change_nothing(base):
+    """A refused inject leaves the model as it was: every site is checked before the
+    first adapter goes in."""
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.BottleneckConfig("pfeiffer"))
+    before = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match="has a bottleneck adapter already"):
+        fastpeft.inject(model, fastpeft.BottleneckConfig("houlsby"))
+    assert [n for n, _ in model.named_modules()] == before
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.AdaptionPromptConfig(adapter_layers=1))
+    with pytest.raises(ValueError, match=r"^config: model\.layers\.1\.self_attn has an adap"):
+        fastpeft.inject(model, fastpeft.AdaptionPromptConfig(adapter_layers=2))
+    assert not isinstance(model.model.layers[0].self_attn, AdaptedAttention)
+
+
+def test_lora_after_a_bottleneck_on_the_same_linear_refused():
+    """BERT's bottleneck adapters sit on linear layers (attention.output.dense): a fused
+    LoRA layer put there afterwards would bypass the adapter's hook."""
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        vocab_size=101))
+    model = fastpeft.inject(bert, fastpeft.BottleneckConfig("houlsby"))
+    for config in (fastpeft.LoraConfig(target_modules=["dense"]),
+                   {"a": fastpeft.LoraConfig(target_modules=["dense"]),
+                    "b": fastpeft.LoraConfig(target_modules=["dense"])}):
+        with pytest.raises(ValueError, match="has a bottleneck adapter already; inject the "):
+            fastpeft.inject(model, config)
+    # the other order composes: the adapter on the LoRA layer's output
+    other = fastpeft.inject(transformers.BertForMaskedLM(bert.config), fastpeft.LoraConfig(
+        target_modules=["attention.output.dense"]))
+    fastpeft.inject(other, fastpeft.BottleneckConfig("houlsby"))
+    dense = other.bert.encoder.layer[0].attention.output.dense
+    assert isinstance(dense, fastpeft.LoRALinear) and hasattr(dense, "bottleneck_adapter")
+
+
+def test_from_peft_converts_every_adaption_prompt_adapter(base, batch):
+    """PEFT keeps the attentions of the adapters not active aside: they are converted too,
+    and set_adapter puts fastpeft's in place."""
+    ids, mask = batch
+    pm = peft.get_peft_model(base, peft.AdaptionPromptConfig(
+        adapter_len=3, adapter_layers=2, task_type="CAUSAL_LM"))
+    pm.add_adapter("b", peft.AdaptionPromptConfig(adapter_len=4, adapter_layers=1,
+                                                  task_type="CAUSAL_LM"))
+    pm.set_adapter("b")
+    perturb(pm, "adaption_gate", std=1.0)
+    want_b = pm(input_ids=ids, attention_mask=mask).logits
+    pm.set_adapter("default")
+    perturb(pm, "adaption_gate", std=1.0)
+    want_default = pm(input_ids=ids, attention_mask=mask).logits
+    fastpeft.from_peft(pm)
+    for name, want, count in (("b", want_b, 1), ("default", want_default, 2)):
+        pm.set_adapter(name)
+        assert sum(isinstance(m, AdaptedAttention) for m in pm.modules()) == count
+        torch.testing.assert_close(keep_rows(pm(input_ids=ids, attention_mask=mask).logits,
+                                             mask), keep_rows(want, mask),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_saved_task_type_of_gpt2(tmp_path):
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=4, vocab_size=101, n_positions=32))
+    fastpeft.save_adapter(fastpeft.inject(gpt2, fastpeft.LoraConfig(target_modules=["c_attn"])),
+                          tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
 # --- modes, dtypes, PEFT's own saving, refusals -----------------------------------
 
 def test_new_layers_take_the_replaced_layers_mode(base, batch):
@@ -663,11 +846,87 @@ def test_load_adapter_sets_the_saved_hyperparameters(base, batch, tmp_path):
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
                                pm(input_ids=ids, attention_mask=mask).logits,
                                atol=1e-5, rtol=1e-5)
-    fastpeft.from_peft(pm)  # rsLoRA read from PEFT, not guessed (r = 1 is ambiguous)
+    fastpeft.from_peft(pm)  # a PEFT model is saved by PEFT: its own config
     fastpeft.save_adapter(pm, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert config["use_rslora"] and config["rank_pattern"] == {
-        f"model.layers.{i}.self_attn.v_proj": 1 for i in range(2)}
+    assert config["use_rslora"] and config["rank_pattern"] == {"v_proj": 1}
+    # into a PEFT model (from_peft) made with other hyperparameters: they follow the file
+    other = fastpeft.from_peft(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 1})))
+    fastpeft.load_adapter(other, tmp_path / "peft")
+    torch.testing.assert_close(other(input_ids=ids, attention_mask=mask).logits,
+                               pm(input_ids=ids, attention_mask=mask).logits,
+                               atol=1e-5, rtol=1e-5)
+    assert other.peft_config["default"].lora_alpha == 32
+    assert other.peft_config["default"].use_rslora
+
+
+def test_peft_models_save_and_merge_as_peft_does(base, batch, tmp_path):
+    """A PEFT model trains more than LoRA's A and B (modules_to_save, biases) and has a
+    task type: save_adapter writes what PEFT's save_pretrained writes, and merge_and_unload
+    leaves no PEFT module behind."""
+    ids, mask = batch
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+        bias="all", task_type="CAUSAL_LM"))
+    fastpeft.from_peft(pm)
+    perturb(pm, "lora_B")
+    perturb(pm, "modules_to_save", std=0.05)
+    want = pm(input_ids=ids, attention_mask=mask).logits
+    fastpeft.save_adapter(pm, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head"] and config["bias"] == "all"
+    assert config["task_type"] == "CAUSAL_LM"
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, want,
+                               atol=1e-5, rtol=1e-5)
+    merged = fastpeft.merge_and_unload(pm)
+    assert type(merged) is type(base)
+    assert not any(isinstance(m, (peft.tuners.tuners_utils.BaseTunerLayer,
+                                  peft.utils.other.ModulesToSaveWrapper))
+                   for m in merged.modules())
+    torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, want,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_linear_subclasses_with_their_own_forward(base, batch):
+    """An nn.Linear subclass with a forward of its own (a head that scales its logits):
+    the fused LoRA, computing x @ weight.T + bias, would bypass it. from_peft keeps PEFT's
+    forward there; inject refuses it as a named target and leaves it out of all-linear."""
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 3.0 * super().forward(x)
+
+    def scaled(model):
+        for i in range(2):
+            old = model.model.layers[i].mlp.down_proj
+            new = Scaled(old.in_features, old.out_features, bias=False)
+            new.weight = old.weight
+            model.model.layers[i].mlp.down_proj = new
+        return model
+
+    ids, mask = batch
+    pm = peft.get_peft_model(scaled(copy.deepcopy(base)), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "down_proj"]))
+    perturb(pm, "lora_B")
+    want = pm(input_ids=ids, attention_mask=mask).logits
+    with pytest.warns(UserWarning, match="down_proj"):
+        fastpeft.from_peft(pm)
+    torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits, want)
+    assert sum(isinstance(m, peft_lora.FusedPeftLora) for m in pm.modules()) == 2
+    with pytest.raises(NotImplementedError, match=r"^target_modules: .*down_proj \(Scaled\)"):
+        fastpeft.inject(scaled(copy.deepcopy(base)),
+                        fastpeft.LoraConfig(target_modules=["q_proj", "down_proj"]))
+    with pytest.warns(UserWarning, match="all-linear' leaves .*down_proj"):
+        model = fastpeft.inject(scaled(copy.deepcopy(base)),
+                                fastpeft.LoraConfig(target_modules="all-linear"))
+    assert isinstance(model.model.layers[0].mlp.down_proj, Scaled)
+    assert isinstance(model.model.layers[0].mlp.up_proj, fastpeft.LoRALinear)
+    with pytest.raises(TypeError, match=r"^base: Scaled has a forward of its own"):
+        fastpeft.LoRALinear(Scaled(4, 4), r=2)
+    with pytest.raises(TypeError, match=r"^base: Scaled has a forward of its own"):
+        fastpeft.MultiLoRALinear(Scaled(4, 4))
 
 
 def test_int8_models_in_half_precision(batch):

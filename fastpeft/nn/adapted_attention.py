@@ -7,13 +7,16 @@ import ast
 import inspect
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .. import reference
 from ..ops._checks import check_positive_int
 from ..ops.gated_prefix_attention import gated_prefix_attention
+from .lora_linear import autocast_dtype
 
 __all__ = ["AdaptedAttention", "compute_dtype"]
 
@@ -168,6 +171,7 @@ class AdaptedAttention(nn.Module):
         prompt = self.adaption_prompt.to(hidden_states.dtype)
         _, prefix_k, prefix_v = attn.c_attn(prompt).split(embed, dim=2)
         heads = (1, -1, self.num_heads, self.head_dim)
+        q, prefix_k, prefix_v = _in_compute_dtype(hidden_states, q, prefix_k, prefix_v)
         none = q.new_empty(batch, self.num_heads, 0, self.head_dim)  # no sequence keys
         out = gated_prefix_attention(
             q, none, none, prefix_k.view(heads).transpose(1, 2),
@@ -214,17 +218,27 @@ class AdaptedAttention(nn.Module):
                 f"{self.sliding_window}; the fused attention has no sliding window")
         # the prompt's keys and values: the layer's projections (and key norm), no rotary
         prompt = self.adaption_prompt.to(hidden_states.dtype)
-        out = gated_prefix_attention(
-            q, k, v,
-            _heads(attn.k_proj(prompt), getattr(attn, "k_norm", None), self.head_dim),
-            _heads(attn.v_proj(prompt), None, self.head_dim),
-            self.adaption_gate.to(q.dtype), causal=True, scale=self.scaling,
-            gate_tanh=self.gate_tanh, key_padding_mask=key_padding_from_mask(attention_mask, n),
-        )
-        out = out.transpose(1, 2).reshape(batch, m, -1)
+        pk = _heads(attn.k_proj(prompt), getattr(attn, "k_norm", None), self.head_dim)
+        pv = _heads(attn.v_proj(prompt), None, self.head_dim)
+        q, k, v, pk, pv = _in_compute_dtype(hidden_states, q, k, v, pk, pv)
+        gate = self.adaption_gate.to(q.dtype)
+        key_padding, visible = mask_parts(attention_mask, m, n)
+        if visible is None:
+            out = gated_prefix_attention(q, k, v, pk, pv, gate, causal=True,
+                                         scale=self.scaling, gate_tanh=self.gate_tanh,
+                                         key_padding_mask=key_padding)
+        else:  # a mask the fused kernels do not take (packed sequences): the unfused form
+            _warn_unfused_once()
+            out = reference.gated_prefix_attention(q, k, v, pk, pv, gate, causal=True,
+                                                   scale=self.scaling, gate_tanh=self.gate_tanh,
+                                                   attn_mask=visible)
+        out = attn.o_proj(out.transpose(1, 2).reshape(batch, m, -1))
+        residual_dropout = getattr(attn, "residual_dropout", 0.0)  # Starcoder2's, in training
+        if residual_dropout and attn.training:
+            out = nn.functional.dropout(out, residual_dropout, training=True)
         # as many results as the wrapped layer returns (some families in transformers 4.x
         # return the cache third): no attention weights, the cache updated in place
-        return (attn.o_proj(out), None, past_key_values)[:self._arity]
+        return (out, None, past_key_values)[:self._arity]
 
     def __getattr__(self, name: str):
         """Attributes the model code reads on its attention (``is_sliding``,
@@ -254,6 +268,16 @@ def _heads(projected: Tensor, norm: nn.Module | None, head_dim: int) -> Tensor:
     if norm is not None:
         heads = norm(heads)
     return heads.transpose(1, 2)
+
+
+def _in_compute_dtype(hidden_states: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The attention's operands in one dtype: autocast's under autocast (where the
+    projections give its dtype and the rotary tables, in the hidden states' dtype, promote
+    q and k back), else as they are (the model's own dtype)."""
+    dtype = autocast_dtype(hidden_states)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _sliding_window(attn: nn.Module, config) -> int | None:
@@ -299,11 +323,64 @@ def _cache_argument(past_key_values, kwargs: dict):
     return None
 
 
+def mask_parts(attention_mask: Tensor | None, m: int,
+               n: int) -> tuple[Tensor | None, Tensor | None]:
+    """What the mask ``transformers`` gives an attention layer of a causal LM asks of ``m``
+    queries over ``n`` keys: ``(key_padding, None)`` where it is the causal mask with key
+    padding (what the fused kernels take; :func:`key_padding_from_mask`), else
+    ``(None, visible)``, the whole mask as bool (True = attend) for the unfused attention:
+    the block-diagonal mask of packed sequences (``position_ids`` restarting at 0 within a
+    row, no ``attention_mask``: Hugging Face's padding-free collators and TRL's
+    ``padding_free``), or any other pattern. The rows of padded queries (their own key
+    padded, and seeing no key or, after sdpa's fix for such rows, every key) are not
+    compared: their outputs are never read. Under ``torch.compile``, which cannot branch
+    on the mask's values inside a graph, the fused kernels run and any other mask raises
+    a RuntimeError when the compiled code runs."""
+    key_padding = key_padding_from_mask(attention_mask, n)
+    if key_padding is None:
+        return None, None
+    visible = attention_mask[..., :n]
+    if visible.dtype != torch.bool:
+        visible = visible > torch.finfo(visible.dtype).min / 2
+    if visible.dim() != 4 or visible.shape[1] != 1 or visible.shape[2] != m:
+        return None, visible
+    rows = visible[:, 0]
+    expected = torch.ones(m, n, dtype=torch.bool, device=rows.device).tril(n - m) \
+        & key_padding[:, None, :]
+    # a padded query sees no key, or (sdpa's fix for such rows) every key
+    padded = ~key_padding[:, n - m:] & (rows.all(-1) | ~rows.any(-1))
+    plain = ((rows == expected).all(-1) | padded).all()
+    if torch.compiler.is_compiling():  # no branch on data in a graph: the fused kernels,
+        torch._assert_async(plain, _COMPILED_MASK)  # and an error where they do not fit
+        return key_padding, None
+    if bool(plain):
+        return key_padding, None
+    return None, visible
+
+
+_COMPILED_MASK = ("fastpeft: under torch.compile, an adaption prompt's attention takes the "
+                  "causal mask with key padding only; packed sequences (a block-diagonal mask) "
+                  "run in eager mode")
+
+
+_warned_unfused = False
+
+
+def _warn_unfused_once() -> None:
+    global _warned_unfused
+    if not _warned_unfused:
+        _warned_unfused = True
+        warnings.warn("fastpeft: an adaption prompt's attention got a mask other than causal "
+                      "with key padding (packed sequences, or a custom mask): it runs the "
+                      "unfused attention there", UserWarning, stacklevel=4)
+
+
 def key_padding_from_mask(attention_mask: Tensor | None, n: int) -> Tensor | None:
     """The ``(B, N)`` keep-mask of the keys from the mask ``transformers`` gives an
     attention layer of a causal LM: ``None``, or ``(B, 1, M, N)`` bool (True = attend) or
     additive float (0 = attend). Its last query row sees every key the causal mask allows,
-    so that row is the key padding."""
+    so that row is the key padding (:func:`mask_parts` checks that the mask is no more
+    than causal with key padding)."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 4:

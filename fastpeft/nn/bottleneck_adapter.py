@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..ops._checks import check_positive_int
 from ..ops.bottleneck_adapter import ACTIVATIONS, bottleneck_adapter
+from .lora_linear import autocast_dtype
 
 __all__ = ["ADAPTER_PRESETS", "AdapterPreset", "BottleneckAdapter"]
 
@@ -128,18 +129,32 @@ class BottleneckAdapter(nn.Module):
             nn.init.zeros_(self.ln_bias)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """``x``: ``(..., hidden_size)``; ``residual``: same shape, or ``None`` for ``x``."""
+        """``x``: ``(..., hidden_size)``; ``residual``: same shape, or ``None`` for ``x``.
+        Under autocast (a Trainer's ``bf16=True`` / ``fp16=True``) the adapter computes in
+        autocast's dtype, as its linear layers would unfused: ``x``, ``residual`` and the
+        parameters are cast to it, and so is the result."""
+        dtype = autocast_dtype(x)
+        if dtype is None:
+            return self._adapter(x, residual, None)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._adapter(x.to(dtype), None if residual is None else residual.to(dtype),
+                                 dtype)
+
+    def _adapter(self, x: Tensor, residual: Tensor | None, dtype: torch.dtype | None) -> Tensor:
+        def cast(p: Tensor | None) -> Tensor | None:
+            return p if p is None or dtype is None else p.to(dtype)
+
         return bottleneck_adapter(
             x,
-            self.down_weight,
-            self.down_bias,
-            self.up_weight,
-            self.up_bias,
+            cast(self.down_weight),
+            cast(self.down_bias),
+            cast(self.up_weight),
+            cast(self.up_bias),
             activation=self.activation,
             residual=residual,
             scaling=self.scaling,
-            ln_weight=self.ln_weight,
-            ln_bias=self.ln_bias,
+            ln_weight=cast(self.ln_weight),
+            ln_bias=cast(self.ln_bias),
             ln_eps=self.ln_eps,
         )
 

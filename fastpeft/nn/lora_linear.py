@@ -21,6 +21,29 @@ def is_conv1d(module: nn.Module) -> bool:
     return utils is not None and isinstance(module, utils.Conv1D)
 
 
+# nn.Linear subclasses whose forward computes x @ weight.T + bias all the same
+_PLAIN_FORWARDS = {("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+
+
+def own_forward(module: nn.Module) -> bool:
+    """Whether ``module``, an ``nn.Linear`` or ``Conv1D``, is of a subclass with a forward
+    of its own (a head that scales its logits, a router, ...): a fused LoRA layer, which
+    computes the linear map from the weight, would bypass it. bitsandbytes' layers, read
+    as what they are, and subclasses known to compute the plain linear map (Falcon's
+    ``FalconLinear``) are not counted."""
+    cls = type(module)
+    if is_conv1d(module):
+        base = sys.modules["transformers.pytorch_utils"].Conv1D
+    elif isinstance(module, nn.Linear):
+        if cls.__module__.startswith("bitsandbytes"):
+            return False
+        base = nn.Linear
+    else:
+        return False
+    owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
+    return owner is not base and (owner.__module__, owner.__qualname__) not in _PLAIN_FORWARDS
+
+
 def linear_weight(base: nn.Module) -> Tensor:
     """The ``(out, in)`` weight of an ``nn.Linear`` or ``Conv1D``; for the latter a
     transposed view of its ``(in, out)`` storage, which the kernels read in place."""
@@ -90,6 +113,9 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear) and not is_conv1d(base):
             raise TypeError(f"base: expected an nn.Linear or a transformers Conv1D, got "
                             f"{type(base).__name__}")
+        if own_forward(base):
+            raise TypeError(f"base: {type(base).__name__} has a forward of its own, which the "
+                            f"fused LoRA linear (computing x @ weight.T + bias) would bypass")
         check_positive_int("r", r)
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {lora_dropout}")

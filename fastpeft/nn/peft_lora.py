@@ -19,7 +19,7 @@ from ..ops.lora_linear import lora_linear
 from ..ops.multi_lora_linear import multi_lora_linear
 from ..ops.nf4_lora_linear import nf4_lora_linear
 from .int8_lora_linear import Int8LoRALinear, bnb_int8_weight, is_bnb, is_bnb_int8
-from .lora_linear import LoRALinear, autocast_dtype, is_conv1d
+from .lora_linear import LoRALinear, autocast_dtype, is_conv1d, own_forward
 from .multi_lora_linear import MultiLoRALinear, per_row_ids, stack_adapters_cached, without_caches
 from .nf4_lora_linear import NF4LoRALinear, bnb_nf4_problem, bnb_nf4_weight, is_bnb_4bit
 
@@ -113,7 +113,7 @@ class FusedPeftLora:
         base = self.get_base_layer()
         if (self.disable_adapters or self.merged or is_bnb(base) or x.dim() < 2
                 or len(adapter_names) != x.shape[0] or self.base_layer is not base
-                or not (is_conv1d(base) or isinstance(base, nn.Linear))):
+                or not fused_base(base)):
             return None
         names = [a for a in dict.fromkeys(adapter_names) if a in self.lora_A]
         if not all(plain_lora(self, a) for a in names):
@@ -179,10 +179,12 @@ def all_plain_lora(layer: nn.Module) -> bool:
 def fused_base(base: nn.Module) -> bool:
     """Whether the fused forward computes a PEFT LoRA layer on ``base``: an ``nn.Linear``,
     GPT-2's ``Conv1D``, a bitsandbytes int8 ``Linear8bitLt`` or NF4 ``Linear4bit`` (uint8
-    storage, quantised; not FP4, whose layers keep PEFT's forward)."""
+    storage, quantised; not FP4, whose layers keep PEFT's forward); not a subclass of
+    ``nn.Linear`` with a forward of its own (:func:`own_forward`), which PEFT's forward
+    calls."""
     if is_bnb(base):
         return is_bnb_int8(base) or (is_bnb_4bit(base) and bnb_nf4_problem(base) is None)
-    return is_conv1d(base) or isinstance(base, nn.Linear)
+    return (is_conv1d(base) or isinstance(base, nn.Linear)) and not own_forward(base)
 
 
 def _base_operands(base: nn.Module,
@@ -237,8 +239,9 @@ def _warn_hooked_once() -> None:
 def fuse_peft_lora(layer: nn.Module) -> bool:
     """Gives a PEFT LoRA layer (on ``nn.Linear``, bitsandbytes ``Linear8bitLt`` or NF4
     ``Linear4bit``) the fused forward by switching its class to a subclass of its own; False
-    for other layers, and for bitsandbytes bases the fused ops do not read (FP4, codes not
-    stored as uint8: :func:`fused_base`)."""
+    for other layers, for bitsandbytes bases the fused ops do not read (FP4, codes not
+    stored as uint8) and for ``nn.Linear`` subclasses with a forward of their own
+    (:func:`fused_base`)."""
     for name, (module, cls_name) in _PEFT_CLASSES.items():
         try:
             cls = getattr(importlib.import_module(module), cls_name)
@@ -246,7 +249,7 @@ def fuse_peft_lora(layer: nn.Module) -> bool:
             continue
         if type(layer) is cls:
             base = layer.get_base_layer()
-            if is_bnb(base) and not fused_base(base):
+            if (is_bnb(base) or own_forward(base)) and not fused_base(base):
                 return False
             layer.__class__ = _fused_class(name)
             return True
