@@ -7,6 +7,8 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -87,6 +89,15 @@ def test_cli_runs_every_op_and_saves_csv_and_json(tiny_run):
     assert {r.role for r in records} <= set(ROLES)
     assert "peak_bytes" not in {r.metric for r in records}  # CUDA only
     assert {r.triton for r in records} != {""} and len({r.timestamp for r in records}) == 1
+    run = json.loads(run_json.read_text())["run"]  # how the run was made
+    assert run["argv"][0] == "fastpeft-bench" and "--out" in run["argv"]
+    assert run["runs"] == 2 and run["warmup"] == 3 and run["commit"]
+    assert set(run["versions"]) == {"peft", "transformers", "bitsandbytes"}
+    # a VM's CPU model name is not enough to tell CPUs apart: the vector instructions too
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx2" in flags:
+        (device,) = {r.device for r in records}
+        assert re.fullmatch(r".+ \((AMX|AVX-512 BF16|AVX-512|AVX2), 1 threads\)", device)
     for op, shape in {(r.op, r.shape) for r in records}:
         # every (provider, mode) of a shape has the three timings and saved bytes; every
         # mode, but for a serving case, which is timed forward only (Case.modes)

@@ -55,6 +55,7 @@ from .results import (
     append_csv,
     case_records,
     load,
+    run_provenance,
     write_json,
 )
 from .runner import MODES, SWEEPS, default_device, default_dtype, run_case, shapes_for
@@ -214,6 +215,7 @@ def _file_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = ["fastpeft-bench", *(sys.argv[1:] if argv is None else argv)]
     if args.later is not None:  # two saved runs: nothing to measure
         return _report_comparison(args.baseline, args.later, args.compare[0],
                                   args.threshold / 100)
@@ -288,7 +290,7 @@ def _save(args: argparse.Namespace, env: Environment, records: list[Record]) -> 
     args.out.mkdir(parents=True, exist_ok=True)
     run_json = args.out / f"{env.run_name}.json"
     append_csv(args.out / "results.csv", records)
-    write_json(run_json, records)
+    write_json(run_json, records, run_provenance(args.argv, args.runs, args.warmup))
     print(f"\nresults: appended to {args.out / 'results.csv'}, written to {run_json}")
     if args.plot:
         for path in plot_speedups(records, args.out):

@@ -46,9 +46,11 @@ PEER_LIBRARIES: tuple[str, ...] = ()
 def build(shape: AttentionShape, dtype: torch.dtype, device: torch.device) -> Case:
     factory = {"dtype": dtype, "device": device}
     group = shape.heads // shape.kv_heads
-    gate = torch.full((shape.heads,), 0.1, **factory)
-    prefix_k = torch.randn(1, shape.kv_heads, shape.prompt, shape.head_dim, **factory)
-    prefix_v = torch.randn_like(prefix_k)
+    # the adapter trains: every provider computes the prompt's and the gate's gradients
+    gate = torch.full((shape.heads,), 0.1, **factory, requires_grad=True)
+    prefix_k = torch.randn(1, shape.kv_heads, shape.prompt, shape.head_dim, **factory,
+                           requires_grad=True)
+    prefix_v = torch.randn_like(prefix_k, requires_grad=True)
 
     def fused(q, k, v):
         return gated_prefix_attention(q, k, v, prefix_k, prefix_v, gate)

@@ -99,10 +99,19 @@ def build(shape: MultiLoRAShape, dtype: torch.dtype, device: torch.device) -> Ca
     def fastpeft_call(x):
         return fused(x, adapter_ids=ids)
 
+    if shape.training:  # adapters that train: stacked on every call, as fastpeft does
+        def stacks():
+            return torch.stack(weights_a), torch.stack(weights_b)
+    else:  # serving: stacked once, as fastpeft keeps its stack between calls
+        stacked = torch.stack(weights_a), torch.stack(weights_b)
+
+        def stacks():
+            return stacked
+
     def unfused(x):
-        return reference.multi_lora_linear(x, base.weight, base.bias, torch.stack(weights_a),
-                                           torch.stack(weights_b), scaling, ids,
-                                           shape.dropout, shape.training)
+        lora_A, lora_B = stacks()
+        return reference.multi_lora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling,
+                                           ids, shape.dropout, shape.training)
 
     providers = {"fastpeft": fastpeft_call, "reference": unfused}
     params = [base.weight, base.bias, *weights_a, *weights_b]

@@ -111,17 +111,31 @@ def case_records(env: Environment, op: str, case: Case, shape: object, size: int
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model with the number of torch threads."""
+    """The GPU's name, or the CPU's model with its widest vector instructions and the
+    number of torch threads: ``AMD EPYC (AVX-512 BF16, 2 threads)``. A VM's model name
+    ("AMD EPYC") can stand for CPUs of different generations, which ``--compare`` must not
+    take for one device."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine() or "CPU"
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                if line.startswith("model name") and not flags:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
         pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    isa = next((label for flag, label in _ISA_LABELS if flag in flags), None)
+    return f"{name} ({isa + ', ' if isa else ''}{torch.get_num_threads()} threads)"
+
+
+# /proc/cpuinfo flag -> label, widest first
+_ISA_LABELS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+               ("avx2", "AVX2"))
 
 
 def _version(package: str) -> str:
@@ -143,10 +157,41 @@ def append_csv(path: str | os.PathLike, records: Iterable[Record]) -> None:
         writer.writerows(dataclasses.asdict(r) for r in records)
 
 
-def write_json(path: str | os.PathLike, records: Iterable[Record]) -> None:
-    """One run's records as ``{"columns": [...], "records": [{...}, ...]}``, a record a line."""
+def write_json(path: str | os.PathLike, records: Iterable[Record],
+               run: dict | None = None) -> None:
+    """One run's records as ``{"columns": [...], "run": {...}, "records": [{...}, ...]}``,
+    a record a line; ``run`` (:func:`run_provenance`) says how the run was made (the
+    records' own columns say where)."""
     lines = ",\n".join(json.dumps(dataclasses.asdict(r)) for r in records)
-    Path(path).write_text(f'{{"columns": {json.dumps(COLUMNS)},\n"records": [\n{lines}\n]}}\n')
+    head = f'{{"columns": {json.dumps(COLUMNS)},\n'
+    if run is not None:
+        head += f'"run": {json.dumps(run, sort_keys=True)},\n'
+    Path(path).write_text(f'{head}"records": [\n{lines}\n]}}\n')
+
+
+def run_provenance(argv: list[str], runs: int, warmup: int) -> dict:
+    """How a run was made: its command line, timed runs and warm-ups per provider, the
+    versions of the peer libraries and of Python, and the git commit of fastpeft's source
+    tree (with ``-dirty`` for uncommitted changes; ``unknown`` outside a checkout)."""
+    return {"argv": list(argv), "runs": runs, "warmup": warmup,
+            "python": platform.python_version(),
+            "versions": {p: _version(p) for p in ("peft", "transformers", "bitsandbytes")},
+            "commit": _git_commit()}
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], check=True, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
 
 
 class ResultsFileError(ValueError):

@@ -10,11 +10,11 @@ interleave); on the CPU with ``time.perf_counter``.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -36,15 +36,28 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def _flush_bytes(device: torch.device) -> int:
-    """Twice the last-level cache: 256 MiB on a GPU (an H100's L2 is 50 MB), twice the L3
-    on a CPU where the OS says (Linux), else 64 MiB."""
+    """Twice the last-level cache: 256 MiB on a GPU (an H100's L2 is 50 MB), on a CPU twice
+    its largest cache as Linux lists it (sysfs; Python's ``os.sysconf`` has no name for
+    the L3's size), and at least 64 MiB."""
     if device.type == "cuda":
         return 256 * 2**20
-    try:
-        l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        l3 = 0
-    return max(2 * l3, 64 * 2**20)
+    return max(2 * _largest_cpu_cache(), 64 * 2**20)
+
+
+def _largest_cpu_cache() -> int:
+    """The largest cache of CPU 0 in bytes (its L3 on a server CPU), 0 where unknown."""
+    largest = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if size[-1:] in units and size[:-1].isdigit():
+            largest = max(largest, int(size[:-1]) * units[size[-1]])
+        elif size.isdigit():
+            largest = max(largest, int(size))
+    return largest
 
 
 def _clock(device: torch.device) -> Callable[[Callable[[], object]], float]:
