@@ -203,7 +203,7 @@ def compare_files(tmp_path, old: list[Record], new: list[Record], *args: str,
     paths = [tmp_path / f"old{suffixes[0]}", tmp_path / f"new{suffixes[1]}"]
     for path, records in zip(paths, (old, new), strict=True):
         (write_json if path.suffix == ".json" else append_csv)(path, records)
-    return run_cli("--compare", *map(str, paths), *args)
+    return run_cli("--compare", *map(str, paths), *args, common=[])
 
 
 def test_compare_a_busy_machine_is_no_regression(tmp_path):
@@ -359,6 +359,15 @@ def test_cli_rejects_a_bad_value_and_a_third_compare_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.parse_args(["--compare", str(path), str(path), str(path)])
     assert exc.value.code == 2 and "at most one NEW" in capsys.readouterr().err
+    # two saved runs are compared, nothing measured: the measuring options are refused,
+    # as are --quick with another sweep and no threads
+    for argv, said in ((["--compare", str(path), str(path), "--runs", "5"],
+                        "--runs: not with --compare OLD NEW"),
+                       (["--quick", "--shapes", "tiny"], "not with --shapes tiny"),
+                       (["--threads", "0"], "--threads must be at least 1")):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_args(argv)
+        assert exc.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_missing_peers_are_skipped_columns(monkeypatch):

@@ -162,7 +162,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.modes = list(dict.fromkeys("full" if m == FORWARD_BACKWARD else m
                                     for m in args.modes or ["forward", "full"]))
     if args.quick:
+        if args.shapes not in ("full", "quick"):
+            parser.error(f"--quick is --shapes quick; not with --shapes {args.shapes}")
         args.shapes = "quick"
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.runs is None:
         args.runs = QUICK_RUNS if args.shapes == "quick" else 20
     if args.warmup is None:
@@ -178,6 +182,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.compare is not None:
         if len(args.compare) > 2:
             parser.error("--compare takes OLD and at most one NEW file")
+        if len(args.compare) == 2:  # two saved runs: nothing is measured
+            measuring = [flag for flag in ("--ops", "--runs", "--warmup", "--dtype",
+                                           "--modes", "--quick", "--shapes", "--threads",
+                                           "--device")
+                         if any(a == flag or a.startswith(flag + "=")
+                                for a in (sys.argv[1:] if argv is None else argv))]
+            if measuring:
+                parser.error(f"{', '.join(measuring)}: not with --compare OLD NEW, which "
+                             f"compares two saved runs and measures nothing")
         try:  # read now: a bad file fails before the run, and --out may be the same CSV
             args.baseline = load(args.compare[0])
             args.later = load(args.compare[1]) if len(args.compare) == 2 else None
