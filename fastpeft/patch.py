@@ -31,11 +31,12 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+
+from ._warn import warn_once
 
 __all__ = ["patch_peft", "peft_patched", "unpatch_peft"]
 
@@ -45,7 +46,6 @@ _TARGETS = (
     ("peft.tuners.adaption_prompt.model", "AdaptionPromptModel", "_create_adapted_attentions"),
 )
 _MARK = "__fastpeft_patch__"
-_warned: set[str] = set()
 
 
 def patch_peft() -> None:
@@ -154,8 +154,8 @@ def _fuse_created_lora(layer: nn.Module | None, configs: dict[str, Any]) -> None
         base = type(layer.get_base_layer()).__name__
         kind = f"{type(layer).__name__} on {base}" if all_plain_lora(layer) else \
             "DoRA / LoRA bias / LoRA variant / tensor scaling"
-        _warn_once(kind, f"patch_peft: PEFT LoRA layers ({kind}) keep PEFT's forward: the "
-                         f"fused kernels do not cover them")
+        warn_once(f"patch:{kind}", f"patch_peft: PEFT LoRA layers ({kind}) keep PEFT's "
+                  f"forward: the fused kernels do not cover them", stacklevel=3)
 
 
 def _convert_created_attention(parent: nn.Module, child: str) -> None:
@@ -167,14 +167,8 @@ def _convert_created_attention(parent: nn.Module, child: str) -> None:
     try:
         adapted = convert_adapted_attention(child, layer)
     except (NotImplementedError, ValueError) as err:  # what from_peft refuses
-        _warn_once(f"attention:{type(layer.model).__name__}",
-                   f"patch_peft: PEFT's adaption prompt on {type(layer.model).__name__} keeps "
-                   f"PEFT's attention: {err}")
+        warn_once(f"patch:attention:{type(layer.model).__name__}",
+                  f"patch_peft: PEFT's adaption prompt on {type(layer.model).__name__} keeps "
+                  f"PEFT's attention: {err}", stacklevel=3)
         return
     setattr(parent, child, adapted)
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, UserWarning, stacklevel=4)

@@ -410,7 +410,7 @@ def test_adaption_prompt_packed_sequences(attn, monkeypatch):
     and each document gets what it gets alone."""
     from fastpeft.nn import adapted_attention
 
-    monkeypatch.setattr(adapted_attention, "_warned_unfused", False)
+    monkeypatch.setattr(fastpeft._warn, "warned", set())
     pm = peft.get_peft_model(tiny_llama(attn=attn), peft.AdaptionPromptConfig(
         adapter_len=3, adapter_layers=2, task_type="CAUSAL_LM"))
     perturb(pm, "adaption_gate", std=2.0)

@@ -220,7 +220,7 @@ def test_saved_adapter_files_unchanged_and_from_pretrained_fuses(method, tmp_pat
 
 def test_uncovered_layers_keep_peft_forward_with_one_warning():
     fastpeft.patch_peft()
-    fastpeft.patch._warned.clear()
+    fastpeft._warn.warned.clear()
     with pytest.warns(UserWarning, match="DoRA") as record:
         dora = peft.get_peft_model(tiny_llama(), lora_config(use_dora=True))
     assert sum("DoRA" in str(w.message) for w in record) == 1
@@ -253,7 +253,7 @@ def test_hooked_base_layers_run_peft_forward(fused_calls, monkeypatch):
     for model in (ref, fused):
         for layer in lora_layers(model):
             zero3_like(layer.get_base_layer())
-    monkeypatch.setattr(peft_lora, "_warned_hooked", False)
+    monkeypatch.setattr(fastpeft._warn, "warned", set())
     with pytest.warns(UserWarning, match="PEFT's own forward runs") as record:
         assert_same_model_outputs(ref, fused)
         assert_same_model_outputs(ref, fused)

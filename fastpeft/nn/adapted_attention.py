@@ -7,13 +7,13 @@ import ast
 import inspect
 import sys
 import textwrap
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .. import reference
+from .._warn import warn_once
 from ..ops._checks import check_positive_int
 from ..ops.gated_prefix_attention import gated_prefix_attention
 from .lora_linear import autocast_dtype
@@ -363,16 +363,10 @@ _COMPILED_MASK = ("fastpeft: under torch.compile, an adaption prompt's attention
                   "run in eager mode")
 
 
-_warned_unfused = False
-
-
 def _warn_unfused_once() -> None:
-    global _warned_unfused
-    if not _warned_unfused:
-        _warned_unfused = True
-        warnings.warn("fastpeft: an adaption prompt's attention got a mask other than causal "
-                      "with key padding (packed sequences, or a custom mask): it runs the "
-                      "unfused attention there", UserWarning, stacklevel=4)
+    warn_once("unfused attention", "fastpeft: an adaption prompt's attention got a mask other "
+              "than causal with key padding (packed sequences, or a custom mask): it runs the "
+              "unfused attention there", stacklevel=4)
 
 
 def key_padding_from_mask(attention_mask: Tensor | None, n: int) -> Tensor | None:

@@ -44,6 +44,17 @@ def own_forward(module: nn.Module) -> bool:
     return owner is not base and (owner.__module__, owner.__qualname__) not in _PLAIN_FORWARDS
 
 
+def check_linear_base(base: nn.Module) -> None:
+    """Refuses a base layer the fused LoRA linear ops cannot compute: not an ``nn.Linear``
+    or ``Conv1D``, or of a subclass with a forward of its own (:func:`own_forward`)."""
+    if not isinstance(base, nn.Linear) and not is_conv1d(base):
+        raise TypeError(f"base: expected an nn.Linear or a transformers Conv1D, got "
+                        f"{type(base).__name__}")
+    if own_forward(base):
+        raise TypeError(f"base: {type(base).__name__} has a forward of its own, which the "
+                        f"fused LoRA linear (computing x @ weight.T + bias) would bypass")
+
+
 def linear_weight(base: nn.Module) -> Tensor:
     """The ``(out, in)`` weight of an ``nn.Linear`` or ``Conv1D``; for the latter a
     transposed view of its ``(in, out)`` storage, which the kernels read in place."""
@@ -110,12 +121,7 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear) and not is_conv1d(base):
-            raise TypeError(f"base: expected an nn.Linear or a transformers Conv1D, got "
-                            f"{type(base).__name__}")
-        if own_forward(base):
-            raise TypeError(f"base: {type(base).__name__} has a forward of its own, which the "
-                            f"fused LoRA linear (computing x @ weight.T + bias) would bypass")
+        check_linear_base(base)
         check_positive_int("r", r)
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {lora_dropout}")

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import _backend
 from ..ops._checks import check_positive_int
 from ..ops.multi_lora_linear import multi_lora_linear
-from .lora_linear import autocast_dtype, is_conv1d, linear_weight, own_forward
+from .lora_linear import autocast_dtype, check_linear_base, is_conv1d, linear_weight
 
 __all__ = ["BASE", "MultiLoRALinear", "check_adapter_name", "per_row_ids",
            "set_adapter_names", "stack_adapters", "stack_adapters_cached", "without_caches"]
@@ -66,12 +66,7 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear) and not is_conv1d(base):
-            raise TypeError(f"base: expected an nn.Linear or a transformers Conv1D, got "
-                            f"{type(base).__name__}")
-        if own_forward(base):
-            raise TypeError(f"base: {type(base).__name__} has a forward of its own, which the "
-                            f"fused LoRA linear (computing x @ weight.T + bias) would bypass")
+        check_linear_base(base)
         self.base_layer = base
         self.base_layer.requires_grad_(False)
         self.fan_in_fan_out = is_conv1d(base)

@@ -8,12 +8,12 @@ import contextlib
 import importlib
 import math
 import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .._warn import warn_once
 from ..ops.int8_lora_linear import int8_lora_linear
 from ..ops.lora_linear import lora_linear
 from ..ops.multi_lora_linear import multi_lora_linear
@@ -223,17 +223,10 @@ def weights_readable(module: nn.Module) -> bool:
     return True
 
 
-_warned_hooked = False
-
-
 def _warn_hooked_once() -> None:
-    global _warned_hooked
-    if not _warned_hooked:
-        _warned_hooked = True
-        warnings.warn("fastpeft: a PEFT LoRA layer's base or LoRA weights are managed by hooks "
-                      "or not materialised (DeepSpeed ZeRO-3, offloading, per-layer sharding): "
-                      "PEFT's own forward runs there instead of the fused one", UserWarning,
-                      stacklevel=3)
+    warn_once("hooked", "fastpeft: a PEFT LoRA layer's base or LoRA weights are managed by "
+              "hooks or not materialised (DeepSpeed ZeRO-3, offloading, per-layer sharding): "
+              "PEFT's own forward runs there instead of the fused one", stacklevel=3)
 
 
 def fuse_peft_lora(layer: nn.Module) -> bool:
