@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -423,19 +424,23 @@ def test_adaption_prompt_packed_sequences(attn, monkeypatch):
         logits.square().mean().backward()
         return logits.detach(), {id(p): p.grad.clone() for p in trainable(model).values()}
 
+    with torch.no_grad(), pm.disable_adapter():  # transformers < 4.5x does not mask them
+        packed = pm(input_ids=ids, position_ids=pos, use_cache=False).logits
+        masks = torch.allclose(packed[1:, 3:], pm(input_ids=ids[1:, 3:]).logits, atol=1e-5)
     ref_logits, ref_grads = run(pm)
     fastpeft.from_peft(pm)
-    with pytest.warns(UserWarning, match="unfused attention"):
+    with pytest.warns(UserWarning, match="unfused attention") if masks else nullcontext():
         logits, grads = run(pm)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert_same(grads, ref_grads, atol=1e-6)
-    with torch.no_grad():
-        alone = pm(input_ids=ids[:1, :4]).logits
-    torch.testing.assert_close(logits[:1, :4], alone, atol=1e-5, rtol=1e-5)
-    # compiled: no branch on the mask's values in the graph; a packed batch is refused
     compiled = torch.compile(pm, fullgraph=attn == "sdpa")
-    with pytest.raises(RuntimeError, match=r"under torch\.compile"):
-        compiled(input_ids=ids, position_ids=pos, use_cache=False)
+    if masks:
+        with torch.no_grad():
+            alone = pm(input_ids=ids[:1, :4]).logits
+        torch.testing.assert_close(logits[:1, :4], alone, atol=1e-5, rtol=1e-5)
+        # compiled: no branch on the mask's values in the graph; a packed batch is refused
+        with pytest.raises(RuntimeError, match=r"under torch\.compile"):
+            compiled(input_ids=ids, position_ids=pos, use_cache=False)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     with torch.no_grad():
