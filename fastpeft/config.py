@@ -15,12 +15,12 @@ from .nn.bottleneck_adapter import ADAPTER_PRESETS
 from .ops._checks import check_positive_int as _positive_int
 from .reference import ACTIVATIONS
 
+__all__ = ["AdaptionPromptConfig", "BottleneckConfig", "LoraConfig"]
+
 
 def _bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected True or False, got {value!r}")
-
-__all__ = ["AdaptionPromptConfig", "BottleneckConfig", "LoraConfig"]
 
 
 @dataclass
