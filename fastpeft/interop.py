@@ -69,7 +69,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     subclass of its PEFT class, see :class:`fastpeft.nn.peft_lora.FusedPeftLora`), so
     everything PEFT does with them keeps working: ``save_pretrained`` (HF Trainer
     checkpoints), ``load_adapter``, ``merge_and_unload``, disabling or switching adapters
-    (PEFT's own forward runs where the fused one does not apply). PEFT's adaption-prompt
+    (PEFT's own forward runs where the fused one does not apply); LoRA layers PEFT makes
+    later in it (``add_adapter``, ``load_adapter`` of a new adapter) are fused as well.
+    PEFT's adaption-prompt
     attentions become :class:`fastpeft.nn.AdaptedAttention`, which holds the same
     ``adaption_prompt`` / ``adaption_gate`` under the same keys: those of every adapter,
     the ones PEFT keeps aside while another is active included.
@@ -272,10 +274,22 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
     (one adapter saved on its own, served next to others). Adapters the model lacks are
     injected (:func:`fastpeft.inject` with a dict of configs); those it has take the saved
     hyperparameters and tensors.
+
+    A PEFT model (:func:`from_peft`, :func:`fastpeft.patch_peft`) loads a LoRA adapter
+    named by ``adapter_name``, the adapters of PEFT's multi-adapter layout, and a file
+    holding what only PEFT's layers hold (``modules_to_save``, DoRA, LoRA biases) through
+    PEFT's own ``load_adapter``: a new adapter joins trainable, its new layers fused; one it
+    holds takes the file's tensors and hyperparameters. A file whose tensors are not those
+    the model saves for that adapter is refused (PEFT's own load skips such a tensor).
     """
     from safetensors.torch import load_file
 
     adapters = _saved_adapters(directory, adapter_name)
+    if _is_peft_model(model) and (adapter_name is not None or set(adapters) - {"default"}
+                                  or _peft_only(_saved_config(adapters["default"]))):
+        for adapter, path in adapters.items():
+            _load_with_peft(model, path, adapter)
+        return model
     if adapter_name is not None or set(adapters) - {"default"} \
             or any(isinstance(m, MultiLoRALinear) for m in model.modules()):
         held = set(_multi_adapters(model))
@@ -310,6 +324,95 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
         for key, target in own.items():
             target.copy_(weights[key])
     return model
+
+
+# LoRA options PEFT's layers hold and fastpeft's do not (a PEFT model loads them)
+_PEFT_ONLY = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform",
+              "layers_pattern", "exclude_modules", "trainable_token_indices")
+
+
+def _saved_config(directory: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {directory}") from None
+
+
+def _peft_only(saved: dict[str, Any]) -> list[str]:
+    return [k for k in _PEFT_ONLY if saved.get(k)]
+
+
+def _load_with_peft(model: nn.Module, directory: str, adapter: str) -> None:
+    """LoRA adapter ``adapter`` from ``directory`` into PEFT model ``model`` by PEFT's own
+    ``load_adapter`` (every tensor PEFT saves: ``modules_to_save``, DoRA, biases). A new
+    adapter is added trainable (its new layers fused, as ``from_peft`` fuses them:
+    :class:`~fastpeft.nn.peft_lora.MixedBatchTraining`); one the model holds takes the
+    file's tensors and its LoRA hyperparameters (scaling, rsLoRA, dropout), as
+    :func:`load_adapter` sets them. A file whose tensors are not those the model saves for
+    that adapter is refused (:func:`_check_peft_keys`), the model left as it was."""
+    import inspect
+
+    from peft.tuners.lora import LoraLayer
+
+    saved = _saved_config(directory)
+    if saved.get("peft_type") != "LORA":
+        raise NotImplementedError(
+            f"directory: {directory} holds a {saved.get('peft_type')} adapter; into a PEFT "
+            f"model, fastpeft.load_adapter loads named LoRA adapters (PEFT's own "
+            f"load_adapter loads the others)")
+    present = adapter in model.peft_config
+    if present:  # checked before anything changes
+        _check_peft_keys(model, directory, adapter)
+    quiet = {"strict_adapter_check": "ignore"} if "strict_adapter_check" in \
+        inspect.signature(model.load_adapter).parameters else {}
+    model.load_adapter(os.fspath(directory), adapter_name=adapter, is_trainable=True, **quiet)
+    if not present:
+        try:
+            _check_peft_keys(model, directory, adapter)
+        except ValueError:
+            model.delete_adapter(adapter)
+            raise
+        _train_new_adapter(model, adapter)
+        return
+    config = _config_from_saved({k: v for k, v in saved.items() if k not in _PEFT_ONLY})
+    for name, layer in _base_model(model).named_modules():
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+            _configure_peft_layer(model, name, layer, config, [adapter])
+
+
+def _train_new_adapter(model: nn.Module, adapter: str) -> None:
+    """Makes the tensors of ``adapter``, just added by PEFT's ``load_adapter(...,
+    is_trainable=True)``, trainable where this PEFT (< 0.18, without
+    ``PeftModel.set_requires_grad``) leaves an adapter that is not the active one frozen."""
+    if hasattr(model, "set_requires_grad"):
+        return  # PEFT's load_adapter did it
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for m in model.modules():
+        attrs = ("modules_to_save",) if isinstance(m, ModulesToSaveWrapper) else \
+            getattr(m, "adapter_layer_names", ())
+        for attr in attrs:
+            holder = getattr(m, attr, None)
+            part = holder[adapter] if holder is not None and adapter in holder else None
+            for p in part.parameters() if isinstance(part, nn.Module) else \
+                    [part] if part is not None else []:
+                p.requires_grad_(True)
+
+
+def _check_peft_keys(model: nn.Module, directory: str, adapter: str) -> None:
+    """Refuses a PEFT adapter file whose tensors are not those PEFT model ``model`` saves for
+    ``adapter`` (PEFT's own load skips a ``modules_to_save`` tensor the model has no place
+    for, without a word)."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    own = set(get_peft_model_state_dict(model, adapter_name=adapter))
+    saved = set(load_peft_weights(directory, device="cpu"))
+    missing, unexpected = sorted(own - saved), sorted(saved - own)
+    if missing or unexpected:
+        raise ValueError(f"directory: {directory} does not fit the model's adapter "
+                         f"{adapter!r}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                         f", unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
 
 
 def _multi_adapters(model: nn.Module) -> list[str]:
@@ -430,11 +533,12 @@ def _configure(model: nn.Module, config: Any) -> None:
 
 
 def _configure_peft_layer(model: nn.Module, name: str, layer: nn.Module,
-                          config: LoraConfig) -> None:
-    """The saved LoRA hyperparameters on a PEFT layer's active adapters (their scaling,
-    rsLoRA, dropout), and in the PEFT model's config of each, which its saving writes."""
+                          config: LoraConfig, adapters: list[str] | None = None) -> None:
+    """The saved LoRA hyperparameters on a PEFT layer's ``adapters`` (default: its active
+    ones): their scaling, rsLoRA, dropout, and in the PEFT model's config of each, which its
+    saving writes."""
     r, alpha = config.rank_and_alpha(name)  # r == the layer's: the shapes fit
-    for a in [a for a in layer.active_adapters if a in layer.lora_A]:
+    for a in [a for a in (adapters or layer.active_adapters) if a in layer.lora_A]:
         layer.lora_alpha[a] = alpha
         layer.scaling[a] = alpha / (math.sqrt(r) if config.use_rslora else r)
         if isinstance(getattr(layer, "use_rslora", None), dict):
@@ -592,12 +696,11 @@ def _config_from_saved(saved: dict[str, Any]):
     extra = saved.get("fastpeft") or {}
     kind = saved.get("peft_type")
     # fan_in_fan_out follows from the layer type (Conv1D) here, as PEFT corrects it too
-    unsupported = [k for k in ("use_dora", "lora_bias", "modules_to_save",
-                               "layers_to_transform", "layers_pattern", "exclude_modules",
-                               "trainable_token_indices") if saved.get(k)]
+    unsupported = _peft_only(saved)
     if unsupported:
         raise NotImplementedError(f"directory: the adapter sets {', '.join(unsupported)}, "
-                                  f"which fastpeft does not support")
+                                  f"which fastpeft's layers do not support (a PEFT model, "
+                                  f"fastpeft.from_peft, loads it)")
     if kind == "LORA":
         return LoraConfig(
             r=saved["r"], lora_alpha=saved["lora_alpha"],

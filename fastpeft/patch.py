@@ -107,25 +107,36 @@ def _mark(wrapper: Callable, original: Callable) -> Callable:
 
 
 def _wrap_create_and_replace(original: Callable) -> Callable:
-    signature = inspect.signature(original)
-    if not {"parent", "target_name"} <= signature.parameters.keys():
+    if not {"parent", "target_name"} <= inspect.signature(original).parameters.keys():
         raise ImportError("patch_peft: this peft's LoraModel._create_and_replace takes no "
                           "(parent, target_name): a version fastpeft does not know")
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(self, *args, **kwargs).arguments
-        parent, child = bound["parent"], bound["target_name"]
-        before = getattr(parent, child, None)
-        result = original(self, *args, **kwargs)
-        layer = getattr(parent, child, None)
-        if layer is not before:  # a new layer, not one more adapter on an existing one
-            _fuse_created_lora(layer, self.peft_config)
         from .nn.peft_lora import fuse_lora_model
 
+        result = create_and_fuse(functools.partial(original, self), self.peft_config,
+                                 "patch_peft", *args, **kwargs)
         fuse_lora_model(self)  # mixed-adapter batches in training too, as from_peft's
         return result
 
     return _mark(_create_and_replace, original)
+
+
+def create_and_fuse(create: Callable, configs: dict[str, Any], who: str,
+                    *args: Any, **kwargs: Any) -> Any:
+    """Calls ``create``, PEFT's ``LoraModel._create_and_replace`` bound to its model, with
+    ``args`` and ``kwargs``; where it put a new layer in place (not one more adapter on an
+    existing layer), that layer gets the fused forward (:func:`fastpeft.interop.fuse_lora_layer`;
+    ``configs``: the model's ``peft_config``), or keeps PEFT's with one warning per kind,
+    which names ``who`` (the caller: ``patch_peft``, ``add_adapter``)."""
+    bound = inspect.signature(create).bind(*args, **kwargs).arguments
+    parent, child = bound["parent"], bound["target_name"]
+    before = getattr(parent, child, None)
+    result = create(*args, **kwargs)
+    layer = getattr(parent, child, None)
+    if layer is not before:
+        _fuse_created_lora(layer, configs, who)
+    return result
 
 
 def _wrap_create_adapted_attentions(original: Callable) -> Callable:
@@ -144,7 +155,7 @@ _WRAPPERS: dict[str, Callable[[Callable], Callable]] = {
 }
 
 
-def _fuse_created_lora(layer: nn.Module | None, configs: dict[str, Any]) -> None:
+def _fuse_created_lora(layer: nn.Module | None, configs: dict[str, Any], who: str) -> None:
     from peft.tuners.lora import LoraLayer
 
     from .interop import fuse_lora_layer
@@ -154,8 +165,8 @@ def _fuse_created_lora(layer: nn.Module | None, configs: dict[str, Any]) -> None
         base = type(layer.get_base_layer()).__name__
         kind = f"{type(layer).__name__} on {base}" if all_plain_lora(layer) else \
             "DoRA / LoRA bias / LoRA variant / tensor scaling"
-        warn_once(f"patch:{kind}", f"patch_peft: PEFT LoRA layers ({kind}) keep PEFT's "
-                  f"forward: the fused kernels do not cover them", stacklevel=3)
+        warn_once(f"created:{kind}", f"{who}: PEFT LoRA layers ({kind}) keep PEFT's "
+                  f"forward: the fused kernels do not cover them", stacklevel=4)
 
 
 def _convert_created_attention(parent: nn.Module, child: str) -> None:

@@ -370,6 +370,24 @@ def test_cli_rejects_a_bad_value_and_a_third_compare_file(tmp_path, capsys):
         assert exc.value.code == 2 and said in capsys.readouterr().err
 
 
+def test_pytest_benchmark_suites_run_every_op():
+    """``pytest benchmarks/ --benchmark-only`` collects a suite per op and runs it (tiny
+    shapes, each test once: ``--benchmark-disable``)."""
+    pytest.importorskip("pytest_benchmark")
+    import subprocess
+
+    suites = sorted(p.stem for p in COMMITTED.parent.glob("test_bench_*.py"))
+    ops = {"lora_linear", "gated_prefix_attention", "bottleneck_adapter", "int8_lora_linear",
+           "nf4_lora_linear", "multi_lora_linear"}
+    assert suites == sorted(f"test_bench_{op}" for op in ops)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(COMMITTED.parent),
+         "--benchmark-disable", "--bench-shapes", "tiny"],
+        capture_output=True, text=True, timeout=600, cwd=COMMITTED.parents[1])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert re.search(r"\b\d+ passed", run.stdout)
+
+
 def test_missing_peers_are_skipped_columns(monkeypatch):
     from fastpeft.bench import peers
 

@@ -218,6 +218,42 @@ def test_mixed_training_refusals_name_the_cause():
     fused(input_ids=batch(), adapter_names=NAMES).logits.sum().backward()
 
 
+def test_adapters_added_after_from_peft_are_fused(monkeypatch):
+    """``add_adapter`` on a converted model: the LoRA layers PEFT makes for the new adapter's
+    other targets are fused too, so the mixed batch gives PEFT's logits through the fused op
+    on every layer, and trains; a DoRA adapter added afterwards keeps PEFT's forward on its
+    new layers, with one warning."""
+    reference = peft_model()
+    (first, kwargs), *rest = ADAPTERS.items()
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs), adapter_name=first)
+    fastpeft.from_peft(model)
+    for name, kwargs in rest:  # "chat" targets all linear layers, "sql" three of them
+        model.add_adapter(name, peft.LoraConfig(**kwargs))
+    model.load_state_dict(reference.state_dict())
+    lora = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(lora) == 14 and all(isinstance(m, peft_lora.FusedPeftLora) for m in lora)
+    ids = batch()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, adapter_names=NAMES).logits
+        logits, calls = calls_of(model.eval(), ids, NAMES, monkeypatch)
+    assert calls == len(lora)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    for name, p in model.named_parameters():  # PEFT leaves added adapters frozen
+        p.requires_grad_("lora_" in name)
+    model.train()(input_ids=ids, adapter_names=NAMES).logits.square().mean().backward()
+    assert model.base_model.model.model.layers[0].mlp.up_proj.lora_A["chat"].weight.grad \
+        .abs().sum() > 0
+
+    monkeypatch.setattr(fastpeft._warn, "warned", set())
+    dora = peft.LoraConfig(r=2, target_modules=["lm_head"], use_dora=True)
+    with pytest.warns(UserWarning, match="add_adapter: PEFT LoRA layers .*DoRA") as record:
+        model.add_adapter("dora", dora)
+        model.add_adapter("dora2", copy.deepcopy(dora))
+    assert len([w for w in record if "add_adapter" in str(w.message)]) == 1
+    head = model.base_model.model.lm_head
+    assert not isinstance(head, peft_lora.FusedPeftLora)
+
+
 @pytest.mark.skipif(not _has_alora(), reason="this PEFT has no aLoRA (alora_invocation_tokens)")
 def test_lora_variants_keep_peft_forward():
     """An adapter PEFT computes as a LoRA variant (here aLoRA: active from its invocation
@@ -599,9 +635,17 @@ def test_several_adapters_refusals(tmp_path):
     single = fastpeft.inject(copy.deepcopy(base), lora)
     with pytest.raises(ValueError, match="single LoRA adapter already"):
         fastpeft.inject(single, {"a": lora})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
     fastpeft.save_adapter(model, tmp_path)
-    with pytest.raises(ValueError, match="its own"):
-        fastpeft.load_adapter(peft_several(base), tmp_path)
+    pm = fastpeft.from_peft(peft_several(base))  # a PEFT model loads them by PEFT's loader
+    fastpeft.load_adapter(pm, tmp_path)
+    ids, names = ids128(3), ["a", "b", "__base__"]
+    with torch.no_grad():
+        got = pm(input_ids=ids, adapter_names=names).logits
+    torch.testing.assert_close(got, logits_of(model, ids, names), rtol=1e-4, atol=1e-5)
 
 
 def test_second_all_linear_inject_adapts_the_base_layers_only():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .timing import Timing, peak_bytes, saved_bytes, time_interleaved
+from .timing import Timing, cache_flusher, peak_bytes, saved_bytes, time_interleaved
 
 MODES = ("forward", "backward", "full")
 SWEEPS = ("full", "quick", "tiny")
@@ -110,12 +110,14 @@ def pytest_benchmark_step(benchmark, case: Case, provider: str, mode: str, label
                           device: torch.device, rounds: int = 20) -> None:
     """One (provider, mode) of a case under pytest-benchmark (``benchmarks/``): grouped
     by ``label`` and mode so the providers of one mode share a table, saved-for-backward
-    bytes in ``extra_info``. pytest-benchmark times providers one after another; the CLI
-    interleaves them."""
+    bytes in ``extra_info``. Each round starts with the CLI's cache flush
+    (:func:`~fastpeft.bench.timing.cache_flusher`, untimed) after as many warm-up rounds;
+    pytest-benchmark times providers one after another, where the CLI interleaves them."""
     import pytest
 
     if provider not in case.providers:
-        pytest.skip(f"{provider} is not installed")
+        pytest.skip(case.missing_peer if provider == case.peer and case.missing_peer
+                     else f"{label} has no {provider} provider")
     if mode not in case.modes:
         pytest.skip(f"{label} is timed in {', '.join(case.modes)} only")
     f, inputs = case.providers[provider], case.make_inputs()
@@ -130,4 +132,11 @@ def pytest_benchmark_step(benchmark, case: Case, provider: str, mode: str, label
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.pedantic(step, rounds=rounds, warmup_rounds=2)
+    flush = cache_flusher(device)
+
+    def setup():
+        flush()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=3)

@@ -60,17 +60,23 @@ def _largest_cpu_cache() -> int:
     return largest
 
 
+def cache_flusher(device: torch.device) -> Callable[[], None]:
+    """What runs before each timed call: a buffer twice the size of the last-level cache
+    is zeroed (as ``triton.testing.do_bench`` does on a GPU), so that every call starts
+    with cold caches, as a layer inside a model does after the layers before it, instead of
+    finding its weights still cached from its previous call; and on a CPU the zeroing (a
+    parallel op) wakes every core, as the layer before it would have."""
+    buffer = torch.empty(_flush_bytes(device) // 4, dtype=torch.float32, device=device)
+    return buffer.zero_
+
+
 def _clock(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Times one call. Before it, a buffer twice the size of the last-level cache is
-    zeroed (as ``triton.testing.do_bench`` does on a GPU): every call then starts with
-    cold caches, as a layer inside a model does after the layers before it, instead of
-    finding its weights still cached from its previous call; and on a CPU the zeroing
-    (a parallel op) wakes every core, as the layer before it would have."""
-    flush = torch.empty(_flush_bytes(device) // 4, dtype=torch.float32, device=device)
+    """Times one call, after :func:`cache_flusher`'s flush."""
+    flush = cache_flusher(device)
     if device.type == "cuda":
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            flush.zero_()
+            flush()
             start.record()
             fn()
             end.record()
@@ -78,7 +84,7 @@ def _clock(device: torch.device) -> Callable[[Callable[[], object]], float]:
             return start.elapsed_time(end)
     else:
         def run(fn):
-            flush.zero_()
+            flush()
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3

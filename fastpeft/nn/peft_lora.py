@@ -276,13 +276,25 @@ def __getattr__(name: str) -> type:
 
 class MixedBatchTraining:
     """Mixed into PEFT's ``LoraModel`` class by :func:`fastpeft.from_peft` (and
-    :func:`fastpeft.patch_peft`): a mixed batch (``model(..., adapter_names=[...])``) is also
-    accepted in training mode when every LoRA layer of the model runs fastpeft's fused
-    mixed batch (:func:`mixed_batch_problem`), where each adapter gets the gradient of its
-    own rows (the same as training each sub-batch on its own). PEFT refuses
-    ``adapter_names`` in training mode; everything else about the call is PEFT's. A call
-    that raises leaves no ``adapter_names`` hook behind on the layers (PEFT's own context
-    removes its hooks only after a call that returns)."""
+    :func:`fastpeft.patch_peft`):
+
+    - a mixed batch (``model(..., adapter_names=[...])``) is also accepted in training mode
+      when every LoRA layer of the model runs fastpeft's fused mixed batch
+      (:func:`mixed_batch_problem`), where each adapter gets the gradient of its own rows
+      (the same as training each sub-batch on its own). PEFT refuses ``adapter_names`` in
+      training mode; everything else about the call is PEFT's. A call that raises leaves no
+      ``adapter_names`` hook behind on the layers (PEFT's own context removes its hooks only
+      after a call that returns);
+    - a LoRA layer PEFT makes later in the model (``add_adapter`` / ``load_adapter`` of an
+      adapter that targets other modules) gets the fused forward as ``from_peft`` gives it,
+      or keeps PEFT's with one warning per kind (DoRA, embeddings, ...).
+    """
+
+    def _create_and_replace(self, *args, **kwargs):
+        from ..patch import create_and_fuse
+
+        return create_and_fuse(super()._create_and_replace, self.peft_config, "add_adapter",
+                               *args, **kwargs)
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -333,9 +345,7 @@ def mixed_batch_problem(model: nn.Module) -> str | None:
         if isinstance(m, LoraLayer) and len(m.lora_A) > 0:
             if not isinstance(m, FusedPeftLora):
                 return (f"needs every LoRA layer fused by fastpeft, and {name} keeps PEFT's "
-                        f"forward (PEFT refuses adapter_names in training; a layer PEFT made "
-                        f"after fastpeft.from_peft, by add_adapter, is fused by calling it "
-                        f"again)")
+                        f"forward (PEFT refuses adapter_names in training)")
             if is_bnb(m.get_base_layer()):
                 return (f"needs float base layers, and {name}'s is bitsandbytes-quantised; "
                         f"train each adapter's rows in a batch of their own")
