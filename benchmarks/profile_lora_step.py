@@ -7,7 +7,7 @@ The README's lora_linear explanation quotes its tables::
     python benchmarks/profile_lora_step.py fp32
 """
 
-import sys
+import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,7 +28,10 @@ def profiled(layer: torch.nn.Module, x: torch.Tensor, steps: int = 20) -> str:
 
 
 def main() -> None:
-    dtype = DTYPES[sys.argv[1] if len(sys.argv) > 1 else "bf16"]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dtype", nargs="?", choices=sorted(DTYPES), default="bf16")
+    dtype = DTYPES[parser.parse_args().dtype]
     torch.set_num_threads(2)
     base = torch.nn.Linear(2048, 2048, dtype=dtype).requires_grad_(False)
     lora = fastpeft.LoRALinear(base, 16, 32, 0.1).train()

@@ -166,10 +166,13 @@ def resolve(op: str, x: torch.Tensor):
 
 
 def _warn_functorch(op: str) -> None:
-    warnings.warn(
+    from ._warn import warn_once
+
+    warn_once(
+        f"functorch:{op}",
         f"fastpeft.{op}: called under a torch.func transform (grad, vmap, jacrev, ...), "
         "which cannot transform the fused kernels' autograd; the unfused PyTorch reference "
-        "runs instead (same results).", UserWarning, stacklevel=4)
+        "runs instead (same results).", stacklevel=3)
 
 
 def native_available() -> bool:
@@ -230,6 +233,9 @@ def select(device: torch.device) -> str:
             return "triton"
         if device.type == "cpu" and _native_loaded:
             return "cpu"
+        if device.type == "meta":  # a registered op, whose fake gives the shapes (the
+            # reference cannot run everything on meta: a dropout seed's .item(), ids' nonzero)
+            return "cpu" if _native_loaded else "triton" if TRITON_AVAILABLE else "reference"
         return "reference"
     if name == "cpu":
         if device.type != "cpu":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .nn.bottleneck_adapter import ADAPTER_PRESETS
@@ -90,6 +91,9 @@ class LoraConfig:
             if not self.target_modules:
                 raise ValueError("target_modules: expected names, a regex or 'all-linear'")
         else:
+            if not isinstance(self.target_modules, Iterable):
+                raise TypeError(f"target_modules: expected a name, a list of names, a regex "
+                                f"or 'all-linear', got {self.target_modules!r}")
             names = list(self.target_modules)
             if not all(isinstance(n, str) and n for n in names):
                 raise ValueError(f"target_modules: expected non-empty names, got {names!r}")
@@ -160,7 +164,8 @@ class BottleneckConfig:
     Attributes:
         preset: ``"houlsby"`` (both placements, silu) or ``"pfeiffer"`` (feed-forward
             only, relu); fields left as ``None`` take the preset's value.
-        placements, activation, reduction_factor, layer_norm: override the preset;
+        placements, activation, reduction_factor, layer_norm: override the preset
+            (``placements``: a tuple of them, or one as a str);
             ``bottleneck_size = hidden_size // reduction_factor`` (at least 1).
         scaling: multiplies the adapter branch.
         bottleneck_size: the adapters' inner size, if given (overrides
@@ -168,7 +173,7 @@ class BottleneckConfig:
     """
 
     preset: str = "pfeiffer"
-    placements: tuple[str, ...] | None = None
+    placements: tuple[str, ...] | str | None = None
     activation: str | None = None
     reduction_factor: int | None = None
     layer_norm: bool | None = None
@@ -182,6 +187,8 @@ class BottleneckConfig:
         base = ADAPTER_PRESETS[self.preset]
         if self.placements is None:
             self.placements = base.placements
+        if isinstance(self.placements, str):  # one placement
+            self.placements = (self.placements,)
         self.placements = tuple(self.placements)
         bad = [p for p in self.placements if p not in ("attention", "feed_forward")]
         if bad or not self.placements or len(set(self.placements)) < len(self.placements):

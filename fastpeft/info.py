@@ -125,7 +125,14 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fastpeft.info``: prints :func:`report`; takes no arguments but ``--help``."""
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m fastpeft.info", allow_abbrev=False,
+        description="What fastpeft runs on this machine: its backends and kernel paths, "
+                    "per op and device.").parse_args(argv)
     print(report())
 
 

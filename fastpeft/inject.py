@@ -66,6 +66,8 @@ def inject(model: nn.Module, config: AnyConfig | Mapping[str, LoraConfig]) -> nn
     parameters that no base layer decides. Afterwards exactly the adapters' parameters (of
     this and earlier injections) require grad. Returns ``model``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if isinstance(config, LoraConfig):
         _inject_lora(model, config)
     elif isinstance(config, AdaptionPromptConfig):
@@ -75,9 +77,13 @@ def inject(model: nn.Module, config: AnyConfig | Mapping[str, LoraConfig]) -> nn
     elif isinstance(config, Mapping):
         _inject_multi_lora(model, config)
     else:
-        raise TypeError(f"config: expected a LoraConfig, AdaptionPromptConfig, "
+        what = type(config)
+        raise TypeError(f"config: expected a fastpeft LoraConfig, AdaptionPromptConfig, "
                         f"BottleneckConfig or a dict of adapter name -> LoraConfig, got "
-                        f"{type(config).__name__}")
+                        f"{what.__module__}.{what.__qualname__}"
+                        + (" (a PEFT config: build the model with peft.get_peft_model, then "
+                           "fastpeft.from_peft, or use fastpeft.LoraConfig)"
+                           if what.__module__.startswith("peft.") else ""))
     trainable = {id(p) for _, layer in adapter_layers(model) for p in _adapter_params(layer)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)

@@ -88,10 +88,15 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         from peft.tuners.lora import LoraLayer
     except ImportError as err:  # pragma: no cover - exercised without peft
         raise ImportError("from_peft needs peft (pip install fastpeft[hf])") from err
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"peft_model: expected a PEFT model (an nn.Module), got "
+                        f"{type(peft_model).__name__}")
     peft_adapted = peft_adapted_attention_classes()
     skipped = []
+    found = False  # a layer of a method fastpeft fuses (LoRA, adaption prompt)
     configs = getattr(peft_model, "peft_config", {})
     for name, module in list(peft_model.named_modules()):
+        found = found or isinstance(module, (LoraLayer, peft_adapted, AdaptedAttention))
         if isinstance(module, LoraLayer):
             if not fuse_lora_layer(module, configs):
                 skipped.append(name)
@@ -106,6 +111,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         cached = getattr(base_model, "_cached_adapters", None)
         for adapter, layers in (cached.items() if isinstance(cached, dict) else ()):
             if isinstance(layers, list):
+                found = True
                 cached[adapter] = [
                     convert_adapted_attention(f"{adapter!r}'s attention {i}", layer)
                     if isinstance(layer, peft_adapted) else layer
@@ -115,6 +121,14 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                       f"(a layer type, or an adapter other than plain LoRA, not fused): "
                       f"{', '.join(skipped[:5])}" + (", ..." if len(skipped) > 5 else ""),
                       stacklevel=2)
+    if not found:
+        methods = sorted({str(getattr(getattr(c, "peft_type", None), "value", None))
+                          for c in configs.values()}) if isinstance(configs, dict) else []
+        warnings.warn(f"from_peft: {type(peft_model).__name__} has no PEFT LoRA layer or "
+                      f"adaption-prompt attention (the methods fastpeft fuses"
+                      + (f"; its adapters: {', '.join(methods)}" if methods else
+                         "; a PEFT model is expected, from peft.get_peft_model")
+                      + "): nothing was converted", stacklevel=2)
     return peft_model
 
 
@@ -219,6 +233,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """
     from safetensors.torch import save_file
 
+    _check_directory(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"directory: {directory} is a file, not a directory")
     if _is_peft_model(model):
         # from_peft keeps a PEFT model's layers PEFT's: PEFT's own writer, which knows each
         # adapter's config and every tensor it trains (modules_to_save, a classifier head,
@@ -284,6 +301,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
     """
     from safetensors.torch import load_file
 
+    _check_directory(directory)
     adapters = _saved_adapters(directory, adapter_name)
     if _is_peft_model(model) and (adapter_name is not None or set(adapters) - {"default"}
                                   or _peft_only(_saved_config(adapters["default"]))):
@@ -299,8 +317,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
                 f"model's 'default' next to {sorted(held - {'default'})}; name it "
                 f"(adapter_name='...'; adapter_name='default' to replace 'default')")
         return _load_multi(model, adapters)
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        saved = json.load(f)
+    saved = _saved_config(directory)
     config = _config_from_saved(saved)
     kind = _kind_of_config(config)
     present = kind in {_kind(layer) for _, layer in adapter_layers(model)}
@@ -326,17 +343,31 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
     return model
 
 
+def _check_directory(directory: object) -> None:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a path (str or os.PathLike), got "
+                        f"{type(directory).__name__}")
+
+
 # LoRA options PEFT's layers hold and fastpeft's do not (a PEFT model loads them)
 _PEFT_ONLY = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform",
               "layers_pattern", "exclude_modules", "trainable_token_indices")
 
 
 def _saved_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``adapter_config.json`` of ``directory``; its absence or bad JSON named."""
+    path = os.path.join(directory, CONFIG_NAME)
     try:
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            return json.load(f)
+        with open(path) as f:
+            saved = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {directory}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"directory: {path} is not a JSON adapter config: {e}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"directory: {path} holds a JSON {type(saved).__name__}, not an "
+                         f"adapter config")
+    return saved
 
 
 def _peft_only(saved: dict[str, Any]) -> list[str]:
@@ -466,8 +497,7 @@ def _load_multi(model: nn.Module, adapters: dict[str, str]) -> nn.Module:
                          "loads several into a plain model")
     configs = {}
     for adapter, path in adapters.items():
-        with open(os.path.join(path, CONFIG_NAME)) as f:
-            config = _config_from_saved(json.load(f))
+        config = _config_from_saved(_saved_config(path))
         if not isinstance(config, LoraConfig):
             raise NotImplementedError(f"directory: {path} holds a {_kind_of_config(config)} "
                                       f"adapter; several named adapters are LoRA only")

@@ -363,8 +363,17 @@ def test_cli_rejects_a_bad_value_and_a_third_compare_file(tmp_path, capsys):
     # as are --quick with another sweep and no threads
     for argv, said in ((["--compare", str(path), str(path), "--runs", "5"],
                         "--runs: not with --compare OLD NEW"),
+                       (["--compare", str(path), str(path), "--run", "5"],
+                        "unrecognized arguments: --run"),  # no abbreviations
                        (["--quick", "--shapes", "tiny"], "not with --shapes tiny"),
-                       (["--threads", "0"], "--threads must be at least 1")):
+                       (["--quick", "--shapes", "full"], "not with --shapes full"),
+                       (["--threads", "0"], "--threads must be at least 1"),
+                       (["--device", "gpu"], "--device: expected cpu or cuda"),
+                       (["--device", "cpu:5"], "the CPU takes no index"),
+                       (["--threshold", "5"], "--threshold: only with --compare"),
+                       (["--compare", str(path), "--threshold", "nan"], "a percentage >= 0"),
+                       (["--plot", "--no-save"], "not with --no-save"),
+                       (["--out", str(path)], f"--out {path}: not a writable directory")):
         with pytest.raises(SystemExit) as exc:
             cli.parse_args(argv)
         assert exc.value.code == 2 and said in capsys.readouterr().err

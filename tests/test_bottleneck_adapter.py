@@ -129,6 +129,27 @@ def test_large_mean_input_with_layer_norm(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", backend_params("bottleneck_adapter"))
+def test_constant_rows_with_layer_norm(backend_device):
+    """Rows whose entries are all equal (zero variance, a constant padding embedding): the
+    mean must be the value itself, to the last ulp, for rstd = 1/sqrt(eps) multiplies what
+    is left of x - mean; outputs and gradients as close to float64 as torch's float32."""
+    backend, device = backend_device
+    inputs = list(make_inputs((7,), 37, 8, torch.float32, device, ln="affine"))
+    rows = torch.randn(7, 1, device=device) * torch.tensor([1, 3, 300, 1e-3, 7, 2, 0.5],
+                                                           device=device)[:, None]
+    inputs[0] = rows.expand(7, 37).contiguous().requires_grad_()
+    with forced(backend):
+        y = call(fastpeft.bottleneck_adapter, inputs, activation="gelu")
+    fused = (y, *grads(y, inputs))
+    ref = run_reference(inputs, torch.float32, activation="gelu")
+    for name, out, r64, rlow in zip(
+        ["y", *present_names(inputs)], fused, (ref["ref64"][0], *ref["ref64"][1]),
+        (ref["lowp"][0], *ref["lowp"][1]), strict=True,
+    ):
+        assert_close_to_ref(name, out, r64, rlow, atol_eps=8)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("bottleneck_adapter"))
 def test_empty_batch(backend_device):
     backend, device = backend_device
     inputs = make_inputs((0,), 16, 4, torch.float32, device, ln="affine")

@@ -98,7 +98,7 @@ def test_concurrent_first_imports_share_one_build(tmp_path):
 def test_every_source_file_is_package_data():
     """Each file of fastpeft/csrc matches a package-data pattern of pyproject.toml, so that
     a wheel carries what the build on first use compiles (a header missing there fails
-    only on a user's machine)."""
+    only on a user's machine); so does the py.typed marker."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     root = Path(__file__).resolve().parents[1]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
@@ -110,3 +110,6 @@ def test_every_source_file_is_package_data():
     packaged = {p for pattern in patterns for p in package.glob(pattern)}
     missing = sorted(p.relative_to(package).as_posix() for p in files - packaged)
     assert not missing, f"not in pyproject.toml's package-data: {missing}"
+    # the typed API reaches type checkers (PEP 561), and the license ships beside it
+    assert (package / "py.typed").is_file() and "py.typed" in patterns
+    assert (root / "LICENSE").is_file()

@@ -95,12 +95,15 @@ IDS = {
 @pytest.mark.parametrize("pattern", IDS.values(), ids=IDS.keys())
 def test_id_patterns(backend_device, pattern):
     """Segments of every kind: none, one, sorted, interleaved, single rows; adapters that
-    no row names get zero gradients."""
+    no row names get zero gradients (even with an infinite scaling)."""
     backend, device = backend_device
     n, T = 4, 11
     ids = pattern(n, T)
     inputs = make_inputs((T,), 21, 18, 5, n, torch.float32, device, ids=ids, grad_base=True)
     check_against_reference(backend, device, inputs, torch.float32, 0.2)
+    scaling = inputs[5].clone()  # zeros whatever an unused adapter's scaling (not 0 * inf)
+    scaling[[i for i in range(n) if not (ids == i).any()]] = float("inf")
+    inputs = (*inputs[:5], scaling, inputs[6])
     with forced(backend):
         y = fastpeft.multi_lora_linear(*inputs, 0.2)
     *_, d_a, d_b = grads(y, inputs)
@@ -498,6 +501,35 @@ def test_module_serving_with_inference_tensors():
         layer.lora_B["chat"].weight.mul_(2.0)
         second = layer(x, adapter_ids=ids)
     assert torch.equal(first[0], second[0]) and not torch.allclose(first[1], second[1])
+
+
+def test_module_grad_calls_after_an_inference_mode_call():
+    """What an inference-mode call keeps (the stacked frozen adapters; the ids of
+    set_adapter_names) is made outside inference mode: a later call's backward can save
+    it. Frozen adapters with x requiring grad (attribution, training the layers before),
+    and trainable adapters on a 2-D input of one row per sequence (a head)."""
+    x, ids = torch.randn(4, 24), torch.tensor([0, 1, 2, -1])
+    grads = []
+    for warm in (False, True):
+        layer = _module().requires_grad_(False)
+        if warm:
+            with torch.inference_mode():
+                layer(x, adapter_ids=ids)
+        x2 = x.clone().requires_grad_()
+        layer(x2, adapter_ids=ids).square().sum().backward()
+        grads.append(x2.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    grads = []
+    for warm in (False, True):
+        layer = _module()
+        model = torch.nn.Sequential(layer)
+        fastpeft.set_adapter_names(model, ["chat", "__base__", "sql", "chat"])
+        if warm:
+            with torch.inference_mode():
+                model(x)
+        model(x).square().sum().backward()
+        grads.append(layer.lora_A["chat"].weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("target", ["weight", "bias", "adapter"])

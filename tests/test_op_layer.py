@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -233,7 +234,9 @@ def test_gated_prefix_attention_empty_dims(backend_device, b, m, n, d):
 # --- 5. torch.func transforms ---------------------------------------------------------------
 
 
-def test_torch_func_transforms_run_the_reference():
+def test_torch_func_transforms_run_the_reference(monkeypatch):
+    """The reference runs under every transform, with one warning per op and process."""
+    monkeypatch.setattr(fastpeft._warn, "warned", set())
     x, w, bias, a, b = _linear_case(5, 8, 6)
 
     def loss(fn, a_):
@@ -243,17 +246,18 @@ def test_torch_func_transforms_run_the_reference():
         g = torch.func.grad(lambda a_: loss(fastpeft.lora_linear, a_))(a)
     torch.testing.assert_close(g, torch.func.grad(lambda a_: loss(reference.lora_linear, a_))(a))
     batch = torch.randn(3, 5, 8)
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once already
         y = torch.func.vmap(lambda x_: fastpeft.lora_linear(x_, w, bias, a, b, 2.0))(batch)
-    torch.testing.assert_close(y, reference.lora_linear(batch, w, bias, a, b, 2.0))
-    with pytest.warns(UserWarning):
         jac = torch.func.jacrev(lambda a_: fastpeft.lora_linear(x, w, bias, a_, b, 2.0))(a)
+    torch.testing.assert_close(y, reference.lora_linear(batch, w, bias, a, b, 2.0))
     assert jac.shape == (5, 6, 2, 8)
 
 
 @pytest.mark.parametrize("op", ["int8_lora_linear", "nf4_lora_linear",
                                 "gated_prefix_attention", "bottleneck_adapter"])
-def test_torch_func_grad_of_every_op(op):
+def test_torch_func_grad_of_every_op(op, monkeypatch):
+    monkeypatch.setattr(fastpeft._warn, "warned", set())
     if op == "int8_lora_linear":
         x, w, bias, a, b = _linear_case(5, 8, 6)
         q, s = fastpeft.quantize_int8(w)
@@ -325,6 +329,68 @@ def test_dtype_mismatch_names_the_odd_one_out():
     q, s = fastpeft.quantize_int8(w)
     with pytest.raises(TypeError, match=r"x: expected dtype torch.float32"):
         fastpeft.int8_lora_linear(x.bfloat16(), q, s, bias, a, b, 2.0)
+
+
+def test_flags_and_dtypes_are_checked():
+    """A flag given a truthy str, a gated-attention tensor of another dtype (the odd one
+    named, not the next checked), an integer dtype for a layer or a dequantisation."""
+    x, w, bias, a, b = _linear_case(4, 8, 6)
+    for op_training in ("no", None, 2):
+        with pytest.raises(TypeError, match="training: expected a bool"):
+            fastpeft.lora_linear(x, w, bias, a, b, 2.0, 0.5, op_training)
+    q, s = fastpeft.quantize_int8(w)
+    with pytest.raises(TypeError, match="training: expected a bool"):
+        fastpeft.int8_lora_linear(x, q, s, bias, a, b, 2.0, 0.5, "yes")
+    torch.testing.assert_close(fastpeft.lora_linear(x, w, bias, a, b, 2.0, 0.5, 0),
+                               fastpeft.lora_linear(x, w, bias, a, b, 2.0))
+    k, pk = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 3, 4)
+    with pytest.raises(TypeError, match=r"^q: expected dtype torch.float32 \(like k, v"):
+        fastpeft.gated_prefix_attention(torch.randn(1, 2, 3, 4).bfloat16(), k, k, pk, pk,
+                                        torch.zeros(2))
+    with pytest.raises(TypeError, match="causal: expected a bool"):
+        fastpeft.gated_prefix_attention(pk, k, k, pk, pk, torch.zeros(2), causal="no")
+    for make in (lambda: fastpeft.LoRALinear(torch.nn.Linear(8, 6), 2, dtype=torch.int8),
+                 lambda: fastpeft.BottleneckAdapter(8, 2, dtype=torch.int64),
+                 lambda: fastpeft.dequantize_nf4(*fastpeft.quantize_nf4(w, 16), 16,
+                                                 torch.int32)):
+        with pytest.raises(TypeError, match=r"dtype: expected a floating-point torch.dtype"):
+            make()
+
+
+def test_meta_tensors_give_shapes():
+    """On the meta device (shape inference, memory estimates) every op and module gives
+    its output's shape, forward and backward: the registered ops' fakes run (the
+    reference could not draw a dropout seed there)."""
+    m = {"device": "meta"}
+    x = torch.randn(3, 8, **m, requires_grad=True)
+    w, a, b = torch.randn(10, 8, **m), torch.randn(2, 8, **m), torch.randn(10, 2, **m)
+    ids = torch.tensor([0, 2, -1], **m)
+    calls = {
+        "lora_linear": lambda: fastpeft.lora_linear(x, w, None, a, b, 2.0, 0.1),
+        "int8_lora_linear": lambda: fastpeft.int8_lora_linear(
+            x, torch.zeros(10, 8, dtype=torch.int8, **m), torch.ones(10, **m), None, a, b,
+            2.0, 0.1),
+        "nf4_lora_linear": lambda: fastpeft.nf4_lora_linear(
+            x, torch.zeros(10, 4, dtype=torch.uint8, **m), torch.ones(2, **m), None, a, b,
+            2.0, 0.1, True, 64),
+        "multi_lora_linear": lambda: fastpeft.multi_lora_linear(
+            x, w, None, torch.randn(3, 2, 8, **m), torch.randn(3, 10, 2, **m),
+            torch.ones(3, **m), ids, 0.1),
+        "bottleneck_adapter": lambda: fastpeft.bottleneck_adapter(
+            x, torch.randn(4, 8, **m), None, torch.randn(8, 4, **m), None),
+        "LoRALinear": lambda: fastpeft.LoRALinear(torch.nn.Linear(8, 10, **m), 2,
+                                                  lora_dropout=0.1)(x),
+        "BottleneckAdapter": lambda: fastpeft.BottleneckAdapter(8, 4, **m)(x),
+    }
+    for name, call in calls.items():
+        y = call()
+        assert y.is_meta and y.shape[:-1] == (3,), name
+        y.sum().backward()
+    q = torch.randn(1, 2, 3, 4, **m, requires_grad=True)
+    k, p = torch.randn(1, 2, 5, 4, **m), torch.randn(1, 2, 3, 4, **m)
+    y = fastpeft.gated_prefix_attention(q, k, k, p, p, torch.zeros(2, **m))
+    assert y.is_meta and y.shape == q.shape
+    y.sum().backward()
 
 
 def test_float64_activations_need_a_float64_layer():

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -89,7 +91,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastpeft-bench", description=__doc__,
-                                     formatter_class=_Formatter)
+                                     formatter_class=_Formatter, allow_abbrev=False)
     parser.add_argument("--ops", nargs="+", choices=sorted(CASES), default=None,
                         metavar="OP", help="default: all of " + ", ".join(sorted(CASES)))
     parser.add_argument("--device", default=str(default_device()), help="default: %(default)s")
@@ -107,8 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"steps with --model)")
     parser.add_argument("--quick", action="store_true",
                         help=f"the first shape of each op, {QUICK_RUNS} runs: --shapes quick")
-    parser.add_argument("--shapes", choices=SWEEPS, default="full",
-                        help="the shape sweep; tiny: a smoke test, its timings mean nothing")
+    parser.add_argument("--shapes", choices=SWEEPS, default=None,
+                        help="the shape sweep (default: full); tiny: a smoke test, its "
+                             "timings mean nothing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR",
                         help="append to DIR/results.csv, write DIR/<timestamp>.json "
@@ -123,10 +126,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "fastpeft / reference got worse than in OLD, exit 1 if "
                              "anywhere. With NEW (a saved run too) compare the two, run "
                              "nothing")
-    parser.add_argument("--threshold", type=float, default=10.0, metavar="PCT",
+    parser.add_argument("--threshold", type=float, default=None, metavar="PCT",
                         help="--compare: fastpeft / reference worse by more than PCT "
                              "percent, and beyond both runs' p20-p80 spread, regresses "
-                             "(default: %(default)s)")
+                             "(default: 10)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     steps = parser.add_argument_group(
         "whole training steps", "--model: one optimizer step of a Llama-shaped model per "
@@ -162,9 +165,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.modes = list(dict.fromkeys("full" if m == FORWARD_BACKWARD else m
                                     for m in args.modes or ["forward", "full"]))
     if args.quick:
-        if args.shapes not in ("full", "quick"):
+        if args.shapes not in (None, "quick"):
             parser.error(f"--quick is --shapes quick; not with --shapes {args.shapes}")
         args.shapes = "quick"
+    args.shapes = args.shapes or "full"
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.runs is None:
@@ -173,11 +177,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup = 3
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be at least 1 and --warmup at least 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device")
-    if args.plot and (args.no_save or importlib.util.find_spec("matplotlib") is None):
-        parser.error("--plot needs matplotlib (pip install matplotlib, or fastpeft[bench]) "
-                     "and an --out directory (not --no-save)")
+    _check_device(parser, args.device)
+    if args.plot and args.no_save:
+        parser.error("--plot: writes its chart to the --out directory, not with --no-save")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib (pip install matplotlib, or fastpeft[bench])")
+    if args.threshold is not None and args.compare is None:
+        parser.error("--threshold: only with --compare")
+    args.threshold = 10.0 if args.threshold is None else args.threshold
+    if not (math.isfinite(args.threshold) and args.threshold >= 0):
+        parser.error(f"--threshold must be a percentage >= 0, got {args.threshold}")
     args.baseline = args.later = None
     if args.compare is not None:
         if len(args.compare) > 2:
@@ -196,7 +205,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.later = load(args.compare[1]) if len(args.compare) == 2 else None
         except ResultsFileError as e:
             _file_error(parser, f"--compare {e}")
+    if not args.no_save and args.later is None:  # checked before the run, not after it
+        problem = _unwritable(args.out)
+        if problem:
+            _file_error(parser, f"--out {args.out}: {problem}")
     return args
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why DIR cannot take the results (None: it can), without creating it: an existing
+    file, or a nearest existing ancestor that is no writable directory."""
+    if out.exists():
+        return None if out.is_dir() and os.access(out, os.W_OK | os.X_OK) else \
+            "not a writable directory"
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created in {parent}"
+    return None
+
+
+def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """--device: cpu, or cuda[:index] of a GPU torch sees."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device: expected cpu or cuda[:index], got {device!r}")
+    if parsed.type == "cpu" and parsed.index not in (None, 0):
+        parser.error(f"--device {device}: the CPU takes no index (--threads sets its cores)")
+    elif parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            parser.error(f"--device {device}: torch sees no CUDA device")
+        if parsed.index is not None and parsed.index >= count:
+            parser.error(f"--device {device}: torch sees {count} CUDA device(s)")
+    elif parsed.type != "cpu":
+        parser.error(f"--device: expected cpu or cuda[:index], got {device!r}")
 
 
 def _check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -209,7 +254,7 @@ def _check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespa
         op_only = [flag for flag, given in (("--ops", args.ops is not None),
                                             ("--modes", args.modes is not None),
                                             ("--quick", args.quick),
-                                            ("--shapes", args.shapes != "full"),
+                                            ("--shapes", args.shapes is not None),
                                             ("--plot", args.plot),
                                             ("--compare", args.compare is not None)) if given]
         if op_only:
@@ -300,10 +345,13 @@ def _save(args: argparse.Namespace, env: Environment, records: list[Record]) -> 
     --no-save), and draw the charts --plot asks for; say where."""
     if args.no_save:
         return
-    args.out.mkdir(parents=True, exist_ok=True)
     run_json = args.out / f"{env.run_name}.json"
-    append_csv(args.out / "results.csv", records)
-    write_json(run_json, records, run_provenance(args.argv, args.runs, args.warmup))
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        append_csv(args.out / "results.csv", records)
+        write_json(run_json, records, run_provenance(args.argv, args.runs, args.warmup))
+    except OSError as e:  # (the tables above keep the measurements)
+        raise SystemExit(f"fastpeft-bench: error: --out {args.out}: {e}") from None
     print(f"\nresults: appended to {args.out / 'results.csv'}, written to {run_json}")
     if args.plot:
         for path in plot_speedups(records, args.out):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from .._warn import warn_once
-from ..ops._checks import check_positive_int
+from ..ops._checks import check_float_dtype, check_positive_int
 from ..ops.gated_prefix_attention import gated_prefix_attention
 from .lora_linear import autocast_dtype
 
@@ -110,7 +110,7 @@ class AdaptedAttention(nn.Module):
         if gate not in ("scalar", "per_head"):
             raise ValueError(f"gate: expected 'scalar' or 'per_head', got {gate!r}")
         factory = {"device": next(attn.parameters()).device,
-                   "dtype": dtype or compute_dtype(proj)}
+                   "dtype": check_float_dtype("dtype", dtype) or compute_dtype(proj)}
         hidden = int(attn.embed_dim if self.gpt2 else config.hidden_size)
         if adaption_prompt is None:
             check_positive_int("adapter_len", adapter_len)

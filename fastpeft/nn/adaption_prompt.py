@@ -5,16 +5,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops._checks import check_positive_int
+from ..ops._checks import check_float_dtype, check_positive_int
 from ..ops.gated_prefix_attention import gated_prefix_attention
 
 __all__ = ["AdaptionPrompt", "prompt_prefix"]
 
 
-def prompt_prefix(prompt: Tensor, proj: nn.Module, num_kv_heads: int, head_dim: int) -> Tensor:
+def prompt_prefix(prompt: Tensor, proj: nn.Module, num_kv_heads: int, head_dim: int,
+                  name: str = "proj") -> Tensor:
     """A prompt ``(P, hidden)`` or ``(1, P, hidden)`` through a frozen k or v projection,
-    as the ``(1, Hkv, P, D)`` prefix keys or values of :func:`gated_prefix_attention`."""
+    as the ``(1, Hkv, P, D)`` prefix keys or values of :func:`gated_prefix_attention`;
+    a projection of another width is refused (``name``: the argument it came from)."""
     p = proj(prompt)
+    if p.shape[-1] != num_kv_heads * head_dim:
+        raise ValueError(f"{name}: expected {num_kv_heads * head_dim} output features "
+                         f"(num_kv_heads={num_kv_heads} x head_dim={head_dim}), got "
+                         f"{p.shape[-1]}")
     return p.view(1, -1, num_kv_heads, head_dim).transpose(1, 2)
 
 
@@ -54,7 +60,7 @@ class AdaptionPrompt(nn.Module):
         check_positive_int("adapter_len", adapter_len)
         if gate not in ("per_head", "scalar"):
             raise ValueError(f"gate: expected 'per_head' or 'scalar', got {gate!r}")
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": check_float_dtype("dtype", dtype)}
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.gate_tanh = gate_tanh
@@ -67,9 +73,11 @@ class AdaptionPrompt(nn.Module):
         nn.init.normal_(self.prompt)
         nn.init.zeros_(self.gate)
 
-    def prefix(self, proj: nn.Module) -> Tensor:
-        """The prompt through a frozen k or v projection: ``(1, Hkv, P, D)``."""
-        return prompt_prefix(self.prompt, proj, self.num_kv_heads, self.head_dim)
+    def prefix(self, proj: nn.Module, name: str = "proj") -> Tensor:
+        """The prompt through a frozen k or v projection: ``(1, Hkv, P, D)``; ``name``
+        names ``proj`` in the error for a projection of another width than
+        ``num_kv_heads * head_dim``."""
+        return prompt_prefix(self.prompt, proj, self.num_kv_heads, self.head_dim, name)
 
     def forward(
         self,
@@ -84,7 +92,7 @@ class AdaptionPrompt(nn.Module):
         key_padding_mask: Tensor | None = None,
     ) -> Tensor:
         return gated_prefix_attention(
-            q, k, v, self.prefix(k_proj), self.prefix(v_proj), self.gate,
+            q, k, v, self.prefix(k_proj, "k_proj"), self.prefix(v_proj, "v_proj"), self.gate,
             causal=causal, scale=scale, gate_tanh=self.gate_tanh,
             key_padding_mask=key_padding_mask,
         )

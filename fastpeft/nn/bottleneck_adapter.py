@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..ops._checks import check_positive_int
+from ..ops._checks import check_float_dtype, check_positive_int
 from ..ops.bottleneck_adapter import ACTIVATIONS, bottleneck_adapter
 from .lora_linear import autocast_dtype
 
@@ -84,7 +84,7 @@ class BottleneckAdapter(nn.Module):
             check_positive_int(name, value)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": check_float_dtype("dtype", dtype)}
         self.hidden_size = hidden_size
         self.bottleneck_size = bottleneck_size
         self.activation = activation

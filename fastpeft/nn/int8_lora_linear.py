@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor, nn
 
 from .. import reference
 from ..ops import _memory
-from ..ops._checks import check_positive_int
+from ..ops._checks import check_float_dtype, check_positive_int
 from ..ops.int8_lora_linear import int8_lora_linear, quantize_int8
 from .lora_linear import autocast_dtype, is_conv1d, linear_weight, lora_weights
 
@@ -125,7 +126,7 @@ class Int8LoRALinear(Float32Scales):
             check_positive_int(name, value)
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {lora_dropout}")
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": check_float_dtype("dtype", dtype)}
         self.in_features, self.out_features = in_features, out_features
         self.r = r
         self.lora_alpha = lora_alpha
@@ -197,10 +198,11 @@ class Int8LoRALinear(Float32Scales):
         ``dtype`` (the compute dtype of the LoRA weights and bias) defaults to the bnb
         layer's bias dtype, else ``torch.get_default_dtype()``.
         """
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:  # pragma: no cover - exercised without bitsandbytes
-            raise ImportError("from_bnb needs bitsandbytes (pip install fastpeft[bnb])") from err
+        if "bitsandbytes" not in sys.modules:  # no bnb layer then (and no import's noise)
+            raise TypeError(f"layer: expected a bitsandbytes.nn.Linear8bitLt, got "
+                            f"{type(layer).__name__}")
+        import bitsandbytes as bnb
+
         if not isinstance(layer, bnb.nn.Linear8bitLt):
             raise TypeError(
                 f"layer: expected a bitsandbytes.nn.Linear8bitLt, got {type(layer).__name__}"
@@ -297,6 +299,11 @@ class Int8LoRALinear(Float32Scales):
             The error the re-quantisation adds: ``||W' - (W + delta)|| / ||W + delta||``
             (Frobenius norms; W' is the new dequantised weight). The merge cannot be undone
             exactly; keep :meth:`to_linear` or the LoRA weights if you need them.
+
+        ``merged`` is not part of the state dict (nor is it in PEFT's layers): the state of
+        a merged layer, loaded into an unmerged one, would apply the LoRA product twice.
+        Save a merged layer's quantised weight without its LoRA weights (or the state
+        before merging).
         """
         if self.merged:
             raise RuntimeError("merge: this Int8LoRALinear is already merged")

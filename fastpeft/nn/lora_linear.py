@@ -8,7 +8,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from ..ops._checks import check_positive_int
+from ..ops._checks import check_float_dtype, check_positive_int
 from ..ops.lora_linear import lora_linear
 
 __all__ = ["LoRALinear", "is_conv1d", "linear_weight", "lora_weights"]
@@ -71,11 +71,16 @@ def lora_weights(layer: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast computes a linear layer in for ``x``; None outside autocast."""
+    """The dtype autocast computes a linear layer in for ``x``; None outside autocast (and
+    for anything but a tensor, which the op then refuses, or on a device without autocast,
+    such as ``meta``)."""
+    if not isinstance(x, Tensor):
+        return None
     # one call on every layer call's path (it covers CPU and CUDA, not every device type)
     if (x.is_cpu or x.is_cuda) and not torch._C._is_any_autocast_enabled():
         return None
     if x.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+            and torch.amp.is_autocast_available(x.device.type) \
             and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
@@ -127,7 +132,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {lora_dropout}")
         factory = {
             "device": device if device is not None else base.weight.device,
-            "dtype": dtype if dtype is not None else base.weight.dtype,
+            "dtype": check_float_dtype("dtype", dtype) or base.weight.dtype,
         }
         self.base_layer = base
         self.base_layer.requires_grad_(False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -164,11 +164,14 @@ class MultiLoRALinear(nn.Module):
         cached = self.__dict__.get("_fastpeft_ids")
         if cached is None or cached[0] != key:
             index = {a: i for i, a in enumerate(self.lora_A.keys())}
-            ids = torch.tensor([index.get(a, -1) for a in names], dtype=torch.int64,
-                               device=x.device)
-            ids = ids.repeat_interleave(repeat * tokens) if repeat * tokens > 1 else ids
+            keep = not torch.compiler.is_compiling()
+            with _outside_inference_mode() if keep else contextlib.nullcontext():
+                # (kept ids made in inference mode could not be saved by a later backward)
+                ids = torch.tensor([index.get(a, -1) for a in names], dtype=torch.int64,
+                                   device=x.device)
+                ids = ids.repeat_interleave(repeat * tokens) if repeat * tokens > 1 else ids
             cached = (key, ids)
-            if not torch.compiler.is_compiling():
+            if keep:
                 self.__dict__["_fastpeft_ids"] = cached
         return cached[1].view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
 
@@ -176,6 +179,8 @@ class MultiLoRALinear(nn.Module):
                 adapter_ids: Tensor | None = None) -> Tensor:
         # (submodules and parameters read off their dicts, not through
         # nn.Module.__getattr__: a serving call's Python is a sizeable part of its time)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         modules = self._modules
         adapters = modules["lora_A"]._modules
         if not adapters:
@@ -364,11 +369,19 @@ def _keep_stack(owner: nn.Module, key: object, lora_A: Sequence[Tensor],
     """A new stack, kept on ``owner`` under ``key`` with the weights' storages: while they
     live no other tensor can take their addresses, so an equal key is never a new weight
     at an old address."""
-    with torch.no_grad():
+    with torch.no_grad(), _outside_inference_mode():
+        # (a stack made in inference mode could not be saved by a later call's backward)
         stack = stack_adapters(lora_A, lora_B, scaling, dtype)
     storages = tuple(w.untyped_storage() for w in (*lora_A, *lora_B))
     owner.__dict__["_fastpeft_stack"] = (key, stack, storages)
     return stack
+
+
+def _outside_inference_mode() -> contextlib.AbstractContextManager:
+    """Inference mode off for what is kept between calls: tensors made in it are inference
+    tensors, which a later call outside it cannot save for backward."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() \
+        else contextlib.nullcontext()
 
 
 def _weights_key(weights: list[Tensor]) -> object:
@@ -417,7 +430,8 @@ def set_adapter_names(model: nn.Module,
         raise ValueError(f"model: {type(model).__name__} has no MultiLoRALinear layers "
                          f"(fastpeft.inject with several LoRA configs puts them in)")
     if names is not None:
-        listed = [names] if isinstance(names, str) else list(names)
+        listed = [names] if isinstance(names, str) else \
+            list(names) if isinstance(names, Iterable) else []
         if not listed or not all(isinstance(a, str) for a in listed):
             raise ValueError(f"names: expected an adapter name or a non-empty list of them "
                              f"(one per sequence), got {names!r}")

@@ -4,12 +4,13 @@ trainable LoRA branch."""
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import _memory
-from ..ops._checks import check_positive_int
+from ..ops._checks import check_float_dtype, check_positive_int
 from ..ops.nf4_lora_linear import (
     absmax_length,
     check_blocksize,
@@ -200,7 +201,7 @@ class NF4LoRALinear(Float32Scales):
         self.blocksize = check_blocksize(blocksize)
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout: expected 0 <= p < 1, got {lora_dropout}")
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": check_float_dtype("dtype", dtype)}
         self.in_features, self.out_features = in_features, out_features
         self.r = r
         self.lora_alpha = lora_alpha
@@ -292,10 +293,11 @@ class NF4LoRALinear(Float32Scales):
         of the weight bitsandbytes quantised (``quant_state.dtype``, what its
         ``dequantize_4bit`` returns).
         """
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:  # pragma: no cover - exercised without bitsandbytes
-            raise ImportError("from_bnb needs bitsandbytes (pip install fastpeft[bnb])") from err
+        if "bitsandbytes" not in sys.modules:  # no bnb layer then (and no import's noise)
+            raise TypeError(f"layer: expected a bitsandbytes.nn.Linear4bit, got "
+                            f"{type(layer).__name__}")
+        import bitsandbytes as bnb
+
         if not isinstance(layer, bnb.nn.Linear4bit):
             raise TypeError(
                 f"layer: expected a bitsandbytes.nn.Linear4bit, got {type(layer).__name__}"
@@ -401,6 +403,11 @@ class NF4LoRALinear(Float32Scales):
             small LoRA product mostly rounds away, and the merge cannot be undone; keep
             :meth:`to_linear` (a float layer with the product merged exactly) or the LoRA
             weights if you need them.
+
+        ``merged`` is not part of the state dict (nor is it in PEFT's layers): the state of
+        a merged layer, loaded into an unmerged one, would apply the LoRA product twice.
+        Save a merged layer's quantised weight without its LoRA weights (or the state
+        before merging).
         """
         if self.merged:
             raise RuntimeError("merge: this NF4LoRALinear is already merged")

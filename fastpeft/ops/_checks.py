@@ -90,6 +90,23 @@ def check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def check_bool(name: str, value: object) -> bool:
+    """A flag: a bool (or the ints 0 / 1); a str such as ``"no"``, which is truthy, is
+    refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {value!r}")
+
+
+def check_float_dtype(name: str, dtype: object) -> torch.dtype | None:
+    """A floating-point ``torch.dtype`` (or None, for a default)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    raise TypeError(f"{name}: expected a floating-point torch.dtype, got {dtype!r}")
+
+
 def check_same_dtype(tensors: Mapping[str, Tensor | None]) -> None:
     """All given tensors (``None`` skipped) share one dtype. The odd one out is named: the
     dtype most of them have is taken as intended (on a tie, the first one's)."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
-from ._checks import check_float_input, check_scalar, check_tensor
+from ._checks import check_bool, check_float_input, check_same_dtype, check_scalar, check_tensor
 from ._library import OpSpec, declare
 
 if _backend.TRITON_AVAILABLE:
@@ -77,6 +77,10 @@ declare(OpSpec("gated_prefix_attention", SCHEMA, BACKWARD_SCHEMA, _fake, _backwa
 def _check_args(q, k, v, prefix_k, prefix_v, gate, key_padding_mask) -> None:
     check_float_input("q", q)
     check_tensor("q", q, ndim=4)
+    tensors = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v,
+               "gate": gate}
+    if all(isinstance(t, Tensor) for t in tensors.values()):
+        check_same_dtype(tensors)  # the odd one out named, not whichever follows q
     b, h, _m, d = q.shape
     check_tensor("k", k, shape=(b, None, None, d), like=q)
     h_kv, n = k.shape[1], k.shape[2]
@@ -135,6 +139,7 @@ def gated_prefix_attention(
         prompt part (never NaN). Gradients flow to q, k, v, prefix_k, prefix_v and gate.
     """
     _check_args(q, k, v, prefix_k, prefix_v, gate, key_padding_mask)
+    causal, gate_tanh = check_bool("causal", causal), check_bool("gate_tanh", gate_tanh)
     if scale is None:  # 1/sqrt(D); with D = 0 the output is empty and the scale moot
         scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
     else:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import _backend, reference
 from . import _memory
-from ._checks import check_float_input, check_scalar, check_tensor
+from ._checks import check_bool, check_float_input, check_scalar, check_tensor
 from ._library import OpSpec, declare
 from ._linear import check_lora_args, draw_seed, linear_args_ok, linear_backward_fake
 
@@ -134,6 +134,8 @@ def int8_lora_linear(
         check_lora_args(x, qweight, bias, lora_A, lora_B, weight_name="qweight")
         scaling = check_scalar("scaling", scaling)
         dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
+    if training is not True and training is not False:
+        training = check_bool("training", training)
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
 

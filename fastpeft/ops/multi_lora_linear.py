@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import _backend, reference
 from ._checks import (
     FLOAT_DTYPES,
+    check_bool,
     check_float_input,
     check_same_device,
     check_same_dtype,
@@ -202,6 +203,8 @@ def multi_lora_linear(
     else:
         check_multi_lora_args(x, weight, bias, lora_A, lora_B, scaling, adapter_ids)
         dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
+    if training is not True and training is not False:
+        training = check_bool("training", training)
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
 

@@ -24,7 +24,13 @@ from torch import Tensor
 
 from .. import _backend, reference
 from . import _memory
-from ._checks import check_float_input, check_scalar, check_tensor
+from ._checks import (
+    check_bool,
+    check_float_dtype,
+    check_float_input,
+    check_scalar,
+    check_tensor,
+)
 from ._library import OpSpec, declare
 from ._linear import check_lora_args, draw_seed, linear_backward_fake, lora_args_ok
 
@@ -118,6 +124,7 @@ def dequantize_nf4(qweight: Tensor, absmax: Tensor, blocksize: int = 64,
     materialised (for export and checks; the fused op never builds it), as
     bitsandbytes' ``dequantize_4bit`` gives it: float32 products rounded to ``dtype``."""
     blocksize = check_blocksize(blocksize)
+    check_float_dtype("dtype", dtype)
     check_tensor("qweight", qweight, ndim=2, dtype=torch.uint8)
     length = absmax_length(qweight.shape[0], 2 * qweight.shape[1], blocksize)
     check_tensor("absmax", absmax, shape=(length,), dtype=torch.float32, like=qweight)
@@ -221,6 +228,8 @@ def nf4_lora_linear(
                         in_features=2 * qweight.shape[1])
         scaling = check_scalar("scaling", scaling)
         dropout_p = check_scalar("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_inclusive=False)
+    if training is not True and training is not False:
+        training = check_bool("training", training)
     p = dropout_p if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
 

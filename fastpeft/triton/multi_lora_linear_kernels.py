@@ -278,7 +278,8 @@ def multi_lora_linear_backward_lora_a_kernel(dyb_ptr, x_ptr, scaling_ptr, da_ptr
             xt = tl.where(dropout_keep_mask(seed, rows, cols, K, threshold), xt, 0.0)
         acc = tl.dot(dybt, xt, acc, out_dtype=acc.dtype,
                      input_precision="tf32" if ALLOW_TF32 else "ieee")
-    acc = acc * (tl.load(scaling_ptr + adapter) * keep_scale)
+    # an adapter no row uses gets zeros, whatever its scaling (0 * inf would be NaN)
+    acc = acc * tl.where(hi > lo, tl.load(scaling_ptr + adapter) * keep_scale, 0.0)
     tl.store(da_ptr + adapter.to(tl.int64) * R * K + rr[:, None] * K + cols[None, :],
              acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & col_ok[None, :])
 
@@ -309,7 +310,7 @@ def multi_lora_linear_backward_lora_b_kernel(dy_ptr, xa_ptr, scaling_ptr, db_ptr
                       mask=valid[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(dyt, xat, acc, out_dtype=acc.dtype,
                      input_precision="tf32" if ALLOW_TF32 else "ieee")
-    acc = acc * tl.load(scaling_ptr + adapter)
+    acc = acc * tl.where(hi > lo, tl.load(scaling_ptr + adapter), 0.0)  # (as for dA)
     tl.store(db_ptr + adapter.to(tl.int64) * N * R + cols[:, None].to(tl.int64) * R
              + rr[None, :], acc.to(db_ptr.dtype.element_ty),
              mask=col_ok[:, None] & r_ok[None, :])

@@ -9,6 +9,7 @@
 // at::parallel_for.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -26,24 +27,38 @@ FASTPEFT_MULTIVERSION void load_block(const scalar_t* __restrict src, int64_t n,
   for (int64_t e = 0; e < n; ++e) dst[e] = to_acc(src[e]);
 }
 
-// Layer-norm statistics of each row: mean, then the biased variance as the mean of the
-// squared deviations (two passes over a cached row, so no E[x^2] - E[x]^2 cancellation
-// for rows with a large mean), rstd = 1 / sqrt(var + eps).
+// The statistics of a row from its sum and, over the deviations c = x - sum / d, their sum
+// s1 and sum of squares sq (the corrected two-pass algorithm): the mean sum / d + s1 / d,
+// which the rounded sum / d alone misses by an ulp or so (then amplified by rstd up to
+// 1 / sqrt(eps): a constant row's deviations must be exactly 0), and the biased variance
+// (sq - s1^2 / d) / d, with no E[x^2] - E[x]^2 cancellation for rows with a large mean.
+template <typename acc_t>
+FASTPEFT_INLINE void ln_row_stats(acc_t mu0, acc_t s1, acc_t sq, int64_t d, acc_t eps,
+                                  acc_t& mean, acc_t& rstd) {
+  const acc_t dd = static_cast<acc_t>(d);
+  mean = mu0 + s1 / dd;
+  rstd = acc_t(1) / std::sqrt(std::max(sq - s1 * s1 / dd, acc_t(0)) / dd + eps);
+}
+
+// Layer-norm statistics of each row: two passes over a cached row (ln_row_stats),
+// rstd = 1 / sqrt(var + eps).
 template <typename acc_t>
 FASTPEFT_MULTIVERSION void ln_stats(const acc_t* __restrict x, int64_t rows, int64_t d,
                                     acc_t eps, acc_t* __restrict mean, acc_t* __restrict rstd) {
-  const acc_t inv_d = acc_t(1) / static_cast<acc_t>(d);
   for (int64_t i = 0; i < rows; ++i) {
     const acc_t* xr = x + i * d;
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < d; ++j) sum += xr[j];
-    const acc_t mu = sum * inv_d;
-    acc_t sq = 0;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t j = 0; j < d; ++j) sq += (xr[j] - mu) * (xr[j] - mu);
-    mean[i] = mu;
-    rstd[i] = acc_t(1) / std::sqrt(sq * inv_d + eps);
+    const acc_t mu0 = sum / static_cast<acc_t>(d);
+    acc_t s1 = 0, sq = 0;
+#pragma omp simd reduction(+ : s1, sq)
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t c = xr[j] - mu0;
+      s1 += c;
+      sq += c * c;
+    }
+    ln_row_stats(mu0, s1, sq, d, eps, mean[i], rstd[i]);
   }
 }
 
@@ -215,7 +230,6 @@ FASTPEFT_LOWP_MULTIVERSION void lowp_ln_rows(
     std::conditional_t<kStats, acc_t*, const acc_t*> __restrict mean,
     std::conditional_t<kStats, acc_t*, const acc_t*> __restrict rstd, const acc_t* __restrict w,
     const acc_t* __restrict b, scalar_t* __restrict h) {
-  const acc_t inv_d = acc_t(1) / static_cast<acc_t>(d);
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* xr = x + i * d;
     scalar_t* hr = h + i * d;
@@ -223,15 +237,15 @@ FASTPEFT_LOWP_MULTIVERSION void lowp_ln_rows(
       acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < d; ++j) sum += to_acc(xr[j]);
-      const acc_t mu = sum * inv_d;
-      acc_t sq = 0;
-#pragma omp simd reduction(+ : sq)
+      const acc_t mu0 = sum / static_cast<acc_t>(d);
+      acc_t s1 = 0, sq = 0;
+#pragma omp simd reduction(+ : s1, sq)
       for (int64_t j = 0; j < d; ++j) {
-        const acc_t c = to_acc(xr[j]) - mu;
+        const acc_t c = to_acc(xr[j]) - mu0;
+        s1 += c;
         sq += c * c;
       }
-      mean[i] = mu;
-      rstd[i] = acc_t(1) / std::sqrt(sq * inv_d + eps);
+      ln_row_stats(mu0, s1, sq, d, eps, mean[i], rstd[i]);
     }
     const acc_t mu = mean[i], r = rstd[i];
     if (b != nullptr) {
