@@ -40,7 +40,8 @@ class LoraConfig:
             layer ``lm_head``; on transformers 5 MoE models whatever PEFT's "all-linear"
             also adapts as parameters, see ``target_parameters``), or ``None``: PEFT's
             default targets for the model type (needs peft). ``[]`` adapts no layer (with
-            ``target_parameters``).
+            ``target_parameters``). A name or regex that matches ``lm_head`` adapts it, as
+            in PEFT (merged, a head tied to the input embeddings gets a weight of its own).
         target_parameters: parameters to adapt directly, as PEFT's ``target_parameters``:
             a parameter matches when its qualified name (``module.param``, e.g.
             ``model.layers.0.mlp.experts.gate_up_proj``) equals a name or ends with
@@ -53,7 +54,9 @@ class LoraConfig:
             ``"nf4"`` to 4-bit NF4 in blocks of 64, bitsandbytes' QLoRA format
             (:class:`fastpeft.NF4LoRALinear`). bitsandbytes layers keep their format
             whatever it says: ``Linear8bitLt`` become ``Int8LoRALinear``, NF4 ``Linear4bit``
-            ``NF4LoRALinear`` (sharing their codes).
+            ``NF4LoRALinear`` (sharing their codes). Layers transformers keeps unquantised
+            (the model's ``_keep_in_fp32_modules``: T5's ``wo``) stay float
+            ``LoRALinear``, with a note.
         rank_pattern, alpha_pattern: per-layer ``r`` / ``lora_alpha``, keyed by a regular
             expression that matches the end of a qualified name (PEFT's convention).
     """

@@ -125,7 +125,7 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
     targets = [
         (name, module) for name, module in model.named_modules()
         if _is_linear(module) and name.rpartition(".")[0] not in inside
-        and module is not output_layer and _matches(name, target_modules)
+        and not (all_linear and module is output_layer) and _matches(name, target_modules)
     ]
     # nn.Linear subclasses with a forward of their own: 'all-linear' leaves them out (with
     # a note), a target naming them is refused
@@ -193,6 +193,8 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
                          f"{params[0][1]} ({source}), does not work with lora_dropout != 0 "
                          f"({config.lora_dropout}), in PEFT either; set lora_dropout=0.0 or "
                          f"name only linear layers")
+    keep_float = [name for name, linear in targets if config.base_dtype is not None
+                  and not is_bnb(linear) and _kept_float(model, name)]
     for name, linear in targets:
         r, alpha = config.rank_and_alpha(name)
         args = (r, alpha, config.lora_dropout, config.use_rslora)
@@ -200,14 +202,18 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
             layer = Int8LoRALinear.from_bnb(linear, *args, dtype=_model_dtype(model))
         elif is_bnb_4bit(linear):
             layer = NF4LoRALinear.from_bnb(linear, *args, dtype=_model_dtype(model))
-        elif config.base_dtype == "int8":
+        elif config.base_dtype == "int8" and name not in keep_float:
             layer = Int8LoRALinear.from_linear(linear, *args)
-        elif config.base_dtype == "nf4":
+        elif config.base_dtype == "nf4" and name not in keep_float:
             layer = NF4LoRALinear.from_linear(linear, *args)
         else:
             layer = LoRALinear(linear, *args)
         replace(model, name, layer)
     notes = []
+    if keep_float:
+        notes.append(f"base_dtype={config.base_dtype!r} leaves {_names(keep_float)} float "
+                     f"(LoRALinear), as transformers keeps them unquantised "
+                     f"(_keep_in_fp32_modules: the model's forward reads their weight's dtype)")
     if params:
         notes.append(_wrapped_note(model, params, config.base_dtype))
         _wrap_parameters(model, config, params)
@@ -472,12 +478,21 @@ def _matches(name: str, target_modules: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _kept_float(model: nn.Module, name: str) -> bool:
+    """Whether transformers keeps layer ``name`` unquantised when it quantises ``model``
+    (``_keep_in_fp32_modules``: T5's ``wo``, whose forward casts its input to the weight's
+    dtype), as fastpeft's ``base_dtype`` quantisation then does too."""
+    keep = [*(getattr(model, "_keep_in_fp32_modules", None) or ()),
+            *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]
+    dotted = f".{name}."
+    return any(f".{k}." in dotted for k in keep if isinstance(k, str) and k)
+
+
 def _output_layer(model: nn.Module) -> nn.Module | None:
-    """A transformers model's output layer (``lm_head``), which "all-linear" leaves out."""
+    """A transformers model's output layer (``lm_head``), which "all-linear" leaves out, as
+    PEFT's does (a target naming it adapts it)."""
     get = getattr(model, "get_output_embeddings", None)
     return get() if callable(get) else None
-
-
 
 
 def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> None:
@@ -507,7 +522,8 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
         _unadapted_experts(model, config.target_modules, all_linear, [], inside)  # refusals
         matched = []
         for name, module in model.named_modules():
-            if not _matches(name, config.target_modules) or module is output_layer \
+            if not _matches(name, config.target_modules) \
+                    or (all_linear and module is output_layer) \
                     or _lora_ancestor(name, inside) not in (None, name):  # an adapter's own
                 continue
             if isinstance(module, MultiLoRALinear):

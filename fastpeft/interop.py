@@ -35,7 +35,7 @@ from .inject import (
 )
 from .nn.adapted_attention import AdaptedAttention
 from .nn.bottleneck_adapter import BottleneckAdapter
-from .nn.int8_lora_linear import Int8LoRALinear
+from .nn.int8_lora_linear import Int8LoRALinear, is_bnb
 from .nn.lora_linear import LoRALinear
 from .nn.multi_lora_linear import BASE, MultiLoRALinear, check_adapter_name
 from .nn.nf4_lora_linear import NF4LoRALinear
@@ -752,6 +752,35 @@ def _config_from_saved(saved: dict[str, Any]):
                               f"methods (LORA, ADAPTION_PROMPT, {BOTTLENECK_TYPE})")
 
 
+def _untie_output_layer(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Before merge_and_unload folds LoRA into an output layer (``lm_head``) whose weight
+    is tied to the input embeddings, which the merge would change as well: the layer's
+    weight becomes a copy of its own, and the model's config says
+    ``tie_word_embeddings=False`` (so ``save_pretrained`` / ``from_pretrained`` keep them
+    apart), with a warning. (PEFT merges into the shared weight, with a warning.)"""
+    get_in, get_out = (getattr(model, f"get_{k}_embeddings", None) for k in ("input", "output"))
+    if not (callable(get_in) and callable(get_out)):
+        return
+    embeddings, output = get_in(), get_out()
+    shared = getattr(embeddings, "weight", None)
+    for name, layer in layers:
+        if layer is not output or not isinstance(shared, Tensor):
+            continue
+        base = layer.base_layer if isinstance(layer, LoRALinear) else None
+        copied = base is not None and base.weight is shared
+        if copied:
+            base.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else None
+        tied = [c for c in (config, text) if getattr(c, "tie_word_embeddings", False)]
+        for c in tied:
+            c.tie_word_embeddings = False
+        if copied or tied:
+            warnings.warn(f"merge_and_unload: {name} was tied to the input embeddings; its "
+                          f"merged weight is its own now (the embeddings keep theirs), and "
+                          f"the config says tie_word_embeddings=False", stacklevel=3)
+
+
 def _base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a ``PeftModel``, else ``model``."""
     return model.base_model.model if _is_peft_model(model) else model
@@ -788,6 +817,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         # PEFT's layers (from_peft keeps them PEFT's): PEFT's merge, which also unwraps its
         # modules_to_save and the layers from_peft left to PEFT (embeddings, DoRA, ...)
         return model.merge_and_unload()
+    _untie_output_layer(model, layers)
     unwrapped: list[str] = []
     for name, layer in layers:
         if any(name.startswith(outer + ".") for outer in unwrapped):
@@ -808,4 +838,40 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             layer.merge()
             plain = layer.get_base_layer()
         model.set_submodule(name, plain)
+    dequantised = [n for n, layer in layers if isinstance(layer, (Int8LoRALinear, NF4LoRALinear))]
+    if dequantised:
+        _after_dequantising(model, dequantised)
     return _base_model(model)
+
+
+def _after_dequantising(model: nn.Module, names: list[str]) -> None:
+    """merge_and_unload made the int8 / NF4 layers ``names`` float ``nn.Linear``: a model
+    transformers loaded quantised (bitsandbytes) that has no quantised layer left is a float
+    model now, and loses the quantisation config (else ``save_pretrained`` would write float
+    weights under it, which ``from_pretrained`` cannot read); one that keeps some is warned
+    about that."""
+    if getattr(model, "hf_quantizer", None) is None \
+            and getattr(getattr(model, "config", None), "quantization_config", None) is None:
+        return
+    left = [n for n, m in model.named_modules() if is_bnb(m) and not list(m.children())]
+    if left:
+        warnings.warn(
+            f"merge_and_unload: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} are "
+            f"float nn.Linear now, next to {len(left)} layers bitsandbytes quantised "
+            f"({left[0]}, ...): transformers' save_pretrained would write them under the "
+            f"model's quantisation config, which from_pretrained cannot read; call "
+            f"model.dequantize() first for a float model, or merge into a float base",
+            stacklevel=3)
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    else:  # what transformers' own dequantize() removes
+        for owner, attr in ((model, "hf_quantizer"), (model.config, "quantization_config"),
+                            (model, "quantization_method")):
+            if hasattr(owner, attr):
+                delattr(owner, attr)
+        model.is_quantized = False
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
