@@ -148,10 +148,12 @@ def resolve(op: str, x: torch.Tensor):
         return None
     kind = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
     key = (op, kind, current())
-    try:
-        return _resolved[key]
-    except KeyError:
-        pass
+    compiling = torch.compiler.is_compiling()  # (no memo: a guard on it would recompile
+    if not compiling:                          # once it fills)
+        try:
+            return _resolved[key]
+        except KeyError:
+            pass
     backend = select(x.device)
     if backend == "reference":
         found = None
@@ -161,7 +163,8 @@ def resolve(op: str, x: torch.Tensor):
         found = None  # e.g. a compiled library older than this op: the reference runs
     else:
         raise RuntimeError(f"fastpeft backend {backend!r} was forced but has no {op} kernel")
-    _resolved[key] = found
+    if not compiling:
+        _resolved[key] = found
     return found
 
 

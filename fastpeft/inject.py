@@ -562,6 +562,10 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
             r, alpha = config.rank_and_alpha(name)
             layer.add_adapter(adapter, r, alpha, config.lora_dropout, config.use_rslora)
         layer.train(layer.training)  # the new adapters' modules too
+    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    if any("default" in m.lora_A for m in layers):
+        for m in layers:  # with no names set, the model runs "default", as PEFT its active
+            m.model_default = True  # adapter: the base alone where a layer lacks it
 
 
 # --- adaption prompt --------------------------------------------------------------------

@@ -648,6 +648,29 @@ def test_several_adapters_refusals(tmp_path):
     torch.testing.assert_close(got, logits_of(model, ids, names), rtol=1e-4, atol=1e-5)
 
 
+def test_no_names_runs_default_and_the_base_where_a_layer_lacks_it():
+    """With no names set, a model holding "default" on some layers runs it there and the
+    base alone on the layers without it (chat's all-linear ones), as PEFT runs its active
+    adapter; a model without "default" still asks for names."""
+    base = llama64()
+    model = injected(base)
+    ids = ids128(2)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, logits_of(model, ids, "default"), rtol=0, atol=0)
+    pm = peft_several(base)  # the same adapters in PEFT, "default" active
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:  # layer.lora_A.<adapter>.weight: PEFT's key in the PEFT model
+                pm.get_parameter(f"base_model.model.{n}").copy_(p)
+        pm.set_adapter("default")
+        torch.testing.assert_close(got, pm(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    without = fastpeft.inject(copy.deepcopy(base), {"a": fastpeft.LoraConfig(
+        target_modules=["q_proj"])})
+    with pytest.raises(ValueError, match="adapter_names / adapter_ids: pass exactly one"):
+        without(input_ids=ids)
+
+
 def test_second_all_linear_inject_adapts_the_base_layers_only():
     """An adapter's own lora_A / lora_B linears are not targets of a later inject."""
     model = injected()

@@ -63,6 +63,10 @@ class MultiLoRALinear(nn.Module):
     #: as long takes each name k times in a row, as ``generate()`` repeats each sequence
     #: for ``num_beams`` / ``num_return_sequences``.
     active_names: str | tuple[str, ...] | None = None
+    #: Set by :func:`fastpeft.inject` on every layer of a model where some layer holds an
+    #: adapter ``"default"``: a call with no names runs ``"default"`` there, and the base
+    #: alone where the layer lacks it, as PEFT runs its active adapter.
+    model_default: bool = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -192,8 +196,8 @@ class MultiLoRALinear(nn.Module):
             ids = adapter_ids
         elif adapter_names is not None and adapter_ids is None:
             ids = self.ids_of(adapter_names, x)
-        elif adapter_names is None and (self.active_names is not None
-                                        or "default" in adapters):
+        elif adapter_names is None and (self.active_names is not None or "default" in adapters
+                                        or self.model_default):
             ids = self.active_ids(x)
         else:
             raise ValueError("adapter_names / adapter_ids: pass exactly one of them (or, in a "

@@ -64,11 +64,13 @@ def check_scalar(
     hi_inclusive: bool = True,
     lo_inclusive: bool = True,
 ) -> float:
-    """A finite real number (a Python or NumPy int or float) within the bounds given."""
+    """A finite real number (a Python or NumPy int or float) within the bounds given (also
+    a symbolic one, which ``torch.compile`` traces: ``dynamic=True``, or a scaling that
+    changed between compiled calls)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v):
+    if not -math.inf < v < math.inf:  # (NaN too; a comparison, which torch.compile traces)
         raise ValueError(f"{name}: expected a finite number, got {value}")
     too_low = lo is not None and (v < lo if lo_inclusive else v <= lo)
     too_high = hi is not None and (v > hi if hi_inclusive else v >= hi)
@@ -81,6 +83,12 @@ def check_scalar(
             rng = f"{'<=' if hi_inclusive else '<'} {hi}"
         raise ValueError(f"{name}: expected a value {rng}, got {value}")
     return v
+
+
+def rows_of(x: Tensor) -> Tensor:
+    """``x (..., d)`` as ``(rows, d)``. ``-1`` for the rows, not the product of the leading
+    sizes, which would pin them to their values in ``torch.export`` with dynamic dims."""
+    return x.reshape(-1, x.shape[-1]) if x.shape[-1] else x.reshape(x.shape[:-1].numel(), 0)
 
 
 def check_positive_int(name: str, value: object) -> int:

@@ -96,7 +96,7 @@ def lora_args_ok(x, in_features: int, out_features: int, bias, lora_A, lora_B, s
             and lora_B.dtype == dt and lora_B.device == dev
             and (bias is None or (bias.shape == (out_features,) and bias.dtype == dt
                                   and bias.device == dev))
-            and type(scaling) is float and math.isfinite(scaling)
+            and type(scaling) is float and -math.inf < scaling < math.inf  # (not NaN)
             and type(dropout_p) is float and 0.0 <= dropout_p < 1.0
         )
     except IndexError:  # lora_A or x 0-D

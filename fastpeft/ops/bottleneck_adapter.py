@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
-from ._checks import check_float_input, check_same_dtype, check_scalar, check_tensor
+from ._checks import check_float_input, check_same_dtype, check_scalar, check_tensor, rows_of
 from ._library import OpSpec, declare
 
 if _backend.TRITON_AVAILABLE:
@@ -197,9 +197,8 @@ def bottleneck_adapter(
             residual=residual, scaling=scaling, ln_weight=ln_weight, ln_bias=ln_bias,
             ln_eps=ln_eps,
         )
-    rows = shape[:-1].numel()
-    x2 = x.reshape(rows, shape[-1]).contiguous()
-    res2 = None if residual is None else residual.reshape(rows, shape[-1]).contiguous()
+    x2 = rows_of(x).contiguous()
+    res2 = None if residual is None else rows_of(residual).contiguous()
 
     def c(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.contiguous()

@@ -92,7 +92,7 @@ def _check_args(q, k, v, prefix_k, prefix_v, gate, key_padding_mask) -> None:
     check_tensor("v", v, shape=(b, h_kv, n, d), like=q)
     check_tensor("prefix_k", prefix_k, shape=(None, h_kv, None, d), like=q)
     pb, p = prefix_k.shape[0], prefix_k.shape[2]
-    if pb not in (1, b):
+    if pb != 1 and pb != b:  # (not "in (1, b)", which torch.compile misreads for a symbolic b)
         raise ValueError(f"prefix_k: expected a leading dim of 1 or B={b}, got "
                          f"shape {tuple(prefix_k.shape)}")
     if p < 1:
@@ -100,7 +100,7 @@ def _check_args(q, k, v, prefix_k, prefix_v, gate, key_padding_mask) -> None:
                          f"{tuple(prefix_k.shape)}")
     check_tensor("prefix_v", prefix_v, shape=tuple(prefix_k.shape), like=q)
     check_tensor("gate", gate, ndim=1, like=q)
-    if gate.shape[0] not in (1, h):
+    if gate.shape[0] != 1 and gate.shape[0] != h:
         raise ValueError(f"gate: expected shape ({h},) (per head) or (1,) (shared), got "
                          f"{tuple(gate.shape)}")
     if key_padding_mask is not None:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import _backend, reference
 from . import _memory
-from ._checks import check_bool, check_float_input, check_scalar, check_tensor
+from ._checks import check_bool, check_float_input, check_scalar, check_tensor, rows_of
 from ._library import OpSpec, declare
 from ._linear import check_lora_args, draw_seed, linear_args_ok, linear_backward_fake
 
@@ -143,7 +143,7 @@ def int8_lora_linear(
     # autograd view, and at T = 1 the Python around the kernel is a sizeable part of a call.
     flat = x.dim() == 2
     lead = x.shape[:-1]
-    x2 = x.contiguous() if flat else x.reshape(lead.numel(), x.shape[-1]).contiguous()
+    x2 = x.contiguous() if flat else rows_of(x).contiguous()
     op = _backend.resolve("int8_lora_linear", x)
     if op is None or x2.numel() == 0 or qweight.numel() == 0:  # empty: reference
         y = reference.int8_lora_linear(x2, qweight, weight_scale, bias, lora_A, lora_B, scaling,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import _backend, reference
-from ._checks import check_bool, check_float_input, check_scalar, check_tensor
+from ._checks import check_bool, check_float_input, check_scalar, check_tensor, rows_of
 from ._library import OpSpec, declare
 from ._linear import (
     base_weight,
@@ -114,7 +114,7 @@ def lora_linear(
 
     flat = x.dim() == 2  # (rows, in): no reshapes
     lead = x.shape[:-1]
-    x2 = x.contiguous() if flat else x.reshape(lead.numel(), x.shape[-1]).contiguous()
+    x2 = x.contiguous() if flat else rows_of(x).contiguous()
     op = _backend.resolve("lora_linear", x)
     if op is None or x2.numel() == 0 or weight.numel() == 0:  # empty: reference
         y = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scaling, p, True, seed)

@@ -36,6 +36,7 @@ from ._checks import (
     check_same_dtype,
     check_scalar,
     check_tensor,
+    rows_of,
 )
 from ._library import OpSpec, declare
 from ._linear import base_weight, draw_seed
@@ -210,7 +211,7 @@ def multi_lora_linear(
 
     flat = x.dim() == 2  # (rows, in): no reshapes (a serving call's usual input)
     lead = x.shape[:-1]
-    x2 = x.contiguous() if flat else x.reshape(lead.numel(), x.shape[-1]).contiguous()
+    x2 = x.contiguous() if flat else rows_of(x).contiguous()
     ids = adapter_ids.contiguous() if flat else adapter_ids.reshape(-1).contiguous()
     if op is None or x2.numel() == 0 or weight.numel() == 0:  # empty: reference
         y = reference.multi_lora_linear(x2, weight, bias, lora_A, lora_B, scaling, ids, p,

@@ -30,6 +30,7 @@ from ._checks import (
     check_float_input,
     check_scalar,
     check_tensor,
+    rows_of,
 )
 from ._library import OpSpec, declare
 from ._linear import check_lora_args, draw_seed, linear_backward_fake, lora_args_ok
@@ -235,7 +236,7 @@ def nf4_lora_linear(
 
     flat = x.dim() == 2
     lead = x.shape[:-1]
-    x2 = x.contiguous() if flat else x.reshape(lead.numel(), x.shape[-1]).contiguous()
+    x2 = x.contiguous() if flat else rows_of(x).contiguous()
     op = _backend.resolve("nf4_lora_linear", x)
     if op is None or x2.numel() == 0 or qweight.numel() == 0:  # empty: reference
         y = reference.nf4_lora_linear(x2, qweight, absmax, bias, lora_A, lora_B, scaling, p,
