@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from collections import Counter
 from typing import Any
@@ -437,7 +438,12 @@ def _check_peft_keys(model: nn.Module, directory: str, adapter: str) -> None:
     for, without a word)."""
     from peft.utils import get_peft_model_state_dict, load_peft_weights
 
-    own = set(get_peft_model_state_dict(model, adapter_name=adapter))
+    # (PEFT < 0.16 also returns other adapters' tensors, under keys that keep their names,
+    # where the adapter's name is a substring of the keys: "a" of "base_model")
+    others = "|".join(re.escape(a) for a in model.peft_config if a != adapter)
+    theirs = re.compile(rf"\.(lora_\w+|modules_to_save)\.({others})(\.|$)") if others else None
+    own = {k for k in get_peft_model_state_dict(model, adapter_name=adapter)
+           if theirs is None or not theirs.search(k)}
     saved = set(load_peft_weights(directory, device="cpu"))
     missing, unexpected = sorted(own - saved), sorted(saved - own)
     if missing or unexpected:
