@@ -767,24 +767,23 @@ def _untie_output_layer(model: nn.Module, layers: list[tuple[str, nn.Module]]) -
     get_in, get_out = (getattr(model, f"get_{k}_embeddings", None) for k in ("input", "output"))
     if not (callable(get_in) and callable(get_out)):
         return
-    embeddings, output = get_in(), get_out()
-    shared = getattr(embeddings, "weight", None)
-    for name, layer in layers:
-        if layer is not output or not isinstance(shared, Tensor):
-            continue
-        base = layer.base_layer if isinstance(layer, LoRALinear) else None
-        copied = base is not None and base.weight is shared
-        if copied:
-            base.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
-        config = getattr(model, "config", None)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else None
-        tied = [c for c in (config, text) if getattr(c, "tie_word_embeddings", False)]
-        for c in tied:
-            c.tie_word_embeddings = False
-        if copied or tied:
-            warnings.warn(f"merge_and_unload: {name} was tied to the input embeddings; its "
-                          f"merged weight is its own now (the embeddings keep theirs), and "
-                          f"the config says tie_word_embeddings=False", stacklevel=3)
+    shared, output = getattr(get_in(), "weight", None), get_out()
+    name = next((n for n, layer in layers if layer is output), None)
+    if name is None or not isinstance(shared, Tensor):
+        return
+    base = output.base_layer if isinstance(output, LoRALinear) else None
+    copied = base is not None and base.weight is shared
+    if copied:
+        base.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    tied = [c for c in (config, text) if getattr(c, "tie_word_embeddings", False)]
+    for c in tied:
+        c.tie_word_embeddings = False
+    if copied or tied:
+        warnings.warn(f"merge_and_unload: {name} was tied to the input embeddings; its "
+                      f"merged weight is its own now (the embeddings keep theirs), and "
+                      f"the config says tie_word_embeddings=False", stacklevel=3)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
