@@ -81,3 +81,47 @@ def test_export_with_dynamic_batch_and_sequence(kind):
     with torch.no_grad():
         torch.testing.assert_close(program.module()(OTHER).logits,
                                    model(input_ids=OTHER).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_mixed_batches_share_one_graph():
+    """``set_adapter_names`` keeps the names' indices as tensors that the compiled model
+    reads: every combination of as many names (and every single name) runs one graph, with
+    eager's logits and, in training, eager's gradients."""
+    import torch._dynamo.testing
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128))
+    fastpeft.inject(model, {"a": fastpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                            "b": fastpeft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+                            "c": fastpeft.LoraConfig(r=4, target_modules=["q_proj"])})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.2)
+    ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    with torch.no_grad():
+        for names in [("a", "b", "c"), ("c", "c", "__base__"), ("b", "a", "a")]:
+            with fastpeft.set_adapter_names(model, names):
+                torch.testing.assert_close(compiled(input_ids=ids).logits,
+                                           model(input_ids=ids).logits)
+        assert counter.frame_count == 1
+        for name in ("a", "__base__", "c"):
+            with fastpeft.set_adapter_names(model, name):
+                torch.testing.assert_close(compiled(input_ids=ids).logits,
+                                           model(input_ids=ids).logits)
+        assert counter.frame_count == 2
+    model.train()
+    for names in [("b", "__base__", "a"), ("a", "c", "b")]:
+        with fastpeft.set_adapter_names(model, names):
+            want = torch.autograd.grad(model(input_ids=ids).logits.square().sum(), params)
+            got = torch.autograd.grad(compiled(input_ids=ids).logits.square().sum(), params)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
+    assert counter.frame_count == 3

@@ -56,13 +56,6 @@ class MultiLoRALinear(nn.Module):
     op draws one mask for the batch).
     """
 
-    #: The adapters a call without ``adapter_names`` / ``adapter_ids`` uses, set on every
-    #: layer of a model by :func:`fastpeft.set_adapter_names`: one name for every row, or
-    #: one name per sequence (a name this layer lacks, like ``"__base__"``, is the base
-    #: alone here, as in PEFT). An input of 3 or more dimensions whose first is k times
-    #: as long takes each name k times in a row, as ``generate()`` repeats each sequence
-    #: for ``num_beams`` / ``num_return_sequences``.
-    active_names: str | tuple[str, ...] | None = None
     #: Set by :func:`fastpeft.inject` on every layer of a model where some layer holds an
     #: adapter ``"default"``: a call with no names runs ``"default"`` there, and the base
     #: alone where the layer lacks it, as PEFT runs its active adapter.
@@ -82,6 +75,39 @@ class MultiLoRALinear(nn.Module):
         self.lora_dropout: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}
+
+    @property
+    def active_names(self) -> str | tuple[str, ...] | None:
+        """The adapters a call without ``adapter_names`` / ``adapter_ids`` uses, set on every
+        layer of a model by :func:`fastpeft.set_adapter_names`: one name for every row, or
+        one name per sequence (a name this layer lacks, like ``"__base__"``, is the base
+        alone here, as in PEFT). An input of 3 or more dimensions whose first is k times
+        as long takes each name k times in a row, as ``generate()`` repeats each sequence
+        for ``num_beams`` / ``num_return_sequences``."""
+        return self.__dict__.get("_fastpeft_active")
+
+    @active_names.setter
+    def active_names(self, names: str | tuple[str, ...] | None) -> None:
+        self.__dict__["_fastpeft_active"] = names
+        self._index_active_names()
+
+    def _index_active_names(self) -> None:
+        """Keeps the indices of :attr:`active_names` in this layer's adapters as a tensor
+        on the base weight's device, made when the names are set: a compiled model reads
+        the tensor, not the names, so a new combination of names (of the same count) runs
+        the same graph instead of compiling another."""
+        names = self.active_names
+        record = None
+        if names is not None:
+            keys = tuple(self._modules["lora_A"]._modules)
+            index = {a: i for i, a in enumerate(keys)}
+            listed = (names,) if isinstance(names, str) else names
+            with _outside_inference_mode():
+                # (ids made in inference mode could not be saved by a later backward)
+                ids = torch.tensor([index.get(a, -1) for a in listed], dtype=torch.int64,
+                                   device=linear_weight(self.base_layer).device)
+            record = (isinstance(names, str), ids, keys)
+        self.__dict__["_fastpeft_active_ids"] = record
 
     @property
     def adapter_names(self) -> list[str]:
@@ -115,6 +141,7 @@ class MultiLoRALinear(nn.Module):
         self.r[name], self.lora_alpha[name] = r, lora_alpha
         self.lora_dropout[name], self.use_rslora[name] = float(lora_dropout), use_rslora
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self._index_active_names()
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.lora_A:
@@ -122,6 +149,7 @@ class MultiLoRALinear(nn.Module):
         del self.lora_A[name], self.lora_B[name]
         for table in (self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.scaling):
             del table[name]
+        self._index_active_names()
 
     def ids_of(self, adapter_names: Sequence[str], x: Tensor) -> Tensor:
         """``adapter_ids`` for ``x`` from one adapter name per sample (``x.shape[0]``)."""
@@ -144,26 +172,22 @@ class MultiLoRALinear(nn.Module):
         sequences); or 2-D ``(batch * seq, in)``, the tokens of a ``(batch, seq)`` input
         flattened as an MoE's shared expert takes them, where a 3-D input of an earlier
         layer of the same call told ``(batch, seq)``."""
-        names, rows = self.active_names or "default", x.shape[0]
+        record = self.__dict__.get("_fastpeft_active_ids")
+        if torch.compiler.is_compiling() and record is not None \
+                and record[2] == tuple(self._modules["lora_A"]._modules):
+            # the names' indices as a tensor, not the names: the graph does not specialise
+            # on them (one graph for every combination of as many names)
+            one, ids, _ = record
+            ids = ids.to(x.device)
+            if not one:
+                repeat, tokens = self._per_name_rows(x, ids.shape[0])
+                ids = ids.repeat_interleave(repeat * tokens) if repeat * tokens > 1 else ids
+            return ids.view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
+        names = self.active_names or "default"
         if isinstance(names, str):  # one adapter for every row
             index = self.adapter_names.index(names) if names in self.lora_A else -1
             return torch.full(x.shape[:-1], index, dtype=torch.int64, device=x.device)
-        n, seen = len(names), self.__dict__.get("_fastpeft_batch")
-        if x.dim() >= 3 and rows % n == 0 and rows > 0:
-            repeat, tokens = rows // n, 1
-            if seen is not None and x.dim() == 3:
-                seen.shape = (rows, x.shape[1])
-        elif x.dim() == 2 and rows == n:
-            repeat, tokens = 1, 1
-        elif x.dim() == 2 and seen is not None and seen.shape is not None \
-                and seen.shape[0] % n == 0 and rows == seen.shape[0] * seen.shape[1]:
-            repeat, tokens = seen.shape[0] // n, seen.shape[1]
-        else:
-            raise ValueError(
-                f"adapter_names: {n} names set (fastpeft.set_adapter_names), one per "
-                f"sequence, but this layer's input has shape {tuple(x.shape)}, whose first "
-                f"dimension is not the batch of sequences (nor, for a 2-D input, its "
-                f"batch * sequence-length tokens)")
+        repeat, tokens = self._per_name_rows(x, len(names))
         key = (names, tuple(self.lora_A.keys()), x.device, repeat, tokens)
         cached = self.__dict__.get("_fastpeft_ids")
         if cached is None or cached[0] != key:
@@ -178,6 +202,26 @@ class MultiLoRALinear(nn.Module):
             if keep:
                 self.__dict__["_fastpeft_ids"] = cached
         return cached[1].view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1])
+
+    def _per_name_rows(self, x: Tensor, n: int) -> tuple[int, int]:
+        """``(repeat, tokens)``: each of the ``n`` names set covers ``repeat`` consecutive
+        sequences of ``tokens`` rows each of ``x``'s flattened rows (see
+        :meth:`active_ids`); refuses an input the names do not divide."""
+        rows, seen = x.shape[0], self.__dict__.get("_fastpeft_batch")
+        if x.dim() >= 3 and rows % n == 0 and rows > 0:
+            if seen is not None and x.dim() == 3:
+                seen.shape = (rows, x.shape[1])
+            return rows // n, 1
+        if x.dim() == 2 and rows == n:
+            return 1, 1
+        if x.dim() == 2 and seen is not None and seen.shape is not None \
+                and seen.shape[0] % n == 0 and rows == seen.shape[0] * seen.shape[1]:
+            return seen.shape[0] // n, seen.shape[1]
+        raise ValueError(
+            f"adapter_names: {n} names set (fastpeft.set_adapter_names), one per "
+            f"sequence, but this layer's input has shape {tuple(x.shape)}, whose first "
+            f"dimension is not the batch of sequences (nor, for a 2-D input, its "
+            f"batch * sequence-length tokens)")
 
     def forward(self, x: Tensor, adapter_names: Sequence[str] | None = None,
                 adapter_ids: Tensor | None = None) -> Tensor:
@@ -196,8 +240,8 @@ class MultiLoRALinear(nn.Module):
             ids = adapter_ids
         elif adapter_names is not None and adapter_ids is None:
             ids = self.ids_of(adapter_names, x)
-        elif adapter_names is None and (self.active_names is not None or "default" in adapters
-                                        or self.model_default):
+        elif adapter_names is None and (self.__dict__.get("_fastpeft_active_ids") is not None
+                                        or "default" in adapters or self.model_default):
             ids = self.active_ids(x)
         else:
             raise ValueError("adapter_names / adapter_ids: pass exactly one of them (or, in a "
@@ -428,6 +472,8 @@ def set_adapter_names(model: nn.Module,
     the previous ones come back on exit. Unknown names are refused here, naming the model's
     adapters. Backward needs no names (the ids are saved with the graph), except where
     gradient checkpointing runs the forward again: keep them set until ``backward()``.
+    Each layer keeps the names' indices as a tensor, which a compiled model reads: a new
+    combination of as many names runs the same compiled graph.
     """
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     if not layers:
