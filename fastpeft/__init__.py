@@ -6,9 +6,11 @@ it changes no other global state.
 """
 
 from ._backend import available_backends, use_backend
+from .adapter_files import load_adapter, save_adapter
 from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
 from .inject import inject
-from .interop import from_peft, load_adapter, merge_and_unload, save_adapter
+from .interop import from_peft
+from .merge import merge_and_unload
 from .nn import (
     ADAPTER_PRESETS,
     AdapterPreset,
