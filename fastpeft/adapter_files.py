@@ -164,19 +164,24 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
     injected (:func:`fastpeft.inject` with a dict of configs); those it has take the saved
     hyperparameters and tensors.
 
-    A PEFT model (:func:`from_peft`, :func:`fastpeft.patch_peft`) loads a LoRA adapter
-    named by ``adapter_name``, the adapters of PEFT's multi-adapter layout, and a file
-    holding what only PEFT's layers hold (``modules_to_save``, DoRA, LoRA biases) through
-    PEFT's own ``load_adapter``: a new adapter joins trainable, its new layers fused; one it
-    holds takes the file's tensors and hyperparameters. A file whose tensors are not those
-    the model saves for that adapter is refused (PEFT's own load skips such a tensor).
+    A PEFT model (:func:`from_peft`, :func:`fastpeft.patch_peft`) loads LoRA adapters
+    through PEFT's own ``load_adapter``, each under its name in the layout (the directory's
+    own adapter as ``"default"``, whichever adapter is active, or as ``adapter_name``), with
+    all that only PEFT's layers hold (``modules_to_save``, DoRA, biases, LoRA variants): a
+    new adapter joins trainable, its new layers fused; one it holds takes the file's tensors
+    and hyperparameters. A file whose tensors are not those the model saves for that adapter
+    is refused (PEFT's own load skips such a tensor). A plain model refuses a file that sets
+    an option only PEFT's layers implement, naming it.
     """
     from safetensors.torch import load_file
 
     _check_directory(directory)
     adapters = _saved_adapters(directory, adapter_name)
     if is_peft_model(model) and (adapter_name is not None or set(adapters) - {"default"}
-                                  or _peft_only(_saved_config(adapters["default"]))):
+                                  or _saved_config(adapters["default"]).get("peft_type")
+                                  == "LORA"):
+        # PEFT's own load, each adapter under its name: the root one is "default", whatever
+        # adapter the model has active
         for adapter, path in adapters.items():
             _load_with_peft(model, path, adapter)
         return model
@@ -221,9 +226,20 @@ def _check_directory(directory: object) -> None:
                         f"{type(directory).__name__}")
 
 
-# LoRA options PEFT's layers hold and fastpeft's do not (a PEFT model loads them)
-_PEFT_ONLY = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform",
-              "layers_pattern", "exclude_modules", "trainable_token_indices")
+# The keys of a saved LoRA config that fastpeft's layers follow (_config_from_saved), and
+# those that change nothing in a loaded adapter's forward (metadata; how PEFT initialised
+# the weights, which the file holds; options that only qualify another one set). Any other
+# key that is set (not None, False, "none" or empty) is an option of PEFT's own layers
+# (DoRA, LoRA variants, biases, modules_to_save, layer selection, ...): refused for a plain
+# model, loaded by PEFT into a PEFT model.
+_LORA_FOLLOWED = frozenset({
+    "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "rank_pattern",
+    "alpha_pattern", "target_parameters", "fan_in_fan_out", "fastpeft"})
+_LORA_NO_EFFECT = frozenset({
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+    "auto_mapping", "peft_version", "init_lora_weights", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config", "megatron_config", "megatron_core",
+    "qalora_group_size", "ensure_weight_tying"})
 
 
 def _saved_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -243,7 +259,11 @@ def _saved_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _peft_only(saved: dict[str, Any]) -> list[str]:
-    return [k for k in _PEFT_ONLY if saved.get(k)]
+    """The options set in a saved LoRA config that only PEFT's layers implement."""
+    if saved.get("peft_type") != "LORA":
+        return []
+    return [k for k, v in saved.items() if k not in _LORA_FOLLOWED | _LORA_NO_EFFECT
+            and v is not None and v is not False and v != "none" and v != {} and v != []]
 
 
 def _load_with_peft(model: nn.Module, directory: str, adapter: str) -> None:
@@ -278,7 +298,8 @@ def _load_with_peft(model: nn.Module, directory: str, adapter: str) -> None:
             raise
         _train_new_adapter(model, adapter)
         return
-    config = _config_from_saved({k: v for k, v in saved.items() if k not in _PEFT_ONLY})
+    peft_only = _peft_only(saved)
+    config = _config_from_saved({k: v for k, v in saved.items() if k not in peft_only})
     for name, layer in inner_model(model).named_modules():
         if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
             _configure_peft_layer(model, name, layer, config, [adapter])
@@ -451,7 +472,7 @@ def _configure_peft_layer(model: nn.Module, name: str, layer: nn.Module,
         if isinstance(getattr(layer, "use_rslora", None), dict):
             layer.use_rslora[a] = config.use_rslora
         p = float(config.lora_dropout)
-        layer.lora_dropout[a] = nn.Dropout(p) if p > 0 else nn.Identity()
+        layer.lora_dropout[a] = (nn.Dropout(p) if p > 0 else nn.Identity()).train(layer.training)
         peft_config = getattr(model, "peft_config", {}).get(a)
         if peft_config is not None:
             peft_config.lora_alpha, peft_config.use_rslora = config.lora_alpha, config.use_rslora

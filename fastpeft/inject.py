@@ -44,7 +44,11 @@ def inject(model: nn.Module, config: AnyConfig | Mapping[str, LoraConfig]) -> nn
       nested and keyed as PEFT does, and run PEFT's unfused forward (float, also under
       ``base_dtype="int8"`` / ``"nf4"``); one warning per call names them, or the 3-D
       experts that PEFT's ``"all-linear"`` leaves out (Qwen2-MoE). Needs peft >= 0.17 for
-      those: an ``ImportError`` naming the module otherwise, before anything changes.
+      the parameters it adapts: an ``ImportError`` naming the module otherwise, before
+      anything changes. Linear layers whose weight the model reads instead of calling them
+      (``nn.MultiheadAttention``'s ``out_proj``, Mamba's ``dt_proj`` / ``x_proj`` /
+      ``out_proj``), which a LoRA layer would bypass, are left out of ``"all-linear"``
+      (with a note in that warning) and refused when named.
     - A dict of adapter name -> :class:`LoraConfig`: several named adapters (PEFT's
       multi-adapter model), each with its own ``r``, ``lora_alpha``, targets, ...: every
       linear layer some config targets becomes a :class:`fastpeft.MultiLoRALinear` holding
@@ -140,17 +144,20 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
             f"fastpeft's fused LoRA layers (computing x @ weight.T + bias) would bypass; "
             f"leave {'it' if one else 'them'} out, or adapt {'it' if one else 'them'} with PEFT")
     targets = [(name, module) for name, module in targets if name not in custom]
+    readers = _weight_readers(model)
+    read = [name for name, _ in targets if name in readers]
+    if read and not all_linear:
+        raise ValueError(_weight_read_refusal(read, readers))
+    targets = [(name, module) for name, module in targets if name not in readers]
     left_out = _unadapted_experts(model, target_modules, all_linear, params, inside)
     source = "what PEFT's 'all-linear' adapts" if all_linear else "target_parameters"
-    if config.target_parameters or left_out:  # needs PEFT's ParamWrapper: refuse before changes
+    # PEFT's ParamWrapper adapts the parameters: refused before any change without it (the
+    # experts "all-linear" leaves out only get a note, which needs no PEFT)
+    if config.target_parameters:
         if params:
             what = f"adapting {_names(f'{m}.{p}' for m, p in params)} ({source})"
-        elif config.target_parameters:
-            what = f"target_parameters {config.target_parameters!r}"
         else:
-            name, module, stacked = left_out[0]
-            what = (f"target_modules='all-linear' on {name} ({type(module).__name__}), whose "
-                    f"experts are 3-D parameters ({', '.join(stacked)}),")
+            what = f"target_parameters {config.target_parameters!r}"
         param_wrapper_class(what)
     if not targets and not params:
         again = [n for n in adapted if _matches(n, target_modules)]
@@ -218,10 +225,16 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         notes.append(_wrapped_note(model, params, config.base_dtype))
         _wrap_parameters(model, config, params)
     if left_out:
+        # PEFT's "all-linear" adapts them where its conversion for transformers 5 has the
+        # model type; without that conversion (older or no PEFT) they are left out here
+        how = (f"as PEFT does for model type {_model_type(model)!r}"
+               if _peft_moe_conversion() is not None
+               else "(the installed PEFT, if any, has no conversion of 'all-linear' to them)")
         notes.append(f"target_modules='all-linear' leaves the 3-D expert parameters of "
-                     f"{_names(_describe(e) for e in left_out)} unadapted and frozen, as PEFT "
-                     f"does for model type {_model_type(model)!r}; name them in "
-                     f"target_parameters to adapt them")
+                     f"{_names(_describe(e) for e in left_out)} unadapted and frozen, {how}; "
+                     f"name them in target_parameters to adapt them (PEFT's ParamWrapper)")
+    if read:
+        notes.append(_weight_read_note(read, readers))
     if custom:
         notes.append(f"target_modules='all-linear' leaves {_names(custom)} unadapted: "
                      f"nn.Linear subclasses with a forward of their own")
@@ -231,6 +244,65 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         notes.append(f"target_parameters {config.target_parameters!r} matched no parameter")
     if notes:  # one warning per call
         warnings.warn("inject: " + "; ".join(notes), UserWarning, stacklevel=3)
+
+
+#: PEFT's Mamba-based model types, whose out_proj its LoRA refuses (the mamba-ssm kernels
+#: read out_proj.weight): peft.tuners.tuners_utils._check_lora_target_modules_mamba
+MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+#: the Mamba (1) mixers whose forward passes x_proj / out_proj weights to mamba_inner_fn
+_MAMBA_INNER_MIXERS = frozenset({"MambaMixer", "FalconMambaMixer"})
+
+
+def _weight_readers(model: nn.Module) -> dict[str, str]:
+    """The linear layers of ``model`` whose weight the model's code reads instead of
+    calling the layer -> why. A LoRA layer there never contributes (a float base: its
+    ``weight`` is the base weight; PEFT's does the same, silently), and an int8 / NF4 one
+    hands the model its codes (the forward then fails with unrelated dtype errors):
+    ``nn.MultiheadAttention``'s ``out_proj`` (SigLIP's pooling head), a Mamba mixer's
+    ``dt_proj`` (its forward multiplies by the weight) and, in Mamba / FalconMamba, its
+    ``x_proj`` / ``out_proj`` (the mamba-ssm kernels), and every ``out_proj`` of the
+    Mamba-based model types PEFT refuses it on (:data:`MAMBA_MODEL_TYPES`)."""
+    readers: dict[str, str] = {}
+    model_type = _model_type(model)
+    for name, module in model.named_modules():
+        prefix, kind = f"{name}." if name else "", type(module).__name__
+        if isinstance(module, nn.MultiheadAttention):
+            readers[prefix + "out_proj"] = (f"{name or 'the model'} (nn.MultiheadAttention) "
+                                            f"passes out_proj.weight to "
+                                            f"F.multi_head_attention_forward")
+        elif hasattr(module, "A_log") and _is_linear(getattr(module, "dt_proj", None)):
+            readers[prefix + "dt_proj"] = f"{name} ({kind}) multiplies by dt_proj.weight"
+            if kind in _MAMBA_INNER_MIXERS:
+                for child in ("x_proj", "out_proj"):
+                    readers[prefix + child] = (f"{name} ({kind}) passes {child}.weight to the "
+                                               f"mamba-ssm kernels (mamba_inner_fn)")
+        elif model_type in MAMBA_MODEL_TYPES and name.rpartition(".")[2] == "out_proj" \
+                and name not in readers:
+            readers[name] = (f"the mamba-ssm kernels of model type {model_type!r} read "
+                             f"out_proj.weight (PEFT refuses LoRA on it there too)")
+    return {name: why for name, why in readers.items()
+            if _is_linear(_submodule(model, name))}
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _weight_read_refusal(read: list[str], readers: dict[str, str]) -> str:
+    one = len(read) == 1
+    return (f"target_modules: {_names(read)} {'is' if one else 'are'} not called by the "
+            f"model, which reads {'its' if one else 'their'} weight ({readers[read[0]]}): a "
+            f"LoRA there would never contribute (and with base_dtype 'int8' / 'nf4' the "
+            f"model would read the quantised codes); leave {'it' if one else 'them'} out")
+
+
+def _weight_read_note(read: list[str], readers: dict[str, str]) -> str:
+    return (f"target_modules='all-linear' leaves {_names(read)} unadapted: the model reads "
+            f"{'its' if len(read) == 1 else 'their'} weight instead of calling "
+            f"{'it' if len(read) == 1 else 'them'} ({readers[read[0]]})")
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -268,21 +340,12 @@ def _with_peft_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
     if target_modules is None:
         target_modules = default_target_modules(model, optional=bool(config.target_parameters))
     config = dataclasses.replace(config, target_modules=target_modules)
-    try:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft.import_utils import is_transformers_ge_v5
-    except ImportError:
+    conversion = _peft_moe_conversion()
+    if conversion is None or _model_type(model) is None:
         return config
-    if not is_transformers_ge_v5 or _model_type(model) is None:
-        return config
-    try:  # PEFT >= 0.18 with transformers 5
-        from peft.utils.transformers_weight_conversion import (
-            convert_peft_config_for_transformers,
-            get_model_conversion_mapping,
-        )
-    except ImportError:
-        return config
-    peft_config = PeftLoraConfig(
+    peft_lora_config, convert_peft_config_for_transformers, get_model_conversion_mapping = \
+        conversion
+    peft_config = peft_lora_config(
         r=config.r, lora_alpha=config.lora_alpha,
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         target_parameters=list(config.target_parameters or []) or None,
@@ -300,6 +363,28 @@ def _with_peft_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
     return dataclasses.replace(config, target_modules=modules, target_parameters=params,
                                rank_pattern=dict(peft_config.rank_pattern or {}),
                                alpha_pattern=dict(peft_config.alpha_pattern or {}))
+
+
+def _peft_moe_conversion():
+    """PEFT's ``LoraConfig`` and its conversion of LoRA configs for the MoE layers
+    transformers 5 changed (``convert_peft_config_for_transformers``,
+    ``get_model_conversion_mapping``), None where there is nothing to convert (transformers
+    4) or the installed PEFT has none (or there is no PEFT)."""
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft.import_utils import is_transformers_ge_v5
+    except ImportError:
+        return None
+    if not is_transformers_ge_v5:
+        return None
+    try:  # PEFT >= 0.18 with transformers 5
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:
+        return None
+    return PeftLoraConfig, convert_peft_config_for_transformers, get_model_conversion_mapping
 
 
 def _parameter_targets(model: nn.Module, names: list[str] | None,
@@ -340,16 +425,17 @@ def _lora_ancestor(name: str, inside: set[str]) -> str | None:
 def _unadapted_experts(model: nn.Module, target_modules: list[str] | str, all_linear: bool,
                        params: list[tuple[str, str]],
                        inside: set[str]) -> list[tuple[str, nn.Module, list[str]]]:
-    """Modules holding 3-D parameters (experts, the MoE layout of transformers 5) that the
-    LoRA targets leave out: ``"all-linear"`` leaves out what PEFT's "all-linear" does not
-    turn into ``target_parameters`` (returned, for the warning); a module named in
-    ``target_modules`` is refused (no LoRA layer for it; PEFT refuses it too)."""
+    """Modules holding MoE experts as 3-D parameters (the MoE layout of transformers 5: see
+    :func:`_expert_parameters`) that the LoRA targets leave out: ``"all-linear"`` leaves
+    out what PEFT's "all-linear" does not turn into ``target_parameters`` (returned, for the
+    warning); a module named in ``target_modules`` is refused (no LoRA layer for it; PEFT
+    refuses it too)."""
     wrapped = set(params)
     left_out = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd) or _lora_ancestor(name, inside):
+        if _lora_ancestor(name, inside):
             continue
-        stacked = [p for p, t in module.named_parameters(recurse=False) if t.dim() == 3]
+        stacked = _expert_parameters(module)
         if not stacked:
             continue
         if not all_linear and _matches(name, target_modules):
@@ -362,6 +448,26 @@ def _unadapted_experts(model: nn.Module, target_modules: list[str] | str, all_li
         if all_linear and rest:
             left_out.append((name, module, rest))
     return left_out
+
+
+#: the names transformers gives experts held as 3-D parameters (gate_up_proj / down_proj:
+#: Mixtral, Qwen2/3-MoE, Llama 4, GPT-OSS, DeepSeek-V3, ... on transformers 5)
+EXPERT_PARAMETERS = frozenset({"gate_up_proj", "down_proj", "gate_proj", "up_proj",
+                               "w1", "w2", "w3"})
+
+
+def _expert_parameters(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own 3-D parameters that hold MoE experts (experts x out x
+    in), which PEFT's ``"all-linear"`` / ``target_parameters`` deal in: in a module whose
+    class says it holds experts (``MixtralExperts``, ``Llama4TextExperts``, ...) or under
+    an expert projection's name. Other 3-D parameters are no experts, and PEFT leaves them
+    alone (ViT's ``cls_token`` and ``position_embeddings``, SigLIP's pooling ``probe``, a
+    conv's weight)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return []
+    experts = "expert" in type(module).__name__.lower()
+    return [name for name, p in module.named_parameters(recurse=False)
+            if p.dim() == 3 and (experts or name in EXPERT_PARAMETERS)]
 
 
 def _wrap_parameters(model: nn.Module, config: LoraConfig,
@@ -459,12 +565,24 @@ def replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     model.set_submodule(name, layer)
 
 
+def model_embeddings(model: nn.Module, kind: str) -> nn.Module | None:
+    """A transformers model's ``get_input_embeddings()`` / ``get_output_embeddings()``
+    (``kind`` ``"input"`` / ``"output"``), None where it has none: not a transformers model,
+    or one that does not implement it (transformers' dual encoders, ``CLIPModel`` and
+    ``SiglipModel``, raise ``NotImplementedError``: two towers, two embeddings)."""
+    get = getattr(model, f"get_{kind}_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        return get()
+    except NotImplementedError:
+        return None
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a model computes in: its input embeddings' (what the hidden states
     start in), else its first floating parameter's."""
-    get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if callable(get) else None
-    weight = getattr(embeddings, "weight", None)
+    weight = getattr(model_embeddings(model, "input"), "weight", None)
     if isinstance(weight, Tensor) and weight.is_floating_point():
         return weight.dtype
     return compute_dtype(model)
@@ -491,8 +609,7 @@ def _kept_float(model: nn.Module, name: str) -> bool:
 def _output_layer(model: nn.Module) -> nn.Module | None:
     """A transformers model's output layer (``lm_head``), which "all-linear" leaves out, as
     PEFT's does (a target naming it adapts it)."""
-    get = getattr(model, "get_output_embeddings", None)
-    return get() if callable(get) else None
+    return model_embeddings(model, "output")
 
 
 def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> None:
@@ -502,6 +619,8 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
         raise ValueError("config: an empty dict names no adapter")
     inside = {n for n, m in model.named_modules() if is_lora_layer(m)}
     output_layer = _output_layer(model)
+    readers = _weight_readers(model)
+    read: dict[str, None] = {}  # left out by an "all-linear", in order
     plan: dict[str, list[tuple[str, LoraConfig]]] = {}  # layer name -> its new adapters
     for adapter, config in configs.items():
         if not isinstance(config, LoraConfig):
@@ -525,6 +644,12 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
             if not _matches(name, config.target_modules) \
                     or (all_linear and module is output_layer) \
                     or _lora_ancestor(name, inside) not in (None, name):  # an adapter's own
+                continue
+            if name in readers and not isinstance(module, MultiLoRALinear):
+                if not all_linear:
+                    raise ValueError(f"config[{adapter!r}]: "
+                                     + _weight_read_refusal([name], readers))
+                read.setdefault(name, None)
                 continue
             if isinstance(module, MultiLoRALinear):
                 if adapter in module.lora_A:
@@ -562,6 +687,9 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
             r, alpha = config.rank_and_alpha(name)
             layer.add_adapter(adapter, r, alpha, config.lora_dropout, config.use_rslora)
         layer.train(layer.training)  # the new adapters' modules too
+    if read:  # one warning per call
+        warnings.warn("inject: " + _weight_read_note(list(read), readers), UserWarning,
+                      stacklevel=3)
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     if any("default" in m.lora_A for m in layers):
         for m in layers:  # with no names set, the model runs "default", as PEFT its active
@@ -599,14 +727,18 @@ def _inject_adaption_prompt(model: nn.Module, config: AdaptionPromptConfig) -> N
 # --- bottleneck adapters ----------------------------------------------------------------
 
 def _inject_bottleneck(model: nn.Module, config: BottleneckConfig) -> None:
-    sites = [(placement, name) for placement in config.placements
-             for name in bottleneck_sites(model, placement)]
-    if not sites:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        raise ValueError(f"model: found no {' or '.join(config.placements)} sublayers in "
-                         f"{type(model).__name__} (model type {model_type!r}) to place "
-                         f"bottleneck adapters on; fastpeft.placement.BOTTLENECK_SITES lists "
-                         f"the known layouts")
+    found = {placement: bottleneck_sites(model, placement) for placement in config.placements}
+    # each placement on its own: a family whose layout matches one of them only (a
+    # family missing from fastpeft.placement's table) is refused, not half adapted
+    missing = [placement for placement, names in found.items() if not names]
+    if missing:
+        present = [p for p in config.placements if p not in missing]
+        raise ValueError(f"model: found no {' or '.join(missing)} sublayers in "
+                         f"{type(model).__name__} (model type {_model_type(model)!r}) to place "
+                         f"bottleneck adapters on"
+                         + (f" (only {' and '.join(present)} ones)" if present else "")
+                         + "; fastpeft.placement.BOTTLENECK_SITES lists the known layouts")
+    sites = [(placement, name) for placement, names in found.items() for name in names]
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(hidden, int):
         raise ValueError("model: its config has no hidden_size to size the adapters from")

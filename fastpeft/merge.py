@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from .inject import (
     adapter_layers,
     is_lora_layer,
+    model_embeddings,
 )
 from .interop import inner_model, is_peft_model
 from .nn.int8_lora_linear import Int8LoRALinear, is_bnb
@@ -117,10 +118,10 @@ def _untie_output_layer(model: nn.Module, layers: list[tuple[str, nn.Module]]) -
     weight becomes a copy of its own, and the model's config says
     ``tie_word_embeddings=False`` (so ``save_pretrained`` / ``from_pretrained`` keep them
     apart), with a warning. (PEFT merges into the shared weight, with a warning.)"""
-    get_in, get_out = (getattr(model, f"get_{k}_embeddings", None) for k in ("input", "output"))
-    if not (callable(get_in) and callable(get_out)):
-        return
-    shared, output = getattr(get_in(), "weight", None), get_out()
+    # a model without input or output embeddings (transformers' dual encoders, CLIPModel /
+    # SiglipModel, implement neither) has nothing tied to untie
+    shared = getattr(model_embeddings(model, "input"), "weight", None)
+    output = model_embeddings(model, "output")
     name = next((n for n, layer in layers if layer is output), None)
     if name is None or not isinstance(shared, Tensor):
         return

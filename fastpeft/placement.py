@@ -14,7 +14,9 @@ feed-forward).
 
 Families not listed use the Llama layout (``<block>.self_attn`` / ``<block>.mlp``), which
 most decoders share (Llama, Mistral, Mixtral, Qwen2/3 and their MoE variants, Gemma 1-3,
-Phi, Phi3, OLMo2, Starcoder2, Granite).
+Phi, Phi3, OLMo2, Starcoder2, Granite). A model where one of the placements asked for
+finds no sublayer is refused (``fastpeft.inject`` names the placement and the model type)
+rather than given the other placement alone.
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ BOTTLENECK_SITES: dict[str, dict[str, str]] = {
            "feed_forward": r"block\.\d+\.layer\.\d+\.DenseReluDense"},
     "bert": _BERT,
     "roberta": _BERT,
+    # Llama 4's decoder block calls its MoE (or, interleaved, dense) feed-forward
+    # feed_forward; its tuple output (hidden states, router logits) gets the adapter on
+    # the first element
+    "llama4_text": {**_LLAMA, "feed_forward": r"layers\.\d+\.feed_forward"},
+    # ModernBERT: attn ends in Wo (and its dropout), mlp in Wo; the block adds both residuals
+    "modernbert": {"attention": r"layers\.\d+\.attn", "feed_forward": r"layers\.\d+\.mlp"},
+    # ViT: transformers 5 has layers.N.attention / layers.N.mlp, the block adding both
+    # residuals; transformers 4 has layer.N.attention (no residual in it) and the BERT-style
+    # layer.N.output, whose forward adds the residual after its dense
+    "vit": {"attention": r"layers?\.\d+\.attention",
+            "feed_forward": r"(layers\.\d+\.mlp|layer\.\d+\.output\.dense)"},
+    # Whisper: as BART (encoder and decoder self-attention, fc2 ends the feed-forward)
+    "whisper": {"attention": r"layers\.\d+\.self_attn", "feed_forward": r"layers\.\d+\.fc2"},
 }
 
 
@@ -59,6 +74,7 @@ def bottleneck_sites(model: nn.Module, placement: str) -> list[str]:
 ADAPTION_PROMPT_SITES: dict[str, str | None] = {
     "gpt2": r"h\.\d+\.attn",
     "bert": None, "roberta": None, "t5": None, "bart": None,
+    "modernbert": None, "vit": None, "whisper": None, "clip": None, "siglip": None,
 }
 
 

@@ -218,6 +218,67 @@ def test_mixed_training_refusals_name_the_cause():
     fused(input_ids=batch(), adapter_names=NAMES).logits.sum().backward()
 
 
+@pytest.mark.parametrize("how", ["checkpoint_wrapper", "reentrant", "non_reentrant"])
+def test_mixed_training_under_torch_checkpointing_refused(how):
+    """Activation checkpointing applied by torch itself (``checkpoint_wrapper``, as FSDP
+    applies it; ``torch.utils.checkpoint`` in a model's own code) recomputes a mixed batch's
+    forward in backward without its ``adapter_names``, which gave every row the active
+    adapter (wrong gradients) or a CheckpointError: refused, naming the cause; a plain
+    training step runs afterwards."""
+    import functools
+
+    import torch.utils.checkpoint as checkpoint
+    from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as wrapper
+
+    fused = fastpeft.from_peft(peft_model()).train()
+    fused.enable_input_require_grads()
+    layer = fused.base_model.model.model.layers[0]
+    if how == "checkpoint_wrapper":
+        wrapper.apply_activation_checkpointing(
+            fused, checkpoint_wrapper_fn=functools.partial(
+                wrapper.checkpoint_wrapper, checkpoint_impl=wrapper.CheckpointImpl.REENTRANT),
+            check_fn=lambda m: m is layer)
+        with pytest.raises(ValueError, match=r"adapter_names: .*gradient checkpointing"):
+            fused(input_ids=batch(), adapter_names=NAMES)
+        return
+    forward = layer.forward
+    layer.forward = lambda h, *args, **kwargs: checkpoint.checkpoint(
+        lambda h: forward(h, *args, **kwargs), h, use_reentrant=how == "reentrant")
+    loss = fused(input_ids=batch(), adapter_names=NAMES).logits.square().mean()
+    with pytest.raises(RuntimeError, match=r"adapter_names: .*activation checkpointing"):
+        loss.backward()
+    del layer.forward
+    fused.zero_grad()
+    fused(input_ids=batch()).logits.square().mean().backward()
+
+
+def test_per_sequence_names_refused_on_a_vision_encoder():
+    """A vision tower's batch is the images, not the sequences (a sequence may hold none or
+    several): per-sequence names cannot be matched to its rows, and were matched by
+    position. Refused, naming the layer; one name for the batch, or adapting the language
+    model alone, runs."""
+    config = transformers.LlavaConfig(
+        text_config=transformers.LlamaConfig(hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=1, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=97),
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48,
+                                                    num_hidden_layers=1, num_attention_heads=4,
+                                                    image_size=16, patch_size=4),
+        image_token_index=96)
+    torch.manual_seed(0)
+    base = transformers.LlavaForConditionalGeneration(config).eval()
+    model = fastpeft.inject(copy.deepcopy(base), {
+        a: fastpeft.LoraConfig(r=4, target_modules="all-linear") for a in ("a", "b")})
+    with pytest.raises(ValueError, match=r"names: .*vision_tower.*one adapter name"):
+        fastpeft.set_adapter_names(model, ["a", "b"])
+    fastpeft.set_adapter_names(model, ["b", "b"])
+    text_only = fastpeft.inject(copy.deepcopy(base), {
+        a: fastpeft.LoraConfig(r=4, target_modules=r".*language_model.*\.(q|v)_proj")
+        for a in ("a", "b")})
+    with fastpeft.set_adapter_names(text_only, ["a", "b"]), torch.no_grad():
+        text_only(input_ids=batch(2))
+
+
 def test_adapters_added_after_from_peft_are_fused(monkeypatch):
     """``add_adapter`` on a converted model: the LoRA layers PEFT makes for the new adapter's
     other targets are fused too, so the mixed batch gives PEFT's logits through the fused op

@@ -124,3 +124,66 @@ def test_adaption_prompt_by_name_refused(tmp_path):
         r=4, target_modules=TARGETS)))
     with pytest.raises(NotImplementedError, match=r"^directory: .*ADAPTION_PROMPT"):
         fastpeft.load_adapter(model, tmp_path, adapter_name="prompt")
+
+
+def test_root_adapter_loads_into_default_whatever_is_active(tmp_path, ids):
+    """A directory's root adapter is ``"default"`` (PEFT's layout): loaded into a PEFT model
+    whose active adapter is another, it replaces ``"default"`` and leaves the active one
+    as it was; the dropout made for the file's ``lora_dropout`` follows the model's eval
+    mode."""
+    base = tiny_llama()
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25, target_modules=TARGETS)
+    source = trained(fastpeft.from_peft(peft.get_peft_model(copy.deepcopy(base), config)), 0)
+    fastpeft.save_adapter(source, tmp_path)
+    start = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    model = peft.get_peft_model(copy.deepcopy(base), start)
+    model.add_adapter("other", peft.LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS))
+    model = trained(fastpeft.from_peft(model), 1).eval()
+    model.set_adapter("other")
+    before = logits(model, ids)
+    other = {n: p.clone() for n, p in model.named_parameters() if ".other." in n}
+    fastpeft.load_adapter(model, tmp_path)
+    assert all(torch.equal(p, other[n]) for n, p in model.named_parameters() if n in other)
+    torch.testing.assert_close(logits(model, ids), before)  # "other" still active
+    model.set_adapter("default")
+    torch.testing.assert_close(logits(model, ids), logits(source.eval(), ids))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling == {"default": 2.0, "other": 0.5}
+    assert not layer.lora_dropout["default"].training
+    torch.testing.assert_close(logits(model, ids), logits(model, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("option", [{"bias": "lora_only"}, {"use_qalora": True},
+                                    {"alora_invocation_tokens": [5, 6]},
+                                    {"some_future_variant": {"k": 1}}])
+def test_plain_model_refuses_peft_only_options(tmp_path, option):
+    """A saved LoRA config setting an option only PEFT's layers implement (a LoRA variant,
+    biases, ...; any key fastpeft does not follow that is set) is refused for a plain model,
+    naming the option, instead of loading as plain LoRA."""
+    import json
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=TARGETS))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **option}))
+    with pytest.raises(NotImplementedError, match=next(iter(option))):
+        fastpeft.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_bias_file_loads_into_a_peft_model(tmp_path, ids):
+    """PEFT's ``bias="all"`` file (the base biases saved with the adapter) loads into a
+    PEFT model through PEFT's own load, as PEFT's ``load_adapter`` loads it."""
+    base = tiny_llama()
+    for m in base.modules():
+        if isinstance(m, torch.nn.Linear) and m.out_features == 32:
+            m.bias = torch.nn.Parameter(torch.zeros(32))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, bias="all")
+    source = trained(fastpeft.from_peft(peft.get_peft_model(copy.deepcopy(base), config)), 0)
+    with torch.no_grad():
+        for n, p in source.named_parameters():
+            if n.endswith("bias"):
+                p.normal_()
+    source.save_pretrained(tmp_path)
+    model = fastpeft.from_peft(peft.get_peft_model(copy.deepcopy(base), config)).eval()
+    fastpeft.load_adapter(model, tmp_path)
+    torch.testing.assert_close(logits(model, ids), logits(source.eval(), ids))

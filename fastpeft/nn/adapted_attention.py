@@ -33,7 +33,8 @@ class AdaptedAttention(nn.Module):
     attention by :func:`fastpeft.gated_prefix_attention`: the sequence attention plus a
     gated, separately normalised attention over a learnable prompt, whose keys and values
     are the prompt through the layer's own k/v projections (and key norm), without
-    rotary embeddings.
+    rotary embeddings. A layer without positional embeddings (``use_rope`` false: the
+    NoPE layers of SmolLM3) gets none on its queries and keys either, as in the model.
 
     A GPT-2 attention (``GPT2Attention``) is wrapped as PEFT does it: GPT-2's own
     attention runs (its cache, mask and ``c_proj``) and the gated prompt attention, fused,
@@ -52,8 +53,10 @@ class AdaptedAttention(nn.Module):
     handles grouped-query attention natively and the KV cache
     (``generate()``, single-token decode included). The attention mask must be what
     ``transformers`` builds for causal language models: causal plus key padding (a 4D
-    bool or additive mask, or ``None``), with the default dynamic cache; sliding windows
-    shorter than the keys, static caches, logit soft-capping, attention dropout and
+    bool or additive mask, or ``None``), with the default dynamic cache; any other mask
+    (packed sequences, the bidirectional image tokens of Gemma3's vision-language models)
+    runs the unfused attention with exactly that mask. Sliding windows shorter than the
+    keys, static caches, logit soft-capping, attention sinks, attention dropout and
     attention weights as an output are refused. A query whose sequence keys are all masked
     (a left-padding position) gets only the prompt part, where eager attention would
     average the masked keys; such positions are padding, their outputs unused.
@@ -143,6 +146,14 @@ class AdaptedAttention(nn.Module):
             raise NotImplementedError(
                 "attn: the model caps its attention logits (attn_logit_softcapping), which "
                 "the fused attention does not")
+        # attention sinks (GPT-OSS, and families since): a learned logit per head, or one
+        # projected per token (sink_proj), joins the softmax's denominator; the fused
+        # attention's normalisation has no such column, so the output would differ
+        if isinstance(getattr(attn, "sinks", None), Tensor) or \
+                isinstance(getattr(attn, "sink_proj", None), nn.Module):
+            raise NotImplementedError(
+                f"attn: {type(attn).__name__} has attention sinks (an extra logit in the "
+                f"softmax), which the fused attention does not support")
 
     @property
     def adapter_len(self) -> int:
@@ -191,16 +202,19 @@ class AdaptedAttention(nn.Module):
         if kwargs.get("output_attentions"):
             raise NotImplementedError("output_attentions: the fused attention returns no "
                                       "attention weights")
-        if position_embeddings is None:
+        attn = self.model
+        # NoPE layers (SmolLM3's every fourth, use_rope = 0) apply no rotary embedding
+        use_rope = getattr(attn, "use_rope", True)
+        if use_rope and position_embeddings is None:
             raise ValueError("position_embeddings: the (cos, sin) rotary tables are required "
                              "(transformers passes them to the attention layer)")
-        attn = self.model
         batch, m = hidden_states.shape[:2]
         q = _heads(attn.q_proj(hidden_states), getattr(attn, "q_norm", None), self.head_dim)
         k = _heads(attn.k_proj(hidden_states), getattr(attn, "k_norm", None), self.head_dim)
         v = _heads(attn.v_proj(hidden_states), None, self.head_dim)
-        cos, sin = position_embeddings
-        q, k = self.rotary(q, k, cos, sin)
+        if use_rope:
+            cos, sin = position_embeddings
+            q, k = self.rotary(q, k, cos, sin)
         past_key_values = _cache_argument(past_key_values, kwargs)
         if getattr(past_key_values, "is_compileable", False) or \
                 type(past_key_values).__name__ in _FIXED_SIZE_CACHES:
@@ -227,9 +241,12 @@ class AdaptedAttention(nn.Module):
             out = gated_prefix_attention(q, k, v, pk, pv, gate, causal=True,
                                          scale=self.scaling, gate_tanh=self.gate_tanh,
                                          key_padding_mask=key_padding)
-        else:  # a mask the fused kernels do not take (packed sequences): the unfused form
+        else:  # a mask the fused kernels do not take (packed sequences, bidirectional image
+            # tokens): the unfused form, with exactly that mask, as transformers' attention
+            # applies it; it holds the causal part already, and adding one would hide later
+            # keys a query may see (Gemma3's image tokens see each other both ways)
             _warn_unfused_once()
-            out = reference.gated_prefix_attention(q, k, v, pk, pv, gate, causal=True,
+            out = reference.gated_prefix_attention(q, k, v, pk, pv, gate, causal=False,
                                                    scale=self.scaling, gate_tanh=self.gate_tanh,
                                                    attn_mask=visible)
         out = attn.o_proj(out.transpose(1, 2).reshape(batch, m, -1))
@@ -258,10 +275,13 @@ class AdaptedAttention(nn.Module):
 
 def _heads(projected: Tensor, norm: nn.Module | None, head_dim: int) -> Tensor:
     """``(B, M, heads * head_dim)`` projections as ``(B, heads, M, head_dim)``, through
-    the layer's q/k norm where it has one: per head (Qwen3, Gemma3) or over the whole
-    projection (OLMo2), as its weight's size says."""
-    if norm is not None and getattr(norm, "weight", None) is not None \
-            and norm.weight.numel() == projected.shape[-1] != head_dim:
+    the layer's q/k norm where it has one, as its weight's shape says: over the whole
+    projection where the weight is ``(heads * head_dim,)`` (OLMo2), else per head on the
+    ``(B, M, heads, head_dim)`` view, a weight ``(head_dim,)`` shared by the heads (Qwen3,
+    Gemma3) or ``(heads, head_dim)``, one per head (Cohere's ``use_qk_norm``)."""
+    weight = getattr(norm, "weight", None) if norm is not None else None
+    if isinstance(weight, Tensor) and weight.shape[-1] != head_dim \
+            and weight.numel() == projected.shape[-1]:
         projected = norm(projected)
         norm = None
     heads = projected.view(*projected.shape[:-1], -1, head_dim)

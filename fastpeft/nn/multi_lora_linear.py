@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -473,9 +474,12 @@ def set_adapter_names(model: nn.Module,
     adapters. Backward needs no names (the ids are saved with the graph), except where
     gradient checkpointing runs the forward again: keep them set until ``backward()``.
     Each layer keeps the names' indices as a tensor, which a compiled model reads: a new
-    combination of as many names runs the same compiled graph.
+    combination of as many names runs the same compiled graph. Different names per sequence
+    are refused where adapted layers sit in a vision / audio encoder (``vision_tower``,
+    ``visual``, ...), whose batch is the images or clips rather than the sequences.
     """
-    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
+    layers = [m for _, m in named]
     if not layers:
         raise ValueError(f"model: {type(model).__name__} has no MultiLoRALinear layers "
                          f"(fastpeft.inject with several LoRA configs puts them in)")
@@ -491,6 +495,13 @@ def set_adapter_names(model: nn.Module,
             raise ValueError(f"names: no adapter {unknown} in the model (adapters: "
                              f"{list(known)}; {BASE!r} for the base alone)")
         names = names if isinstance(names, str) else tuple(listed)
+        encoder = next((n for n, _ in named if _MEDIA_ENCODER.search(n)), None)
+        if len(set(listed)) > 1 and encoder is not None:
+            raise ValueError(
+                f"names: one adapter per sequence cannot be matched to the rows of {encoder}, "
+                f"in a vision / audio encoder whose batch is the images or clips, not the "
+                f"sequences; adapt the language model alone (a target_modules regex), or "
+                f"give the batch one adapter name")
     restore = _RestoreNames([(m, m.active_names, m.__dict__.get("_fastpeft_batch"))
                              for m in layers])
     seen = _BatchShape()  # shared: a 3-D input tells the 2-D ones (batch, seq)
@@ -498,6 +509,12 @@ def set_adapter_names(model: nn.Module,
         m.active_names = names
         m.__dict__["_fastpeft_batch"] = seen
     return restore
+
+
+#: Where multimodal transformers models keep their vision / audio encoders, whose inputs
+#: (images, clips) are not one per sequence.
+_MEDIA_ENCODER = re.compile(r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|"
+                            r"image_encoder|audio_tower|audio_model)(\.|$)")
 
 
 class _BatchShape:

@@ -63,6 +63,8 @@ class FusedPeftLora:
             y = self._mixed_batch(x, kwargs["adapter_names"])
             if y is not None:
                 return y
+        elif self.training and self.__dict__.get("_fastpeft_mixed_training"):
+            self._check_not_recomputed()
         base = self.get_base_layer()
         a = self._fused_adapter(args, kwargs, base)
         if a is None or not fused_base(base):
@@ -128,11 +130,30 @@ class FusedPeftLora:
                 "adapter_names: one fused mixed batch applies one dropout probability, but the "
                 f"adapters named have different lora_dropout {dropouts}; train them in "
                 "separate batches, or give them the same lora_dropout")
+        if self.training and not torch.compiler.is_compiling():
+            self.__dict__["_fastpeft_mixed_training"] = True  # (see _check_not_recomputed)
         dtype = autocast_dtype(x)
         if dtype is None:
             return self._mixed_forward(x, adapter_names, names, dropouts, base, None)
         with torch.autocast(x.device.type, enabled=False):
             return self._mixed_forward(x.to(dtype), adapter_names, names, dropouts, base, dtype)
+
+    def _check_not_recomputed(self) -> None:
+        """After a mixed training batch, a training forward without ``adapter_names`` that
+        runs inside backward is activation checkpointing's recomputation of that batch
+        (``torch.utils.checkpoint``, a ``checkpoint_wrapper`` as FSDP applies it), which PEFT
+        runs without the batch's names: every row would get the active adapter, and the
+        gradients would be wrong. Refused; a plain training forward ends the watch."""
+        if torch.compiler.is_compiling():
+            return
+        if torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(
+                "adapter_names: this layer ran a mixed training batch whose forward runs "
+                "again in backward (activation checkpointing) without its adapter_names, "
+                "which would give every row the active adapter; disable activation "
+                "checkpointing for mixed batches, or use fastpeft.inject with "
+                "fastpeft.set_adapter_names, whose names stay set")
+        self.__dict__["_fastpeft_mixed_training"] = False
 
     def _mixed_forward(self, x: Tensor, adapter_names: list[str], names: list[str],
                        dropouts: dict[str, float], base: nn.Module,
@@ -349,7 +370,8 @@ def mixed_batch_problem(model: nn.Module) -> str | None:
             if is_bnb(m.get_base_layer()):
                 return (f"needs float base layers, and {name}'s is bitsandbytes-quantised; "
                         f"train each adapter's rows in a batch of their own")
-        if getattr(m, "gradient_checkpointing", False) is True:
+        if getattr(m, "gradient_checkpointing", False) is True \
+                or hasattr(m, "_checkpoint_wrapped_module"):  # torch's checkpoint_wrapper
             return (f"cannot run with gradient checkpointing ({name or 'the model'}): its "
                     f"recomputation would not see adapter_names; disable it, or use "
                     f"fastpeft.inject with fastpeft.set_adapter_names, whose names stay set")
