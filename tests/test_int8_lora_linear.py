@@ -140,14 +140,26 @@ def test_gemv_chunks(tokens, out):
 def test_blocked_tiles(backend_device):
     """The blocked path over several tiles of W, the last one partial, in both directions.
     The 16-bit GEMM tiles of the C++ kAten path (~2 MiB, spanning the reduction) are
-    2^20 / in = 64 rows wide in the forward (in = 16384: 80 = 64 + 16) and
+    2^20 / in = 64 rows wide in the forward (in = 16384: 80 = 64 + 16; 70 rows of bf16,
+    past the bf16 GEMV's 64) and
     2^20 / out = 13104 columns in dx (16384 = 13104 + 3280); the fp32 tiles (256 rows by
     512 columns forward, 512 by 256 for dx) make 32 steps over in."""
     backend, device = backend_device
     if backend != "cpu":
         pytest.skip("tile sizes of the C++ kernels; the Triton tiles are covered by SHAPES")
-    check_matches_reference(backend, device, ((40,), 16384, 80, 4), True, 0.25,
+    check_matches_reference(backend, device, ((70,), 16384, 80, 4), True, 0.25,
                             [torch.float32, torch.bfloat16, torch.float16])
+
+
+@pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))
+@pytest.mark.parametrize("tokens", [33, 50, 64])
+def test_bf16_gemv_past_32_rows(backend_device, tokens):
+    """bf16 x of 33 to 64 rows: on a CPU with AVX512_BF16 the forward's GEMV with its dot
+    products runs past the fp32 GEMV's 32 rows (in passes of 16 rows, the last partial);
+    elsewhere the tiles."""
+    backend, device = backend_device
+    check_matches_reference(backend, device, ((tokens,), 300, 203, 8), True, 0.25,
+                            [torch.bfloat16] if backend == "cpu" else [torch.float32])
 
 
 @pytest.mark.parametrize("backend_device", backend_params("int8_lora_linear"))

@@ -77,6 +77,26 @@ def test_matches_reference(backend_device, shape, bias, dropout_p):
 
 
 @pytest.mark.parametrize("backend_device", backend_params("lora_linear"))
+@pytest.mark.parametrize("tokens", [5, 20], ids=["few-rows", "blocked"])
+def test_high_rank(backend_device, tokens):
+    """r = 72, past the rank from which the C++ branch takes ATen's GEMMs unless the fused
+    kernels are forced (both paths run here), with and without the few-rows kernels."""
+    backend, device = backend_device
+    for dtype in dtypes_for(backend, device):
+        inputs = make_inputs((tokens,), 40, 56, 72, dtype, device)
+        torch.manual_seed(123)
+        with forced(backend):
+            y = fastpeft.lora_linear(*inputs, 2.0, 0.25)
+        torch.manual_seed(123)
+        seed = draw_seed(torch.device(device))
+        ref = run_reference(inputs, 2.0, 0.25, seed, dtype)
+        for name, out, r64, rlow in zip(["y", "dx", "dA", "dB"], (y, *grads(y, inputs)),
+                                        (ref["ref64"][0], *ref["ref64"][1]),
+                                        (ref["lowp"][0], *ref["lowp"][1]), strict=True):
+            assert_close_to_ref(f"{name} [{dtype}]", out, r64, rlow)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("lora_linear"))
 def test_trainable_base_gets_gradients(backend_device):
     backend, device = backend_device
     inputs = make_inputs((6,), 32, 48, 4, torch.float32, device, grad_base=True)

@@ -242,9 +242,9 @@ ROWS = [1, 7, 333]
 )
 def test_bottleneck_adapter_thread_count_independent(T, d, m, ln, residual, dtype, monkeypatch):
     """The fused path (FASTPEFT_CPU_PATH=fused), whose blocks and chunks depend on the
-    shapes alone. The aten path's fp16 / bf16 blocks follow the thread count and its weight
-    gradients are ATen-threaded GEMMs, so its last bits may change with the thread count,
-    as nn.Linear's do (in fp32 it runs the fused path's code)."""
+    shapes alone. The aten path's blocks follow the thread count and its weight gradients
+    are ATen-threaded GEMMs, so its last bits may change with the thread count, as
+    nn.Linear's do (it also runs fp32 inputs of few rows next to the bottleneck)."""
     monkeypatch.setenv("FASTPEFT_CPU_PATH", "fused")
     _assert_thread_count_independent(
         lambda: _adapter_case(T, d, m, dtype, ln=ln, residual=residual),

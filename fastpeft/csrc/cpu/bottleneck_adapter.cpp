@@ -17,9 +17,10 @@
 //           d ln_w = sum_t dh ⊙ xhat,  d ln_b = sum_t dh
 //   LN off: dx = dh;   and dx += dy when the residual is x.
 //
-// Two implementations, chosen at every call by cpu_path() (cpu_path.h): kFused, described
-// here, and for fp16 / bf16 on kAten the one in namespace aten_path below (fp32 / fp64 run
-// kFused's code on either path).
+// Two implementations, chosen at every call (aten_path::handles): kFused, described here,
+// and the one in namespace aten_path below, which runs fp16 / bf16 on kAten (cpu_path.h),
+// and fp32 / fp64 inputs of few rows next to the bottleneck, where kFused's per-call
+// weight copies and per-chunk gradient partials cost more than the products.
 //
 // Structure: both ops run over blocks of up to ~1 MiB of x (see kBlockBytes). Per block,
 // while it is in cache, everything (T, d)-sized is touched once from memory: forward
@@ -248,10 +249,9 @@ void activation_backward_out(Act act, const at::Tensor& da, const at::Tensor& z,
 // The kAten path (cpu_path.h) of fp16 / bf16. kFused converts fp16 / bf16 blocks to fp32
 // and multiplies them with fp32 GEMMs; here every GEMM takes its operands in their own
 // dtype, so that ATen hands it to oneDNN, which runs it on AVX512-BF16 / AVX512-FP16 / AMX
-// where the CPU has them (fp32 accumulation inside, the result rounded once). In fp32 and
-// fp64 kAten runs kFused's code: its GEMMs already are ATen's (MKL's sgemm / dgemm, on
-// AVX-512 where there is AVX-512), and its per-block weight-gradient partials, fp32 there,
-// cost less than the whole-T GEMMs below.
+// where the CPU has them (fp32 accumulation inside, the result rounded once). fp32 / fp64
+// run this code too where T is short next to the bottleneck (handles); on long inputs
+// kFused's per-block weight-gradient partials cost less than the whole-T GEMMs below.
 //
 // The rows go in blocks, one thread per block, each block's GEMMs single-threaded
 // (parallel_for_aten): the (rows, d) intermediates (h, u, dh) are used while still in
@@ -289,9 +289,24 @@ namespace aten_path {
 // blocks were slower in fastpeft-bench, larger ones no faster.
 constexpr int64_t kLowpBlockBytes = int64_t{2} << 20;
 
-// The dtypes this path runs: those whose GEMMs oneDNN runs as they are
-// (aten_lowp_gemm); the others run kFused's code.
-bool handles(at::ScalarType dtype) { return aten_lowp_gemm(dtype); }
+// Whether a call runs this path: forced by FASTPEFT_CPU_PATH (fused: never; aten: fp32 /
+// fp64, as they are, and the 16-bit dtypes aten_lowp_gemm takes); else (auto) the 16-bit dtypes whose GEMMs oneDNN runs
+// as they are (aten_lowp_gemm) on kAten, and fp32 / fp64 inputs short next to the weights:
+// where kFused's per-chunk weight-gradient partials (chunks x 2 x m x d) or its per-call
+// transposed weight copies (2 x m x d) outweigh x (T x d). There kFused spent more on
+// them than on the products (a decode step, T = 1, d = 4096, m = 256: 4.7x the unfused
+// layers' time; T = 100, d = 5632, m = 352: 2.4x), while these GEMMs read the weights as
+// they lie and the weight gradients are two whole-T GEMMs.
+bool handles(at::ScalarType dtype, int64_t T, int64_t d, int64_t m) {
+  const bool wide = dtype == at::kFloat || dtype == at::kDouble;
+  if (const auto forced = forced_cpu_path())
+    return *forced == CpuPath::kAten && (wide || aten_lowp_gemm(dtype));
+  if (wide) {
+    const int64_t chunks = make_blocks(T, d, c10::elementSize(dtype)).chunks;
+    return T < 2 * m * std::max<int64_t>(chunks, 1);
+  }
+  return cpu_path(dtype) == CpuPath::kAten && aten_lowp_gemm(dtype);
+}
 
 // Blocks as above; the tasks are the blocks (per_chunk = 1).
 Blocks make_lowp_blocks(int64_t T, int64_t d, int64_t elem_size) {
@@ -511,8 +526,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor y = at::empty({T, d}, x.options());
   at::Tensor mean = at::empty({ln ? T : 0}, x.options().dtype(acc)), rstd = at::empty_like(mean);
   if (T == 0) return {y, mean, rstd};
-  if (cpu_path(x.scalar_type()) == CpuPath::kAten && aten_path::handles(x.scalar_type())) {
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), op, [&] {
+  if (aten_path::handles(x.scalar_type(), T, d, m)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
       aten_path::forward<scalar_t>(x, res, down_weight, down_bias, up_weight, up_bias,
                                    ln_weight, ln_bias, act, scaling, ln_eps, y, mean, rstd);
     });
@@ -671,9 +686,8 @@ backward(
 
   const at::Tensor x = x_in.contiguous(), dy = grad_y.contiguous();
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  if (cpu_path(x.scalar_type()) == CpuPath::kAten && aten_path::handles(x.scalar_type()) &&
-      T > 0) {
-    return AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), op, [&] {
+  if (T > 0 && aten_path::handles(x.scalar_type(), T, d, m)) {
+    return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
       return aten_path::backward<scalar_t>(dy, x, down_weight, down_bias, up_weight, ln_weight,
                                            ln_bias, mean, rstd, act, scaling, residual_is_x);
     });

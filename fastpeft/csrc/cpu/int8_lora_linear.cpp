@@ -89,6 +89,12 @@ constexpr int64_t kBf16DxMinRows = 9;
 // took 7.1 and 13.0 ms at T = 16 and 32). One row stays on gemv_avx2: the dots were not
 // measured there.
 constexpr int64_t kGemvBf16MinRows = 2;
+// Rows up to which the GEMV runs with those dots (bf16 x, cpu_bf16_dots), past
+// kGemvMaxRows: they cost a steady ~0.18 ms a row on a 2048 x 5632 layer (Zen 4, 1
+// thread), where from 33 rows on dequantise + oneDNN's bf16 GEMM cost ~0.25 ms a row and
+// only fall below the dots' rate at ~64 rows (the forward at T = 33 took 1.3-1.4x T = 32's
+// time before).
+constexpr int64_t kGemvBf16MaxRows = 64;
 constexpr int64_t kBf16DxMaxRows = 128;
 
 // Whether the forward's GEMV kernels may run: a CPU with AVX2 + FMA, unless
@@ -139,6 +145,15 @@ at::Tensor checked_weight(const char* op, const at::Tensor& qweight,
   return T >= kGemvBf16MinRows && cpu_bf16_dots();
 }
 
+// The rows up to which the forward's GEMV runs for x: kGemvBf16MaxRows where it takes the
+// AVX512_BF16 dots, else kGemvMaxRows.
+int64_t gemv_max_rows(const at::Tensor& x) {
+#ifdef FASTPEFT_BF16_DX
+  if (x.scalar_type() == at::kBFloat16 && bf16_gemv(kGemvBf16MinRows)) return kGemvBf16MaxRows;
+#endif
+  return kGemvMaxRows;
+}
+
 // The decode forward's base GEMM at T <= kGemvMaxRows with fp32 accumulation, on AVX2 +
 // FMA: the GEMV kernel gemv_avx2 and its epilogue, y = b + s * xa @ B^T + x @ W^T (see
 // int8_lora_linear_kernels.h for why it beats the tile kernel there). Returns false where
@@ -149,7 +164,10 @@ bool gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor& sca
                   scalar_t* y) {
 #ifdef FASTPEFT_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (T > kGemvMaxRows || !have_gemv()) return false;
+    if (T > kGemvMaxRows && !(std::is_same_v<scalar_t, at::BFloat16> && T <= kGemvBf16MaxRows &&
+                              bf16_gemv(T)))
+      return false;
+    if (!have_gemv()) return false;
     const int8_t* qs = q.const_data_ptr<int8_t>();
     // A pass: dots (rows, ld) of `rows` rows of x from row t0 against Q's rows [begin, end).
     std::function<void(int64_t, int64_t, int64_t, int64_t, float*, int64_t)> pass;
@@ -209,7 +227,7 @@ bool gemv_forward(const scalar_t* xs, const at::Tensor& q, const at::Tensor& sca
   return false;
 }
 
-// Decode path forward (T <= kDecodeMaxRows, or kGemvMaxRows where the GEMV runs), the LoRA
+// Decode path forward (T <= kDecodeMaxRows, or gemv_max_rows where the GEMV runs), the LoRA
 // branch fused: returns (y, xa) with xa = xd @ A^T and y = b + s * xa @ B^T + x @ W^T,
 // written once by the streaming kernel.
 // xd and the rank-R products are lora_branch's few-rows helpers (dropped_rows: the mask
@@ -380,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
   const uint64_t seed_v = lora_branch::read_seed(op, dropout_p, seed);
 
   const int64_t T = x.size(0);
-  if (T <= kDecodeMaxRows || (T <= kGemvMaxRows && gemv_applies(x)))
+  if (T <= kDecodeMaxRows || (T <= gemv_max_rows(x) && gemv_applies(x)))
     return decode_forward(x, qweight, scale, b, lora_A, lora_B, scaling, dropout_p, seed_v);
   auto [y, xa] = lora_branch::forward(x, b, lora_A, lora_B, scaling, dropout_p, seed_v);
   dequant_gemm::add_base(  // onto y = b + s * xa @ B^T

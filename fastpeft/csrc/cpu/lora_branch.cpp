@@ -370,6 +370,23 @@ void dropout_rows(const at::Tensor& x, const int64_t* rows, int64_t n, double dr
   });
 }
 
+// Ranks above which the branch takes ATen's rank-R GEMMs on every dtype unless kFused is
+// forced. The fused kernels lay A^T and B^T out afresh on every call (R * (K + N) writes)
+// and stream B^T once per tile of rows, 8 lanes wide: fine at the usual ranks, but at
+// r = 128 / 256 that outgrew the products (fp32, Zen 4, T = 100, 2048 -> 5632, r = 256:
+// forward 1.2-1.9x the unfused layer's time; an lm_head, 2048 -> 32000, T = 9: 1.4-1.9x),
+// while ATen's GEMMs, whose N = R is then wide enough, ran at the unfused layer's speed.
+namespace {
+constexpr int64_t kFusedMaxRank = 64;
+
+// The path of a call with rank R: FASTPEFT_CPU_PATH when it forces one, else kAten above
+// kFusedMaxRank, else cpu_path's choice for the dtype.
+CpuPath branch_path(at::ScalarType dtype, int64_t R) {
+  if (const auto forced = forced_cpu_path()) return *forced;
+  return R > kFusedMaxRank ? CpuPath::kAten : cpu_path(dtype);
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& bias,
                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
                                            double scaling, double dropout_p, uint64_t seed) {
@@ -381,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   const auto forced = forced_cpu_path();
   if (x.size(0) <= kFewRows && forced != CpuPath::kAten)
     return forward_few_rows(x, bias, lora_A, lora_B, scaling, dropout_p, seed);
-  if (cpu_path(x.scalar_type()) == CpuPath::kAten)
+  if (branch_path(x.scalar_type(), lora_A.size(0)) == CpuPath::kAten)
     return forward_aten(x, bias, lora_A, lora_B, scaling, dropout_p, seed);
   return forward_fused(x, bias, lora_A, lora_B, scaling, dropout_p, seed);
 }
@@ -390,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
     uint64_t seed, bool compute_dx) {
-  if (cpu_path(x.scalar_type()) == CpuPath::kAten)
+  if (branch_path(x.scalar_type(), lora_A.size(0)) == CpuPath::kAten)
     return backward_aten(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx);
   return backward_fused(grad_y, x, lora_A, lora_B, xa, scaling, dropout_p, seed, compute_dx);
 }

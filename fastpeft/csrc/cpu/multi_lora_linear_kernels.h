@@ -345,6 +345,9 @@ FASTPEFT_MULTIVERSION void small_forward(const scalar_t* const* xd, int64_t m,
 // R is processed in slices of 2 * lanes (Rq = R rounded up to them), the rows in blocks
 // of kBlockRows. Unlike the ATen path, sdyB and s * xa are not rounded to scalar_t.
 
+// The outputs per chunk of small_dy's sum over N (see there).
+constexpr int64_t kDyChunk = 256;
+
 // One block of MR rows and one slice [r0, r0 + 2L) of R, one pass over the rows of B:
 //   acc[j] += dy[j][n] * B[n, slice]   (sdyB)     g += dy[j][n] * sxa[j][slice]   (dB[n])
 // dB[n, slice] is written when this is the last block; earlier blocks leave their partial
@@ -361,41 +364,53 @@ FASTPEFT_INLINE void small_dy(const scalar_t* const* dy, const acc_t* __restrict
   V acc[MR][2], xr[MR][2];
 #pragma GCC unroll 4
   for (int j = 0; j < MR; ++j) {
-    acc[j][0] = acc[j][1] = V{};
     xr[j][0] = vload(sxa + j * Rq + r0), xr[j][1] = vload(sxa + j * Rq + r0 + L);
+    vstore(sdyB + j * Rq + r0, V{}), vstore(sdyB + j * Rq + r0 + L, V{});
   }
-  for (int64_t n = 0; n < N; ++n) {
-    const scalar_t* b = B + n * R + r0;
-    prefetch_ahead(b);
-    V b0, b1;
-    if (whole) {
-      b0 = vload_acc(b), b1 = vload_acc(b + L);
-    } else {  // the last slice of R, zero-padded
-      acc_t t[2 * L];
-      for (int l = 0; l < 2 * L; ++l) t[l] = r0 + l < R ? to_acc(b[l]) : acc_t(0);
-      b0 = vload(t), b1 = vload(t + L);
+  // The sum over N in chunks of kDyChunk, each from zero in registers, then onto sdyB: one
+  // chain of fp32 adds over all N (an lm_head's 32000) had ~3x the reference's error in dx
+  // and dA (as lora_branch's kDownChunk for xa).
+  for (int64_t n0 = 0; n0 < N; n0 += kDyChunk) {
+#pragma GCC unroll 4
+    for (int j = 0; j < MR; ++j) acc[j][0] = acc[j][1] = V{};
+    for (int64_t n = n0; n < std::min(N, n0 + kDyChunk); ++n) {
+      const scalar_t* b = B + n * R + r0;
+      prefetch_ahead(b);
+      V b0, b1;
+      if (whole) {
+        b0 = vload_acc(b), b1 = vload_acc(b + L);
+      } else {  // the last slice of R, zero-padded
+        acc_t t[2 * L];
+        for (int l = 0; l < 2 * L; ++l) t[l] = r0 + l < R ? to_acc(b[l]) : acc_t(0);
+        b0 = vload(t), b1 = vload(t + L);
+      }
+      V g0 = first ? V{} : vload(dB_acc + n * Rq + r0);
+      V g1 = first ? V{} : vload(dB_acc + n * Rq + r0 + L);
+#pragma GCC unroll 4
+      for (int j = 0; j < MR; ++j) {
+        const V d = vbroadcast(to_acc(dy[j][n]));
+        acc[j][0] += d * b0, acc[j][1] += d * b1;
+        g0 += d * xr[j][0], g1 += d * xr[j][1];
+      }
+      if (last) {
+        scalar_t* o = dB + n * R + r0;
+        store_acc<scalar_t, acc_t>(o, g0, std::min<int64_t>(L, R - r0));
+        if (R - r0 > L) store_acc<scalar_t, acc_t>(o + L, g1, std::min<int64_t>(L, R - r0 - L));
+      } else {
+        vstore(dB_acc + n * Rq + r0, g0), vstore(dB_acc + n * Rq + r0 + L, g1);
+      }
     }
-    V g0 = first ? V{} : vload(dB_acc + n * Rq + r0);
-    V g1 = first ? V{} : vload(dB_acc + n * Rq + r0 + L);
 #pragma GCC unroll 4
     for (int j = 0; j < MR; ++j) {
-      const V d = vbroadcast(to_acc(dy[j][n]));
-      acc[j][0] += d * b0, acc[j][1] += d * b1;
-      g0 += d * xr[j][0], g1 += d * xr[j][1];
-    }
-    if (last) {
-      scalar_t* o = dB + n * R + r0;
-      store_acc<scalar_t, acc_t>(o, g0, std::min<int64_t>(L, R - r0));
-      if (R - r0 > L) store_acc<scalar_t, acc_t>(o + L, g1, std::min<int64_t>(L, R - r0 - L));
-    } else {
-      vstore(dB_acc + n * Rq + r0, g0), vstore(dB_acc + n * Rq + r0 + L, g1);
+      acc_t* o = sdyB + j * Rq + r0;
+      vstore(o, vload(o) + acc[j][0]), vstore(o + L, vload(o + L) + acc[j][1]);
     }
   }
   const V sv = vbroadcast(s);
 #pragma GCC unroll 4
   for (int j = 0; j < MR; ++j) {
-    vstore(sdyB + j * Rq + r0, sv * acc[j][0]);
-    vstore(sdyB + j * Rq + r0 + L, sv * acc[j][1]);
+    acc_t* o = sdyB + j * Rq + r0;
+    vstore(o, sv * vload(o)), vstore(o + L, sv * vload(o + L));
   }
 }
 
