@@ -92,7 +92,10 @@ def test_houlsby_places_both_adapters_in_every_block(name):
     config_cls, model_cls, kwargs, batch, blocks, ffn_leaves = BOTTLENECK_FAMILIES[name]
     base = build(config_cls, model_cls, **kwargs)
     assert base.config.model_type == name
-    want = output(base(**batch)).detach()
+    try:
+        want = output(base(**batch)).detach()
+    except RuntimeError as e:  # transformers 4.51's Llama 4 casts to bf16 in fp32 models
+        pytest.skip(f"transformers {transformers.__version__}: the plain {model_cls} fails: {e}")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         model = fastpeft.inject(copy.deepcopy(base), fastpeft.BottleneckConfig("houlsby"))

@@ -32,7 +32,9 @@ class BottleneckShape:
         return self.tokens * self.hidden
 
 
-CPU_SHAPES = [BottleneckShape(2048, 2048), BottleneckShape(2048, 2048, 64, "silu", True)]
+# (the last two: a decode step and a short sequence at a 7B width, m = d / 16)
+CPU_SHAPES = [BottleneckShape(2048, 2048), BottleneckShape(2048, 2048, 64, "silu", True),
+              BottleneckShape(1, 4096, 256), BottleneckShape(100, 4096, 256, "silu", True)]
 CUDA_SHAPES = [BottleneckShape(16384, 4096), BottleneckShape(16384, 4096, 64, "silu", True)]
 TINY_SHAPES = [BottleneckShape(16, 64, 8, "silu", True)]
 

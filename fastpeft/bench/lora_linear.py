@@ -31,7 +31,9 @@ class LoRALinearShape:
         return self.tokens * self.d_in
 
 
-CPU_SHAPES = [LoRALinearShape(512, 2048, 2048), LoRALinearShape(128, 1024, 1024)]
+# (the last: a high rank, where the C++ branch takes ATen's rank-R GEMMs)
+CPU_SHAPES = [LoRALinearShape(512, 2048, 2048), LoRALinearShape(128, 1024, 1024),
+              LoRALinearShape(100, 2048, 5632, r=256)]
 CUDA_SHAPES = [LoRALinearShape(4096, 4096, 4096), LoRALinearShape(8192, 4096, 11008)]
 TINY_SHAPES = [LoRALinearShape(8, 64, 48, r=4)]
 
