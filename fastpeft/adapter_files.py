@@ -166,7 +166,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
 
     A PEFT model (:func:`from_peft`, :func:`fastpeft.patch_peft`) loads LoRA adapters
     through PEFT's own ``load_adapter``, each under its name in the layout (the directory's
-    own adapter as ``"default"``, whichever adapter is active, or as ``adapter_name``), with
+    own adapter as ``"default"`` whichever adapter is active, into the active adapter of a
+    model without ``"default"``, or as ``adapter_name``), with
     all that only PEFT's layers hold (``modules_to_save``, DoRA, biases, LoRA variants): a
     new adapter joins trainable, its new layers fused; one it holds takes the file's tensors
     and hyperparameters. A file whose tensors are not those the model saves for that adapter
@@ -181,7 +182,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
                                   or _saved_config(adapters["default"]).get("peft_type")
                                   == "LORA"):
         # PEFT's own load, each adapter under its name: the root one is "default", whatever
-        # adapter the model has active
+        # adapter the model has active; a model without "default" (one made or loaded under
+        # another name) takes a lone root adapter into its active adapter
+        if adapter_name is None and set(adapters) == {"default"} \
+                and "default" not in model.peft_config:
+            adapters = {model.active_adapter: adapters["default"]}
         for adapter, path in adapters.items():
             _load_with_peft(model, path, adapter)
         return model
@@ -263,7 +268,7 @@ def _peft_only(saved: dict[str, Any]) -> list[str]:
     if saved.get("peft_type") != "LORA":
         return []
     return [k for k, v in saved.items() if k not in _LORA_FOLLOWED | _LORA_NO_EFFECT
-            and v is not None and v is not False and v != "none" and v != {} and v != []]
+            and v and v != "none"]
 
 
 def _load_with_peft(model: nn.Module, directory: str, adapter: str) -> None:

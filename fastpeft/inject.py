@@ -48,7 +48,9 @@ def inject(model: nn.Module, config: AnyConfig | Mapping[str, LoraConfig]) -> nn
       anything changes. Linear layers whose weight the model reads instead of calling them
       (``nn.MultiheadAttention``'s ``out_proj``, Mamba's ``dt_proj`` / ``x_proj`` /
       ``out_proj``), which a LoRA layer would bypass, are left out of ``"all-linear"``
-      (with a note in that warning) and refused when named.
+      (with a note in that warning); named, they are adapted as PEFT adapts them, their
+      LoRA inert (a note), but refused on an int8 / NF4 base (the model would read the
+      codes) and where PEFT refuses them (a Mamba model's ``out_proj``).
     - A dict of adapter name -> :class:`LoraConfig`: several named adapters (PEFT's
       multi-adapter model), each with its own ``r``, ``lora_alpha``, targets, ...: every
       linear layer some config targets becomes a :class:`fastpeft.MultiLoRALinear` holding
@@ -144,11 +146,16 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
             f"fastpeft's fused LoRA layers (computing x @ weight.T + bias) would bypass; "
             f"leave {'it' if one else 'them'} out, or adapt {'it' if one else 'them'} with PEFT")
     targets = [(name, module) for name, module in targets if name not in custom]
+    # layers whose weight the model reads: "all-linear" leaves them out; named, they are
+    # refused on an int8 / NF4 base (the model would read the codes) and where PEFT refuses
+    # them, else adapted as PEFT adapts them, their LoRA inert (a note)
     readers = _weight_readers(model)
     read = [name for name, _ in targets if name in readers]
-    if read and not all_linear:
-        raise ValueError(_weight_read_refusal(read, readers))
-    targets = [(name, module) for name, module in targets if name not in readers]
+    refused = [n for n in read if config.base_dtype is not None or _peft_refuses(model, n)]
+    if refused and not all_linear:
+        raise ValueError(_weight_read_refusal(refused, readers))
+    if all_linear:
+        targets = [(name, module) for name, module in targets if name not in readers]
     left_out = _unadapted_experts(model, target_modules, all_linear, params, inside)
     source = "what PEFT's 'all-linear' adapts" if all_linear else "target_parameters"
     # PEFT's ParamWrapper adapts the parameters: refused before any change without it (the
@@ -234,7 +241,7 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
                      f"{_names(_describe(e) for e in left_out)} unadapted and frozen, {how}; "
                      f"name them in target_parameters to adapt them (PEFT's ParamWrapper)")
     if read:
-        notes.append(_weight_read_note(read, readers))
+        notes.append(_weight_read_note(read, readers, left_out=all_linear))
     if custom:
         notes.append(f"target_modules='all-linear' leaves {_names(custom)} unadapted: "
                      f"nn.Linear subclasses with a forward of their own")
@@ -291,18 +298,29 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def _peft_refuses(model: nn.Module, name: str) -> bool:
+    """Whether PEFT refuses LoRA on the weight-read layer ``name``: ``out_proj`` of its
+    Mamba-based model types (:data:`MAMBA_MODEL_TYPES`)."""
+    return _model_type(model) in MAMBA_MODEL_TYPES and name.rpartition(".")[2] == "out_proj"
+
+
 def _weight_read_refusal(read: list[str], readers: dict[str, str]) -> str:
     one = len(read) == 1
     return (f"target_modules: {_names(read)} {'is' if one else 'are'} not called by the "
-            f"model, which reads {'its' if one else 'their'} weight ({readers[read[0]]}): a "
-            f"LoRA there would never contribute (and with base_dtype 'int8' / 'nf4' the "
-            f"model would read the quantised codes); leave {'it' if one else 'them'} out")
+            f"model, which reads {'its' if one else 'their'} weight ({readers[read[0]]}): "
+            f"with base_dtype 'int8' / 'nf4' the model would read the quantised codes, and "
+            f"PEFT refuses LoRA on a Mamba model's out_proj; leave {'it' if one else 'them'} "
+            f"out")
 
 
-def _weight_read_note(read: list[str], readers: dict[str, str]) -> str:
-    return (f"target_modules='all-linear' leaves {_names(read)} unadapted: the model reads "
-            f"{'its' if len(read) == 1 else 'their'} weight instead of calling "
-            f"{'it' if len(read) == 1 else 'them'} ({readers[read[0]]})")
+def _weight_read_note(read: list[str], readers: dict[str, str], left_out: bool) -> str:
+    one = len(read) == 1
+    why = (f"the model reads {'its' if one else 'their'} weight instead of calling "
+           f"{'it' if one else 'them'} ({readers[read[0]]})")
+    if left_out:
+        return f"target_modules='all-linear' leaves {_names(read)} unadapted: {why}"
+    return (f"{_names(read)} {'is' if one else 'are'} adapted as named, but {why}: "
+            f"{'its' if one else 'their'} LoRA never contributes, as with PEFT")
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -645,7 +663,8 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
                     or (all_linear and module is output_layer) \
                     or _lora_ancestor(name, inside) not in (None, name):  # an adapter's own
                 continue
-            if name in readers and not isinstance(module, MultiLoRALinear):
+            if name in readers and not isinstance(module, MultiLoRALinear) \
+                    and (all_linear or _peft_refuses(model, name)):
                 if not all_linear:
                     raise ValueError(f"config[{adapter!r}]: "
                                      + _weight_read_refusal([name], readers))
@@ -688,8 +707,8 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
             layer.add_adapter(adapter, r, alpha, config.lora_dropout, config.use_rslora)
         layer.train(layer.training)  # the new adapters' modules too
     if read:  # one warning per call
-        warnings.warn("inject: " + _weight_read_note(list(read), readers), UserWarning,
-                      stacklevel=3)
+        warnings.warn("inject: " + _weight_read_note(list(read), readers, left_out=True),
+                      UserWarning, stacklevel=3)
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     if any("default" in m.lora_A for m in layers):
         for m in layers:  # with no names set, the model runs "default", as PEFT its active

@@ -287,20 +287,34 @@ def test_mamba_all_linear_leaves_weight_read_layers_out(kind, base_dtype):
 
 
 @pytest.mark.parametrize("target", ["dt_proj", "x_proj", "out_proj"])
-def test_mamba_refuses_weight_read_layers_named(target):
+def test_mamba_weight_read_layers_named(target):
+    """Named, a layer whose weight the model reads is refused on an int8 base (the model
+    would read the codes) and where PEFT refuses it (out_proj of a Mamba model); on a float
+    base otherwise it is adapted as PEFT adapts it, with a note that its LoRA is inert."""
     model = mamba()
     with pytest.raises(ValueError, match=rf"target_modules: backbone\.layers\.0\.mixer\."
                                          rf"{target}.*reads"):
-        fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["in_proj", target]))
+        fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["in_proj", target],
+                                                   base_dtype="int8"))
     assert not list(adapter_layers(model))
-    with pytest.raises(ValueError, match=rf"config\['a'\]: .*mixer\.{target}"):
-        fastpeft.inject(model, {"a": fastpeft.LoraConfig(target_modules=[target])})
+    if target == "out_proj":
+        with pytest.raises(ValueError, match=r"target_modules: .*mixer\.out_proj.*reads"):
+            fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["in_proj", target]))
+        with pytest.raises(ValueError, match=r"config\['a'\]: .*mixer\.out_proj"):
+            fastpeft.inject(model, {"a": fastpeft.LoraConfig(target_modules=[target])})
+        assert not list(adapter_layers(model))
+        return
+    with pytest.warns(UserWarning, match=rf"mixer\.{target}.*adapted as named.*never"):
+        fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["in_proj", target]))
+    assert f"backbone.layers.0.mixer.{target}" in adapted_names(model)
+    model(input_ids=_IDS).logits.sum().backward()
 
 
 def test_multihead_attention_out_proj_left_out_and_refused():
     """nn.MultiheadAttention's out_proj (SigLIP's pooling head), whose weight
     F.multi_head_attention_forward reads, stays out of "all-linear" (single and several
-    adapters) and is refused when named; the int8 base runs."""
+    adapters; the int8 base runs), is refused when named on an int8 base, and adapted as
+    PEFT adapts it, inert, on a float one."""
     model = siglip_vision()
     # head.attention.out_proj (transformers 5), under vision_model. before
     (mha,) = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
@@ -317,4 +331,10 @@ def test_multihead_attention_out_proj_left_out_and_refused():
         adapted(pixel_values=_PIXELS).pooler_output.sum().backward()
     with pytest.raises(ValueError, match=rf"{head} is not called.*MultiheadAttention"):
         fastpeft.inject(copy.deepcopy(model), fastpeft.LoraConfig(
-            target_modules=["q_proj", "head.attention.out_proj"]))
+            target_modules=["q_proj", "head.attention.out_proj"], base_dtype="int8"))
+    # a float base takes it as PEFT does (what PEFT saves for ["q_proj", ..., "out_proj"]
+    # loads back), with a note
+    with pytest.warns(UserWarning, match=rf"{head} is adapted as named"):
+        adapted = fastpeft.inject(copy.deepcopy(model), fastpeft.LoraConfig(
+            target_modules=["q_proj", "out_proj"]))
+    assert head in adapted_names(adapted)

@@ -187,3 +187,18 @@ def test_bias_file_loads_into_a_peft_model(tmp_path, ids):
     model = fastpeft.from_peft(peft.get_peft_model(copy.deepcopy(base), config)).eval()
     fastpeft.load_adapter(model, tmp_path)
     torch.testing.assert_close(logits(model, ids), logits(source.eval(), ids))
+
+
+def test_root_adapter_loads_into_the_active_adapter_without_default(tmp_path, ids):
+    """A PEFT model made (or loaded) under another adapter name, without "default": a
+    directory's lone root adapter loads into its active adapter, as before the root
+    adapter was taken for "default" (it joined as an unused second adapter)."""
+    base = tiny_llama()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    source = trained(fastpeft.from_peft(peft.get_peft_model(copy.deepcopy(base), config)), 0)
+    fastpeft.save_adapter(source, tmp_path)
+    model = fastpeft.from_peft(peft.get_peft_model(copy.deepcopy(base), config,
+                                                   adapter_name="foo")).eval()
+    fastpeft.load_adapter(model, tmp_path)
+    assert list(model.peft_config) == ["foo"]
+    torch.testing.assert_close(logits(model, ids), logits(source.eval(), ids))

@@ -110,6 +110,13 @@ class MultiLoRALinear(nn.Module):
             record = (isinstance(names, str), ids, keys)
         self.__dict__["_fastpeft_active_ids"] = record
 
+    def _apply(self, fn, recurse=True):
+        # (model.to(device) after set_adapter_names: the names' indices follow the weights)
+        module = super()._apply(fn, recurse)
+        if self.__dict__.get("_fastpeft_active_ids") is not None:
+            self._index_active_names()
+        return module
+
     @property
     def adapter_names(self) -> list[str]:
         """The adapters in the order ``adapter_ids`` index them."""
