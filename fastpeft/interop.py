@@ -12,11 +12,7 @@ from typing import Any
 from torch import nn
 
 from .nn.adapted_attention import AdaptedAttention
-from .nn.peft_lora import (
-    all_plain_lora,
-    fuse_lora_model,
-    fuse_peft_lora,
-)
+from .nn.peft_lora import all_plain_lora, fuse_lora_model, fuse_peft_lora
 
 __all__ = ["from_peft"]
 
