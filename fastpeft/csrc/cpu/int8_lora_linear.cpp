@@ -90,10 +90,11 @@ constexpr int64_t kBf16DxMinRows = 9;
 // measured there.
 constexpr int64_t kGemvBf16MinRows = 2;
 // Rows up to which the GEMV runs with those dots (bf16 x, cpu_bf16_dots), past
-// kGemvMaxRows: they cost a steady ~0.18 ms a row on a 2048 x 5632 layer (Zen 4, 1
-// thread), where from 33 rows on dequantise + oneDNN's bf16 GEMM cost ~0.25 ms a row and
-// only fall below the dots' rate at ~64 rows (the forward at T = 33 took 1.3-1.4x T = 32's
-// time before).
+// kGemvMaxRows. `python benchmarks/rows_sweep.py --op int8 --dtype bf16 --rows 32 33 48 64
+// --features 4096 --threads 2`, Zen 4 VM, forward ms, with the dots against
+// FASTPEFT_CPU_ISA=avx512 (no dots: the tiles past 32 rows): T = 33 5.28 against 7.48,
+// T = 48 7.85 against 8.65, T = 64 9.66 against 8.50 (one run each). The crossover is near
+// 64 rows there; on a 2048 -> 5632 layer, 1 thread, the dots stayed ahead up to 64.
 constexpr int64_t kGemvBf16MaxRows = 64;
 constexpr int64_t kBf16DxMaxRows = 128;
 
