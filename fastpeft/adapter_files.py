@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
-from .inject import BOTTLENECK_CHILD, adapter_layers, inject, is_lora_layer, param_target_key
+from .inject import BOTTLENECK_CHILD, adapter_layers, inject
 from .interop import inner_model, is_peft_model
 from .nn.adapted_attention import AdaptedAttention
 from .nn.bottleneck_adapter import BottleneckAdapter
@@ -34,6 +34,7 @@ from .nn.lora_linear import LoRALinear
 from .nn.multi_lora_linear import BASE, MultiLoRALinear, check_adapter_name
 from .nn.nf4_lora_linear import NF4LoRALinear
 from .nn.peft_lora import FusedPeftLora, is_param_wrapper, lora_parts
+from .targets import is_lora_layer, param_target_key
 
 __all__ = ["adapter_state_dict", "load_adapter", "save_adapter"]
 

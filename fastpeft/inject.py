@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -14,11 +13,30 @@ from .config import AdaptionPromptConfig, BottleneckConfig, LoraConfig
 from .nn.adapted_attention import AdaptedAttention, compute_dtype
 from .nn.bottleneck_adapter import BottleneckAdapter
 from .nn.int8_lora_linear import Int8LoRALinear, is_bnb, is_bnb_int8
-from .nn.lora_linear import LoRALinear, is_conv1d, linear_weight, own_forward
+from .nn.lora_linear import LoRALinear, linear_weight, own_forward
 from .nn.multi_lora_linear import MultiLoRALinear, check_adapter_name
 from .nn.nf4_lora_linear import NF4LoRALinear, bnb_nf4_problem, is_bnb_4bit
-from .nn.peft_lora import FusedPeftLora, is_param_wrapper, lora_parts, param_wrapper_class
+from .nn.peft_lora import lora_parts, param_wrapper_class
 from .placement import adaption_prompt_sites, bottleneck_sites
+from .targets import (
+    is_linear,
+    is_lora_layer,
+    kept_float,
+    lora_ancestor,
+    matches_targets,
+    model_embeddings,
+    model_output_layer,
+    model_type_of,
+    name_list,
+    parameter_targets,
+    peft_moe_conversion,
+    peft_refuses,
+    unadapted_experts,
+    weight_read_note,
+    weight_read_refusal,
+    weight_readers,
+    with_peft_targets,
+)
 
 __all__ = ["adapter_layers", "inject", "is_lora_layer"]
 
@@ -26,7 +44,6 @@ AnyConfig = LoraConfig | AdaptionPromptConfig | BottleneckConfig
 
 #: The name of the adapter attached to a block's sublayer by a ``BottleneckConfig``.
 BOTTLENECK_CHILD = "bottleneck_adapter"
-LORA_TYPES = (LoRALinear, Int8LoRALinear, NF4LoRALinear, MultiLoRALinear, FusedPeftLora)
 
 
 def inject(model: nn.Module, config: AnyConfig | Mapping[str, LoraConfig]) -> nn.Module:
@@ -122,16 +139,16 @@ def _adapter_params(layer: nn.Module) -> Iterator[Tensor]:
 
 def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
     all_linear = config.target_modules == "all-linear"
-    config = _with_peft_targets(model, config)
+    config = with_peft_targets(model, config)
     target_modules = config.target_modules
     adapted = [n for n, m in model.named_modules() if is_lora_layer(m)]
     inside = set(adapted)
-    params = _parameter_targets(model, config.target_parameters, inside)
-    output_layer = _output_layer(model)
+    params = parameter_targets(model, config.target_parameters, inside)
+    output_layer = model_output_layer(model)
     targets = [
         (name, module) for name, module in model.named_modules()
-        if _is_linear(module) and name.rpartition(".")[0] not in inside
-        and not (all_linear and module is output_layer) and _matches(name, target_modules)
+        if is_linear(module) and name.rpartition(".")[0] not in inside
+        and not (all_linear and module is output_layer) and matches_targets(name, target_modules)
     ]
     # nn.Linear subclasses with a forward of their own: 'all-linear' leaves them out (with
     # a note), a target naming them is refused
@@ -140,7 +157,7 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         kinds = {name: type(module).__name__ for name, module in targets}
         one = len(custom) == 1
         raise NotImplementedError(
-            f"target_modules: {_names(f'{n} ({kinds[n]})' for n in custom)} "
+            f"target_modules: {name_list(f'{n} ({kinds[n]})' for n in custom)} "
             f"{'has a forward of its own' if one else 'have forwards of their own'} "
             f"({'an nn.Linear subclass' if one else 'nn.Linear subclasses'}), which "
             f"fastpeft's fused LoRA layers (computing x @ weight.T + bias) would bypass; "
@@ -149,25 +166,25 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
     # layers whose weight the model reads: "all-linear" leaves them out; named, they are
     # refused on an int8 / NF4 base (the model would read the codes) and where PEFT refuses
     # them, else adapted as PEFT adapts them, their LoRA inert (a note)
-    readers = _weight_readers(model)
+    readers = weight_readers(model)
     read = [name for name, _ in targets if name in readers]
-    refused = [n for n in read if config.base_dtype is not None or _peft_refuses(model, n)]
+    refused = [n for n in read if config.base_dtype is not None or peft_refuses(model, n)]
     if refused and not all_linear:
-        raise ValueError(_weight_read_refusal(refused, readers))
+        raise ValueError(weight_read_refusal(refused, readers))
     if all_linear:
         targets = [(name, module) for name, module in targets if name not in readers]
-    left_out = _unadapted_experts(model, target_modules, all_linear, params, inside)
+    left_out = unadapted_experts(model, target_modules, all_linear, params, inside)
     source = "what PEFT's 'all-linear' adapts" if all_linear else "target_parameters"
     # PEFT's ParamWrapper adapts the parameters: refused before any change without it (the
     # experts "all-linear" leaves out only get a note, which needs no PEFT)
     if config.target_parameters:
         if params:
-            what = f"adapting {_names(f'{m}.{p}' for m, p in params)} ({source})"
+            what = f"adapting {name_list(f'{m}.{p}' for m, p in params)} ({source})"
         else:
             what = f"target_parameters {config.target_parameters!r}"
         param_wrapper_class(what)
     if not targets and not params:
-        again = [n for n in adapted if _matches(n, target_modules)]
+        again = [n for n in adapted if matches_targets(n, target_modules)]
         if again:
             raise ValueError(f"target_modules: the layers {target_modules!r} matches carry a "
                              f"LoRA adapter already ({', '.join(again[:3])}"
@@ -208,7 +225,7 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
                          f"({config.lora_dropout}), in PEFT either; set lora_dropout=0.0 or "
                          f"name only linear layers")
     keep_float = [name for name, linear in targets if config.base_dtype is not None
-                  and not is_bnb(linear) and _kept_float(model, name)]
+                  and not is_bnb(linear) and kept_float(model, name)]
     for name, linear in targets:
         r, alpha = config.rank_and_alpha(name)
         args = (r, alpha, config.lora_dropout, config.use_rslora)
@@ -225,7 +242,7 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         replace(model, name, layer)
     notes = []
     if keep_float:
-        notes.append(f"base_dtype={config.base_dtype!r} leaves {_names(keep_float)} float "
+        notes.append(f"base_dtype={config.base_dtype!r} leaves {name_list(keep_float)} float "
                      f"(LoRALinear), as transformers keeps them unquantised "
                      f"(_keep_in_fp32_modules: the model's forward reads their weight's dtype)")
     if params:
@@ -234,16 +251,16 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
     if left_out:
         # PEFT's "all-linear" adapts them where its conversion for transformers 5 has the
         # model type; without that conversion (older or no PEFT) they are left out here
-        how = (f"as PEFT does for model type {_model_type(model)!r}"
-               if _peft_moe_conversion() is not None
+        how = (f"as PEFT does for model type {model_type_of(model)!r}"
+               if peft_moe_conversion() is not None
                else "(the installed PEFT, if any, has no conversion of 'all-linear' to them)")
         notes.append(f"target_modules='all-linear' leaves the 3-D expert parameters of "
-                     f"{_names(_describe(e) for e in left_out)} unadapted and frozen, {how}; "
+                     f"{name_list(_describe(e) for e in left_out)} unadapted and frozen, {how}; "
                      f"name them in target_parameters to adapt them (PEFT's ParamWrapper)")
     if read:
-        notes.append(_weight_read_note(read, readers, left_out=all_linear))
+        notes.append(weight_read_note(read, readers, left_out=all_linear))
     if custom:
-        notes.append(f"target_modules='all-linear' leaves {_names(custom)} unadapted: "
+        notes.append(f"target_modules='all-linear' leaves {name_list(custom)} unadapted: "
                      f"nn.Linear subclasses with a forward of their own")
     if params and not targets and target_modules:
         notes.append(f"target_modules {target_modules!r} matched no linear layer")
@@ -251,241 +268,6 @@ def _inject_lora(model: nn.Module, config: LoraConfig) -> None:
         notes.append(f"target_parameters {config.target_parameters!r} matched no parameter")
     if notes:  # one warning per call
         warnings.warn("inject: " + "; ".join(notes), UserWarning, stacklevel=3)
-
-
-#: PEFT's Mamba-based model types, whose out_proj its LoRA refuses (the mamba-ssm kernels
-#: read out_proj.weight): peft.tuners.tuners_utils._check_lora_target_modules_mamba
-MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
-#: the Mamba (1) mixers whose forward passes x_proj / out_proj weights to mamba_inner_fn
-_MAMBA_INNER_MIXERS = frozenset({"MambaMixer", "FalconMambaMixer"})
-
-
-def _weight_readers(model: nn.Module) -> dict[str, str]:
-    """The linear layers of ``model`` whose weight the model's code reads instead of
-    calling the layer -> why. A LoRA layer there never contributes (a float base: its
-    ``weight`` is the base weight; PEFT's does the same, silently), and an int8 / NF4 one
-    hands the model its codes (the forward then fails with unrelated dtype errors):
-    ``nn.MultiheadAttention``'s ``out_proj`` (SigLIP's pooling head), a Mamba mixer's
-    ``dt_proj`` (its forward multiplies by the weight) and, in Mamba / FalconMamba, its
-    ``x_proj`` / ``out_proj`` (the mamba-ssm kernels), and every ``out_proj`` of the
-    Mamba-based model types PEFT refuses it on (:data:`MAMBA_MODEL_TYPES`)."""
-    readers: dict[str, str] = {}
-    model_type = _model_type(model)
-    for name, module in model.named_modules():
-        prefix, kind = f"{name}." if name else "", type(module).__name__
-        if isinstance(module, nn.MultiheadAttention):
-            readers[prefix + "out_proj"] = (f"{name or 'the model'} (nn.MultiheadAttention) "
-                                            f"passes out_proj.weight to "
-                                            f"F.multi_head_attention_forward")
-        elif hasattr(module, "A_log") and _is_linear(getattr(module, "dt_proj", None)):
-            readers[prefix + "dt_proj"] = f"{name} ({kind}) multiplies by dt_proj.weight"
-            if kind in _MAMBA_INNER_MIXERS:
-                for child in ("x_proj", "out_proj"):
-                    readers[prefix + child] = (f"{name} ({kind}) passes {child}.weight to the "
-                                               f"mamba-ssm kernels (mamba_inner_fn)")
-        elif model_type in MAMBA_MODEL_TYPES and name.rpartition(".")[2] == "out_proj" \
-                and name not in readers:
-            readers[name] = (f"the mamba-ssm kernels of model type {model_type!r} read "
-                             f"out_proj.weight (PEFT refuses LoRA on it there too)")
-    return {name: why for name, why in readers.items()
-            if _is_linear(_submodule(model, name))}
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
-def _peft_refuses(model: nn.Module, name: str) -> bool:
-    """Whether PEFT refuses LoRA on the weight-read layer ``name``: ``out_proj`` of its
-    Mamba-based model types (:data:`MAMBA_MODEL_TYPES`)."""
-    return _model_type(model) in MAMBA_MODEL_TYPES and name.rpartition(".")[2] == "out_proj"
-
-
-def _weight_read_refusal(read: list[str], readers: dict[str, str]) -> str:
-    one = len(read) == 1
-    return (f"target_modules: {_names(read)} {'is' if one else 'are'} not called by the "
-            f"model, which reads {'its' if one else 'their'} weight ({readers[read[0]]}): "
-            f"with base_dtype 'int8' / 'nf4' the model would read the quantised codes, and "
-            f"PEFT refuses LoRA on a Mamba model's out_proj; leave {'it' if one else 'them'} "
-            f"out")
-
-
-def _weight_read_note(read: list[str], readers: dict[str, str], left_out: bool) -> str:
-    one = len(read) == 1
-    why = (f"the model reads {'its' if one else 'their'} weight instead of calling "
-           f"{'it' if one else 'them'} ({readers[read[0]]})")
-    if left_out:
-        return f"target_modules='all-linear' leaves {_names(read)} unadapted: {why}"
-    return (f"{_names(read)} {'is' if one else 'are'} adapted as named, but {why}: "
-            f"{'its' if one else 'their'} LoRA never contributes, as with PEFT")
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    """A LoRA layer: fastpeft's (:class:`fastpeft.LoRALinear`,
-    :class:`fastpeft.Int8LoRALinear`, :class:`fastpeft.NF4LoRALinear`,
-    :class:`fastpeft.MultiLoRALinear`), PEFT's converted by
-    :func:`fastpeft.from_peft`, or
-    PEFT's ``ParamWrapper`` (LoRA on a parameter, with PEFT's forward)."""
-    return isinstance(module, LORA_TYPES) or is_param_wrapper(module)
-
-
-def param_target_key(name: str, wrapper: nn.Module) -> str:
-    """The qualified name PEFT gives the parameter a ``ParamWrapper`` at ``name`` adapts
-    (matched against ``target_parameters`` / ``rank_pattern``): the wrapper's name without
-    the ``.base_layer`` of nested wrappers, then the parameter's, e.g.
-    ``model.layers.0.mlp.experts.gate_up_proj`` for ``...experts.base_layer``."""
-    return f"{_strip_base_layer(name)}.{wrapper.parameter_name}"
-
-
-def _strip_base_layer(name: str) -> str:
-    # PEFT's strip_base_layer_from_name (tuners_utils), to match parameters as PEFT does
-    while ".base_layer" in name:
-        prefix, _, suffix = name.rpartition(".base_layer")
-        name = prefix + suffix
-    return name
-
-
-def _with_peft_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """``config`` with its targets resolved as PEFT resolves them: ``None`` -> PEFT's
-    default targets for the model type; then, on transformers 5, PEFT's own conversion of
-    the config for models whose MoE layers changed layout (``"all-linear"`` or the
-    transformers 4 expert / router names become ``target_parameters``, with doubled rank
-    and alpha for fused ``gate_up_proj``), where the installed PEFT has it."""
-    target_modules = config.target_modules
-    if target_modules is None:
-        target_modules = default_target_modules(model, optional=bool(config.target_parameters))
-    config = dataclasses.replace(config, target_modules=target_modules)
-    conversion = _peft_moe_conversion()
-    if conversion is None or _model_type(model) is None:
-        return config
-    peft_lora_config, convert_peft_config_for_transformers, get_model_conversion_mapping = \
-        conversion
-    peft_config = peft_lora_config(
-        r=config.r, lora_alpha=config.lora_alpha,
-        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
-        target_parameters=list(config.target_parameters or []) or None,
-        rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern))
-    try:
-        convert_peft_config_for_transformers(peft_config, model=model,
-                                             conversions=get_model_conversion_mapping(model))
-    except ValueError as err:  # e.g. w1 named without w3, which are one parameter now
-        raise ValueError(f"target_modules: {err}") from err
-    modules, params = peft_config.target_modules, peft_config.target_parameters
-    modules = modules if isinstance(modules, str) else sorted(modules or [])
-    params = sorted(params) if params else None
-    if not modules and not params:
-        return config
-    return dataclasses.replace(config, target_modules=modules, target_parameters=params,
-                               rank_pattern=dict(peft_config.rank_pattern or {}),
-                               alpha_pattern=dict(peft_config.alpha_pattern or {}))
-
-
-def _peft_moe_conversion():
-    """PEFT's ``LoraConfig`` and its conversion of LoRA configs for the MoE layers
-    transformers 5 changed (``convert_peft_config_for_transformers``,
-    ``get_model_conversion_mapping``), None where there is nothing to convert (transformers
-    4) or the installed PEFT has none (or there is no PEFT)."""
-    try:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft.import_utils import is_transformers_ge_v5
-    except ImportError:
-        return None
-    if not is_transformers_ge_v5:
-        return None
-    try:  # PEFT >= 0.18 with transformers 5
-        from peft.utils.transformers_weight_conversion import (
-            convert_peft_config_for_transformers,
-            get_model_conversion_mapping,
-        )
-    except ImportError:
-        return None
-    return PeftLoraConfig, convert_peft_config_for_transformers, get_model_conversion_mapping
-
-
-def _parameter_targets(model: nn.Module, names: list[str] | None,
-                       inside: set[str]) -> list[tuple[str, str]]:
-    """``(module name, parameter name)`` of every parameter ``target_parameters`` matches,
-    by PEFT's rule (the qualified name equals a name or ends with ``"." + name``), in PEFT's
-    order."""
-    if not names:
-        return []
-    wanted = set(names)
-    found = []
-    for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
-            key = f"{_strip_base_layer(module_name)}.{param_name}"
-            if key not in wanted and not any(key.endswith("." + n) for n in wanted):
-                continue
-            if not module_name:
-                raise ValueError(f"target_parameters: {param_name} is a parameter of the "
-                                 f"top-level module, which PEFT cannot wrap either")
-            carrier = _lora_ancestor(module_name, inside)
-            if carrier is not None or is_lora_layer(module):
-                raise ValueError(f"target_parameters: {key} belongs to "
-                                 f"{carrier or module_name}, which carries a LoRA adapter "
-                                 f"already")
-            found.append((module_name, param_name))
-    return found
-
-
-def _lora_ancestor(name: str, inside: set[str]) -> str | None:
-    parts = name.split(".")
-    for i in range(len(parts)):
-        prefix = ".".join(parts[:i + 1])
-        if prefix in inside:
-            return prefix
-    return None
-
-
-def _unadapted_experts(model: nn.Module, target_modules: list[str] | str, all_linear: bool,
-                       params: list[tuple[str, str]],
-                       inside: set[str]) -> list[tuple[str, nn.Module, list[str]]]:
-    """Modules holding MoE experts as 3-D parameters (the MoE layout of transformers 5: see
-    :func:`_expert_parameters`) that the LoRA targets leave out: ``"all-linear"`` leaves
-    out what PEFT's "all-linear" does not turn into ``target_parameters`` (returned, for the
-    warning); a module named in ``target_modules`` is refused (no LoRA layer for it; PEFT
-    refuses it too)."""
-    wrapped = set(params)
-    left_out = []
-    for name, module in model.named_modules():
-        if _lora_ancestor(name, inside):
-            continue
-        stacked = _expert_parameters(module)
-        if not stacked:
-            continue
-        if not all_linear and _matches(name, target_modules):
-            raise NotImplementedError(
-                f"target_modules: {name} ({type(module).__name__}) holds its experts as 3-D "
-                f"parameters ({', '.join(stacked)}), which have no LoRA layer; adapt them as "
-                f"PEFT does, with target_parameters="
-                f"{[f'{name}.{p}' for p in stacked]!r} (PEFT's ParamWrapper)")
-        rest = [p for p in stacked if (name, p) not in wrapped]
-        if all_linear and rest:
-            left_out.append((name, module, rest))
-    return left_out
-
-
-#: the names transformers gives experts held as 3-D parameters (gate_up_proj / down_proj:
-#: Mixtral, Qwen2/3-MoE, Llama 4, GPT-OSS, DeepSeek-V3, ... on transformers 5)
-EXPERT_PARAMETERS = frozenset({"gate_up_proj", "down_proj", "gate_proj", "up_proj",
-                               "w1", "w2", "w3"})
-
-
-def _expert_parameters(module: nn.Module) -> list[str]:
-    """The names of ``module``'s own 3-D parameters that hold MoE experts (experts x out x
-    in), which PEFT's ``"all-linear"`` / ``target_parameters`` deal in: in a module whose
-    class says it holds experts (``MixtralExperts``, ``Llama4TextExperts``, ...) or under
-    an expert projection's name. Other 3-D parameters are no experts, and PEFT leaves them
-    alone (ViT's ``cls_token`` and ``position_embeddings``, SigLIP's pooling ``probe``, a
-    conv's weight)."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return []
-    experts = "expert" in type(module).__name__.lower()
-    return [name for name, p in module.named_parameters(recurse=False)
-            if p.dim() == 3 and (experts or name in EXPERT_PARAMETERS)]
 
 
 def _wrap_parameters(model: nn.Module, config: LoraConfig,
@@ -527,7 +309,7 @@ def _wrapped_note(model: nn.Module, params: list[tuple[str, str]],
     by_module: dict[str, list[str]] = {}
     for owner, param in params:
         by_module.setdefault(owner, []).append(param)
-    listed = _names(f"{m} ({', '.join(p)})" for m, p in by_module.items())
+    listed = name_list(f"{m} ({', '.join(p)})" for m, p in by_module.items())
     note = (f"{len(params)} parameters of {len(by_module)} modules are adapted with PEFT's "
             f"ParamWrapper and run PEFT's unfused forward (fastpeft has no fused kernel for "
             f"a LoRA on a parameter): {listed}")
@@ -544,57 +326,10 @@ def _describe(entry: tuple[str, nn.Module, list[str]]) -> str:
     return f"{name} ({type(module).__name__}: {', '.join(stacked)})"
 
 
-def _names(items: Iterable[str], limit: int = 4) -> str:
-    items = list(items)
-    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit
-                                       else "")
-
-
-def _model_type(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "model_type", None)
-
-
-def default_target_modules(model: nn.Module, optional: bool = False) -> list[str] | str:
-    """PEFT's default LoRA targets for the model's type (what ``target_modules=None``
-    means in PEFT); with ``optional`` (there are ``target_parameters``), ``[]`` where PEFT
-    has none, as PEFT then adapts only the parameters."""
-    model_type = _model_type(model)
-    try:
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-    except ImportError as err:
-        raise ValueError("target_modules: None means PEFT's default targets for the model "
-                         "type, which needs peft installed; name the targets instead") from err
-    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-    if targets is None:
-        if optional:
-            return []
-        raise ValueError(f"target_modules: PEFT has no default targets for model type "
-                         f"{model_type!r} ({type(model).__name__}); name them")
-    return targets if isinstance(targets, str) else list(targets)
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
 def replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     """Puts ``layer`` where ``name`` is, in the training mode of the layer it replaces."""
     layer.train(model.get_submodule(name).training)
     model.set_submodule(name, layer)
-
-
-def model_embeddings(model: nn.Module, kind: str) -> nn.Module | None:
-    """A transformers model's ``get_input_embeddings()`` / ``get_output_embeddings()``
-    (``kind`` ``"input"`` / ``"output"``), None where it has none: not a transformers model,
-    or one that does not implement it (transformers' dual encoders, ``CLIPModel`` and
-    ``SiglipModel``, raise ``NotImplementedError``: two towers, two embeddings)."""
-    get = getattr(model, f"get_{kind}_embeddings", None)
-    if not callable(get):
-        return None
-    try:
-        return get()
-    except NotImplementedError:
-        return None
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -606,38 +341,14 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return compute_dtype(model)
 
 
-def _matches(name: str, target_modules: list[str] | str) -> bool:
-    if target_modules == "all-linear":
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def _kept_float(model: nn.Module, name: str) -> bool:
-    """Whether transformers keeps layer ``name`` unquantised when it quantises ``model``
-    (``_keep_in_fp32_modules``: T5's ``wo``, whose forward casts its input to the weight's
-    dtype), as fastpeft's ``base_dtype`` quantisation then does too."""
-    keep = [*(getattr(model, "_keep_in_fp32_modules", None) or ()),
-            *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]
-    dotted = f".{name}."
-    return any(f".{k}." in dotted for k in keep if isinstance(k, str) and k)
-
-
-def _output_layer(model: nn.Module) -> nn.Module | None:
-    """A transformers model's output layer (``lm_head``), which "all-linear" leaves out, as
-    PEFT's does (a target naming it adapts it)."""
-    return model_embeddings(model, "output")
-
-
 def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> None:
     """Several named LoRA adapters as :class:`MultiLoRALinear` layers (see :func:`inject`);
     everything is checked before anything changes."""
     if not configs:
         raise ValueError("config: an empty dict names no adapter")
     inside = {n for n, m in model.named_modules() if is_lora_layer(m)}
-    output_layer = _output_layer(model)
-    readers = _weight_readers(model)
+    output_layer = model_output_layer(model)
+    readers = weight_readers(model)
     read: dict[str, None] = {}  # left out by an "all-linear", in order
     plan: dict[str, list[tuple[str, LoraConfig]]] = {}  # layer name -> its new adapters
     for adapter, config in configs.items():
@@ -650,24 +361,24 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
                 f"config[{adapter!r}]: several adapters on one layer (MultiLoRALinear) take "
                 f"float nn.Linear / Conv1D layers: no base_dtype, no target_parameters")
         all_linear = config.target_modules == "all-linear"
-        config = _with_peft_targets(model, config)
+        config = with_peft_targets(model, config)
         if config.target_parameters:  # transformers 5 MoE: PEFT adapts the experts as parameters
             raise NotImplementedError(
                 f"config[{adapter!r}]: on {type(model).__name__}, PEFT adapts "
                 f"{config.target_parameters[:2]} as parameters (ParamWrapper), which "
                 f"MultiLoRALinear layers do not; name the linear layers in target_modules")
-        _unadapted_experts(model, config.target_modules, all_linear, [], inside)  # refusals
+        unadapted_experts(model, config.target_modules, all_linear, [], inside)  # refusals
         matched = []
         for name, module in model.named_modules():
-            if not _matches(name, config.target_modules) \
+            if not matches_targets(name, config.target_modules) \
                     or (all_linear and module is output_layer) \
-                    or _lora_ancestor(name, inside) not in (None, name):  # an adapter's own
+                    or lora_ancestor(name, inside) not in (None, name):  # an adapter's own
                 continue
             if name in readers and not isinstance(module, MultiLoRALinear) \
-                    and (all_linear or _peft_refuses(model, name)):
+                    and (all_linear or peft_refuses(model, name)):
                 if not all_linear:
                     raise ValueError(f"config[{adapter!r}]: "
-                                     + _weight_read_refusal([name], readers))
+                                     + weight_read_refusal([name], readers))
                 read.setdefault(name, None)
                 continue
             if isinstance(module, MultiLoRALinear):
@@ -676,7 +387,7 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
             elif is_lora_layer(module):
                 raise ValueError(f"target_modules: {name} carries a single LoRA adapter "
                                  f"already ({type(module).__name__})")
-            elif not _is_linear(module):
+            elif not is_linear(module):
                 continue
             elif hasattr(module, BOTTLENECK_CHILD):
                 raise ValueError(f"config: {name} has a bottleneck adapter already; inject "
@@ -707,7 +418,7 @@ def _inject_multi_lora(model: nn.Module, configs: Mapping[str, LoraConfig]) -> N
             layer.add_adapter(adapter, r, alpha, config.lora_dropout, config.use_rslora)
         layer.train(layer.training)  # the new adapters' modules too
     if read:  # one warning per call
-        warnings.warn("inject: " + _weight_read_note(list(read), readers, left_out=True),
+        warnings.warn("inject: " + weight_read_note(list(read), readers, left_out=True),
                       UserWarning, stacklevel=3)
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     if any("default" in m.lora_A for m in layers):
@@ -753,7 +464,7 @@ def _inject_bottleneck(model: nn.Module, config: BottleneckConfig) -> None:
     if missing:
         present = [p for p in config.placements if p not in missing]
         raise ValueError(f"model: found no {' or '.join(missing)} sublayers in "
-                         f"{type(model).__name__} (model type {_model_type(model)!r}) to place "
+                         f"{type(model).__name__} (model type {model_type_of(model)!r}) to place "
                          f"bottleneck adapters on"
                          + (f" (only {' and '.join(present)} ones)" if present else "")
                          + "; fastpeft.placement.BOTTLENECK_SITES lists the known layouts")

@@ -6,13 +6,14 @@ import warnings
 
 from torch import Tensor, nn
 
-from .inject import adapter_layers, is_lora_layer, model_embeddings
+from .inject import adapter_layers
 from .interop import inner_model, is_peft_model
 from .nn.int8_lora_linear import Int8LoRALinear, is_bnb
 from .nn.lora_linear import LoRALinear
 from .nn.multi_lora_linear import MultiLoRALinear
 from .nn.nf4_lora_linear import NF4LoRALinear
 from .nn.peft_lora import is_param_wrapper
+from .targets import is_lora_layer, model_embeddings
 
 __all__ = ["merge_and_unload"]
 

@@ -19,8 +19,9 @@ import torch
 from families import DECODERS, ENCODER_DECODERS, ENCODERS, FAMILIES, inputs, tiny
 
 import fastpeft
-from fastpeft.inject import adapter_layers, param_target_key
+from fastpeft.inject import adapter_layers
 from fastpeft.nn import peft_lora
+from fastpeft.targets import param_target_key
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

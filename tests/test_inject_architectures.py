@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 import fastpeft
-from fastpeft.inject import _expert_parameters, _model_dtype, adapter_layers
+from fastpeft.inject import _model_dtype, adapter_layers
 from fastpeft.nn import peft_lora
+from fastpeft.targets import expert_parameters
 
 transformers = pytest.importorskip("transformers")
 
@@ -216,13 +217,13 @@ def test_vit_all_linear_is_peft_and_not_experts(peft_state, monkeypatch):
 
 
 def test_expert_parameters_are_moe_experts_only():
-    """_expert_parameters: transformers 5's stacked experts (Mixtral, Llama 4), never ViT's
+    """expert_parameters: transformers 5's stacked experts (Mixtral, Llama 4), never ViT's
     embeddings or SigLIP's pooling probe."""
     vit_model = vit()
-    assert _expert_parameters(vit_model.vit.embeddings) == []
+    assert expert_parameters(vit_model.vit.embeddings) == []
     if hasattr(transformers, "SiglipVisionModel"):
         siglip = build("SiglipVisionConfig", "SiglipVisionModel", **_VISION)
-        assert all(_expert_parameters(m) == [] for m in siglip.modules())
+        assert all(expert_parameters(m) == [] for m in siglip.modules())
     try:
         llama4 = importlib.import_module("transformers.models.llama4.modeling_llama4")
     except ImportError:  # transformers < 4.51
@@ -232,7 +233,7 @@ def test_expert_parameters_are_moe_experts_only():
         config = transformers.Llama4TextConfig(
             hidden_size=32, intermediate_size=48, num_local_experts=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8)
-        assert sorted(_expert_parameters(experts(config))) == ["down_proj", "gate_up_proj"]
+        assert sorted(expert_parameters(experts(config))) == ["down_proj", "gate_up_proj"]
 
     class Experts(nn.Module):  # 3-D parameters of a module named for its experts
         def __init__(self):
@@ -241,11 +242,11 @@ def test_expert_parameters_are_moe_experts_only():
             self.down_proj = nn.Parameter(torch.zeros(4, 8, 8))
             self.bias = nn.Parameter(torch.zeros(4, 8))
 
-    assert _expert_parameters(Experts()) == ["gate_up_proj", "down_proj"]
+    assert expert_parameters(Experts()) == ["gate_up_proj", "down_proj"]
     odd = nn.Module()
     odd.gate_up_proj = nn.Parameter(torch.zeros(4, 16, 8))
     odd.probe = nn.Parameter(torch.zeros(1, 1, 8))
-    assert _expert_parameters(odd) == ["gate_up_proj"]
+    assert expert_parameters(odd) == ["gate_up_proj"]
 
 
 # --- bug 7: layers whose weight the model reads -----------------------------------------
