@@ -161,3 +161,49 @@ def test_attention_sinks_refused():
     # nothing half-done: the model is untouched
     assert not any(isinstance(m, fastpeft.nn.AdaptedAttention) for m in model.modules())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_left_padded_training_matches_peft(attn):
+    """A left-padded batch with labels = the ids (pads -100): the last padding position's
+    logits predict the first real token, so what a padded query row's attention gives
+    reaches the loss. Eager attention averages the masked keys there (its softmax over
+    equal scores), sdpa's bool mask gives nothing: fastpeft's adapters give PEFT's loss and
+    gradients with either."""
+    peft = pytest.importorskip("peft")
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval()
+    reference = peft.get_peft_model(base, peft.AdaptionPromptConfig(
+        adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "adaption_gate" in name:
+                p.fill_(0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fastpeft.from_peft(copy.deepcopy(reference))
+    ids = token_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for model in (reference, fused):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad for n, p in model.named_parameters()
+                                            if "adaption_prompt" in n]))
+    (loss, grads), (loss_fp, grads_fp) = results
+    torch.testing.assert_close(loss_fp, loss, rtol=1e-6, atol=1e-6)
+    assert len(grads) == len(grads_fp) == 2
+    if attn == "sdpa" and int(transformers.__version__.split(".")[0]) < 5:
+        # transformers 4 gives sdpa an additive mask: for a row of minimums torch's CPU
+        # SDPA returns the mean of the values, as eager does, but its backward takes every
+        # probability as 1 (its logsumexp, the minimum plus log N, rounds to the minimum),
+        # N times eager's gradient there; fastpeft's is eager's
+        return
+    for g_fp, g in zip(grads_fp, grads, strict=True):
+        torch.testing.assert_close(g_fp, g, rtol=1e-4, atol=1e-6)

@@ -675,6 +675,45 @@ def test_generate_with_adaption_prompt(attn):
     torch.testing.assert_close(logits[:, ids.shape[1] - 1:-1], steps, atol=1e-4, rtol=1e-4)
 
 
+def test_generate_projects_the_prompt_once_per_layer(base):
+    """Without gradients the prompt's keys and values are kept between calls (generation
+    projects the same prompt at every step): k_proj sees the prompt once per layer over a
+    whole generate(), and again after the prompt or a projection changes; with gradients,
+    at every call. The tokens are those of a model that projects it every time."""
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.AdaptionPromptConfig(
+        adapter_len=4, adapter_layers=2))
+    perturb(model, "adaption_gate", std=2.0)
+    adapted = [m for m in model.modules() if isinstance(m, fastpeft.nn.AdaptedAttention)]
+    prompt_len = adapted[0].adapter_len
+    seen = []
+    for layer in adapted:
+        layer.model.k_proj.register_forward_hook(
+            lambda mod, args, out: seen.append(args[0].shape[1] == prompt_len
+                                                and args[0].shape[0] == 1))
+    ids = torch.randint(1, 101, (2, 6))
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    tokens = model.generate(input_ids=ids, **kwargs)
+    assert sum(seen) == len(adapted)
+    unkept = copy.deepcopy(model)
+    for layer in unkept.modules():
+        if isinstance(layer, fastpeft.nn.AdaptedAttention):
+            layer._prompt_modules = lambda: None  # projected at every call
+    assert unkept.generate(input_ids=ids, **kwargs).tolist() == tokens.tolist()
+    seen.clear()
+    with torch.no_grad():
+        adapted[0].adaption_prompt.mul_(3.0)  # in place: the version moves
+        adapted[-1].model.v_proj.weight.add_(0.5)
+    changed = model.generate(input_ids=ids, **kwargs)
+    assert sum(seen) == len(adapted)
+    unkept.load_state_dict(model.state_dict())
+    assert unkept.generate(input_ids=ids, **kwargs).tolist() == changed.tolist()
+    seen.clear()
+    model.train()
+    for _ in range(2):
+        model(input_ids=ids).logits.sum().backward()
+    assert sum(seen) == 2 * len(adapted)
+
+
 def test_adapted_attention_compiles_fullgraph():
     base = tiny_llama(layers=1)
     model = fastpeft.inject(base, fastpeft.AdaptionPromptConfig(adapter_len=3))

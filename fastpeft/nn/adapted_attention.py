@@ -16,6 +16,7 @@ from .. import reference
 from .._warn import warn_once
 from ..ops._checks import check_float_dtype, check_positive_int
 from ..ops.gated_prefix_attention import gated_prefix_attention
+from ._kept import outside_inference_mode, weights_key
 from .lora_linear import autocast_dtype
 
 __all__ = ["AdaptedAttention", "compute_dtype"]
@@ -58,8 +59,9 @@ class AdaptedAttention(nn.Module):
     runs the unfused attention with exactly that mask. Sliding windows shorter than the
     keys, static caches, logit soft-capping, attention sinks, attention dropout and
     attention weights as an output are refused. A query whose sequence keys are all masked
-    (a left-padding position) gets only the prompt part, where eager attention would
-    average the masked keys; such positions are padding, their outputs unused.
+    (a left-padding position) gets what the wrapped attention gives it besides the prompt
+    part (:func:`keyless_rows`): eager attention's average of the masked keys; nothing from
+    sdpa with a bool mask.
 
     Args:
         attn: the attention module to wrap (its parameters stay as they are).
@@ -179,14 +181,11 @@ class AdaptedAttention(nn.Module):
         batch, m, embed = hidden_states.shape
         q = attn.c_attn(hidden_states)[..., :embed]
         q = q.view(batch, m, self.num_heads, self.head_dim).transpose(1, 2)
-        prompt = self.adaption_prompt.to(hidden_states.dtype)
-        _, prefix_k, prefix_v = attn.c_attn(prompt).split(embed, dim=2)
-        heads = (1, -1, self.num_heads, self.head_dim)
+        prefix_k, prefix_v = self._prompt_keys_values(hidden_states)
         q, prefix_k, prefix_v = _in_compute_dtype(hidden_states, q, prefix_k, prefix_v)
         none = q.new_empty(batch, self.num_heads, 0, self.head_dim)  # no sequence keys
         out = gated_prefix_attention(
-            q, none, none, prefix_k.view(heads).transpose(1, 2),
-            prefix_v.view(heads).transpose(1, 2), self.adaption_gate.to(q.dtype),
+            q, none, none, prefix_k, prefix_v, self.adaption_gate.to(q.dtype),
             causal=False, scale=self.scaling, gate_tanh=self.gate_tanh)
         out = out.transpose(1, 2).reshape(batch, m, embed)
         return (outputs[0] + out, *outputs[1:])
@@ -230,10 +229,7 @@ class AdaptedAttention(nn.Module):
             raise NotImplementedError(
                 f"sliding_window: {n} keys exceed the model's sliding window of "
                 f"{self.sliding_window}; the fused attention has no sliding window")
-        # the prompt's keys and values: the layer's projections (and key norm), no rotary
-        prompt = self.adaption_prompt.to(hidden_states.dtype)
-        pk = _heads(attn.k_proj(prompt), getattr(attn, "k_norm", None), self.head_dim)
-        pv = _heads(attn.v_proj(prompt), None, self.head_dim)
+        pk, pv = self._prompt_keys_values(hidden_states)
         q, k, v, pk, pv = _in_compute_dtype(hidden_states, q, k, v, pk, pv)
         gate = self.adaption_gate.to(q.dtype)
         key_padding, visible = mask_parts(attention_mask, m, n)
@@ -241,6 +237,7 @@ class AdaptedAttention(nn.Module):
             out = gated_prefix_attention(q, k, v, pk, pv, gate, causal=True,
                                          scale=self.scaling, gate_tanh=self.gate_tanh,
                                          key_padding_mask=key_padding)
+            out = keyless_rows(out, q, k, v, attention_mask, key_padding, self.scaling)
         else:  # a mask the fused kernels do not take (packed sequences, bidirectional image
             # tokens): the unfused form, with exactly that mask, as transformers' attention
             # applies it; it holds the causal part already, and adding one would hide later
@@ -256,6 +253,74 @@ class AdaptedAttention(nn.Module):
         # as many results as the wrapped layer returns (some families in transformers 4.x
         # return the cache third): no attention weights, the cache updated in place
         return (out, None, past_key_values)[:self._arity]
+
+    def _project_prompt(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        """The prompt's keys and values ``(1, kv heads, P, head_dim)``: the layer's own
+        projections (and key norm) of the prompt in the activations' dtype, no rotary."""
+        attn = self.model
+        prompt = self.adaption_prompt.to(hidden_states.dtype)
+        if self.gpt2:
+            embed = prompt.shape[-1]
+            _, pk, pv = attn.c_attn(prompt).split(embed, dim=2)
+            heads = (1, -1, self.num_heads, self.head_dim)
+            return pk.view(heads).transpose(1, 2), pv.view(heads).transpose(1, 2)
+        return (_heads(attn.k_proj(prompt), getattr(attn, "k_norm", None), self.head_dim),
+                _heads(attn.v_proj(prompt), None, self.head_dim))
+
+    def _prompt_keys_values(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_project_prompt`, kept between calls without gradients (generation
+        projects the same prompt at every step, once per layer): kept under what they
+        depend on, the data pointer, version, dtype, device, shape and strides of the
+        prompt and of the projections' parameters and buffers, the activations' dtype and
+        autocast's. Only where the projections are plain layers (``nn.Linear``, GPT-2's
+        ``Conv1D``), whose output depends on nothing else (a LoRA layer on ``k_proj``
+        depends on its scaling and dropout too)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._project_prompt(hidden_states)
+        modules = self._prompt_modules()
+        if modules is None:
+            return self._project_prompt(hidden_states)
+        tensors = [self.adaption_prompt, *(t for m in modules for t in m.parameters()),
+                   *(t for m in modules for t in m.buffers())]
+        weights = weights_key(tensors)
+        if weights is None:  # inference tensors: no versions to tell a change by
+            return self._project_prompt(hidden_states)
+        key = (hidden_states.dtype, autocast_dtype(hidden_states), weights)
+        kept = self.__dict__.get("_fastpeft_prompt_kv")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        with outside_inference_mode():  # (inference tensors could not be saved later)
+            keys_values = self._project_prompt(hidden_states)
+        # the storages kept with the key: while they live no other tensor takes their
+        # addresses, so an equal key is never a new tensor at an old address
+        storages = tuple(t.untyped_storage() for t in tensors)
+        self.__dict__["_fastpeft_prompt_kv"] = (key, keys_values, storages)
+        return keys_values
+
+    def _prompt_modules(self) -> list[nn.Module] | None:
+        """The modules the prompt's projection runs, None where one of them is more than
+        a plain linear layer (or norm without submodules)."""
+        attn = self.model
+        if self.gpt2:
+            projections = [attn.c_attn]
+            plain = type(attn.c_attn).__name__ == "Conv1D"
+        else:
+            projections = [attn.k_proj, attn.v_proj]
+            plain = all(type(m) is nn.Linear for m in projections)
+        norm = getattr(attn, "k_norm", None)
+        if isinstance(norm, nn.Module) and not self.gpt2:
+            plain = plain and next(norm.children(), None) is None
+            projections.append(norm)
+        return projections if plain else None
+
+    def __getstate__(self) -> dict:
+        # (the kept prompt keys and values are made again on the first call)
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k != "_fastpeft_prompt_kv"}
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_fastpeft_prompt_kv", None)
+        return super()._apply(fn, recurse)
 
     def __getattr__(self, name: str):
         """Attributes the model code reads on its attention (``is_sliding``,
@@ -353,9 +418,9 @@ def mask_parts(attention_mask: Tensor | None, m: int,
     row, no ``attention_mask``: Hugging Face's padding-free collators and TRL's
     ``padding_free``), or any other pattern. The rows of padded queries (their own key
     padded, and seeing no key or, after sdpa's fix for such rows, every key) are not
-    compared: their outputs are never read. Under ``torch.compile``, which cannot branch
-    on the mask's values inside a graph, the fused kernels run and any other mask raises
-    a RuntimeError when the compiled code runs."""
+    compared: :func:`keyless_rows` gives them what the wrapped attention does. Under
+    ``torch.compile``, which cannot branch on the mask's values inside a graph, the fused
+    kernels run and any other mask raises a RuntimeError when the compiled code runs."""
     key_padding = key_padding_from_mask(attention_mask, n)
     if key_padding is None:
         return None, None
@@ -387,6 +452,43 @@ def _warn_unfused_once() -> None:
     warn_once("unfused attention", "fastpeft: an adaption prompt's attention got a mask other "
               "than causal with key padding (packed sequences, or a custom mask): it runs the "
               "unfused attention there", stacklevel=4)
+
+
+def keyless_rows(out: Tensor, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None,
+                 key_padding: Tensor | None, scale: float) -> Tensor:
+    """``out`` (B, H, M, D) of the fused attention, plus what the wrapped attention gives
+    the queries that see no sequence key there (left-padding positions): the fused kernels
+    give them none, while eager attention (and sdpa with an additive mask) adds the
+    dtype's minimum to each of their scores, so that their softmax is uniform over the
+    keys, and sdpa's fix for such rows lets them see every key. Their outputs matter in
+    training: the last padding position's logits predict the first token. An all-False
+    bool row gets nothing, as from sdpa. Eager only (under torch.compile, which cannot
+    branch on the mask, such rows keep the prompt part alone)."""
+    if key_padding is None or attention_mask is None or torch.compiler.is_compiling():
+        return out
+    b, m, n = q.shape[0], q.shape[2], k.shape[2]
+    # (B, M): no unpadded key up to the query's own (a mask may broadcast over the batch)
+    keyless = (key_padding.cumsum(-1)[:, n - m:] == 0).expand(b, m)
+    rows = attention_mask[:, 0, -m:, :n].expand(b, m, n)
+    if rows.dtype == torch.bool:
+        keyless &= rows.any(-1)
+    batch, query = keyless.nonzero(as_tuple=True)
+    if batch.numel() == 0:
+        return out
+    group = q.shape[1] // k.shape[1]
+    keys = k[batch].repeat_interleave(group, dim=1)  # (R, H, N, D)
+    values = v[batch].repeat_interleave(group, dim=1)
+    # as eager attention computes them: scores in the activations' dtype, the mask added,
+    # softmax in float32
+    scores = torch.einsum("rhd,rhnd->rhn", q[batch, :, query], keys) * scale
+    mask = rows[batch, query][:, None, :]
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    part = torch.einsum("rhn,rhnd->rhd", weights, values)
+    return out.transpose(1, 2).index_put((batch, query), part, accumulate=True).transpose(1, 2)
 
 
 def key_padding_from_mask(attention_mask: Tensor | None, n: int) -> Tensor | None:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .. import _backend
 from ..ops._checks import check_positive_int
 from ..ops.multi_lora_linear import multi_lora_linear
+from ._kept import outside_inference_mode, weights_key
 from .lora_linear import autocast_dtype, check_linear_base, is_conv1d, linear_weight
 
 __all__ = ["BASE", "MultiLoRALinear", "check_adapter_name", "per_row_ids",
@@ -103,7 +104,7 @@ class MultiLoRALinear(nn.Module):
             keys = tuple(self._modules["lora_A"]._modules)
             index = {a: i for i, a in enumerate(keys)}
             listed = (names,) if isinstance(names, str) else names
-            with _outside_inference_mode():
+            with outside_inference_mode():
                 # (ids made in inference mode could not be saved by a later backward)
                 ids = torch.tensor([index.get(a, -1) for a in listed], dtype=torch.int64,
                                    device=linear_weight(self.base_layer).device)
@@ -201,7 +202,7 @@ class MultiLoRALinear(nn.Module):
         if cached is None or cached[0] != key:
             index = {a: i for i, a in enumerate(self.lora_A.keys())}
             keep = not torch.compiler.is_compiling()
-            with _outside_inference_mode() if keep else contextlib.nullcontext():
+            with outside_inference_mode() if keep else contextlib.nullcontext():
                 # (kept ids made in inference mode could not be saved by a later backward)
                 ids = torch.tensor([index.get(a, -1) for a in names], dtype=torch.int64,
                                    device=x.device)
@@ -400,11 +401,11 @@ def stack_adapters_cached(owner: nn.Module, lora_A: Sequence[Tensor], lora_B: Se
     if (torch.is_grad_enabled() and any(w.requires_grad for w in weights)) \
             or torch.compiler.is_compiling():  # (compiled: the graph stacks them itself)
         return stack_adapters(lora_A, lora_B, scaling, dtype)
-    weights_key = _weights_key(weights)
-    if weights_key is None:  # inference tensors: no versions to tell a change by
+    words = weights_key(weights)
+    if words is None:  # inference tensors: no versions to tell a change by
         return stack_adapters(lora_A, lora_B, scaling, dtype)
     # (the scalings copied, as floats: one changed in place is seen)
-    key = (dtype, tuple(map(float, scaling)), weights_key)
+    key = (dtype, tuple(map(float, scaling)), words)
     cached = owner.__dict__.get("_fastpeft_stack")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -425,34 +426,12 @@ def _keep_stack(owner: nn.Module, key: object, lora_A: Sequence[Tensor],
     """A new stack, kept on ``owner`` under ``key`` with the weights' storages: while they
     live no other tensor can take their addresses, so an equal key is never a new weight
     at an old address."""
-    with torch.no_grad(), _outside_inference_mode():
+    with torch.no_grad(), outside_inference_mode():
         # (a stack made in inference mode could not be saved by a later call's backward)
         stack = stack_adapters(lora_A, lora_B, scaling, dtype)
     storages = tuple(w.untyped_storage() for w in (*lora_A, *lora_B))
     owner.__dict__["_fastpeft_stack"] = (key, stack, storages)
     return stack
-
-
-def _outside_inference_mode() -> contextlib.AbstractContextManager:
-    """Inference mode off for what is kept between calls: tensors made in it are inference
-    tensors, which a later call outside it cannot save for backward."""
-    return torch.inference_mode(False) if torch.is_inference_mode_enabled() \
-        else contextlib.nullcontext()
-
-
-def _weights_key(weights: list[Tensor]) -> object:
-    """What the cached stack depends on in ``weights``: each one's data pointer, version
-    (bumped by every in-place write but those through ``.data``), dtype, device, shape and
-    strides; None (no caching) for inference tensors, which have no version. One C++ call
-    where the compiled kernels are loaded (this lookup is on every serving call's path),
-    else the same in Python."""
-    native = _backend.native_module
-    if native is not None:
-        return native.weights_key(weights)
-    if any(w.is_inference() for w in weights):
-        return None
-    return [(w.data_ptr(), w._version, w.dtype, w.device, w.shape, w.stride())
-            for w in weights]
 
 
 def per_row_ids(adapter_names: Sequence[str], adapters: Sequence[str], x: Tensor) -> Tensor:
