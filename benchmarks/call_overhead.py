@@ -1,6 +1,7 @@
 """The fixed cost of one call of the fused layers: a 64 -> 64 layer at T = 1, where the
 kernels take a few microseconds and the rest is the Python, the dispatcher and autograd
-around them. Decode steps pay it once per projection and token.
+around them. Decode steps pay it once per projection and token. The bottleneck adapter
+(64 -> 8 -> 64) comes with the unfused composition it replaces, "(unfused)".
 
     python benchmarks/call_overhead.py            # this checkout's fastpeft
     python benchmarks/call_overhead.py --cold --runs 300
@@ -74,6 +75,14 @@ def main() -> None:
         layers["MultiLoRALinear"] = multi
         ids = torch.zeros(1, dtype=torch.int64)
         calls["MultiLoRALinear"] = lambda: multi(x, adapter_ids=ids)
+    # a Houlsby adapter of 64 -> 8 -> 64, and the unfused composition it replaces
+    bottleneck = fastpeft.BottleneckAdapter(64, 8, "silu", scaling=0.5)
+    torch.nn.init.normal_(bottleneck.up_weight, std=0.02)
+    layers["BottleneckAdapter"] = layers["(unfused)"] = bottleneck
+    calls["BottleneckAdapter"] = lambda: bottleneck(x)
+    calls["(unfused)"] = lambda: fastpeft.reference.bottleneck_adapter(
+        x, bottleneck.down_weight, bottleneck.down_bias, bottleneck.up_weight,
+        bottleneck.up_bias, activation="silu", scaling=0.5)
     flush = _flush_buffer() if args.cold else None
     print(f"fastpeft from {fastpeft.__file__}, torch {torch.__version__}, "
           f"{args.threads} threads; median of {args.runs} calls, microseconds"
@@ -82,7 +91,7 @@ def main() -> None:
         layers[name].train()
         forward = _median_us(call, args.runs, flush)
         full = _median_us(lambda call=call: call().sum().backward(), args.runs, flush)
-        print(f"{name:16s} forward {forward:7.1f}   forward+backward {full:7.1f}")
+        print(f"{name:17s} forward {forward:7.1f}   forward+backward {full:7.1f}")
 
 
 if __name__ == "__main__":

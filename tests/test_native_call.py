@@ -216,3 +216,138 @@ def test_out_of_range_ids_are_refused_on_this_path():
 def test_declines_when_the_kernels_lack_it(monkeypatch):
     monkeypatch.setattr(_backend, "native_module", None)
     assert _backend.native_call("lora_linear") is _backend._declined
+
+
+# --- the bottleneck adapter ------------------------------------------------------------------
+# bottleneck_adapter_call takes the public function's arguments positionally: x, down_weight,
+# down_bias, up_weight, up_bias, activation, residual, scaling, ln_weight, ln_bias, ln_eps.
+
+D, M = 24, 6
+BOTTLENECK_CASES = {"plain": {}, "layer norm": {"ln": True}, "residual": {"residual": True},
+                    "no biases": {"bias": False}, "bf16": {"dtype": torch.bfloat16},
+                    "gelu_tanh + all": {"activation": "gelu_tanh", "ln": True,
+                                        "residual": True}}
+
+
+def _bottleneck_args(lead: tuple[int, ...], dtype=torch.float32, ln=False, residual=False,
+                     bias=True, activation="silu") -> list:
+    def rg(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_()
+
+    return [rg(*lead, D), rg(M, D, scale=D**-0.5), rg(M) if bias else None,
+            rg(D, M, scale=M**-0.5), rg(D) if bias else None, activation,
+            rg(*lead, D) if residual else None, 0.5, rg(D) if ln else None,
+            rg(D) if ln else None, 1e-5]
+
+
+def _bottleneck_public(args: list) -> torch.Tensor:
+    x, dw, db, uw, ub, act, res, s, lw, lb, eps = args
+    return fastpeft.bottleneck_adapter(x, dw, db, uw, ub, activation=act, residual=res,
+                                       scaling=s, ln_weight=lw, ln_bias=lb, ln_eps=eps)
+
+
+def _bottleneck_module():
+    return importlib.import_module("fastpeft.ops.bottleneck_adapter")
+
+
+@pytest.mark.parametrize("case", BOTTLENECK_CASES)
+@pytest.mark.parametrize("lead", [(), (1,), (5,), (2, 3)], ids=str)
+def test_bottleneck_same_as_the_python_path(lead, case, monkeypatch):
+    args = _bottleneck_args(lead, **BOTTLENECK_CASES[case])
+    leaves = [a for a in args if isinstance(a, torch.Tensor)]
+    assert _backend.native_call("bottleneck_adapter")(*args) is not None, "declined"
+    outputs = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(_bottleneck_module(), "_NATIVE_CALL", _backend._declined)
+        y = _bottleneck_public(args)
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+        outputs.append((y.detach(), grads))
+    (y, grads), (y_py, grads_py) = outputs
+    assert y.shape == y_py.shape == (*lead, D)
+    assert torch.equal(y, y_py)
+    for g, g_py in zip(grads, grads_py, strict=True):
+        assert torch.equal(g, g_py)
+
+
+def test_bottleneck_the_public_function_and_the_module_take_it(monkeypatch):
+    calls = []
+    native = _backend.native_call("bottleneck_adapter")
+
+    def spy(*args):
+        y = native(*args)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(_bottleneck_module(), "_NATIVE_CALL", spy)
+    _bottleneck_public(_bottleneck_args((3,)))
+    layer = fastpeft.BottleneckAdapter(D, M, "silu", layer_norm=True)
+    layer(torch.randn(2, 3, D))
+    assert calls == [True, True]
+    with fastpeft.use_backend("reference"):  # not the native ops: not asked
+        _bottleneck_public(_bottleneck_args((3,)))
+    assert calls == [True, True]
+
+
+def test_bottleneck_declines_every_unusual_call():
+    native = _backend.native_call("bottleneck_adapter")
+    base = _bottleneck_args((3,), ln=True, residual=True)
+    variants = {
+        "x as a subclass": (0, base[0].detach().as_subclass(_Sub)),
+        "x of the wrong width": (0, torch.randn(3, D + 1)),
+        "x in float64 against float32 weights": (0, torch.randn(3, D, dtype=torch.float64)),
+        "empty x": (0, torch.randn(0, D)),
+        "x on the meta device": (0, torch.randn(3, D, device="meta")),
+        "down_weight without rows": (1, torch.randn(0, D)),
+        "down_weight 1-D": (1, torch.randn(D)),
+        "down_bias of the wrong length": (2, torch.randn(M + 1)),
+        "up_weight transposed": (3, torch.randn(M, D)),
+        "up_bias of the wrong length": (4, torch.randn(D - 1)),
+        "an unknown activation": (5, "tanh"),
+        "activation not a str": (5, None),
+        "residual of another shape": (6, torch.randn(2, D)),
+        "residual of another dtype": (6, torch.randn(3, D, dtype=torch.float64)),
+        "scaling an int": (7, 2),
+        "scaling infinite": (7, float("inf")),
+        "ln_weight of the wrong length": (8, torch.randn(D + 2)),
+        "ln_bias without ln_weight": (8, None),
+        "ln_eps zero": (10, 0.0),
+        "ln_eps an int": (10, 1),
+    }
+    for name, (i, value) in variants.items():
+        args = list(base)
+        args[i] = value
+        assert native(*args) is None, name
+    assert native(*base[:-1]) is None, "one argument short"
+    assert native(*base) is not None
+
+
+def test_bottleneck_declined_bad_arguments_are_still_named():
+    args = _bottleneck_args((3,))
+    args[3] = torch.randn(M, D)  # up_weight transposed
+    with pytest.raises(ValueError, match="up_weight"):
+        _bottleneck_public(args)
+    args = _bottleneck_args((3,))
+    args[9] = torch.randn(D)  # ln_bias without ln_weight
+    with pytest.raises(ValueError, match="ln_bias"):
+        _bottleneck_public(args)
+
+
+def test_bottleneck_autograd_gives_each_subset_its_gradients():
+    """The C++ autograd (csrc/bottleneck_autograd.cpp): each tensor that requires grad gets
+    the reference's gradient and the others none, whichever optional tensors are given."""
+    torch.manual_seed(0)
+    full = _bottleneck_args((4,), dtype=torch.float64, ln=True, residual=True)
+    tensors = [i for i, a in enumerate(full) if isinstance(a, torch.Tensor)]
+    for mask in range(1, 1 << len(tensors), 7):
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in full]
+        wanted = [i for k, i in enumerate(tensors) if mask >> k & 1]
+        for i in wanted:
+            args[i].requires_grad_()
+        leaves = [args[i] for i in wanted]
+        y = _bottleneck_public(args)
+        got = torch.autograd.grad(y, leaves, torch.ones_like(y))
+        with fastpeft.use_backend("reference"):
+            want = torch.autograd.grad(_bottleneck_public(args), leaves, torch.ones_like(y))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)

@@ -485,20 +485,41 @@ for name, call in calls.items():
     for got, want in zip(grads["triton"], grads["reference"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     print(name, "ok")
+# the bottleneck adapter's Python formulas (its C++ autograd is the library's too), with a
+# layer norm and a residual of its own, then without either
+bottleneck = [torch.randn(shape, generator=g) for shape in
+              [(5, 8), (3, 8), (3,), (8, 3), (8,), (8,), (8,), (5, 8)]]
+for ln in (True, False):
+    grads = {}
+    for backend in ("triton", "reference"):
+        ts = [t.clone().requires_grad_() for t in bottleneck]
+        x, dw, db, uw, ub, lw, lb, res = ts
+        with fastpeft.use_backend(backend):
+            y = fastpeft.bottleneck_adapter(
+                x, dw, db, uw, ub, activation="silu", scaling=0.5,
+                residual=res if ln else None, ln_weight=lw if ln else None,
+                ln_bias=lb if ln else None)
+            y.square().sum().backward()
+        grads[backend] = [y.detach()] + [t.grad for t in ts]
+    for got, want in zip(grads["triton"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+print("bottleneck_adapter", "ok")
 """
 
 
 def test_linear_ops_train_on_triton_without_the_compiled_library():
     """Where fastpeft._C could not be built (and so the LoRA linear ops' C++ autograd is
     missing), their Triton variants still run, with the same convention's Python autograd
-    (_library._linear_fallback): output and every gradient as the reference's."""
+    (_library._linear_fallback): output and every gradient as the reference's; so does the
+    bottleneck adapter's, with its spec's Python formulas."""
     pytest.importorskip("triton")
     env = dict(os.environ, FASTPEFT_NO_JIT="1", TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", _FALLBACK],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["lora_linear", "ok", "int8_lora_linear", "ok",
-                                  "nf4_lora_linear", "ok", "multi_lora_linear", "ok"]
+                                  "nf4_lora_linear", "ok", "multi_lora_linear", "ok",
+                                  "bottleneck_adapter", "ok"]
 
 
 def test_double_backward_names_the_op():

@@ -1,23 +1,26 @@
-// The usual eager CPU call of the LoRA linear ops, in one step of C++:
+// The usual eager CPU call of the LoRA linear ops and the bottleneck adapter, in one step
+// of C++:
 //
 //   fastpeft._C.<op>_call(<the public function's arguments>) -> y, or None
 //
-// for lora_linear, int8_lora_linear, nf4_lora_linear and multi_lora_linear. None means
-// "not the usual call": the public function (fastpeft/ops/<op>.py) then runs its Python
-// path, which checks every argument and names a bad one, and takes every case this leaves
-// out. It asks here only when it is not being compiled and the backend in force runs CPU
-// tensors on the native ops (fastpeft._backend.eager_native).
+// for lora_linear, int8_lora_linear, nf4_lora_linear, multi_lora_linear and
+// bottleneck_adapter. None means "not the usual call": the public function
+// (fastpeft/ops/<op>.py) then runs its Python path, which checks every argument and names
+// a bad one, and takes every case this leaves out. It asks here only when it is not being
+// compiled and the backend in force runs CPU tensors on the native ops
+// (fastpeft._backend.eager_native).
 //
 // The usual call: every tensor exactly a torch.Tensor or nn.Parameter (a subclass may
 // override torch functions) and on the CPU, with the dtypes, shapes and devices the Python
 // checks accept and no empty one; scaling a finite Python float (a float32 tensor of one
 // per adapter for multi_lora_linear), dropout_p a float in [0, 1), training a bool; no
-// torch.func transform and no torch function mode in force. For it this does what the
-// Python path does: it draws the dropout seed as draw_seed does (the same torch.randint on
-// the same generator, so torch.manual_seed gives the same masks on both paths), flattens
-// x to (rows, in), calls the registered op through the dispatcher (its C++ autograd,
-// dispatch modes and the profiler as for a call from Python) and gives y x's leading
-// dimensions back.
+// torch.func transform and no torch function mode in force (for the bottleneck adapter: an
+// activation it knows, ln_eps a positive finite float, ln_bias only with ln_weight). For
+// it this does what the Python path does: it draws the dropout seed as draw_seed does (the
+// same torch.randint on the same generator, so torch.manual_seed gives the same masks on
+// both paths), flattens x to (rows, in), calls the registered op through the dispatcher
+// (its C++ autograd, dispatch modes and the profiler as for a call from Python) and gives
+// y x's leading dimensions back.
 //
 // Why: a decode step calls these ops once per projection and token, and a layer inside a
 // model finds its caches cold. There the Python around the op (the checks, torch.randint
@@ -38,6 +41,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -301,6 +305,61 @@ PyObject* multi_lora_linear_call(PyObject* /*self*/, PyObject* const* args, Py_s
     const at::Tensor flat_ids = x.dim() == 2 ? ids.contiguous() : ids.reshape(-1).contiguous();
     return with_leading(std::get<0>(op.call(rows_of(x), base_weight(w), bias, a.contiguous(),
                                             b.contiguous(), s.contiguous(), flat_ids, p, seed)),
+                        x);
+  });
+  END_HANDLE_TH_ERRORS
+}
+
+// bottleneck_adapter_call(x, down_weight, down_bias, up_weight, up_bias, activation,
+// residual, scaling, ln_weight, ln_bias, ln_eps): the public function's arguments in its
+// order, its keywords given positionally.
+PyObject* bottleneck_adapter_call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 11 || !plain_context()) Py_RETURN_NONE;
+  const at::Tensor* wd = cpu_tensor(args[1]);
+  const at::Tensor* wu = cpu_tensor(args[3]);
+  const at::Tensor* x;
+  if (wd == nullptr || wu == nullptr || wd->dim() != 2 || wd->size(0) < 1 ||
+      !read_x(args[0], wd->size(1), x))
+    Py_RETURN_NONE;
+  const int64_t m = wd->size(0), d = wd->size(1);
+  const at::ScalarType dtype = x->scalar_type();
+  OptTensor down_bias, up_bias, ln_weight, ln_bias, residual;
+  double scaling, ln_eps;
+  if (wd->scalar_type() != dtype || wu->sizes() != at::IntArrayRef{d, m} ||
+      wu->scalar_type() != dtype || !read_bias(args[2], m, dtype, down_bias) ||
+      !read_bias(args[4], d, dtype, up_bias) || !read_float(args[7], scaling) ||
+      !std::isfinite(scaling) || !read_bias(args[8], d, dtype, ln_weight) ||
+      !read_bias(args[9], d, dtype, ln_bias) || (ln_bias && !ln_weight) ||
+      !read_float(args[10], ln_eps) || !(ln_eps > 0.0) || !std::isfinite(ln_eps))
+    Py_RETURN_NONE;
+  if (args[6] != Py_None) {
+    const at::Tensor* r = cpu_tensor(args[6]);
+    if (r == nullptr || r->sizes() != x->sizes() || r->scalar_type() != dtype) Py_RETURN_NONE;
+    residual = *r;
+  }
+  // ACTIVATIONS in fastpeft/reference.py
+  if (!PyUnicode_CheckExact(args[5])) Py_RETURN_NONE;
+  Py_ssize_t size = 0;
+  const char* chars = PyUnicode_AsUTF8AndSize(args[5], &size);
+  if (chars == nullptr) {
+    PyErr_Clear();  // not UTF-8 encodable: no activation's name
+    Py_RETURN_NONE;
+  }
+  const std::string activation(chars, static_cast<size_t>(size));
+  if (activation != "relu" && activation != "gelu" && activation != "gelu_tanh" &&
+      activation != "silu")
+    Py_RETURN_NONE;
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+      const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, c10::string_view,
+      double, double);
+  static const auto op = find_op<Sig>("fastpeft::bottleneck_adapter");
+  return run([&, x = *x, wd = *wd, wu = *wu] {
+    const OptTensor res = residual ? OptTensor(rows_of(*residual)) : std::nullopt;
+    return with_leading(std::get<0>(op.call(rows_of(x), wd.contiguous(), down_bias,
+                                            wu.contiguous(), up_bias, res, ln_weight, ln_bias,
+                                            activation, scaling, ln_eps)),
                         x);
   });
   END_HANDLE_TH_ERRORS

@@ -10,5 +10,6 @@ PyObject* lora_linear_call(PyObject* self, PyObject* const* args, Py_ssize_t nar
 PyObject* int8_lora_linear_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
 PyObject* nf4_lora_linear_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
 PyObject* multi_lora_linear_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
+PyObject* bottleneck_adapter_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
 
 }  // namespace fastpeft

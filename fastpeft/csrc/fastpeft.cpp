@@ -138,6 +138,7 @@ PyMethodDef methods[] = {
     FASTPEFT_CALL(int8_lora_linear),
     FASTPEFT_CALL(nf4_lora_linear),
     FASTPEFT_CALL(multi_lora_linear),
+    FASTPEFT_CALL(bottleneck_adapter),
 #undef FASTPEFT_CALL
     {"huge_page_empty", fastpeft::huge_page_empty, METH_O,
      "huge_page_empty(nbytes) -> uint8 tensor | None: fresh memory on a 2 MiB boundary, "

@@ -3,8 +3,9 @@
 // the Triton ones (fastpeft::<op>_triton, fastpeft/triton/<op>.py). It is C++ for its
 // per-call cost: a decode step calls these ops once per projection and token, and a Python
 // autograd.Function around them cost about 10 us forward and 25 us forward+backward more.
-// The other ops (attention, bottleneck adapter) keep their Python autograd
-// (fastpeft/ops/<op>.py); fastpeft/ops/_library.py declares both kinds.
+// The bottleneck adapter has its own C++ autograd (bottleneck_autograd.cpp); the gated
+// prefix attention keeps a Python one (fastpeft/ops/<op>.py); fastpeft/ops/_library.py
+// declares each kind.
 //
 // The four ops share one convention, which is what lets one autograd serve them (the
 // first call of each op checks it against the schemas):

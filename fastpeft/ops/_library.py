@@ -12,7 +12,7 @@ same schema, the same fake and the same autograd:
 ``<op>_backward_triton``                  CPU tensors under ``TRITON_INTERPRET=1``)
 ========================================  ===============================================
 
-Each op has one autograd, which serves all its variants, in one of two languages:
+Each op has one autograd, which serves all its variants:
 
 * The LoRA linear ops (``lora_linear``, ``int8_lora_linear``, ``nf4_lora_linear``,
   ``multi_lora_linear``) share one C++ autograd, ``csrc/linear_autograd.cpp``, registered
@@ -23,10 +23,15 @@ Each op has one autograd, which serves all its variants, in one of two languages
   follow the convention that file states (and checks). Without the compiled library
   (a machine that could not build it), :func:`_linear_fallback` states the same
   convention in Python, so that their Triton variants still train there.
-* The others give a Python ``setup_context`` and ``backward``, which receives the
-  variant's own backward op, registered at the ``Autograd`` key by
-  :func:`_autograd_kernel` (``torch.library.register_autograd`` minus its per-call
-  argument rebinding).
+* The bottleneck adapter's autograd is C++ too, ``csrc/bottleneck_autograd.cpp``, for the
+  same reason (a Houlsby model calls it twice per block and token). Its spec also gives
+  the same formulas in Python (``setup_context`` and ``backward``), which serve where the
+  compiled library is missing.
+* The gated prefix attention gives a Python ``setup_context`` and ``backward`` only.
+
+  Python formulas receive the variant's own backward op, and are registered at the
+  ``Autograd`` key by :func:`_autograd_kernel` (``torch.library.register_autograd`` minus
+  its per-call argument rebinding) where no C++ autograd is.
 
 Forward ops return the output plus the small tensors that backward needs (not requiring
 grad). The backward ops have no derivative: differentiating them (double backward) raises.
@@ -101,9 +106,10 @@ def declare(spec: OpSpec) -> None:
         forward_op = getattr(torch.ops.fastpeft, forward).default
         backward_op = getattr(torch.ops.fastpeft, backward).default
         setup_context, backward_formulas = spec.setup_context, spec.backward
-        if backward_formulas is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
-                forward_op.name(), "Autograd"):
-            # no compiled library: the C++ autograd's convention, in Python
+        if torch._C._dispatch_has_kernel_for_dispatch_key(forward_op.name(), "Autograd"):
+            backward_formulas = None  # the compiled library's C++ autograd
+        elif backward_formulas is None:
+            # no compiled library: the LoRA linear ops' C++ autograd convention, in Python
             setup_context, backward_formulas = _linear_fallback(forward_op)
         if backward_formulas is not None:
             run_backward = functools.partial(_run_backward, backward_op)

@@ -108,8 +108,11 @@ def _backward(backward_op, ctx, grad_y: Tensor, _grad_mean, _grad_rstd):
 
 
 
+# (the compiled library's C++ autograd, csrc/bottleneck_autograd.cpp, replaces these two
+# where it is built)
 declare(OpSpec("bottleneck_adapter", SCHEMA, BACKWARD_SCHEMA, _fake, _backward_fake,
                _setup_context, _backward, triton_kernels))
+_NATIVE_CALL = _backend.native_call("bottleneck_adapter")
 
 
 def check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, residual,
@@ -183,6 +186,11 @@ def bottleneck_adapter(
     Returns:
         ``(..., d)`` in ``x``'s dtype. Gradients flow to every tensor argument.
     """
+    if _backend.eager_native():  # the usual eager CPU call, in C++ (None: not that)
+        y = _NATIVE_CALL(x, down_weight, down_bias, up_weight, up_bias, activation, residual,
+                         scaling, ln_weight, ln_bias, ln_eps)
+        if y is not None:
+            return y
     check_float_input("x", x)
     check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, residual,
                        ln_weight, ln_bias)
