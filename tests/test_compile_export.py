@@ -50,6 +50,23 @@ def test_compile_dynamic_fullgraph(kind):
                                        model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_numpy_scalars_compile_fullgraph():
+    """A NumPy scaling / dropout_p, which eager takes as a number, under torch.compile
+    (which traces a NumPy scalar as a 0-d ndarray): one graph, eager's results."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
+    a, b = torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)
+
+    def f(x):
+        y = fastpeft.lora_linear(x, w, None, a, b, np.float64(2.0), np.float32(0.0))
+        return fastpeft.bottleneck_adapter(y, a[:, :6], None, a[:, :6].t(), None,
+                                           scaling=np.float32(0.5))
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), f(x))
+
+
 def test_compiled_layer_follows_a_changed_scaling_and_compiles_once():
     """A scaling changed between compiled calls (PEFT's rescale_adapter_scale, an adapter
     strength knob) is read, not baked in; identical calls compile one graph (no guard on

@@ -217,6 +217,23 @@ def test_gradcheck_float64(backend_device, p):
     assert torch.autograd.gradcheck(f, (x, w, b, a, bb))
 
 
+@pytest.mark.parametrize("backend_device", backend_params("multi_lora_linear"))
+def test_float64_dropout_keeps_float64_precision(backend_device):
+    """With dropout, fp64 results to fp64 precision: the float32 scalings are widened before
+    they scale (Triton rounded the product to float32: errors of 4e-8)."""
+    backend, device = backend_device
+    x, w, b, a, bb, scaling, _ = make_inputs((6,), 17, 12, 3, 2, torch.float64, device)
+    ids = torch.tensor([1, 0, 1, 1, -1, 0], device=device)
+    seed = torch.tensor([5], dtype=torch.int64, device=device)
+    y = _op(backend)(x, w, b, a, bb, scaling, ids, 0.1, seed)[0]
+    want = reference.multi_lora_linear(x, w, b, a, bb, scaling, ids, 0.1, True, seed)
+    dy = torch.randn_like(y)
+    for got, expected in zip(torch.autograd.grad(y, (x, a, bb), dy),
+                             torch.autograd.grad(want, (x, a, bb), dy), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+
+
 def test_compiles_fullgraph():
     """One graph, no breaks, the same output and gradients as eager."""
     torch._dynamo.reset()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -67,6 +68,7 @@ def check_scalar(
     """A finite real number (a Python or NumPy int or float) within the bounds given (also
     a symbolic one, which ``torch.compile`` traces: ``dynamic=True``, or a scaling that
     changed between compiled calls)."""
+    value = _from_numpy(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     v = float(value)
@@ -83,6 +85,15 @@ def check_scalar(
             rng = f"{'<=' if hi_inclusive else '<'} {hi}"
         raise ValueError(f"{name}: expected a value {rng}, got {value}")
     return v
+
+
+def _from_numpy(value: object) -> object:
+    """A 0-d NumPy array as a Python float, else ``value``: ``torch.compile`` traces a NumPy
+    scalar (a ``numbers.Real`` in eager) as a 0-d ndarray, whose dtype it cannot read."""
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.ndarray) and value.ndim == 0:
+        return float(value)
+    return value
 
 
 def rows_of(x: Tensor) -> Tensor:

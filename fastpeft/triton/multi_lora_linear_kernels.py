@@ -235,7 +235,8 @@ def multi_lora_linear_backward_dx_kernel(dyb_ptr, a_ptr, scaling_ptr, dx_ptr, or
                  mask=r_ok[:, None] & col_ok[None, :], other=0.0)
     lora = tl.dot(dyb, at, out_dtype=tl.float64 if IS_FP64 else tl.float32,
                   input_precision="tf32" if ALLOW_TF32 else "ieee")
-    lora = lora * (tl.load(scaling_ptr + adapter) * keep_scale)
+    # (the fp32 scaling widened first: fp64 inputs keep fp64 precision)
+    lora = lora * (tl.load(scaling_ptr + adapter).to(lora.dtype) * keep_scale)
     if HAS_DROPOUT:
         lora = tl.where(dropout_keep_mask(tl.load(seed_ptr), rows, cols, K, threshold), lora,
                         0.0)
@@ -279,7 +280,7 @@ def multi_lora_linear_backward_lora_a_kernel(dyb_ptr, x_ptr, scaling_ptr, da_ptr
         acc = tl.dot(dybt, xt, acc, out_dtype=acc.dtype,
                      input_precision="tf32" if ALLOW_TF32 else "ieee")
     # an adapter no row uses gets zeros, whatever its scaling (0 * inf would be NaN)
-    acc = acc * tl.where(hi > lo, tl.load(scaling_ptr + adapter) * keep_scale, 0.0)
+    acc = acc * tl.where(hi > lo, tl.load(scaling_ptr + adapter).to(acc.dtype) * keep_scale, 0.0)
     tl.store(da_ptr + adapter.to(tl.int64) * R * K + rr[:, None] * K + cols[None, :],
              acc.to(da_ptr.dtype.element_ty), mask=r_ok[:, None] & col_ok[None, :])
 
