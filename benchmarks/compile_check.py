@@ -164,8 +164,9 @@ def gated_prefix_attention(dtype, B, H, HKV, M, N, P, D, causal, padding_mask):
     pk, pv = _randn(1, HKV, P, D, dtype=dtype), _randn(1, HKV, P, D, dtype=dtype)
     gate = _randn(H, dtype=dtype)
     kpm = torch.ones(B, N, dtype=torch.bool) if padding_mask else None
-    out, lse, plse = launchers.forward(q, k, v, pk, pv, gate, kpm, causal, D**-0.5, False)
-    launchers.backward(torch.randn_like(out), q, k, v, pk, pv, gate, kpm, out, lse, plse,
+    out, lse, plse, seq = launchers.forward(q, k, v, pk, pv, gate, kpm, causal, D**-0.5,
+                                            False)
+    launchers.backward(torch.randn_like(out), q, k, v, pk, pv, gate, kpm, seq, lse, plse,
                        causal, D**-0.5, False)
 
 

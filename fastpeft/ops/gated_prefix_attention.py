@@ -33,39 +33,41 @@ else:
 __all__ = ["gated_prefix_attention"]
 
 # out (B, H, M, D); lse, prompt_lse (B, H, M) fp32 log-sum-exps of the two softmaxes
-# (lse = +inf for a row with no visible sequence key, so its probabilities are 0)
+# (lse = +inf for a row with no visible sequence key, so its probabilities are 0); seq_out
+# (B, H, M, D), the sequence part softmax(S) v of out, for the backward's rowsum(dO ⊙ O_s)
+# (taken from out minus the gated prompt part, it would carry out's rounding of g O_p)
 SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor gate, "
           "Tensor? key_padding_mask, bool causal, float scale, bool gate_tanh) "
-          "-> (Tensor, Tensor, Tensor)")
+          "-> (Tensor, Tensor, Tensor, Tensor)")
 # (dq, dk, dv, dprefix_k, dprefix_v, dgate)
 BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
-                   "Tensor prefix_v, Tensor gate, Tensor? key_padding_mask, Tensor out, "
+                   "Tensor prefix_v, Tensor gate, Tensor? key_padding_mask, Tensor seq_out, "
                    "Tensor lse, Tensor prompt_lse, bool causal, float scale, bool gate_tanh) "
                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _fake(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, gate_tanh):
     stats = q.new_empty(q.shape[:3], dtype=torch.float32)
-    return torch.empty_like(q), stats, torch.empty_like(stats)
+    return torch.empty_like(q), stats, torch.empty_like(stats), torch.empty_like(q)
 
 
-def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
-                   prompt_lse, causal, scale, gate_tanh):
+def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, seq_out,
+                   lse, prompt_lse, causal, scale, gate_tanh):
     return tuple(torch.empty_like(t) for t in (q, k, v, prefix_k, prefix_v, gate))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, gate_tanh = inputs
-    out, lse, prompt_lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
+    _out, lse, prompt_lse, seq_out = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, seq_out, lse,
                           prompt_lse)
     ctx.causal, ctx.scale, ctx.gate_tanh = causal, scale, gate_tanh
-    ctx.mark_non_differentiable(lse, prompt_lse)
+    ctx.mark_non_differentiable(lse, prompt_lse, seq_out)
 
 
-def _backward(backward_op, ctx, grad_out: Tensor, _grad_lse, _grad_prompt_lse):
-    q, k, v, prefix_k, prefix_v, gate, kpm, out, lse, prompt_lse = ctx.saved_tensors
-    grads = backward_op(grad_out.contiguous(), q, k, v, prefix_k, prefix_v, gate, kpm, out,
+def _backward(backward_op, ctx, grad_out: Tensor, _grad_lse, _grad_prompt_lse, _grad_seq):
+    q, k, v, prefix_k, prefix_v, gate, kpm, seq_out, lse, prompt_lse = ctx.saved_tensors
+    grads = backward_op(grad_out.contiguous(), q, k, v, prefix_k, prefix_v, gate, kpm, seq_out,
                         lse, prompt_lse, ctx.causal, ctx.scale, ctx.gate_tanh)
     return (*grads, None, None, None, None)
 
@@ -150,7 +152,7 @@ def gated_prefix_attention(
             q, k, v, prefix_k, prefix_v, gate, causal=causal, scale=scale,
             gate_tanh=gate_tanh, key_padding_mask=key_padding_mask)
     args = (t.contiguous() for t in (q, k, v, prefix_k, prefix_v, gate))
-    out, _, _ = op(*args, key_padding_mask, bool(causal), float(scale), bool(gate_tanh))
+    out = op(*args, key_padding_mask, bool(causal), float(scale), bool(gate_tanh))[0]
     return out
 
 

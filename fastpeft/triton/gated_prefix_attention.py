@@ -5,8 +5,9 @@
 
 Shapes: q (B, H, M, D); k, v (B, Hkv, N, D), H % Hkv == 0; prefix_k, prefix_v (B or 1, Hkv,
 P, D); gate (H,) or (1,); key_padding_mask (B, N) bool, True = keep. Forward: one launch
-(out, lse, prompt_lse). Backward: three launches (row deltas; dq; dk, dv and the prompt-key
-partials), then torch reductions for the batch-shared prefix and the gate. The kernels and
+(out, lse, prompt_lse, seq_out: the sequence part of out, for the backward). Backward:
+three launches (row deltas; dq; dk, dv and the prompt-key partials), then torch reductions
+for the batch-shared prefix and the gate. The kernels and
 the math are in :mod:`.gated_prefix_attention_kernels` (forward) and
 :mod:`.gated_prefix_attention_backward_kernels`.
 """
@@ -64,44 +65,48 @@ def _kpm_arg(key_padding_mask: Tensor | None, like: Tensor) -> Tensor:
 
 def _launch_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                     g: Tensor, key_padding_mask: Tensor | None, causal: bool, scale: float,
-                    out: Tensor, lse: Tensor, prompt_lse: Tensor) -> None:
-    """Fill out, lse, prompt_lse (lse dtype: fp32, or fp64 for the backward's recompute)."""
+                    out: Tensor, seq_out: Tensor, lse: Tensor, prompt_lse: Tensor) -> None:
+    """Fill out, seq_out, lse, prompt_lse (lse dtype: fp32, or fp64 for the backward's
+    recompute)."""
     B, H, M = q.shape[:3]
     HKV, N, P = k.shape[1], k.shape[2], prefix_k.shape[2]
     pb_stride = HKV * P if prefix_k.shape[0] > 1 else 0
     gated_prefix_attention_forward_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](
-        q, k, v, prefix_k, prefix_v, g, _kpm_arg(key_padding_mask, q), out, lse, prompt_lse,
+        q, k, v, prefix_k, prefix_v, g, _kpm_arg(key_padding_mask, q), out, seq_out, lse,
+        prompt_lse,
         H, HKV, M, N, P, pb_stride, size_bucket(M), size_bucket(N), scale * LOG2E,
         **_common_meta(q, k, prefix_k, key_padding_mask, causal))
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: Tensor,
             key_padding_mask: Tensor | None, causal: bool, scale: float,
-            gate_tanh: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(out (B, H, M, D), lse (B, H, M) fp32, prompt_lse (B, H, M) fp32)."""
+            gate_tanh: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out (B, H, M, D), lse (B, H, M) fp32, prompt_lse (B, H, M) fp32, seq_out (B, H, M,
+    D))."""
     check_fp64_register_dots("gated_prefix_attention", q)
     q, k, v, prefix_k, prefix_v = (t.contiguous() for t in (q, k, v, prefix_k, prefix_v))
     B, H, M = q.shape[:3]
-    out = torch.empty_like(q)
+    out, seq_out = torch.empty_like(q), torch.empty_like(q)
     lse = q.new_empty((B, H, M), dtype=torch.float32)
     prompt_lse = torch.empty_like(lse)
     if B * H * M == 0:
-        return out, lse, prompt_lse
+        return out, lse, prompt_lse, seq_out
     g = _gate_per_head(gate, H, gate_tanh, acc_dtype(q.dtype))
-    _launch_forward(q, k, v, prefix_k, prefix_v, g, key_padding_mask, causal, scale, out, lse,
-                    prompt_lse)
-    return out, lse, prompt_lse
+    _launch_forward(q, k, v, prefix_k, prefix_v, g, key_padding_mask, causal, scale, out,
+                    seq_out, lse, prompt_lse)
+    return out, lse, prompt_lse, seq_out
 
 
 def backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
-    gate: Tensor, key_padding_mask: Tensor | None, out: Tensor, lse: Tensor,
+    gate: Tensor, key_padding_mask: Tensor | None, seq_out: Tensor, lse: Tensor,
     prompt_lse: Tensor, causal: bool, scale: float, gate_tanh: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dprefix_k, dprefix_v, dgate); the math is in the backward kernels' module."""
     check_fp64_register_dots("gated_prefix_attention", q)
-    grad_out, q, k, v, prefix_k, prefix_v, out, lse, prompt_lse = (
-        t.contiguous() for t in (grad_out, q, k, v, prefix_k, prefix_v, out, lse, prompt_lse))
+    grad_out, q, k, v, prefix_k, prefix_v, seq_out, lse, prompt_lse = (
+        t.contiguous() for t in (grad_out, q, k, v, prefix_k, prefix_v, seq_out, lse,
+                                 prompt_lse))
     B, H, M, D = q.shape
     HKV, N, P = k.shape[1], k.shape[2], prefix_k.shape[2]
     if B * H * M == 0:  # every gradient is a sum over no query rows
@@ -118,15 +123,15 @@ def backward(
         lse = q.new_empty((B, H, M))
         prompt_lse = torch.empty_like(lse)
         _launch_forward(q, k, v, prefix_k, prefix_v, g, key_padding_mask, causal, scale,
-                        torch.empty_like(q), lse, prompt_lse)
+                        torch.empty_like(q), torch.empty_like(q), lse, prompt_lse)
     pb_stride = HKV * P if prefix_k.shape[0] > 1 else 0
     m_bucket, n_bucket = size_bucket(M), size_bucket(N)
-    # Per row: delta_p = rowsum(dO * O_p), delta_s = rowsum(dO * out) - g * delta_p.
+    # Per row: delta_p = rowsum(dO * O_p), delta_s = rowsum(dO * O_s).
     delta_s = q.new_empty((B, H, M), dtype=acc)
     delta_p = torch.empty_like(delta_s)
     gated_prefix_attention_backward_preprocess_kernel[
         lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * H)
-    ](grad_out, out, q, prefix_k, prefix_v, g, delta_s, delta_p, H, HKV, M, P,
+    ](grad_out, seq_out, q, prefix_k, prefix_v, g, delta_s, delta_p, H, HKV, M, P,
       pb_stride, m_bucket, scale * LOG2E,
       **{k_: meta[k_] for k_ in ("HEAD_DIM", "BLOCK_D", "BLOCK_P", "IS_FP64", "ALLOW_TF32")})
     gated_prefix_attention_backward_dq_kernel[lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * H)](

@@ -5,7 +5,8 @@ S = q k^T scale (+ mask), Sp = q prefix_k^T scale, and the saved natural-log lse
 prompt_lse, the probabilities are recomputed tile by tile, never stored:
     P = exp(S - lse)  (0 where masked; lse = +inf makes a whole row 0),  Pp = exp(Sp - lse_p)
     O_p = softmax(Sp) prefix_v       (the forward's prompt pass replayed per row, P is small)
-    delta_p = rowsum(dO * O_p),  delta_s = rowsum(dO * out) - g delta_p = rowsum(dO * O_s)
+    delta_p = rowsum(dO * O_p),  delta_s = rowsum(dO * O_s)  (O_s: the forward's seq_out;
+        taken as rowsum(dO * out) - g delta_p, it would carry out's rounding of g O_p)
     dv = P^T dO,                  dS  = P * (dO v^T - delta_s)
     dprefix_v = g Pp^T dO,        dSp = g Pp * (dO prefix_v^T - delta_p)
     dq = scale (dS k + dSp prefix_k),  dk = scale dS^T q,  dprefix_k = scale dSp^T q
@@ -63,16 +64,16 @@ _DKDV_CONFIGS = cfgs(
 
 @tuned(_PRE_CONFIGS, key=["M_BUCKET", "HEAD_DIM", "BLOCK_P"])
 @triton.jit
-def gated_prefix_attention_backward_preprocess_kernel(do_ptr, out_ptr, q_ptr, pk_ptr, pv_ptr, g_ptr,
+def gated_prefix_attention_backward_preprocess_kernel(do_ptr, seq_ptr, q_ptr, pk_ptr, pv_ptr, g_ptr,
                                                       ds_ptr, dp_ptr, H, HKV, M, P, PB_STRIDE,
                                                       M_BUCKET, qk_scale, HEAD_DIM: tl.constexpr,
                                                       BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
                                                       IS_FP64: tl.constexpr,
                                                       ALLOW_TF32: tl.constexpr,
                                                       BLOCK_M: tl.constexpr):
-    """delta_p = rowsum(dO * O_p) and delta_s = rowsum(dO * out) - g * delta_p for BLOCK_M
-    rows of one (batch, head); O_p is recomputed as the forward computed it (see
-    prompt_accumulate)."""
+    """delta_p = rowsum(dO * O_p) and delta_s = rowsum(dO * O_s) for BLOCK_M rows of one
+    (batch, head); O_s is the forward's seq_out, O_p is recomputed as the forward computed
+    it (see prompt_accumulate)."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     hkv = (bh % H) // (H // HKV)
@@ -85,8 +86,8 @@ def gated_prefix_attention_backward_preprocess_kernel(do_ptr, out_ptr, q_ptr, pk
     row_mask = row_ok[:, None] & (dd < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + head + row_off, mask=row_mask, other=0.0)
     do = tl.load(do_ptr + head + row_off, mask=row_mask, other=0.0).to(acc_ty)
-    out = tl.load(out_ptr + head + row_off, mask=row_mask, other=0.0).to(acc_ty)
-    do_out = tl.sum(do * out, 1)
+    seq = tl.load(seq_ptr + head + row_off, mask=row_mask, other=0.0).to(acc_ty)
+    delta_s = tl.sum(do * seq, 1)
     p_base = (b * PB_STRIDE + hkv * P) * HEAD_DIM
     m_p, l_p = prompt_softmax_stats(q, pk_ptr + p_base, P, qk_scale, acc_ty, HEAD_DIM,
                                     BLOCK_D, BLOCK_P, ALLOW_TF32)
@@ -94,7 +95,6 @@ def gated_prefix_attention_backward_preprocess_kernel(do_ptr, out_ptr, q_ptr, pk
                             pv_ptr + p_base, m_p, 1.0 / l_p, P, qk_scale, HEAD_DIM, BLOCK_D,
                             BLOCK_P, ALLOW_TF32)
     delta_p = tl.sum(do * o_p, 1)
-    delta_s = do_out - tl.load(g_ptr + bh % H) * delta_p
     tl.store(dp_ptr + bh * M + rows, delta_p, mask=row_ok)
     tl.store(ds_ptr + bh * M + rows, delta_s, mask=row_ok)
 

@@ -18,8 +18,9 @@ exponentials with log2(e) folded into the score scale):
      normalised sequence output).
 Sequence part first, prompt part folded into its output: one (BLOCK_M, D) accumulator
 is live at a time (two would spill registers at D = 128). The (M, N) score matrix is
-never materialised. Saved for backward: ``out`` and the natural-log log-sum-exps ``lse``
-(+inf for a row with no visible key, so exp(S - lse) = 0 there) and ``prompt_lse``.
+never materialised. Saved for backward: the sequence part ``seq_out`` (stored before the
+prompt part is folded in) and the natural-log log-sum-exps ``lse`` (+inf for a row with no
+visible key, so exp(S - lse) = 0 there) and ``prompt_lse``.
 Accumulation is fp32 (fp64 for fp64 inputs); outputs are stored in the input dtype.
 """
 
@@ -140,13 +141,15 @@ def prompt_accumulate(o, q, pk_base, pv_base, m, w, P, qk_scale, HEAD_DIM: tl.co
 @tuned(_FWD_CONFIGS, key=["M_BUCKET", "N_BUCKET", "HEAD_DIM", "BLOCK_P", "CAUSAL", "HAS_KPM"])
 @triton.jit
 def gated_prefix_attention_forward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, g_ptr, kpm_ptr,
-                                          out_ptr, lse_ptr, plse_ptr, H, HKV, M, N, P, PB_STRIDE,
+                                          out_ptr, seq_ptr, lse_ptr, plse_ptr, H, HKV, M, N, P,
+                                          PB_STRIDE,
                                           M_BUCKET, N_BUCKET, qk_scale, CAUSAL: tl.constexpr,
                                           HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
                                           BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
                                           IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr,
                                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out, lse, prompt_lse for BLOCK_M query rows of one (batch, head)."""
+    """out, seq_out (the sequence part O_s), lse, prompt_lse for BLOCK_M query rows of one
+    (batch, head)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -183,6 +186,7 @@ def gated_prefix_attention_forward_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, g
     seen = l_i > 0.0  # False: no visible key, the sequence part is 0 and lse = +inf
     l_i = tl.where(seen, l_i, 1.0)
     o = acc / l_i[:, None]
+    tl.store(seq_ptr + head + row_off, o.to(seq_ptr.dtype.element_ty), mask=row_mask)
     lse = tl.where(seen, (m_i + tl.log2(l_i)) * 0.6931471805599453, float("inf"))  # * ln(2)
     tl.store(lse_ptr + bh * M + rows, lse.to(lse_ptr.dtype.element_ty), mask=rows < M)
 

@@ -10,14 +10,17 @@
 // Forward (flash attention, two softmaxes): per (b, h, block of kBlockM queries), the
 // prompt softmax first (its P keys in one block), then an online softmax over blocks of
 // kBlockN keys up to the causal limit, skipping blocks the key padding mask hides
-// entirely. Saved for backward: out and lse, prompt_lse (B, H, M) fp32, natural log
-// (lse = +inf for a row with no visible key, so its recomputed probabilities are 0).
+// entirely. Saved for backward: the sequence part O_s (B, H, M, D), in the inputs' dtype,
+// and lse, prompt_lse (B, H, M) fp32, natural log (lse = +inf for a row with no visible key,
+// so its recomputed probabilities are 0).
 //
 // Backward, with dO = dL/dout, P = exp(S - lse), Pp = exp(Sp - lse_p):
 //   out = P v + g Pp pv  =>  dv = P^T dO,  dP = dO v^T,  dpv = g Pp^T dO,  dPp = g dO pv^T,
 //                            dg = sum over rows of D_p,  D_p = rowsum(dO ⊙ O_p).
 //   Softmax rows s = softmax(x) have dx = s ⊙ (ds - <ds, s>), and
-//   <dP, P>   = rowsum(dO ⊙ P v)  = rowsum(dO ⊙ out) - g D_p =: D_s,
+//   <dP, P>   = rowsum(dO ⊙ P v)  = rowsum(dO ⊙ O_s) =: D_s (from the saved O_s: taken
+//               as rowsum(dO ⊙ out) - g D_p instead, out rounded to its dtype, it would
+//               carry the rounding of g O_p, which outgrows O_s as the gate grows),
 //   <dPp, Pp> = g rowsum(dO ⊙ O_p) = g D_p, so
 //   dS = P ⊙ (dP - D_s),  dSp = g Pp ⊙ (dO pv^T - D_p),
 //   dq = scale (dS k + dSp pk),  dk = scale dS^T q,  dpk = scale dSp^T q.
@@ -76,7 +79,7 @@ struct FwdScratch {
 };
 
 template <typename T>
-void forward_block(const Problem<T>& pr, int64_t b, int64_t h, int64_t qb, T* out,
+void forward_block(const Problem<T>& pr, int64_t b, int64_t h, int64_t qb, T* out, T* seq,
                    float* lse, float* plse, FwdScratch<T>& w) {
   constexpr int64_t L = VecT<T>::lanes, ld = kBlockM;
   const int64_t D = pr.D, P = pr.P, i0 = qb * kBlockM;
@@ -102,7 +105,7 @@ void forward_block(const Problem<T>& pr, int64_t b, int64_t h, int64_t qb, T* ou
     softmax_online(s, ld, nb, cols, w.m.data(), w.l.data(), w.alpha.data());
     mm<2>(v + j0 * D, 1, D, D, s, ld, cols, o, ld, nb, w.alpha.data());
   }
-  // out = O_s / l + g O_p / l_p, through the query-minor block and one transpose.
+  // O_s = O_s / l (saved), then out = O_s + g O_p / l_p, each through one transpose.
   T *l = w.l.data(), *lp = w.lp.data();
   for (int64_t i = 0; i < cols; ++i) {
     if (i < rows) {
@@ -113,6 +116,10 @@ void forward_block(const Problem<T>& pr, int64_t b, int64_t h, int64_t qb, T* ou
     }
     l[i] = l[i] > 0 ? T(1) / l[i] : T(0), lp[i] = lp[i] > 0 ? pr.g[h] / lp[i] : T(0);
   }
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t i = 0; i < cols; ++i) o[d * ld + i] *= l[i];
+  transpose_scaled(o, ld, D, rows, T(1), seq, D);
+  std::fill(l, l + cols, T(1));
   combine_outputs(o, op, ld, D, cols, l, lp);
   transpose_scaled(o, ld, D, rows, T(1), out, D);
 }
@@ -129,7 +136,7 @@ struct BwdScratch {
 
 template <typename T>
 struct BwdIO {
-  const T *dout, *out;
+  const T *dout, *seq;
   const float* lse;
   T* dq;
 };
@@ -160,7 +167,7 @@ void backward_block(const Problem<T>& pr, const BwdIO<T>& io, int64_t b, int64_t
   const int64_t D = pr.D, Dp = pr.Dp, P = pr.P, i0 = qb * kBlockM;
   const int64_t rows = std::min(kBlockM, pr.M - i0), cols = round_up(rows, L);
   const T *q = pr.q_at(pr.q, b, h, i0), *dO = pr.q_at(io.dout, b, h, i0);
-  const T* out = pr.q_at(io.out, b, h, i0);
+  const T* seq = pr.q_at(io.seq, b, h, i0);
   const int64_t row0 = (b * pr.H + h) * pr.M + i0;  // row of lse, dq
   const T *k = pr.kv_at(pr.k, b, h), *v = pr.kv_at(pr.v, b, h);
   const T *pk = pr.prefix_at(pr.pk, b, h), *pv = pr.prefix_at(pr.pv, b, h);
@@ -182,23 +189,21 @@ void backward_block(const Problem<T>& pr, const BwdIO<T>& io, int64_t b, int64_t
       for (int64_t d = 0; d < D; ++d) qn[i * Dp + d] = q[i * D + d] * pr.scale;
       std::copy(dO + i * D, dO + (i + 1) * D, don + i * Dp);
 #pragma omp simd reduction(+ : dsum)
-      for (int64_t d = 0; d < D; ++d) dsum += dO[i * D + d] * out[i * D + d];
+      for (int64_t d = 0; d < D; ++d) dsum += dO[i * D + d] * seq[i * D + d];
     }
     w.lse2[i] = i < rows ? T(io.lse[row0 + i]) * T(kLog2e) : inf;  // +inf: P = 0 on padding
-    ds[i] = dsum;  // rowsum(dO ⊙ out), D_s once D_p is known
+    ds[i] = dsum;  // D_s = rowsum(dO ⊙ O_s)
   }
   if constexpr (std::is_same_v<T, double>) recompute_lse2(pr, b, i0, rows, cols, k, w);
   // Prompt: Pp^T (P, cols) recomputed and normalised from scratch (not from prompt_lse), so
   // that sum_p dSp = 0 holds to rounding (and P = 1 gives exactly Pp = 1, dSp = 0).
-  // dPp^T / g = pv dO^T,  D_p = sum_p Pp dPp / g = rowsum(dO ⊙ O_p),
-  // D_s = rowsum(dO ⊙ out) - g D_p.
+  // dPp^T / g = pv dO^T,  D_p = sum_p Pp dPp / g = rowsum(dO ⊙ O_p).
   T* l = w.l.data();
   prompt_softmax(pr, pk, qt, cols, s, w.m.data(), l, w.alpha.data());
   for (int64_t p = 0; p < P; ++p)
     for (int64_t i = 0; i < cols; ++i) s[p * ld + i] /= l[i];  // l >= 1 (P >= 1)
   mm<0>(pv, D, 1, P, dot, ld, cols, dp, ld, D);
   colsum_product(s, dp, ld, P, cols, dpr);
-  for (int64_t i = 0; i < cols; ++i) ds[i] -= g * dpr[i];
   for (int64_t i = 0; i < rows; ++i) dg += dpr[i];
   // dSp^T = g Pp^T ⊙ (pv dO^T - D_p);  dpv += (g Pp^T) dO;  dpk += dSp^T q;  dq^T = pk^T dSp^T.
   softmax_grad(s, dp, ld, P, cols, dpr, g);
@@ -305,7 +310,7 @@ at::Tensor mask_of(const std::optional<at::Tensor>& kpm) {
   return given(kpm) ? kpm->contiguous() : at::Tensor();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& pk_in, const at::Tensor& pv_in, const at::Tensor& gate_in,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
@@ -314,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   check_inputs(op, q_in, k_in, v_in, pk_in, pv_in, gate_in, key_padding_mask);
   const at::Tensor q = as_acc(q_in), k = as_acc(k_in), v = as_acc(v_in), pk = as_acc(pk_in),
                    pv = as_acc(pv_in), gate = as_acc(gate_in), kpm = mask_of(key_padding_mask);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = at::empty(q.sizes(), q.options()), seq = at::empty_like(out);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor lse = at::empty(q.sizes().slice(0, 3), f32), plse = at::empty_like(lse);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), op, [&] {
@@ -333,10 +338,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     run_tasks<FwdScratch<T>>(pr.B * pr.H * nqb, make, [&](int64_t t, FwdScratch<T>& w) {
       const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb, row0 = bh * pr.M + qb * kBlockM;
       forward_block(pr, bh / pr.H, bh % pr.H, qb, out.mutable_data_ptr<T>() + row0 * D,
-                    lse.mutable_data_ptr<float>() + row0, plse.mutable_data_ptr<float>() + row0, w);
+                    seq.mutable_data_ptr<T>() + row0 * D, lse.mutable_data_ptr<float>() + row0,
+                    plse.mutable_data_ptr<float>() + row0, w);
     });
   });
-  return {out.to(q_in.scalar_type()), lse, plse};
+  return {out.to(q_in.scalar_type()), lse, plse, seq.to(q_in.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -344,11 +350,11 @@ backward(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& pk_in, const at::Tensor& pv_in,
     const at::Tensor& gate_in, const std::optional<at::Tensor>& key_padding_mask,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& plse_in, bool causal,
+    const at::Tensor& seq_in, const at::Tensor& lse_in, const at::Tensor& plse_in, bool causal,
     double scale, bool gate_tanh) {
   constexpr const char* op = "fastpeft::gated_prefix_attention_backward";
   check_inputs(op, q_in, k_in, v_in, pk_in, pv_in, gate_in, key_padding_mask);
-  for (const auto& [t, name] : {std::pair{&grad_out_in, "grad_out"}, std::pair{&out_in, "out"}})
+  for (const auto& [t, name] : {std::pair{&grad_out_in, "grad_out"}, std::pair{&seq_in, "seq_out"}})
     TORCH_CHECK(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() &&
                     t->device().is_cpu(),
                 op, ": ", name, " must be a CPU tensor of shape ", q_in.sizes(), " and dtype ",
@@ -360,7 +366,7 @@ backward(
                 q_in.sizes().slice(0, 3), ", got ", t->sizes(), " ", t->scalar_type());
   const at::Tensor q = as_acc(q_in), k = as_acc(k_in), v = as_acc(v_in), pk = as_acc(pk_in),
                    pv = as_acc(pv_in), gate = as_acc(gate_in), kpm = mask_of(key_padding_mask),
-                   dout = as_acc(grad_out_in), out = as_acc(out_in), lse = lse_in.contiguous();
+                   dout = as_acc(grad_out_in), seq = as_acc(seq_in), lse = lse_in.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty_like(dk), dpk = at::empty(pk.sizes(), pk.options());
   at::Tensor dpv = at::empty_like(dpk), dgate = at::empty(gate.sizes(), gate.options());
@@ -386,7 +392,7 @@ backward(
     T* dv_acc = direct ? dv.mutable_data_ptr<T>() : dv_p.data();
     std::vector<T> dpk_p(tasks * P * Dp, T(0)), dpv_p(dpk_p.size(), T(0));
     std::vector<double> dg_p(tasks * G, 0.0);
-    const BwdIO<T> io{dout.const_data_ptr<T>(), out.const_data_ptr<T>(),
+    const BwdIO<T> io{dout.const_data_ptr<T>(), seq.const_data_ptr<T>(),
                       lse.const_data_ptr<float>(), dq.mutable_data_ptr<T>()};
     auto make = [&] {
       BwdScratch<T> w;
