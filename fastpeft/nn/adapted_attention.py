@@ -471,7 +471,7 @@ def keyless_rows(out: Tensor, q: Tensor, k: Tensor, v: Tensor, attention_mask: T
     keyless = (key_padding.cumsum(-1)[:, n - m:] == 0).expand(b, m)
     rows = attention_mask[:, 0, -m:, :n].expand(b, m, n)
     if rows.dtype == torch.bool:
-        keyless &= rows.any(-1)
+        keyless = keyless & rows.any(-1)
     batch, query = keyless.nonzero(as_tuple=True)
     if batch.numel() == 0:
         return out
